@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from litestar.testing import TestClient
+
+from tests.fake_engine import FakeEngine, FakePlugin
+from tts_gateway.config import Settings
+from tts_gateway.engines.manager import EngineManager
+from tts_gateway.gateway import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_xtts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight XTTS checkpoint, built once per session with the real CLI command."""
+    directory = tmp_path_factory.mktemp("tiny-xtts")
+    subprocess.run([sys.executable, "-m", "tts_gateway", "dev", "tiny-xtts", str(directory)], check=True,
+                   timeout=300)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def speech_wav() -> bytes:
+    """About 4 s of real English speech made by the Piper engine, as 22.05 kHz WAV."""
+    from tts_gateway.engines.base import SynthesisOptions, VoiceInput
+    from tts_gateway.engines.piper_engine import PiperEngine, _bundled_voices
+
+    engine = PiperEngine(_bundled_voices())
+    engine.load()
+    text = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."
+    audio = np.concatenate(list(engine.synthesize(text, VoiceInput(builtin="joe"),
+                                                  SynthesisOptions(language="en", seed=1, repeatable=True))))
+    out = io.BytesIO()
+    sf.write(out, audio, engine.sample_rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**changes: Any) -> Settings:
+        base = Settings(data_dir=tmp_path / "data", engines=("piper", "espeak"), max_concurrency=2,
+                        timeout_s=60)
+        return base.with_(**changes)
+
+    return make
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@contextmanager
+def running_app(settings: Settings, *plugins: Any) -> Iterator[TestClient[Any]]:
+    manager = EngineManager(settings, extra_plugins=plugins, load_entry_points=False)
+    app = create_app(settings, manager)
+    with TestClient(app, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient[Any]]:
+    """The real app with real Piper and espeak-ng."""
+    with running_app(make_settings()) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def fake_client(make_settings: Callable[..., Settings], fake_engine: FakeEngine) -> Iterator[TestClient[Any]]:
+    settings = make_settings(engines=(), default_voice="fake:one")
+    with running_app(settings, FakePlugin(fake_engine)) as test_client:
+        yield test_client
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return audio, rate
+
+
+def assert_problem(response: Any, status: int, *words: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert set(body) >= {"type", "title", "status", "detail"}
+    assert body["status"] == status
+    assert "Traceback" not in body["detail"]
+    for word in words:
+        assert word.lower() in body["detail"].lower(), body["detail"]
+    return body  # type: ignore[no-any-return]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
+    """Run `tts-gateway serve` in a subprocess on a free loopback port; stop it afterwards."""
+    port = free_port()
+    full_env = {**os.environ, **env, "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=full_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                raise RuntimeError(f"server exited early:\n{output[-3000:]}")
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not become ready")
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

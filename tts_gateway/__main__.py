@@ -1,0 +1,3 @@
+from tts_gateway.cli import app
+
+app()

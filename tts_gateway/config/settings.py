@@ -1,0 +1,204 @@
+"""`TTS_GATEWAY_*` environment variables parsed into one immutable `Settings` object.
+
+Settings are read once (``Settings.from_env()``) and handed to whatever needs them; nothing
+reads the environment later, so tests build their own ``Settings`` freely.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+PREFIX = "TTS_GATEWAY_"
+SCOPES = frozenset({"synthesize", "voices", "admin"})
+VOICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key: str
+    scopes: frozenset[str]
+
+    def __repr__(self) -> str:  # keys must never reach logs
+        return f"ApiKey(scopes={sorted(self.scopes)})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "tts-gateway")
+    engines: tuple[str, ...] = ("piper", "xtts", "espeak")
+    plugins: tuple[str, ...] = ()
+    default_voice: str = "piper:joe"
+    xtts_checkpoint: Path | None = None
+    device: str = "auto"
+    api_keys: tuple[ApiKey, ...] = ()
+    max_text_chars: int = 5000
+    max_upload_bytes: int = 20_000_000  # 20 MB
+    max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_queue: int = 16
+    timeout_s: float = 120.0
+    engine_idle_ttl_s: float = 0.0  # 0 keeps engines loaded forever
+    cache_bytes: int = 1_000_000_000  # 1 GB
+    openai_voice_map: Mapping[str, str] = field(default_factory=dict)
+    canary: bool = True  # /ready runs one short synthesis on the default voice
+    engine_threads: int = 0  # 0 = leave torch/onnxruntime defaults
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def openai_voice(self, name: str) -> str | None:
+        """Built-in voice an OpenAI voice name maps to, or None when it is not an OpenAI name."""
+        if name in self.openai_voice_map:
+            return self.openai_voice_map[name]
+        if name in DEFAULT_OPENAI_VOICES:
+            return self.default_voice
+        return None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse and validate every setting; raise `SettingsError` naming the bad variable."""
+        env = os.environ if environ is None else environ
+        base = cls()
+
+        def raw(name: str) -> str | None:
+            value = env.get(PREFIX + name)
+            return None if value is None or value.strip() == "" else value.strip()
+
+        def integer(name: str, default: int, lo: int, hi: int | None = None) -> int:
+            value = raw(name)
+            if value is None:
+                return default
+            try:
+                parsed = int(value)
+            except ValueError:
+                raise SettingsError(f"{PREFIX}{name} must be an integer, got {value!r}") from None
+            if parsed < lo or (hi is not None and parsed > hi):
+                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+                raise SettingsError(f"{PREFIX}{name} must be {bound}, got {parsed}")
+            return parsed
+
+        def number(name: str, default: float, lo: float) -> float:
+            value = raw(name)
+            if value is None:
+                return default
+            try:
+                parsed = float(value)
+            except ValueError:
+                raise SettingsError(f"{PREFIX}{name} must be a number, got {value!r}") from None
+            if not parsed >= lo or parsed == float("inf"):
+                raise SettingsError(f"{PREFIX}{name} must be a finite number >= {lo}, got {value}")
+            return parsed
+
+        def names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            value = env.get(PREFIX + name)
+            if value is None:
+                return default
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+
+        device = (raw("DEVICE") or "auto").lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+        checkpoint = raw("XTTS_CHECKPOINT")
+        default_voice = raw("DEFAULT_VOICE") or base.default_voice
+        if ":" not in default_voice and not VOICE_NAME_RE.match(default_voice):
+            raise SettingsError(f"{PREFIX}DEFAULT_VOICE is not a valid voice name: {default_voice!r}")
+
+        engines = names("ENGINES", base.engines)
+        for engine in engines:
+            if not re.fullmatch(r"[a-z0-9_-]+", engine):
+                raise SettingsError(f"{PREFIX}ENGINES has a bad engine name: {engine!r}")
+        plugins = names("PLUGINS", ())
+        for plugin in plugins:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", plugin):
+                raise SettingsError(f"{PREFIX}PLUGINS has a bad module name: {plugin!r}")
+
+        return cls(
+            host=raw("HOST") or base.host,
+            port=integer("PORT", base.port, 0, 65535),
+            data_dir=Path(raw("DATA_DIR") or base.data_dir).expanduser(),
+            engines=engines,
+            plugins=plugins,
+            default_voice=default_voice,
+            xtts_checkpoint=Path(checkpoint).expanduser() if checkpoint else None,
+            device=device,
+            api_keys=parse_api_keys(raw("API_KEYS")),
+            max_text_chars=integer("MAX_TEXT_CHARS", base.max_text_chars, 1),
+            max_upload_bytes=parse_size("MAX_UPLOAD_BYTES", raw("MAX_UPLOAD_BYTES"), base.max_upload_bytes),
+            max_concurrency=integer("MAX_CONCURRENCY", base.max_concurrency, 1),
+            max_queue=integer("MAX_QUEUE", base.max_queue, 0),
+            timeout_s=number("TIMEOUT_S", base.timeout_s, 0.001),
+            engine_idle_ttl_s=number("ENGINE_IDLE_TTL_S", base.engine_idle_ttl_s, 0.0),
+            cache_bytes=parse_size("CACHE_BYTES", raw("CACHE_BYTES"), base.cache_bytes),
+            openai_voice_map=parse_voice_map(raw("OPENAI_VOICES")),
+            canary=(raw("CANARY") or "1").lower() not in {"0", "false", "no", "off"},
+            engine_threads=integer("ENGINE_THREADS", base.engine_threads, 0, 256),
+        )
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_size(name: str, value: str | None, default: int) -> int:
+    """Parse ``20MB``, ``512KiB`` or a plain byte count."""
+    if value is None:
+        return default
+    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise SettingsError(f"{PREFIX}{name} must be a byte size such as 20MB or 1048576, got {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_api_keys(value: str | None) -> tuple[ApiKey, ...]:
+    """Parse ``key1:admin,key2:synthesize+voices``; admin implies every scope."""
+    if value is None:
+        return ()
+    keys: list[ApiKey] = []
+    for index, item in enumerate(part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        key, sep, scope_text = item.rpartition(":")
+        if not sep or not key:
+            raise SettingsError(f"{PREFIX}API_KEYS entry {index + 1} must look like KEY:SCOPE[+SCOPE]")
+        scopes = frozenset(s.strip() for s in scope_text.split("+") if s.strip())
+        unknown = scopes - SCOPES
+        if not scopes or unknown:
+            raise SettingsError(
+                f"{PREFIX}API_KEYS entry {index + 1} has unknown scope(s) {sorted(unknown) or '(none)'}; "
+                f"use {', '.join(sorted(SCOPES))}"
+            )
+        if "admin" in scopes:
+            scopes = SCOPES
+        keys.append(ApiKey(key=key, scopes=scopes))
+    return tuple(keys)
+
+
+def parse_voice_map(value: str | None) -> dict[str, str]:
+    """Parse ``alloy=piper:joe,echo=espeak:en`` (OpenAI voice name → gateway voice)."""
+    if value is None:
+        return {}
+    mapping: dict[str, str] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        source, sep, target = item.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise SettingsError(f"{PREFIX}OPENAI_VOICES entries must look like alloy=piper:joe, got {item!r}")
+        mapping[source.strip()] = target.strip()
+    return mapping

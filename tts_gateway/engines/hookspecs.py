@@ -1,0 +1,25 @@
+"""Plugin hooks. Built-in engines are plugins like any other (see ``manager.DEFAULT_PLUGINS``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from tts_gateway.config import Settings
+    from tts_gateway.engines.base import SpeechEngine
+
+hookspec = pluggy.HookspecMarker("tts_gateway")
+hookimpl = pluggy.HookimplMarker("tts_gateway")
+
+
+@hookspec
+def register_engines(register: Callable[[SpeechEngine], None], settings: Settings) -> None:
+    """Register engines by calling ``register(engine)`` once per engine.
+
+    Args:
+        register: Adds one engine; its ``name`` must be unique across plugins.
+        settings: The gateway's settings (data dir, device, checkpoint paths). Optional to accept.
+    """

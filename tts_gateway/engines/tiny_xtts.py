@@ -1,0 +1,81 @@
+"""Build a tiny random-weight XTTS v2 checkpoint (same files and loading path as the real one).
+
+Real XTTS v2 weights cannot be downloaded everywhere (no model hub in CI), so tests and CI run
+the real XTTS code on this checkpoint: a 2-layer, 64-wide GPT with the v2 perceiver resampler,
+the full HiFi-GAN decoder and speaker encoder, a character-level BPE vocabulary with the
+special and language tokens, and the 16 XTTS v2 languages. It speaks noise, in the right shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+XTTS_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
+SPECIAL = ["[STOP]", "[UNK]", "[SPACE]", "[START]"]
+# Characters left after XTTS's cleaners (lower-cased; zh → pinyin, ja → romaji, ko → romanised).
+CHARS = (
+    string.ascii_lowercase + string.digits + ".,!?;:'\"-()¿¡«»…"
+    + "àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿœßğışőűčďěňřšťůž"
+    + "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"
+    + "ابتثجحخدذرزسشصضطظعغفقكلمنهويءآأؤإئةى"
+)
+
+
+def build_vocab() -> str:
+    """A tokenizers BPE vocabulary (no merges): one token per special, language and character."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import Split
+
+    tokens = SPECIAL + [f"[{lang}]" for lang in XTTS_LANGUAGES] + sorted(set(CHARS))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tokenizer.add_special_tokens(SPECIAL + [f"[{lang}]" for lang in XTTS_LANGUAGES])
+    tokenizer.pre_tokenizer = Split(pattern="", behavior="isolated")
+    return str(tokenizer.to_str())
+
+
+def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 48) -> Path:
+    """Write config.json, vocab.json and model.pth (``{"model": state_dict}``) to ``directory``."""
+    import torch
+
+    from tts_gateway.engines.torch_compat import import_torchaudio
+
+    import_torchaudio()
+    from TTS.tts.configs.xtts_config import XttsConfig
+    from TTS.tts.layers.xtts.tokenizer import VoiceBpeTokenizer
+    from TTS.tts.models.xtts import Xtts
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_path = directory / "vocab.json"
+    vocab_path.write_text(build_vocab())
+    tokenizer = VoiceBpeTokenizer(str(vocab_path))
+    vocab = tokenizer.tokenizer.get_vocab()
+
+    config = XttsConfig()
+    config.languages = list(XTTS_LANGUAGES)
+    args = config.model_args
+    args.gpt_layers = 2
+    args.gpt_n_model_channels = 64
+    args.gpt_n_heads = 4
+    args.decoder_input_dim = 64  # the decoder reads GPT latents: must equal the GPT width
+    args.gpt_use_perceiver_resampler = True  # as v2: latents [1, 32, dim]
+    args.gpt_max_audio_tokens = max_audio_tokens  # random weights never emit stop
+    args.gpt_number_text_tokens = tokenizer.get_number_tokens()
+    args.gpt_start_text_token = vocab["[START]"]
+    args.gpt_stop_text_token = vocab["[STOP]"]
+    args.tokenizer_file = ""
+
+    torch.manual_seed(seed)
+    model = Xtts(config)
+    model.tokenizer = tokenizer
+    model.init_models()
+    torch.save({"model": model.state_dict()}, directory / "model.pth")
+    config.save_json(str(directory / "config.json"))
+    (directory / "README.txt").write_text(
+        "Tiny random-weight XTTS v2 checkpoint built by `tts-gateway dev tiny-xtts` for tests.\n"
+        "It produces noise, not speech. Languages: " + json.dumps(XTTS_LANGUAGES) + "\n"
+    )
+    return directory

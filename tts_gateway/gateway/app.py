@@ -1,0 +1,434 @@
+"""`create_app(settings, engine_manager)`: the Litestar application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from litestar import Litestar, MediaType, Request, Response, delete, get, post
+from litestar.enums import RequestEncodingType
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.params import Body
+from litestar.response import File, Stream
+
+from tts_gateway import __version__
+from tts_gateway.config import Settings
+from tts_gateway.engines.base import CloningEngine
+from tts_gateway.engines.manager import EngineManager, UnknownEngine
+from tts_gateway.errors import GatewayError, InvalidField, NotFound, UnsupportedMedia
+from tts_gateway.gateway.auth import scope_guard
+from tts_gateway.gateway.problems import EXCEPTION_HANDLERS, problem
+from tts_gateway.gateway.runner import Admission, Worker
+from tts_gateway.gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
+from tts_gateway.languages import language_name
+from tts_gateway.metrics import Metrics
+from tts_gateway.service import Plan, ResolvedVoice, SynthesisRequest, SynthesisService
+from tts_gateway.voices import VoiceRegistry
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+LEGACY_RATE = 16000
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+
+
+@dataclass
+class Readiness:
+    ready: bool = False
+    detail: str = "starting: the default engine is loading"
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once in `create_app` and kept in app.state."""
+
+    settings: Settings
+    engines: EngineManager
+    registry: VoiceRegistry
+    metrics: Metrics
+    service: SynthesisService
+    admission: Admission
+    worker: Worker
+    readiness: Readiness
+
+    async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Admission, worker thread, timeout; streams when asked (and the format allows)."""
+        release = await self.admission.acquire()
+        cancel = threading.Event()
+        headers = plan.headers()
+        try:
+            if plan.stream:
+                first, rest = await self.worker.stream(lambda: self.service.run(plan, cancel), cancel, release)
+
+                async def body() -> AsyncIterator[bytes]:
+                    if first:
+                        yield first
+                    async for chunk in rest:
+                        yield chunk
+
+                self.metrics.requests.labels(plan.engine_name, "200").inc()
+                return Stream(body(), media_type=plan.media_type, headers=headers)
+            audio = await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, release)
+        except GatewayError as exc:
+            release() if not plan.stream else None
+            self.metrics.requests.labels(plan.engine_name, str(exc.status)).inc()
+            raise
+        except Exception:
+            self.metrics.requests.labels(plan.engine_name, "500").inc()
+            raise
+        self.metrics.requests.labels(plan.engine_name, "200").inc()
+        return Response(audio, media_type=plan.media_type, headers=headers)
+
+    async def blocking(self, fn: Any) -> Any:
+        """Run a blocking call (voice registration, conditioning) under admission control."""
+        release = await self.admission.acquire()
+        return await self.worker.call(fn, threading.Event(), release)
+
+
+def _gw(request: Request[Any, Any, Any]) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def _mime(request: Request[Any, Any, Any]) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def require_json(request: Request[Any, Any, Any]) -> None:
+    """before_request hook: runs before the body is parsed, so the wrong type is a 415."""
+    mime = _mime(request)
+    if mime != "application/json" and not mime.endswith("+json"):
+        raise UnsupportedMedia(f"send the body as application/json, not {mime or 'no content type'}")
+
+
+async def require_multipart(request: Request[Any, Any, Any]) -> None:
+    mime = _mime(request)
+    if mime not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise UnsupportedMedia(f"send the body as multipart/form-data, not {mime or 'no content type'}")
+
+
+# -- synthesis ---------------------------------------------------------------------------------
+@post("/v1/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["synthesis"], before_request=require_json,
+      summary="Synthesize speech", media_type="audio/wav")
+async def synthesize(request: Request[Any, Any, Any], data: SynthesizeBody) -> Response[Any]:
+    """Text → audio with a built-in voice (`engine:voice`) or a registered preset."""
+    gw = _gw(request)
+    synthesis = SynthesisRequest(
+        text=data.text, voice=data.voice, language=data.language, format=data.format,
+        sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream,
+    )
+    gw.service.check_text(synthesis.text)
+    plan = await asyncio.to_thread(gw.service.plan, synthesis)
+    return await gw.run_synthesis(plan, request)
+
+
+@post("/v1/audio/speech", status_code=200, opt={"scope": "synthesize"}, tags=["openai"], before_request=require_json,
+      summary="OpenAI-compatible speech", media_type="audio/mpeg")
+async def openai_speech(request: Request[Any, Any, Any], data: SpeechBody) -> Response[Any]:
+    """Works with the `openai` SDK: `client.audio.speech.create(model=..., voice=..., input=...)`."""
+    gw = _gw(request)
+    if data.response_format == "aac":
+        raise InvalidField("response_format", "aac is not supported here; use mp3, opus, flac, wav or pcm")
+    voice = _openai_voice(gw, data.model, data.voice)
+    fmt = data.response_format
+    synthesis = SynthesisRequest(
+        text=data.input, voice=voice, format=fmt, speed=data.speed, stream=True,
+        sample_rate=24000 if fmt == "pcm" else None,  # OpenAI's pcm is 24 kHz s16le
+    )
+    gw.service.check_text(synthesis.text)
+    plan = await asyncio.to_thread(gw.service.plan, synthesis)
+    return await gw.run_synthesis(plan, request)
+
+
+def _openai_voice(gw: Gateway, model: str, voice: str | None) -> str:
+    settings = gw.settings
+    default_engine = settings.default_voice.split(":")[0] if ":" in settings.default_voice else None
+    if model in OPENAI_MODELS:
+        engine_name = None
+    elif model in gw.engines.names:
+        engine_name = model
+    else:
+        raise InvalidField("model", f"{model!r} is not {', '.join(OPENAI_MODELS)} or an engine "
+                                    f"({', '.join(gw.engines.names)})")
+    if voice is None:
+        voice = "alloy"
+    mapped = settings.openai_voice(voice) if ":" not in voice and not gw.registry.exists(voice) else None
+    if mapped is not None:
+        voice = mapped
+        if engine_name and (":" not in voice or voice.split(":")[0] != engine_name):
+            engine = gw.engines.get(engine_name)
+            builtins = engine.voices()
+            if not builtins:
+                raise InvalidField("voice", f"engine {engine_name!r} has no built-in voice for {voice!r}")
+            english = [v for v in builtins if v.language.startswith("en")]
+            voice = f"{engine_name}:{(english or builtins)[0].id}"
+        return voice
+    if engine_name:
+        resolved_engine = voice.split(":")[0] if ":" in voice else _preset_engine(gw, voice)
+        if resolved_engine is not None and resolved_engine != engine_name:
+            raise InvalidField("voice", f"voice {voice!r} belongs to engine {resolved_engine!r}, not {engine_name!r}")
+    _ = default_engine
+    return voice
+
+
+def _preset_engine(gw: Gateway, name: str) -> str | None:
+    try:
+        return gw.registry.get(name).engine
+    except LookupError:
+        return None
+
+
+@post("/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["legacy"], before_request=require_multipart,
+      summary="The old service's call: text + speaker_audio → 16 kHz WAV via XTTS", media_type="audio/wav")
+async def legacy_synthesize(
+    request: Request[Any, Any, Any],
+    data: Annotated[LegacyForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+) -> Response[Any]:
+    gw = _gw(request)
+    if not isinstance(data.speaker_audio, object) or not hasattr(data.speaker_audio, "read"):
+        raise InvalidField("speaker_audio", "must be an uploaded audio file")
+    gw.service.check_text(data.text)
+    audio = await data.speaker_audio.read()
+    label = data.speaker_audio.filename or "speaker_audio"
+    voice: ResolvedVoice = await gw.blocking(lambda: gw.service.condition_upload([(label, audio)], "xtts"))
+    synthesis = SynthesisRequest(text=data.text, language=data.language or "en", format="wav",
+                                 sample_rate=LEGACY_RATE)
+    plan = await asyncio.to_thread(gw.service.plan, synthesis, voice)
+    return await gw.run_synthesis(plan, request)
+
+
+# -- voices ------------------------------------------------------------------------------------
+@get("/v1/voices", opt={"scope": "any"}, tags=["voices"], summary="List built-in voices and presets")
+async def list_voices(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    voices = await asyncio.to_thread(_gw(request).service.list_voices)
+    return {"voices": voices}
+
+
+@get("/v1/voices/{name:str}", opt={"scope": "any"}, tags=["voices"], summary="One voice")
+async def get_voice(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    return await asyncio.to_thread(_gw(request).service.get_voice, name)  # type: ignore[no-any-return]
+
+
+@delete("/v1/voices/{name:str}", status_code=204, opt={"scope": "voices"}, tags=["voices"],
+        summary="Delete a preset")
+async def delete_voice(request: Request[Any, Any, Any], name: str) -> None:
+    await asyncio.to_thread(_gw(request).service.delete_voice, name)
+
+
+@post("/v1/voices", status_code=201, opt={"scope": "voices"}, tags=["voices"], before_request=require_multipart,
+      summary="Register a preset: latents are computed once and stored")
+async def create_voice(
+    request: Request[Any, Any, Any],
+    data: Annotated[VoiceForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+) -> Response[Any]:
+    gw = _gw(request)
+    uploads = data.audio if isinstance(data.audio, list) else [data.audio]
+    files = []
+    for index, upload in enumerate(uploads):
+        if not hasattr(upload, "read"):
+            raise InvalidField("audio", "must be one or more uploaded audio files")
+        files.append((upload.filename or f"audio[{index}]", await upload.read()))
+    if not files:
+        raise InvalidField("audio", "send at least one reference audio file")
+    consent = str(data.consent).strip().lower() in {"1", "true", "yes", "on"}
+    voice = await gw.blocking(lambda: gw.service.register_voice(
+        data.name, files, engine_name=data.engine or "xtts", language=data.language or None,
+        description=data.description or "", consent=consent,
+    ))
+    return Response(voice, status_code=201, headers={"Location": f"/v1/voices/{voice['name']}"})
+
+
+# -- engines & languages -------------------------------------------------------------------------
+def engine_json(gw: Gateway, name: str) -> dict[str, Any]:
+    engine = gw.engines.get(name)
+    available, reason = engine.availability()
+    model = engine.model if available else None
+    return {
+        "name": name,
+        "available": available,
+        "reason": reason,
+        "loaded": engine.loaded,
+        "languages": list(engine.languages) if available else [],
+        "capabilities": {"cloning": isinstance(engine, CloningEngine),
+                         "streaming": engine.capabilities.streaming},
+        "sample_rate": engine.sample_rate,
+        "model": {"id": model.id, "sha256": model.sha256, "licence": model.licence} if model else None,
+        "voices": [f"{name}:{v.id}" for v in engine.voices()] if available else [],
+    }
+
+
+@get("/v1/engines", opt={"scope": "any"}, tags=["engines"], summary="List engines")
+async def list_engines(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    gw = _gw(request)
+    engines = await asyncio.to_thread(lambda: [engine_json(gw, n) for n in gw.engines.names])
+    return {"engines": engines}
+
+
+def _known_engine(gw: Gateway, name: str) -> None:
+    try:
+        gw.engines.get(name)
+    except UnknownEngine:
+        raise NotFound(f"unknown engine {name!r}; known engines: {', '.join(gw.engines.names)}") from None
+
+
+@get("/v1/engines/{name:str}", opt={"scope": "any"}, tags=["engines"], summary="One engine")
+async def get_engine(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    gw = _gw(request)
+    _known_engine(gw, name)
+    return await asyncio.to_thread(engine_json, gw, name)
+
+
+@post("/v1/engines/{name:str}/load", status_code=200, opt={"scope": "admin"}, tags=["engines"],
+      summary="Load an engine's model now")
+async def load_engine(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    gw = _gw(request)
+    _known_engine(gw, name)
+    await gw.blocking(lambda: gw.engines.ensure_loaded(name))
+    gw.metrics.engine_loaded.labels(name).set(1)
+    return engine_json(gw, name)
+
+
+@post("/v1/engines/{name:str}/unload", status_code=200, opt={"scope": "admin"}, tags=["engines"],
+      summary="Unload an engine's model and free its memory")
+async def unload_engine(request: Request[Any, Any, Any], name: str) -> Response[Any]:
+    gw = _gw(request)
+    _known_engine(gw, name)
+    done = await asyncio.to_thread(gw.engines.unload, name)
+    if not done:
+        return problem(409, f"engine {name!r} is busy synthesizing; try again when it is idle",
+                       kind="busy", headers={"Retry-After": "5"})
+    gw.metrics.engine_loaded.labels(name).set(0)
+    return Response(engine_json(gw, name))
+
+
+@get("/v1/languages", opt={"scope": "any"}, tags=["engines"], summary="Languages and the engines that speak them")
+async def list_languages(request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
+    gw = _gw(request)
+
+    def collect() -> list[dict[str, Any]]:
+        table: dict[str, dict[str, Any]] = {}
+        for name in gw.engines.names:
+            engine = gw.engines.get(name)
+            if not engine.availability()[0]:
+                continue
+            names = getattr(engine, "language_names", None) or {}
+            for code in engine.languages:
+                entry = table.setdefault(code, {"code": code, "name": names.get(code) or language_name(code),
+                                                "engines": []})
+                entry["engines"].append(name)
+        return sorted(table.values(), key=lambda e: e["code"])
+
+    return await asyncio.to_thread(collect)
+
+
+# -- operations --------------------------------------------------------------------------------
+@get("/health", tags=["operations"], summary="Liveness")
+async def health() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+@get("/ready", tags=["operations"], summary="200 once the default engine is loaded and a canary passed")
+async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
+    readiness = _gw(request).readiness
+    if readiness.ready:
+        return Response({"status": "ready", "detail": readiness.detail})
+    return problem(503, readiness.detail, kind="not-ready", title="Not ready", headers={"Retry-After": "2"})
+
+
+@get("/metrics", tags=["operations"], summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(_gw(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get("/", include_in_schema=False)
+async def playground() -> File:
+    return File(STATIC / "index.html", content_disposition_type="inline", media_type=MediaType.HTML)
+
+
+# -- assembly ----------------------------------------------------------------------------------
+async def _warm_up(gw: Gateway) -> None:
+    """Load the default engine and run a canary synthesis; /ready reports the outcome."""
+    try:
+        plan = await asyncio.to_thread(
+            gw.service.plan, SynthesisRequest(text="Ready.", voice=gw.settings.default_voice, seed=1)
+        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(gw.worker.pool, gw.engines.ensure_loaded, plan.engine_name)
+        gw.metrics.engine_loaded.labels(plan.engine_name).set(1)
+        if gw.settings.canary:
+            audio = await loop.run_in_executor(gw.worker.pool, gw.service.synthesize_bytes, plan, threading.Event())
+            if len(audio) <= 44:
+                raise RuntimeError("canary synthesis returned no audio")
+        gw.readiness.detail = f"default voice {gw.settings.default_voice} loaded; canary passed"
+        gw.readiness.ready = True
+    except GatewayError as exc:
+        gw.readiness.detail = f"default voice {gw.settings.default_voice} is not usable: {exc.detail}"
+        log.error("not ready: %s", gw.readiness.detail)
+    except Exception as exc:
+        gw.readiness.detail = f"default voice {gw.settings.default_voice} failed its canary: {exc}"
+        log.exception("not ready")
+
+
+def create_app(settings: Settings, engine_manager: EngineManager | None = None) -> Litestar:
+    """Build the app. Resources are created here and released at shutdown."""
+    engines = engine_manager or EngineManager(settings)
+    metrics = Metrics()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = VoiceRegistry(
+        settings.data_dir,
+        on_conditioning=lambda engine: metrics.conditioning.labels(engine).inc(),
+        on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc(),
+    )
+    gateway = Gateway(
+        settings=settings,
+        engines=engines,
+        registry=registry,
+        metrics=metrics,
+        service=SynthesisService(settings, engines, registry, metrics),
+        admission=Admission(settings.max_concurrency, settings.max_queue, metrics),
+        worker=Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s),
+        readiness=Readiness(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        engines.start_reaper()
+        gateway.readiness.task = asyncio.create_task(_warm_up(gateway))
+        try:
+            yield
+        finally:
+            if gateway.readiness.task is not None and not gateway.readiness.task.done():
+                await asyncio.wait([gateway.readiness.task], timeout=30)
+            await asyncio.to_thread(gateway.worker.close)
+            engines.close()
+            registry.close()
+
+    app = Litestar(
+        route_handlers=[
+            synthesize, openai_speech, legacy_synthesize,
+            list_voices, get_voice, create_voice, delete_voice,
+            list_engines, get_engine, load_engine, unload_engine, list_languages,
+            health, ready, metrics_endpoint, playground,
+        ],
+        guards=[scope_guard],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_upload_bytes,
+        openapi_config=OpenAPIConfig(
+            title="tts-gateway", version=__version__, path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+            description="Multi-engine text-to-speech gateway: XTTS v2, Piper, espeak-ng.",
+        ),
+        debug=False,
+    )
+    app.state.gateway = gateway
+    app.state.settings = settings
+    return app
+
+

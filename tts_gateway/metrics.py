@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app instance (no module-level globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tts_requests", "Synthesis requests by engine and HTTP status",
+                                ["engine", "status"], registry=r)
+        self.synthesis_seconds = Histogram("tts_synthesis_seconds", "Wall time of one synthesis",
+                                           ["engine"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttfa = Histogram("tts_time_to_first_audio_seconds", "Request start to first audio bytes",
+                              ["engine"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.rtf = Histogram("tts_real_time_factor", "Synthesis time divided by audio duration",
+                             ["engine"], buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10), registry=r)
+        self.audio_seconds = Counter("tts_audio_seconds", "Seconds of audio produced", ["engine"], registry=r)
+        self.conditioning = Counter("tts_conditioning_computations",
+                                    "Speaker latent computations (a synthesis by preset never adds one)",
+                                    ["engine"], registry=r)
+        self.voice_cache_hits = Counter("tts_voice_cache_hits", "Stored latents reused instead of recomputed",
+                                        ["engine"], registry=r)
+        self.queue_depth = Gauge("tts_queue_depth", "Syntheses waiting for a slot", registry=r)
+        self.in_flight = Gauge("tts_in_flight", "Syntheses running", registry=r)
+        self.engine_loaded = Gauge("tts_engine_loaded", "1 when the engine's model is in memory",
+                                   ["engine"], registry=r)
+        self.phrase_hits = Counter("tts_phrase_cache_hits", "Phrase cache hits", registry=r)
+        self.phrase_misses = Counter("tts_phrase_cache_misses", "Phrase cache misses", registry=r)
+        self.phrase_bytes = Gauge("tts_phrase_cache_bytes", "Bytes held by the phrase cache", registry=r)
+
+    def conditioning_total(self, engine: str | None = None) -> float:
+        return self._sum("tts_conditioning_computations_total", engine)
+
+    def _sum(self, sample_name: str, engine: str | None) -> float:
+        total = 0.0
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                if sample.name == sample_name and (engine is None or sample.labels.get("engine") == engine):
+                    total += sample.value
+        return total
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,111 @@
+"""Reference-audio preprocessing: decode, check, downmix, resample, trim, normalise, hash."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from tts_gateway.engines.base import InvalidReferenceAudio
+
+MIN_SECONDS = 2.0
+MAX_SECONDS = 60.0
+SILENCE_PEAK = 1e-3  # -60 dBFS: below this there is nothing to clone
+TRIM_TOP_DB = 40.0
+
+# Leading bytes of containers libsndfile reads; anything else is "not audio" (415), while a
+# known container that fails to decode is "undecodable" (422).
+_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"caff", b".snd", b"wvpk")
+
+
+@dataclass(frozen=True)
+class ReferenceAudio:
+    samples: np.ndarray  # float32 mono at ``rate``, trimmed and peak-normalised
+    rate: int
+    sha256: str  # of the normalised 16-bit samples: same voice audio, same hash
+    clip_sha256s: tuple[str, ...]  # of the uploaded bytes, for the record
+
+    @property
+    def duration(self) -> float:
+        return self.samples.size / self.rate
+
+
+def looks_like_audio(data: bytes) -> bool:
+    if data[:4] in _MAGIC or data[:3] == b"ID3":
+        return True
+    return len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0  # MPEG frame sync
+
+
+def decode(data: bytes, label: str) -> tuple[np.ndarray, int]:
+    """Decode one uploaded file to float32 (frames, channels)."""
+    if not data:
+        raise InvalidReferenceAudio(f"{label} is empty", not_audio=True)
+    if not looks_like_audio(data):
+        raise InvalidReferenceAudio(
+            f"{label} is not an audio file (send WAV, FLAC, OGG or MP3)", not_audio=True
+        )
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as handle:
+            rate = handle.samplerate
+            if handle.frames > MAX_SECONDS * rate * 4 and handle.frames < 2**62:
+                raise InvalidReferenceAudio(f"{label} is {handle.frames / rate:.1f} s long; the limit is "
+                                            f"{MAX_SECONDS:.0f} s")
+            samples = handle.read(dtype="float32", always_2d=True)
+    except InvalidReferenceAudio:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        raise InvalidReferenceAudio(f"{label} could not be decoded (truncated or corrupt): {exc}") from None
+    if samples.size == 0:
+        raise InvalidReferenceAudio(f"{label} holds no samples")
+    if not np.isfinite(samples).all():
+        raise InvalidReferenceAudio(f"{label} holds NaN or infinite samples")
+    return samples, rate
+
+
+def prepare_reference(files: list[tuple[str, bytes]], rate: int) -> ReferenceAudio:
+    """Turn one or more uploaded clips into one normalised mono clip at ``rate``.
+
+    Raises:
+        InvalidReferenceAudio: not audio, undecodable, silent, or too short/long in total.
+    """
+    if not files:
+        raise InvalidReferenceAudio("no reference audio was sent")
+    import librosa  # trimming only; imported here to keep start-up light
+
+    clips: list[np.ndarray] = []
+    digests: list[str] = []
+    for label, data in files:
+        samples, source_rate = decode(data, label)
+        duration = samples.shape[0] / source_rate
+        if duration > MAX_SECONDS:
+            raise InvalidReferenceAudio(f"{label} is {duration:.1f} s long; the limit is {MAX_SECONDS:.0f} s")
+        mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+        if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+            raise InvalidReferenceAudio(f"{label} is silent")
+        if source_rate != rate:
+            mono = soxr.resample(mono, source_rate, rate, quality="HQ").astype(np.float32)
+        trimmed, _ = librosa.effects.trim(mono, top_db=TRIM_TOP_DB)
+        clips.append(np.asarray(trimmed, np.float32))
+        digests.append(hashlib.sha256(data).hexdigest())
+    joined = np.concatenate(clips)
+    total = joined.size / rate
+    if total < MIN_SECONDS:
+        raise InvalidReferenceAudio(
+            f"reference audio has {total:.2f} s of sound after trimming silence; at least "
+            f"{MIN_SECONDS:.0f} s is needed"
+        )
+    if total > MAX_SECONDS:
+        raise InvalidReferenceAudio(f"reference audio totals {total:.1f} s; the limit is {MAX_SECONDS:.0f} s")
+    peak = float(np.max(np.abs(joined)))
+    normalised = (joined * (0.95 / peak)).astype(np.float32)
+    pcm = (np.clip(normalised, -1, 1) * 32767).astype("<i2").tobytes()
+    return ReferenceAudio(
+        samples=normalised,
+        rate=rate,
+        sha256=hashlib.sha256(pcm + rate.to_bytes(4, "little")).hexdigest(),
+        clip_sha256s=tuple(digests),
+    )

@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.engines.base import BaseEngine, BuiltinVoice, Capabilities, ModelInfo, SynthesisOptions, VoiceInput
+from tts_gateway.engines.base import (
+    BaseEngine,
+    BuiltinVoice,
+    Capabilities,
+    ModelInfo,
+    SynthesisOptions,
+    VoiceInput,
+)
 from tts_gateway.engines.hookspecs import hookimpl
 
 RATE = 16000

@@ -6,14 +6,24 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from tts_gateway.config import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from tts_gateway.service import SynthesisService
 
 app = typer.Typer(help="tts-gateway: a multi-engine text-to-speech gateway (XTTS v2, Piper, espeak-ng).",
                   no_args_is_help=True, add_completion=False)
@@ -36,7 +46,7 @@ def load_settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def build_service(settings: Settings):  # type: ignore[no-untyped-def]
+def build_service(settings: Settings) -> SynthesisService:
     from tts_gateway.engines.manager import EngineManager
     from tts_gateway.metrics import Metrics
     from tts_gateway.service import SynthesisService

@@ -170,7 +170,7 @@ class SynthesisService:
                     "language": v.language, "description": v.description, "licence": v.licence,
                     "read_only": True, "status": "ok",
                 })
-        voices.extend(self.voice_json(r) for r in self.registry.list())
+        voices.extend(self.voice_json(r) for r in self.registry.records())
         return voices
 
     def get_voice(self, name: str) -> dict[str, Any]:
@@ -284,9 +284,8 @@ class SynthesisService:
             raise InvalidField("text", "must not be empty")
         count = char_count(text)
         if count > self.settings.max_text_chars:
-            raise InvalidField(
-                "text", f"is {count} characters; the limit is {self.settings.max_text_chars} (TTS_GATEWAY_MAX_TEXT_CHARS)"
-            )
+            limit = self.settings.max_text_chars
+            raise InvalidField("text", f"is {count} characters; the limit is {limit} (TTS_GATEWAY_MAX_TEXT_CHARS)")
         if has_control_chars(text):
             raise InvalidField("text", "contains control characters")
 
@@ -336,7 +335,7 @@ class SynthesisService:
                 native_speed = engine.capabilities.native_speed
                 options = SynthesisOptions(
                     language=plan.language, speed=plan.speed if native_speed else 1.0, seed=plan.seed,
-                    cancel=cancel, repeatable=plan.repeatable,
+                    cancel=cancel, repeatable=plan.repeatable, streaming=plan.stream,
                 )
                 resample = Resampler(engine.sample_rate, plan.rate)
                 for index, piece in enumerate(plan.pieces):

@@ -61,6 +61,9 @@ class SynthesisOptions:
     # The client asked for this seed: the result must be repeatable, even on engines that
     # would otherwise sample noise they cannot seed.
     repeatable: bool = False
+    # The caller sends audio as it comes: engines that decode in chunks should yield early;
+    # otherwise they may decode once at the end (faster for XTTS).
+    streaming: bool = False
 
 
 class EngineError(Exception):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from functools import cached_property

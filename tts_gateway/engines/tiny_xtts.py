@@ -31,7 +31,7 @@ def build_vocab() -> str:
 
     tokens = SPECIAL + [f"[{lang}]" for lang in XTTS_LANGUAGES] + sorted(set(CHARS))
     vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))  # noqa: S106 - a token, not a password
     tokenizer.add_special_tokens(SPECIAL + [f"[{lang}]" for lang in XTTS_LANGUAGES])
     tokenizer.pre_tokenizer = Split(pattern="", behavior="isolated")
     return str(tokenizer.to_str())

@@ -138,7 +138,7 @@ class XttsEngine(BaseEngine):
             torch.set_num_threads(self.threads)
         config = XttsConfig()
         config.load_json(str(self.checkpoint / "config.json"))
-        model = Xtts.init_from_config(config)
+        model = Xtts(config)
         # coqui-tts reads model.pth with torch.load(weights_only=True).
         model.load_checkpoint(config, checkpoint_dir=str(self.checkpoint), eval=True)
         model.to(resolve_device(self.device_setting))
@@ -188,7 +188,9 @@ class XttsEngine(BaseEngine):
             torch.manual_seed(options.seed or 0)
             stream = model.inference_stream(
                 text, options.language, gpt_cond_latent, speaker_embedding,
-                speed=options.speed, enable_text_splitting=False, stream_chunk_size=20,
+                speed=options.speed, enable_text_splitting=False,
+                # Each streamed chunk re-decodes every token so far; unstreamed, decode once.
+                stream_chunk_size=20 if options.streaming else 0,
             )
             try:
                 for chunk in stream:

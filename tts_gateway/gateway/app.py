@@ -93,7 +93,7 @@ class Gateway:
 
 
 def _gw(request: Request[Any, Any, Any]) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state.gateway
 
 
 def _mime(request: Request[Any, Any, Any]) -> str:
@@ -212,7 +212,7 @@ async def list_voices(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 @get("/v1/voices/{name:str}", opt={"scope": "any"}, tags=["voices"], summary="One voice")
 async def get_voice(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
-    return await asyncio.to_thread(_gw(request).service.get_voice, name)  # type: ignore[no-any-return]
+    return await asyncio.to_thread(_gw(request).service.get_voice, name)
 
 
 @delete("/v1/voices/{name:str}", status_code=204, opt={"scope": "voices"}, tags=["voices"],

@@ -6,7 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from litestar import MediaType, Request, Response
+from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from tts_gateway.engines.base import EngineUnavailable, InvalidReferenceAudio, UnsupportedLanguage
@@ -62,7 +62,7 @@ def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response
                 messages.append(f"{key}: {text}" if key else str(text))
     text = "; ".join(messages) or detail
     lowered = f"{detail} {text}".lower()
-    if "malformed" in lowered or "decode" in lowered and "json" in lowered:
+    if "malformed" in lowered or ("decode" in lowered and "json" in lowered):
         return problem(400, f"malformed request body (not valid JSON): {text}", kind="malformed",
                        title="Malformed request")
     return problem(422, text, kind="invalid-field", title="Invalid field")

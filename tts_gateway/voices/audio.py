@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,10 @@ TRIM_TOP_DB = 40.0
 # Leading bytes of containers libsndfile reads; anything else is "not audio" (415), while a
 # known container that fails to decode is "undecodable" (422).
 _MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"caff", b".snd", b"wvpk")
+
+
+_SHORT_DATA = re.compile(r"data : (\d+) \(should be (\d+)\)")
+_OPEN_ENDED = {0, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFF - 8}  # streamed WAVs declare no real size
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,12 @@ def decode(data: bytes, label: str) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(io.BytesIO(data)) as handle:
             rate = handle.samplerate
+            short = _SHORT_DATA.search(handle.extra_info)
+            if short and int(short.group(1)) not in _OPEN_ENDED and int(short.group(2)) < int(short.group(1)):
+                raise InvalidReferenceAudio(
+                    f"{label} could not be decoded: it is truncated ({short.group(2)} of "
+                    f"{short.group(1)} data bytes present)"
+                )
             if handle.frames > MAX_SECONDS * rate * 4 and handle.frames < 2**62:
                 raise InvalidReferenceAudio(f"{label} is {handle.frames / rate:.1f} s long; the limit is "
                                             f"{MAX_SECONDS:.0f} s")

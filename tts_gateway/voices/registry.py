@@ -138,7 +138,7 @@ class VoiceRegistry:
     def exists(self, name: str) -> bool:
         return bool(VOICE_NAME_RE.match(name)) and f"voice:{name}" in self.index
 
-    def list(self) -> list[VoiceRecord]:
+    def records(self) -> list[VoiceRecord]:
         records = []
         for key in self.index.iterkeys():
             if isinstance(key, str) and key.startswith("voice:"):
@@ -267,7 +267,7 @@ class VoiceRegistry:
                 raise VoiceNotFound(name)
             self._forget(record.latents_sha256)
             # Free the blob unless another preset shares it (same audio registered twice).
-            if not any(r.latents_key == record.latents_key for r in self.list()):
+            if not any(r.latents_key == record.latents_key for r in self.records()):
                 self.index.delete(f"audio:{record.latents_key}")
                 self.store.delete(record.latents_key)
         return record
@@ -278,7 +278,7 @@ class VoiceRegistry:
         report: dict[str, list[str]] = {"broken": [], "orphans": [], "temp_files": []}
         with self._lock:
             referenced = set()
-            for record in self.list():
+            for record in self.records():
                 referenced.add(record.latents_key)
                 if self.store.sha256_of(record.latents_key) != record.latents_sha256:
                     report["broken"].append(record.name)

@@ -49,7 +49,7 @@ class HelloEngine:
     name = "hello"
     capabilities = _Capabilities()
     sample_rate = RATE
-    languages = ["en"]
+    languages = ("en",)
     model = _Model()
 
     def __init__(self) -> None:

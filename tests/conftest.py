@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -114,8 +115,10 @@ def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
     """Run `tts-gateway serve` in a subprocess on a free loopback port; stop it afterwards."""
     port = free_port()
     full_env = {**os.environ, **env, "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(port)}
+    log = tempfile.NamedTemporaryFile(prefix="tts-gateway-server-", suffix=".log", delete=False)  # noqa: SIM115
+    # Output goes to a file, not a pipe nobody reads: a chatty server would block on a full pipe.
     process = subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=full_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -123,7 +126,7 @@ def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                output = Path(log.name).read_text(errors="replace")
                 raise RuntimeError(f"server exited early:\n{output[-3000:]}")
             try:
                 if httpx.get(base + "/ready", timeout=2).status_code == 200:
@@ -141,3 +144,5 @@ def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.manager import EngineManager, UnknownEngine
 from tts_gateway.errors import Conflict, InvalidField, NotFound, Unavailable
 from tts_gateway.metrics import Metrics
-from tts_gateway.text import char_count, has_control_chars, split_sentences
+from tts_gateway.text import char_count, has_control_chars, normalise, split_sentences
 from tts_gateway.voices import (
     VoiceBroken,
     VoiceExists,
@@ -57,6 +57,7 @@ class SynthesisRequest:
     speed: float = 1.0
     seed: int | None = None
     stream: bool = False
+    cache: bool = True
 
 
 @dataclass
@@ -82,7 +83,27 @@ class Plan:
     seed: int
     repeatable: bool
     stream: bool
+    text: str = ""
+    cache: bool = True
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def streams(self) -> bool:
+        """Whether bytes really leave before the end (FLAC and MP3 are always sent whole)."""
+        return self.stream and self.fmt.incremental
+
+    def cache_parts(self) -> dict[str, Any] | None:
+        """Everything that changes the bytes, or None when the result is not repeatable."""
+        deterministic = self.engine.capabilities.deterministic
+        if not self.cache or not (self.repeatable or deterministic):
+            return None
+        model = self.engine.model
+        return {
+            "v": 1, "engine": self.engine_name, "model": model.sha256 or model.id,
+            "voice": self.voice.voice_sha256 or self.voice.name, "text": normalise(self.text),
+            "language": self.language, "format": self.fmt.name, "rate": self.rate, "speed": self.speed,
+            "seed": None if deterministic else self.seed, "stream": self.streams,
+        }
 
     @property
     def media_type(self) -> str:
@@ -321,7 +342,7 @@ class SynthesisService:
             engine_name=resolved.engine, engine=engine, voice=resolved, language=language, pieces=pieces,
             fmt=audio_format, rate=rate, speed=request.speed,
             seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
-            repeatable=request.seed is not None, stream=request.stream,
+            repeatable=request.seed is not None, stream=request.stream, text=request.text, cache=request.cache,
         )
 
     def run(self, plan: Plan, cancel: Any, on_piece: Any = None) -> Iterator[bytes]:

@@ -29,6 +29,7 @@ from tts_gateway.gateway.runner import Admission, Worker
 from tts_gateway.gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
 from tts_gateway.languages import language_name
 from tts_gateway.metrics import Metrics
+from tts_gateway.phrase_cache import PhraseCache
 from tts_gateway.service import Plan, ResolvedVoice, SynthesisRequest, SynthesisService
 from tts_gateway.voices import VoiceRegistry
 
@@ -57,39 +58,67 @@ class Gateway:
     admission: Admission
     worker: Worker
     readiness: Readiness
+    cache: PhraseCache
 
     async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
-        """Admission, worker thread, timeout; streams when asked (and the format allows)."""
+        """Phrase cache, admission, worker thread, timeout; streams when asked (and the format allows)."""
+        headers = plan.headers()
+        parts = plan.cache_parts() if self.cache.enabled else None
+        key = PhraseCache.key(parts) if parts is not None else None
+        if key is not None:
+            hit = await asyncio.to_thread(self.cache.get, key)
+            if hit is not None:
+                self.metrics.requests.labels(plan.engine_name, "200").inc()
+                headers["X-Cache"] = "hit"
+                if plan.streams:
+                    return Stream(_chunked(hit.audio), media_type=hit.media_type, headers=headers)
+                return Response(hit.audio, media_type=hit.media_type, headers=headers)
+        headers["X-Cache"] = "miss"
         release = await self.admission.acquire()
         cancel = threading.Event()
-        headers = plan.headers()
         try:
-            if plan.stream:
-                first, rest = await self.worker.stream(lambda: self.service.run(plan, cancel), cancel, release)
+            if plan.streams:
+                collected: list[bytes] = []
+
+                def remember() -> None:
+                    if key is not None:
+                        audio = b"".join(collected)
+                        self.worker.pool.submit(self.cache.put, key, audio, plan.media_type, plan.headers())
+
+                first, rest = await self.worker.stream(lambda: self.service.run(plan, cancel), cancel, release,
+                                                       on_complete=remember)
+                collected.append(first)
 
                 async def body() -> AsyncIterator[bytes]:
                     if first:
                         yield first
                     async for chunk in rest:
+                        collected.append(chunk)
                         yield chunk
 
                 self.metrics.requests.labels(plan.engine_name, "200").inc()
                 return Stream(body(), media_type=plan.media_type, headers=headers)
             audio = await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, release)
         except GatewayError as exc:
-            release() if not plan.stream else None
             self.metrics.requests.labels(plan.engine_name, str(exc.status)).inc()
             raise
         except Exception:
             self.metrics.requests.labels(plan.engine_name, "500").inc()
             raise
         self.metrics.requests.labels(plan.engine_name, "200").inc()
+        if key is not None:
+            await asyncio.to_thread(self.cache.put, key, audio, plan.media_type, plan.headers())
         return Response(audio, media_type=plan.media_type, headers=headers)
 
     async def blocking(self, fn: Any) -> Any:
         """Run a blocking call (voice registration, conditioning) under admission control."""
         release = await self.admission.acquire()
         return await self.worker.call(fn, threading.Event(), release)
+
+
+async def _chunked(data: bytes, size: int = 32768) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
 
 
 def _gw(request: Request[Any, Any, Any]) -> Gateway:
@@ -115,13 +144,13 @@ async def require_multipart(request: Request[Any, Any, Any]) -> None:
 
 # -- synthesis ---------------------------------------------------------------------------------
 @post("/v1/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["synthesis"], before_request=require_json,
-      summary="Synthesize speech", media_type="audio/wav")
+      summary="Synthesize speech")
 async def synthesize(request: Request[Any, Any, Any], data: SynthesizeBody) -> Response[Any]:
     """Text → audio with a built-in voice (`engine:voice`) or a registered preset."""
     gw = _gw(request)
     synthesis = SynthesisRequest(
         text=data.text, voice=data.voice, language=data.language, format=data.format,
-        sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream,
+        sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream, cache=data.cache,
     )
     gw.service.check_text(synthesis.text)
     plan = await asyncio.to_thread(gw.service.plan, synthesis)
@@ -129,7 +158,7 @@ async def synthesize(request: Request[Any, Any, Any], data: SynthesizeBody) -> R
 
 
 @post("/v1/audio/speech", status_code=200, opt={"scope": "synthesize"}, tags=["openai"], before_request=require_json,
-      summary="OpenAI-compatible speech", media_type="audio/mpeg")
+      summary="OpenAI-compatible speech")
 async def openai_speech(request: Request[Any, Any, Any], data: SpeechBody) -> Response[Any]:
     """Works with the `openai` SDK: `client.audio.speech.create(model=..., voice=..., input=...)`."""
     gw = _gw(request)
@@ -185,7 +214,7 @@ def _preset_engine(gw: Gateway, name: str) -> str | None:
 
 
 @post("/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["legacy"], before_request=require_multipart,
-      summary="The old service's call: text + speaker_audio → 16 kHz WAV via XTTS", media_type="audio/wav")
+      summary="The old service's call: text + speaker_audio → 16 kHz WAV via XTTS")
 async def legacy_synthesize(
     request: Request[Any, Any, Any],
     data: Annotated[LegacyForm, Body(media_type=RequestEncodingType.MULTI_PART)],
@@ -327,6 +356,17 @@ async def list_languages(request: Request[Any, Any, Any]) -> list[dict[str, Any]
     return await asyncio.to_thread(collect)
 
 
+# -- phrase cache ------------------------------------------------------------------------------
+@get("/v1/cache", opt={"scope": "admin"}, tags=["cache"], summary="Phrase cache size and hit ratio")
+async def cache_stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    return await asyncio.to_thread(_gw(request).cache.stats)
+
+
+@delete("/v1/cache", status_code=204, opt={"scope": "admin"}, tags=["cache"], summary="Empty the phrase cache")
+async def cache_clear(request: Request[Any, Any, Any]) -> None:
+    await asyncio.to_thread(_gw(request).cache.clear)
+
+
 # -- operations --------------------------------------------------------------------------------
 @get("/health", tags=["operations"], summary="Liveness")
 async def health() -> dict[str, str]:
@@ -348,7 +388,8 @@ async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/", include_in_schema=False)
 async def playground() -> File:
-    return File(STATIC / "index.html", content_disposition_type="inline", media_type=MediaType.HTML)
+    return File(STATIC / "index.html", filename="index.html", content_disposition_type="inline",
+                media_type=MediaType.HTML)
 
 
 # -- assembly ----------------------------------------------------------------------------------
@@ -394,6 +435,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
         admission=Admission(settings.max_concurrency, settings.max_queue, metrics),
         worker=Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s),
         readiness=Readiness(),
+        cache=PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics),
     )
 
     @asynccontextmanager
@@ -408,12 +450,13 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
             await asyncio.to_thread(gateway.worker.close)
             engines.close()
             registry.close()
+            gateway.cache.close()
 
     app = Litestar(
         route_handlers=[
             synthesize, openai_speech, legacy_synthesize,
             list_voices, get_voice, create_voice, delete_voice,
-            list_engines, get_engine, load_engine, unload_engine, list_languages,
+            list_engines, get_engine, load_engine, unload_engine, list_languages, cache_stats, cache_clear,
             health, ready, metrics_endpoint, playground,
         ],
         guards=[scope_guard],

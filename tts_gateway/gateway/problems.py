@@ -73,6 +73,9 @@ def _http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     detail = str(exc.detail)
     if exc.status_code == 413:
         detail = "request body is larger than the limit (TTS_GATEWAY_MAX_UPLOAD_BYTES)"
+    elif exc.status_code == 400 and "out of range" in detail.lower():
+        # msgspec refuses 1e999 and friends while parsing: a bad value, not bad JSON.
+        return problem(422, f"invalid field: {detail}", kind="invalid-field", title="Invalid field")
     elif exc.status_code == 400:
         return problem(400, f"malformed request body: {detail}", kind="malformed", title="Malformed request")
     return problem(exc.status_code, detail, headers=headers)

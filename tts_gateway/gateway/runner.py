@@ -104,11 +104,13 @@ class Worker:
             raise
 
     async def stream(self, make: Callable[[], Iterator[bytes]], cancel: threading.Event,
-                     release: Callable[[], None]) -> tuple[bytes, AsyncIterator[bytes]]:
+                     release: Callable[[], None], on_complete: Callable[[], None] | None = None,
+                     ) -> tuple[bytes, AsyncIterator[bytes]]:
         """Start a generator in a thread; return its first chunk and an iterator over the rest.
 
         The first chunk is awaited before the response starts, so errors found before any audio
-        exists still get their proper status code.
+        exists still get their proper status code. ``on_complete`` runs only when the generator
+        finished normally (not on error, timeout or disconnect).
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -148,6 +150,8 @@ class Worker:
         finished = first is _DONE
         if finished:
             first = b""
+            if on_complete is not None:
+                on_complete()
 
         async def rest() -> AsyncIterator[bytes]:
             try:
@@ -159,6 +163,8 @@ class Worker:
                     except TimeoutError:
                         return  # headers are sent: end the stream early; the log says why
                     if item is _DONE:
+                        if on_complete is not None:
+                            on_complete()
                         return
                     if isinstance(item, BaseException):
                         log.error("stream ended early: %s", item)

@@ -1,0 +1,107 @@
+"""Phrase cache: encoded audio for repeated deterministic requests, answered from disk.
+
+Values are bytes only (no pickle): ``len(meta) | meta JSON | audio``, where the JSON carries the
+audio's sha256. A value that fails the check is deleted and treated as a miss, never served.
+diskcache writes each entry in one SQLite transaction, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from tts_gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedAudio:
+    audio: bytes
+    media_type: str
+    headers: dict[str, str]
+
+
+class PhraseCache:
+    def __init__(self, directory: Path, size_limit: int, metrics: Metrics) -> None:
+        self.enabled = size_limit > 0
+        self.metrics = metrics
+        self.size_limit = size_limit
+        self._cache: diskcache.Cache | None = None
+        if self.enabled:
+            # Least-recently-used eviction: unlike the voice registry, losing a phrase is fine.
+            self._cache = diskcache.Cache(str(directory), size_limit=size_limit,
+                                          eviction_policy="least-recently-used", cull_limit=10)
+            metrics.phrase_bytes.set(self._cache.volume())
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(parts: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, key: str) -> CachedAudio | None:
+        if self._cache is None:
+            return None
+        value = self._cache.get(key)
+        found = None
+        if isinstance(value, bytes):
+            found = self._decode(key, value)
+        if found is None:
+            self.misses += 1
+            self.metrics.phrase_misses.inc()
+        else:
+            self.hits += 1
+            self.metrics.phrase_hits.inc()
+        return found
+
+    def _decode(self, key: str, value: bytes) -> CachedAudio | None:
+        try:
+            size = int.from_bytes(value[:4], "big")
+            meta = json.loads(value[4 : 4 + size])
+            audio = value[4 + size :]
+            if hashlib.sha256(audio).hexdigest() != meta["sha256"]:
+                raise ValueError("sha256 mismatch")
+            return CachedAudio(audio, str(meta["media_type"]), dict(meta["headers"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("phrase cache entry %s… is corrupt (%s); dropped", key[:12], exc)
+            assert self._cache is not None
+            self._cache.delete(key)
+            return None
+
+    def put(self, key: str, audio: bytes, media_type: str, headers: dict[str, str]) -> None:
+        if self._cache is None or not audio:
+            return
+        meta = json.dumps({"sha256": hashlib.sha256(audio).hexdigest(), "media_type": media_type,
+                           "headers": headers}).encode()
+        self._cache.set(key, len(meta).to_bytes(4, "big") + meta + audio)
+        self.metrics.phrase_bytes.set(self._cache.volume())
+
+    def clear(self) -> int:
+        if self._cache is None:
+            return 0
+        removed = int(self._cache.clear())
+        self.metrics.phrase_bytes.set(self._cache.volume())
+        return removed
+
+    def stats(self) -> dict[str, Any]:
+        lookups = self.hits + self.misses
+        return {
+            "enabled": self.enabled,
+            "entries": len(self._cache) if self._cache is not None else 0,
+            "bytes": self._cache.volume() if self._cache is not None else 0,
+            "size_limit": self.size_limit,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_ratio": (self.hits / lookups) if lookups else None,
+        }
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()

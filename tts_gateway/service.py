@@ -27,7 +27,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.manager import EngineManager, UnknownEngine
-from tts_gateway.errors import Conflict, InvalidField, NotFound, Unavailable
+from tts_gateway.errors import Conflict, GatewayError, InvalidField, NotFound, Unavailable
 from tts_gateway.metrics import Metrics
 from tts_gateway.text import char_count, has_control_chars, normalise, split_sentences
 from tts_gateway.voices import (
@@ -407,6 +407,13 @@ class SynthesisService:
                     yield tail
         except EngineUnavailable as exc:
             raise Unavailable(str(exc), retry_after=30) from None
+        except (GatewayError, SynthesisCancelled):
+            raise
+        except Exception as exc:
+            # An engine fault fails this request only; the engine stays registered for the next.
+            log.exception("engine %s failed during synthesis", plan.engine_name)
+            raise Unavailable(f"engine {plan.engine_name!r} failed during synthesis: {type(exc).__name__}",
+                              retry_after=1) from None
         finally:
             encoder.abort()
 

@@ -1,0 +1,159 @@
+"""Issue 6: engine listing and lifecycle, languages, espeak-ng, OpenAI compatibility, metrics, CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import assert_problem, decode, running_app, uvicorn_server
+from tests.fake_engine import FakeEngine, FakePlugin
+
+
+def test_languages_cover_every_engine(client: Any) -> None:
+    languages = {entry["code"]: entry for entry in client.get("/v1/languages").json()}
+    assert languages["en"]["engines"] == ["piper", "espeak"]
+    assert languages["en"]["name"] == "English"
+    assert len([code for code, entry in languages.items() if "espeak" in entry["engines"]]) >= 100
+    assert languages["de"]["engines"] == ["espeak"]
+
+
+def test_espeak_voices_speak_their_language(client: Any) -> None:
+    voices = {v["name"] for v in client.get("/v1/voices").json()["voices"]}
+    assert {"espeak:de", "espeak:fr", "espeak:en"} <= voices
+    response = client.post("/v1/synthesize", json={"text": "Guten Morgen, wie geht es dir?", "voice": "espeak:de"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-engine"] == "espeak"
+    audio, rate = decode(response.content)
+    assert rate == 22050 and audio.size / rate > 0.5 and np.abs(audio).max() > 0.05
+    espeak = client.get("/v1/engines/espeak").json()
+    assert espeak["available"] and "GPL" in espeak["model"]["licence"]
+
+
+def test_unsupported_language_lists_what_the_engine_has(client: Any) -> None:
+    body = assert_problem(client.post("/v1/synthesize", json={"text": "Bonjour", "language": "fr"}), 422,
+                          "does not speak", "en")
+    assert "piper" in body["detail"]
+
+
+def test_engine_lookup_errors(client: Any) -> None:
+    assert_problem(client.get("/v1/engines/nope"), 404, "unknown engine")
+    assert_problem(client.post("/v1/engines/nope/load"), 404)
+
+
+def test_load_unload_and_reload_on_next_request(client: Any) -> None:
+    assert client.post("/v1/engines/espeak/load").json()["loaded"] is True
+    assert client.post("/v1/engines/piper/unload").json()["loaded"] is False
+    assert client.get("/v1/engines/piper").json()["loaded"] is False
+    response = client.post("/v1/synthesize", json={"text": "Back again."})
+    assert response.status_code == 200
+    assert client.get("/v1/engines/piper").json()["loaded"] is True
+
+
+def test_idle_engines_unload_after_ttl(make_settings: Any) -> None:
+    engine = FakeEngine()
+    settings = make_settings(engines=(), default_voice="fake:one", engine_idle_ttl_s=0.3)
+    with running_app(settings, FakePlugin(engine)) as client:
+        assert client.post("/v1/synthesize", json={"text": "hello"}).status_code == 200
+        assert engine.loaded
+        deadline = time.monotonic() + 10
+        while engine.loaded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.loaded
+        assert client.post("/v1/synthesize", json={"text": "hello again"}).status_code == 200
+        assert engine.loaded and engine.loads == 2
+
+
+def test_ready_after_canary_and_metrics(client: Any) -> None:
+    deadline = time.monotonic() + 30
+    while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/ready").json()["status"] == "ready"
+    client.post("/v1/synthesize", json={"text": "Count me."})
+    client.post("/v1/synthesize", json={"text": ""})
+    text = client.get("/metrics").text
+    for name in ("tts_requests_total", "tts_synthesis_seconds", "tts_time_to_first_audio_seconds",
+                 "tts_conditioning_computations_total", "tts_voice_cache_hits_total", "tts_queue_depth",
+                 "tts_real_time_factor"):
+        assert name in text, name
+    assert 'tts_requests_total{engine="piper",status="200"}' in text
+
+
+def test_not_ready_when_default_voice_is_unusable(make_settings: Any) -> None:
+    with running_app(make_settings(default_voice="xtts:nobody", engines=("piper", "xtts"))) as client:
+        deadline = time.monotonic() + 10
+        while "starting" in client.get("/ready").json()["detail"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_problem(client.get("/ready"), 503, "not usable")
+
+
+@pytest.fixture(scope="module")
+def openai_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path_factory.mktemp("openai")), "TTS_GATEWAY_ENGINES": "piper,espeak",
+           "TTS_GATEWAY_API_KEYS": "sk-test:synthesize", "TTS_GATEWAY_OPENAI_VOICES": "echo=espeak:en"}
+    with uvicorn_server(env) as base:
+        yield base
+
+
+def test_openai_sdk_speech(openai_server: str, tmp_path: Path) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=openai_server + "/v1", api_key="sk-test")
+    response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the OpenAI SDK.",
+                                          response_format="wav")
+    audio, rate = sf.read(io.BytesIO(response.content))
+    assert rate == 22050 and audio.size / rate > 0.5
+    assert response.response.headers["x-voice"] == "piper:joe"
+
+    target = tmp_path / "speech.mp3"
+    with client.audio.speech.with_streaming_response.create(model="tts-1-hd", voice="echo",
+                                                           input="Streaming with the SDK. Two sentences.") as stream:
+        assert stream.headers["x-engine"] == "espeak"
+        stream.stream_to_file(target)
+    audio, rate = sf.read(target)
+    assert audio.size / rate > 0.5
+
+    pcm = client.audio.speech.create(model="piper", voice="nova", input="Raw samples.", response_format="pcm")
+    samples = np.frombuffer(pcm.content, "<i2")
+    assert pcm.response.headers["x-sample-rate"] == "24000" and samples.size / 24000 > 0.3
+
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.audio.speech.create(model="tts-1", voice="alloy", input="x", response_format="aac")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=openai_server + "/v1", api_key="wrong").audio.speech.create(
+            model="tts-1", voice="alloy", input="hi")
+
+
+def run_cli(*args: str, data_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TTS_GATEWAY_DATA_DIR": str(data_dir), "TTS_GATEWAY_ENGINES": "piper,espeak"}
+    return subprocess.run([sys.executable, "-m", "tts_gateway", *args], capture_output=True, text=True, env=env,
+                          timeout=300, input=stdin)
+
+
+def test_cli_help_say_engines_and_voices(tmp_path: Path) -> None:
+    helped = run_cli("--help", data_dir=tmp_path)
+    assert helped.returncode == 0
+    for command in ("serve", "say", "voices", "engines", "dev"):
+        assert command in helped.stdout
+    out = tmp_path / "hello.flac"
+    said = run_cli("say", "Hello from the command line. " * 4, "--out", str(out), data_dir=tmp_path)
+    assert said.returncode == 0, said.stderr
+    assert "synthesizing" in said.stderr  # progress bar on long text
+    audio, rate = sf.read(out)
+    assert rate == 22050 and audio.size / rate > 2
+    engines = run_cli("engines", data_dir=tmp_path)
+    assert engines.returncode == 0 and "piper" in engines.stdout and "espeak" in engines.stdout
+    listed = run_cli("voices", "list", "--json", data_dir=tmp_path)
+    assert listed.returncode == 0 and "piper:joe" in listed.stdout
+    bad = run_cli("say", "", "--out", str(tmp_path / "x.wav"), data_dir=tmp_path)
+    assert bad.returncode == 1 and "empty" in bad.stderr
+    missing = run_cli("voices", "rm", "nobody", data_dir=tmp_path)
+    assert missing.returncode == 1 and "unknown voice" in missing.stderr

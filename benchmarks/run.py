@@ -72,11 +72,11 @@ def run_one(name: str, ctx: Context) -> Result:
     except Skip as exc:
         result.status, result.reason = "skipped", str(exc)
     except Exception as exc:
-        result.status, result.reason = "error", f"{type(exc).__name__}: {exc}"
+        result.status, result.reason = "error", f"{type(exc).__name__}: {exc}".splitlines()[0]
         traceback.print_exc(file=sys.stderr)
     result.seconds = time.perf_counter() - started
-    print(f"  {name}: {result.status} in {result.seconds:.0f} s" + (f" ({result.reason})" if result.reason else ""),
-          file=sys.stderr, flush=True)
+    print(f"  {name}: {result.status}" + (f": {result.reason}" if result.reason else "")
+          + f" ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
     return result
 
 
@@ -88,11 +88,17 @@ def fmt_value(value: float | None, unit: str) -> str:
     return text + ("×" if unit == "×" else f" {unit}" if unit else "")
 
 
+PLAIN = ("req/s", "R²", "WER", "words", "errors", "count", "n=")
+
+
 def fmt_median(key: str, value: float) -> str:
+    """Seconds unless the key names another unit (MB, req/s, R², …)."""
     if math.isnan(value):
         return f"{key} —"
-    if "MB" in key or "req/s" in key or "WER" in key or "words" in key:
-        return f"{key} {value:.3g}" if "MB" not in key else f"{key} {value:.0f}"
+    if "MB" in key:
+        return f"{key} {value:.0f}"
+    if any(marker in key for marker in PLAIN):
+        return f"{key} {value:.3g}"
     if value < 1:
         return f"{key} {value * 1000:.1f} ms"
     return f"{key} {value:.2f} s"
@@ -102,7 +108,7 @@ def rows(results: list[Result]) -> list[list[str]]:
     table = []
     for result in results:
         if result.status != "ok":
-            table.append([result.name, result.status, "—", "—", "—", result.reason or ""])
+            table.append([result.name, f"{result.status}: {result.reason or ''}", "—", "—", "—", ""])
             continue
         for figure in result.figures:
             met = {True: "met", False: "MISSED", None: "—"}[figure.met]

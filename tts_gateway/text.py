@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import pysbd
 import pysbd.languages
+import regex
 
 _CLAUSE_RE = re.compile(r"(?<=[,;:，、；：])\s*")
 _SPACE_RE = re.compile(r"\s+")
@@ -25,9 +26,13 @@ def normalise(text: str) -> str:
     return _SPACE_RE.sub(" ", unicodedata.normalize("NFC", text)).strip()
 
 
+_GRAPHEME_RE = regex.compile(r"\X")
+
+
 def char_count(text: str) -> int:
-    """Length in user-perceived characters' code points after NFC (what the limit counts)."""
-    return len(unicodedata.normalize("NFC", text))
+    """Length in user-perceived characters (grapheme clusters): an emoji with its modifiers or a
+    letter with combining marks counts once, whatever its code points."""
+    return len(_GRAPHEME_RE.findall(unicodedata.normalize("NFC", text)))
 
 
 def has_control_chars(text: str) -> bool:

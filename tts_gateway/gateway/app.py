@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -129,11 +130,18 @@ def _mime(request: Request[Any, Any, Any]) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+_NON_FINITE = re.compile(rb'"([^"\\]{1,64})"\s*:\s*-?(?:NaN|Infinity)\b')
+
+
 async def require_json(request: Request[Any, Any, Any]) -> None:
     """before_request hook: runs before the body is parsed, so the wrong type is a 415."""
     mime = _mime(request)
     if mime != "application/json" and not mime.endswith("+json"):
         raise UnsupportedMedia(f"send the body as application/json, not {mime or 'no content type'}")
+    # Python's json module writes NaN/Infinity, which JSON lacks: a bad value (422), not bad JSON.
+    non_finite = _NON_FINITE.search(await request.body())
+    if non_finite:
+        raise InvalidField(non_finite.group(1).decode(errors="replace"), "must be a finite number")
 
 
 async def require_multipart(request: Request[Any, Any, Any]) -> None:
@@ -403,7 +411,10 @@ async def _warm_up(gw: Gateway) -> None:
         await loop.run_in_executor(gw.worker.pool, gw.engines.ensure_loaded, plan.engine_name)
         gw.metrics.engine_loaded.labels(plan.engine_name).set(1)
         if gw.settings.canary:
-            audio = await loop.run_in_executor(gw.worker.pool, gw.service.synthesize_bytes, plan, threading.Event())
+            # The canary counts against MAX_CONCURRENCY and TIMEOUT_S like any synthesis.
+            release = await gw.admission.acquire()
+            cancel = threading.Event()
+            audio = await gw.worker.call(lambda: gw.service.synthesize_bytes(plan, cancel), cancel, release)
             if len(audio) <= 44:
                 raise RuntimeError("canary synthesis returned no audio")
         gw.readiness.detail = f"default voice {gw.settings.default_voice} loaded; canary passed"

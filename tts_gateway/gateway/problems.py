@@ -71,7 +71,11 @@ def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response
 def _http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     headers = dict(exc.headers or {})
     detail = str(exc.detail)
-    if exc.status_code == 413:
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = "nothing here: no route matches this path (see /docs)"
+    elif exc.status_code == 405:
+        detail = f"method not allowed here; {detail}"
+    elif exc.status_code == 413:
         detail = "request body is larger than the limit (TTS_GATEWAY_MAX_UPLOAD_BYTES)"
     elif exc.status_code == 400 and "out of range" in detail.lower():
         # msgspec refuses 1e999 and friends while parsing: a bad value, not bad JSON.

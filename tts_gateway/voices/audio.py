@@ -77,6 +77,25 @@ def decode(data: bytes, label: str) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
+def trim_silence(samples: np.ndarray, top_db: float = TRIM_TOP_DB, frame: int = 2048, hop: int = 512) -> np.ndarray:
+    """Cut leading and trailing frames quieter than ``top_db`` below the loudest frame.
+
+    The same rule as librosa.effects.trim, in plain numpy: librosa's version JIT-compiles on
+    first use, which costs seconds on every fresh process.
+    """
+    if samples.size <= frame:
+        return samples
+    frames = np.lib.stride_tricks.sliding_window_view(samples, frame)[::hop]
+    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
+    loudest = float(rms.max())
+    if loudest <= 0:
+        return samples[:0]
+    loud = np.flatnonzero(20 * np.log10(np.maximum(rms, 1e-12) / loudest) > -top_db)
+    start = int(loud[0]) * hop
+    end = min(samples.size, int(loud[-1]) * hop + frame)
+    return samples[start:end]
+
+
 def prepare_reference(files: list[tuple[str, bytes]], rate: int) -> ReferenceAudio:
     """Turn one or more uploaded clips into one normalised mono clip at ``rate``.
 
@@ -85,8 +104,6 @@ def prepare_reference(files: list[tuple[str, bytes]], rate: int) -> ReferenceAud
     """
     if not files:
         raise InvalidReferenceAudio("no reference audio was sent")
-    import librosa  # trimming only; imported here to keep start-up light
-
     clips: list[np.ndarray] = []
     digests: list[str] = []
     for label, data in files:
@@ -99,8 +116,7 @@ def prepare_reference(files: list[tuple[str, bytes]], rate: int) -> ReferenceAud
             raise InvalidReferenceAudio(f"{label} is silent")
         if source_rate != rate:
             mono = soxr.resample(mono, source_rate, rate, quality="HQ").astype(np.float32)
-        trimmed, _ = librosa.effects.trim(mono, top_db=TRIM_TOP_DB)
-        clips.append(np.asarray(trimmed, np.float32))
+        clips.append(trim_silence(np.asarray(mono, np.float32)))
         digests.append(hashlib.sha256(data).hexdigest())
     joined = np.concatenate(clips)
     total = joined.size / rate

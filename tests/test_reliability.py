@@ -1,0 +1,460 @@
+"""Issue 7: bad input, keys, overload, faults and crashes — clear problems, nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import ROOT, assert_problem, free_port, running_app
+from tests.fake_cloning_plugin import FakeCloningEngine
+from tests.fake_engine import FakeEngine, FakePlugin
+from tts_gateway.config import Settings
+from tts_gateway.voices import VoiceRegistry, prepare_reference
+
+RATE = 16000
+
+
+def wav(samples: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes:
+    out = io.BytesIO()
+    data = np.repeat(samples[:, None], channels, axis=1) if channels > 1 else samples
+    sf.write(out, data, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def voice_audio(seconds: float = 3.0, pitch: float = 220.0, rate: int = RATE) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+class ClonePlugin:
+    from tts_gateway.engines.hookspecs import hookimpl
+
+    @hookimpl
+    def register_engines(self, register: Any) -> None:
+        register(FakeCloningEngine())
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file's content hash (SQLite's shared-memory file excepted: readers touch it)."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.endswith("-shm")}
+
+
+@pytest.fixture(scope="module")
+def table_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    data = tmp_path_factory.mktemp("table")
+    settings = Settings(data_dir=data, engines=("piper",), max_upload_bytes=400_000, max_concurrency=2,
+                        timeout_s=60)
+    with running_app(settings, ClonePlugin()) as client:
+        files = {"audio": ("a.wav", wav(voice_audio()), "audio/wav")}
+        assert client.post("/v1/voices", data={"name": "taken", "engine": "clone"}, files=files).status_code == 201
+        yield client, data
+
+
+GOOD = wav(voice_audio())
+J = {"content-type": "application/json"}
+TABLE: list[tuple[str, str, str, dict[str, Any], int, str]] = [
+    # (id, method, path, request kwargs, status, word in detail)
+    ("empty-text", "POST", "/v1/synthesize", {"json": {"text": ""}}, 422, "empty"),
+    ("whitespace-text", "POST", "/v1/synthesize", {"json": {"text": " \t\n "}}, 422, "empty"),
+    ("too-long-ascii", "POST", "/v1/synthesize", {"json": {"text": "a" * 5001}}, 422, "5001 characters"),
+    ("too-long-emoji", "POST", "/v1/synthesize", {"json": {"text": "👍🏽" * 5001}}, 422, "5001 characters"),
+    ("too-long-combining", "POST", "/v1/synthesize", {"json": {"text": "x\u0301\u0302" * 5001}}, 422,
+     "5001 characters"),
+    ("control-nul", "POST", "/v1/synthesize", {"json": {"text": "hi\x00there"}}, 422, "control"),
+    ("control-bell", "POST", "/v1/synthesize", {"json": {"text": "ding\x07"}}, 422, "control"),
+    ("text-int", "POST", "/v1/synthesize", {"json": {"text": 42}}, 422, "str"),
+    ("text-null", "POST", "/v1/synthesize", {"json": {"text": None}}, 422, "str"),
+    ("text-list", "POST", "/v1/synthesize", {"json": {"text": ["a"]}}, 422, "str"),
+    ("body-array", "POST", "/v1/synthesize", {"json": ["text"]}, 422, "object"),
+    ("unknown-field", "POST", "/v1/synthesize", {"json": {"text": "hi", "volume": 3}}, 422, "unknown field"),
+    ("malformed-json", "POST", "/v1/synthesize", {"content": b'{"text": "hi"', "headers": J}, 400, "malformed"),
+    ("not-json", "POST", "/v1/synthesize", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415,
+     "application/json"),
+    ("form-to-json", "POST", "/v1/synthesize", {"data": {"text": "hi"}}, 415, "application/json"),
+    ("too-large", "POST", "/v1/synthesize", {"content": b'{"text": "' + b"a" * 500_000 + b'"}', "headers": J},
+     413, "larger than the limit"),
+    ("unknown-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "nobody"}}, 404, "unknown voice"),
+    ("unknown-engine-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "zzz:a"}}, 404, "no engine"),
+    ("traversal-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "../etc/passwd"}}, 404,
+     "unknown voice"),
+    ("dotdot-encoded-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "%2e%2e"}}, 404,
+     "unknown voice"),
+    ("absolute-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "/etc/passwd"}}, 404,
+     "unknown voice"),
+    ("nul-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "ta\x00ken"}}, 404, "unknown voice"),
+    ("upper-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "TAKEN"}}, 404, "unknown voice"),
+    ("get-traversal", "GET", "/v1/voices/..%2F..%2Fetc", {}, 404, ""),
+    ("get-dotdot", "GET", "/v1/voices/%2e%2e", {}, 404, ""),
+    ("delete-traversal", "DELETE", "/v1/voices/..%2Ftaken", {}, 404, ""),
+    ("engine-traversal", "GET", "/v1/engines/..%2Fpiper", {}, 404, ""),
+    ("language", "POST", "/v1/synthesize", {"json": {"text": "hi", "language": "tlh"}}, 422, "does not speak"),
+    ("format", "POST", "/v1/synthesize", {"json": {"text": "hi", "format": "aiff"}}, 422, "format"),
+    ("rate-low", "POST", "/v1/synthesize", {"json": {"text": "hi", "sample_rate": 7999}}, 422, "sample_rate"),
+    ("rate-high", "POST", "/v1/synthesize", {"json": {"text": "hi", "sample_rate": 96000}}, 422, "sample_rate"),
+    ("rate-type", "POST", "/v1/synthesize", {"json": {"text": "hi", "sample_rate": "fast"}}, 422, "int"),
+    ("speed-nan", "POST", "/v1/synthesize", {"content": b'{"text": "hi", "speed": NaN}', "headers": J}, 422,
+     "finite"),
+    ("speed-inf", "POST", "/v1/synthesize", {"content": b'{"text": "hi", "speed": Infinity}', "headers": J}, 422,
+     "finite"),
+    ("speed-huge", "POST", "/v1/synthesize", {"content": b'{"text": "hi", "speed": 1e999}', "headers": J}, 422,
+     "out of range"),
+    ("speed-negative", "POST", "/v1/synthesize", {"json": {"text": "hi", "speed": -1}}, 422, "speed"),
+    ("speed-zero", "POST", "/v1/synthesize", {"json": {"text": "hi", "speed": 0}}, 422, "speed"),
+    ("seed-negative", "POST", "/v1/synthesize", {"json": {"text": "hi", "seed": -5}}, 422, "seed"),
+    ("voice-not-audio", "POST", "/v1/voices",
+     {"data": {"name": "v1", "engine": "clone"}, "files": {"audio": ("a.wav", b"just text" * 50, "audio/wav")}},
+     415, "not an audio file"),
+    ("voice-pickle", "POST", "/v1/voices",
+     {"data": {"name": "v2", "engine": "clone"},
+      "files": {"audio": ("a.wav", b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94.", "audio/wav")}},
+     415, "not an audio file"),
+    ("voice-zip", "POST", "/v1/voices",
+     {"data": {"name": "v3", "engine": "clone"}, "files": {"audio": ("a.wav", b"PK\x03\x04" + b"\0" * 64, "a/b")}},
+     415, "not an audio file"),
+    ("voice-truncated", "POST", "/v1/voices",
+     {"data": {"name": "v4", "engine": "clone"}, "files": {"audio": ("a.wav", GOOD[:5000], "audio/wav")}},
+     422, "truncated"),
+    ("voice-silent", "POST", "/v1/voices",
+     {"data": {"name": "v5", "engine": "clone"},
+      "files": {"audio": ("a.wav", wav(np.zeros(RATE * 4, np.float32)), "audio/wav")}}, 422, "silent"),
+    ("voice-short", "POST", "/v1/voices",
+     {"data": {"name": "v6", "engine": "clone"}, "files": {"audio": ("a.wav", wav(voice_audio(1.5)), "audio/wav")}},
+     422, "at least 2"),
+    ("voice-long", "POST", "/v1/voices",
+     {"data": {"name": "v7", "engine": "clone"}, "files": {"audio": ("a.wav", wav(voice_audio(61, rate=3000), 3000),
+                                                                     "audio/wav")}}, 422, "limit is 60"),
+    ("voice-duplicate", "POST", "/v1/voices",
+     {"data": {"name": "taken", "engine": "clone"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 409,
+     "already exists"),
+    ("voice-bad-name", "POST", "/v1/voices",
+     {"data": {"name": "Bad Name", "engine": "clone"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 422, "name"),
+    ("voice-traversal-name", "POST", "/v1/voices",
+     {"data": {"name": "../evil", "engine": "clone"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 422, "name"),
+    ("voice-no-audio", "POST", "/v1/voices", {"data": {"name": "v8", "engine": "clone"}, "files": {"x": ("x", b"")}},
+     422, "audio"),
+    ("voice-not-cloning", "POST", "/v1/voices",
+     {"data": {"name": "v9", "engine": "piper"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 422, "clone"),
+    ("voice-unknown-engine", "POST", "/v1/voices",
+     {"data": {"name": "v10", "engine": "nope"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 404, "engine"),
+    ("voice-language", "POST", "/v1/voices",
+     {"data": {"name": "v11", "engine": "clone", "language": "xx"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}},
+     422, "does not speak"),
+    ("voice-json", "POST", "/v1/voices", {"json": {"name": "v12"}}, 415, "multipart"),
+    ("delete-builtin", "DELETE", "/v1/voices/piper:joe", {}, 409, "built-in"),
+    ("legacy-json", "POST", "/synthesize", {"json": {"text": "hi"}}, 415, "multipart"),
+    ("legacy-no-audio", "POST", "/synthesize", {"data": {"text": "hi"}, "files": {"x": ("x", b"")}}, 422,
+     "speaker_audio"),
+    ("openai-aac", "POST", "/v1/audio/speech", {"json": {"model": "tts-1", "input": "hi", "response_format": "aac"}},
+     422, "aac"),
+    ("openai-model", "POST", "/v1/audio/speech", {"json": {"model": "gpt-9", "input": "hi"}}, 422, "model"),
+    ("openai-empty", "POST", "/v1/audio/speech", {"json": {"model": "tts-1", "input": ""}}, 422, "empty"),
+    ("unknown-route", "GET", "/v2/everything", {}, 404, ""),
+    ("wrong-method", "PUT", "/v1/synthesize", {"json": {"text": "hi"}}, 405, ""),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "path", "kwargs", "status", "word"), TABLE, ids=[t[0] for t in TABLE])
+def test_bad_input_table(table_client: tuple[Any, Path], case: str, method: str, path: str, kwargs: dict[str, Any],
+                         status: int, word: str) -> None:
+    client, data = table_client
+    before = snapshot(data)
+    response = client.request(method, path, **kwargs)
+    body = assert_problem(response, status, word)
+    assert body["detail"]
+    assert snapshot(data) == before, f"{case} changed files on disk"
+
+
+def test_table_is_big_enough() -> None:
+    assert len(TABLE) >= 40
+
+
+def test_upload_over_limit_is_rejected_before_buffering(tmp_path: Path) -> None:
+    """A real server answers 413 from the headers alone, and stops a chunked body at the limit."""
+    import socket
+
+    port = free_port()
+    process = start_server(tmp_path, port, TTS_GATEWAY_MAX_UPLOAD_BYTES="400000")
+    try:
+        wait_up(f"http://127.0.0.1:{port}", process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000000\r\n\r\n")
+            reply = sock.recv(65536)  # no body sent at all: the answer comes from the headers
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"application/problem+json" in reply
+        sent = 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            sock.settimeout(0.05)
+            reply = b""
+            for _ in range(400):  # would be 100 MB
+                try:
+                    sock.sendall(b"40000\r\n" + b"\0" * 0x40000 + b"\r\n")
+                    sent += 0x40000
+                    reply = sock.recv(65536)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                if reply:
+                    break
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert sent < 20_000_000
+    finally:
+        process.kill()
+        process.wait()
+
+
+# -- keys ----------------------------------------------------------------------------------------
+def test_api_keys_and_scopes(make_settings: Any, caplog: pytest.LogCaptureFixture) -> None:
+    keys = Settings.from_env({"TTS_GATEWAY_API_KEYS": "adm-secret-1:admin,syn-secret-2:synthesize,"
+                                                     "voi-secret-3:voices"}).api_keys
+    caplog.set_level(logging.DEBUG)
+    with running_app(make_settings(api_keys=keys), ClonePlugin()) as client:
+        assert_problem(client.post("/v1/synthesize", json={"text": "hi"}), 401, "api key")
+        bad = client.post("/v1/synthesize", json={"text": "hi"}, headers={"Authorization": "Bearer nope"})
+        assert_problem(bad, 401, "not valid")
+        assert bad.headers["www-authenticate"] == "Bearer"
+        ok = client.post("/v1/synthesize", json={"text": "hi"}, headers={"Authorization": "Bearer syn-secret-2"})
+        assert ok.status_code == 200
+        assert client.post("/v1/synthesize", json={"text": "hi"}, headers={"X-API-Key": "adm-secret-1"}).status_code \
+            == 200
+        files = {"audio": ("a.wav", GOOD, "audio/wav")}
+        denied = client.post("/v1/voices", data={"name": "k", "engine": "clone"}, files=files,
+                             headers={"Authorization": "Bearer syn-secret-2"})
+        assert_problem(denied, 403, "voices")
+        created = client.post("/v1/voices", data={"name": "k", "engine": "clone"}, files=files,
+                              headers={"Authorization": "Bearer voi-secret-3"})
+        assert created.status_code == 201
+        assert_problem(client.post("/v1/engines/piper/unload", headers={"Authorization": "Bearer voi-secret-3"}),
+                       403, "admin")
+        assert client.post("/v1/engines/piper/unload", headers={"Authorization": "Bearer adm-secret-1"}).status_code \
+            == 200
+        assert client.get("/v1/voices", headers={"Authorization": "Bearer syn-secret-2"}).status_code == 200
+        assert client.get("/health").status_code == 200  # liveness needs no key
+    for secret in ("adm-secret-1", "syn-secret-2", "voi-secret-3"):
+        assert secret not in caplog.text
+
+
+# -- admission, timeouts, faults ---------------------------------------------------------------------
+def test_queue_full_gives_503_with_retry_after(make_settings: Any) -> None:
+    engine = FakeEngine()
+    engine.chunk_delay = 0.5
+    settings = make_settings(engines=(), default_voice="fake:one", max_concurrency=1, max_queue=1)
+    with running_app(settings, FakePlugin(engine)) as client:
+        gateway = client.app.state.gateway
+        deadline = time.monotonic() + 10
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:  # canary done
+            time.sleep(0.02)
+        engine.started.clear()
+        engine.max_active = 0
+        results: list[Any] = []
+        first = threading.Thread(target=lambda: results.append(client.post("/v1/synthesize", json={"text": "a"})))
+        first.start()
+        assert engine.started.wait(10)
+        second = threading.Thread(target=lambda: results.append(client.post("/v1/synthesize", json={"text": "b"})))
+        second.start()
+        deadline = time.monotonic() + 10
+        while gateway.admission.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        third = client.post("/v1/synthesize", json={"text": "c"})
+        assert_problem(third, 503, "busy")
+        assert int(third.headers["retry-after"]) > 0
+        first.join()
+        second.join()
+        assert [r.status_code for r in results] == [200, 200]
+        assert engine.max_active == 1
+
+
+def test_timeout_gives_504_and_stops_the_work(make_settings: Any) -> None:
+    engine = FakeEngine()
+    engine.chunk_delay = 0.4
+    engine.chunks_per_piece = 50
+    settings = make_settings(engines=(), default_voice="fake:one", timeout_s=0.5, canary=False)
+    with running_app(settings, FakePlugin(engine)) as client:
+        assert_problem(client.post("/v1/synthesize", json={"text": "slow"}), 504, "TTS_GATEWAY_TIMEOUT_S")
+        deadline = time.monotonic() + 5
+        while engine.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active == 0 and engine.finished_chunks < 5
+        assert client.app.state.gateway.admission.running == 0
+        engine.chunk_delay = 0
+        engine.chunks_per_piece = 1
+        assert client.post("/v1/synthesize", json={"text": "fast"}).status_code == 200
+
+
+def test_engine_crash_mid_synthesis_is_503_and_recovers(make_settings: Any) -> None:
+    engine = FakeEngine()
+    engine.fail_after = 1
+    engine.fail_once = True
+    with running_app(make_settings(engines=(), default_voice="fake:one", canary=False), FakePlugin(engine)) as client:
+        assert_problem(client.post("/v1/synthesize", json={"text": "boom"}), 503, "failed during synthesis")
+        assert client.post("/v1/synthesize", json={"text": "fine"}).status_code == 200
+
+
+def test_concurrent_create_and_delete_of_one_name(tmp_path: Path) -> None:
+    registry = VoiceRegistry(tmp_path)
+    engine = FakeCloningEngine()
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def create(index: int) -> None:
+        reference = prepare_reference([("a.wav", wav(voice_audio(pitch=200 + index)))], RATE)
+        barrier.wait()
+        try:
+            registry.create("race", engine="clone", reference=reference, compute=engine.compute_latents,
+                            model_id="m", model_sha256="0" * 64, licence="x")
+            outcomes.append("created")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("created") == 1 and outcomes.count("VoiceExists") == 5
+    deleted: list[str] = []
+
+    def remove() -> None:
+        try:
+            registry.delete("race")
+            deleted.append("deleted")
+        except Exception as exc:
+            deleted.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=remove) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert deleted.count("deleted") == 1 and deleted.count("VoiceNotFound") == 3
+    report = registry.check(fix=True)
+    assert report["broken"] == []
+    assert registry.check() == {"broken": [], "orphans": [], "temp_files": []}
+
+
+# -- processes: SIGTERM drain, SIGKILL crash safety --------------------------------------------------------
+def start_server(data: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "TTS_GATEWAY_DATA_DIR": str(data),
+            "TTS_GATEWAY_ENGINES": "piper", "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin",
+            "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(port), "TTS_GATEWAY_CANARY": "0", **env}
+    return subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=full,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_up(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server exited"
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("server did not start")
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = start_server(tmp_path, port, FAKE_CHUNK_DELAY="0.3")
+    try:
+        wait_up(base, process)
+        files = {"audio": ("a.wav", GOOD, "audio/wav")}
+        assert httpx.post(base + "/v1/voices", data={"name": "drain", "engine": "clone"}, files=files,
+                          timeout=30).status_code == 201
+        result: list[httpx.Response] = []
+        words = " ".join(["word"] * 8)  # 8 chunks × 0.3 s
+        worker = threading.Thread(target=lambda: result.append(
+            httpx.post(base + "/v1/synthesize", json={"text": words, "voice": "drain"}, timeout=30)))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while "tts_in_flight 1.0" not in httpx.get(base + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        worker.join(30)
+        assert result and result[0].status_code == 200
+        audio, _rate = sf.read(io.BytesIO(result[0].content))
+        assert audio.size == 8 * (RATE // 5)
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    acknowledged: dict[str, str] = {}
+    attempts = 0
+    kills = 0
+    while len(acknowledged) < 30 and attempts < 200:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        process = start_server(tmp_path, port, FAKE_LATENT_DELAY="0.02")
+        try:
+            wait_up(base, process)
+            kill_at = time.monotonic() + rng.uniform(0.05, 1.0)
+            killer = threading.Timer(max(0.0, kill_at - time.monotonic()), process.kill)
+            killer.start()
+            while len(acknowledged) < 30 and process.poll() is None:
+                attempts += 1
+                name = f"v{attempts:03d}"
+                audio = wav(voice_audio(pitch=150 + attempts))
+                try:
+                    response = httpx.post(base + "/v1/voices", data={"name": name, "engine": "clone"},
+                                          files={"audio": ("a.wav", audio, "audio/wav")}, timeout=10)
+                except httpx.HTTPError:
+                    break  # killed mid-request: not acknowledged
+                if response.status_code == 201:
+                    acknowledged[name] = response.json()["voice_sha256"]
+            killer.cancel()
+            kills += process.poll() is not None
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert len(acknowledged) == 30 and kills >= 3
+
+    registry = VoiceRegistry(tmp_path)
+    report = registry.check()
+    assert report["broken"] == []
+    listed = {r.name: r for r in registry.records()}
+    assert set(acknowledged) <= set(listed)
+    for name in listed:  # nothing half-written is visible: every listed voice verifies
+        registry.latents(listed[name])
+    registry.check(fix=True)
+    assert registry.check() == {"broken": [], "orphans": [], "temp_files": []}
+    registry.close()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = start_server(tmp_path, port)
+    try:
+        wait_up(base, process)
+        for name, sha in acknowledged.items():
+            response = httpx.post(base + "/v1/synthesize", json={"text": "still here", "voice": name}, timeout=30)
+            assert response.status_code == 200, (name, response.text)
+            assert response.headers["x-voice-sha256"] == sha
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -157,3 +157,36 @@ def test_cli_help_say_engines_and_voices(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "empty" in bad.stderr
     missing = run_cli("voices", "rm", "nobody", data_dir=tmp_path)
     assert missing.returncode == 1 and "unknown voice" in missing.stderr
+
+
+def test_cli_voices_add_list_rm(tmp_path: Path) -> None:
+    from tests.conftest import ROOT
+
+    t = np.arange(16000 * 3) / 16000
+    clip = tmp_path / "me.wav"
+    sf.write(clip, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    env_extra = {"TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin", "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper",
+               **env_extra}
+        return subprocess.run([sys.executable, "-m", "tts_gateway", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    added = cli("voices", "add", "me", str(clip), "--engine", "clone", "--consent")
+    assert added.returncode == 0, added.stderr
+    assert '"name": "me"' in added.stdout
+    again = cli("voices", "add", "me", str(clip), "--engine", "clone")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert "me" in cli("voices", "list").stdout
+    out = tmp_path / "me.wav.out.wav"
+    said = cli("say", "hello there", "--voice", "me", "--out", str(out))
+    assert said.returncode == 0, said.stderr
+    assert sf.info(str(out)).duration > 0.3
+    checked = cli("registry", "check")
+    assert checked.returncode == 0 and '"broken": []' in checked.stdout
+    assert cli("voices", "rm", "me").returncode == 0
+    import json
+
+    names = [v["name"] for v in json.loads(cli("voices", "list", "--json").stdout)]
+    assert "me" not in names and "piper:joe" in names

@@ -50,15 +50,15 @@ def build_service(settings: Settings) -> SynthesisService:
     from tts_gateway.engines.manager import EngineManager
     from tts_gateway.metrics import Metrics
     from tts_gateway.service import SynthesisService
-    from tts_gateway.voices import VoiceRegistry
+    from tts_gateway.voices import open_registry
 
     try:
         engines = EngineManager(settings)
+        metrics = Metrics()
+        registry = open_registry(settings, on_conditioning=lambda e: metrics.conditioning.labels(e).inc())
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    metrics = Metrics()
-    registry = VoiceRegistry(settings.data_dir, on_conditioning=lambda e: metrics.conditioning.labels(e).inc())
     return SynthesisService(settings, engines, registry, metrics)
 
 
@@ -198,11 +198,18 @@ def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) ->
 @registry_app.command("check")
 def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and temp files.")] = False) -> None:
     """Verify every preset's latents and find orphan or half-written files."""
-    from tts_gateway.voices import VoiceRegistry
+    from tts_gateway.voices import open_registry
 
     settings = load_settings()
-    registry = VoiceRegistry(settings.data_dir)
-    report = registry.check(fix=fix)
+    try:
+        registry = open_registry(settings)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        report = registry.check(fix=fix)
+    finally:
+        registry.close()
     out.print_json(json.dumps(report))
     if report["broken"] or (not fix and (report["orphans"] or report["temp_files"])):
         raise typer.Exit(1)

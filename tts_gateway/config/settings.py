@@ -53,6 +53,9 @@ class Settings:
     openai_voice_map: Mapping[str, str] = field(default_factory=dict)
     canary: bool = True  # /ready runs one short synthesis on the default voice
     engine_threads: int = 0  # 0 = leave torch/onnxruntime defaults
+    # postgresql://… makes PostgreSQL the voice registry shared by every node; None keeps the local one.
+    # Not in repr: the URL may hold a password.
+    registry_url: str | None = field(default=None, repr=False)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -128,6 +131,12 @@ class Settings:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", plugin):
                 raise SettingsError(f"{PREFIX}PLUGINS has a bad module name: {plugin!r}")
 
+        registry_url = raw("REGISTRY_URL")
+        if registry_url is not None and not registry_url.startswith(("postgresql://", "postgres://")):
+            scheme = registry_url.partition("://")[0] if "://" in registry_url else registry_url[:12]
+            raise SettingsError(f"{PREFIX}REGISTRY_URL must start with postgresql:// or postgres://, "
+                                f"got {scheme!r}…")
+
         return cls(
             host=raw("HOST") or base.host,
             port=integer("PORT", base.port, 0, 65535),
@@ -148,6 +157,7 @@ class Settings:
             openai_voice_map=parse_voice_map(raw("OPENAI_VOICES")),
             canary=(raw("CANARY") or "1").lower() not in {"0", "false", "no", "off"},
             engine_threads=integer("ENGINE_THREADS", base.engine_threads, 0, 256),
+            registry_url=registry_url,
         )
 
 

@@ -432,8 +432,10 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
     engines = engine_manager or EngineManager(settings)
     metrics = Metrics()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = VoiceRegistry(
-        settings.data_dir,
+    from tts_gateway.voices import open_registry  # PostgreSQL when TTS_GATEWAY_REGISTRY_URL is set
+
+    registry = open_registry(
+        settings,
         on_conditioning=lambda engine: metrics.conditioning.labels(engine).inc(),
         on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc(),
     )

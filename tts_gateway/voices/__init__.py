@@ -1,6 +1,12 @@
 """The voice registry: presets whose conditioning latents are computed once and kept on disk."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tts_gateway.config import Settings
 from tts_gateway.voices.audio import ReferenceAudio, prepare_reference
+from tts_gateway.voices.pg_registry import PostgresVoiceRegistry, RegistryConnectError, RegistryUnavailable
 from tts_gateway.voices.registry import (
     VoiceBroken,
     VoiceExists,
@@ -10,14 +16,35 @@ from tts_gateway.voices.registry import (
 )
 from tts_gateway.voices.store import CorruptBlob, LatentStore
 
+
+def open_registry(
+    settings: Settings,
+    *,
+    on_conditioning: Callable[[str], None] = lambda engine: None,
+    on_cache_hit: Callable[[str], None] = lambda engine: None,
+) -> VoiceRegistry:
+    """The registry the settings ask for: PostgreSQL when ``registry_url`` is set, else the local one.
+
+    Raises `RegistryConnectError` (a ValueError) when the database cannot be reached or set up.
+    """
+    if settings.registry_url:
+        return PostgresVoiceRegistry(settings.data_dir, url=settings.registry_url,
+                                     on_conditioning=on_conditioning, on_cache_hit=on_cache_hit)
+    return VoiceRegistry(settings.data_dir, on_conditioning=on_conditioning, on_cache_hit=on_cache_hit)
+
+
 __all__ = [
     "CorruptBlob",
     "LatentStore",
+    "PostgresVoiceRegistry",
     "ReferenceAudio",
+    "RegistryConnectError",
+    "RegistryUnavailable",
     "VoiceBroken",
     "VoiceExists",
     "VoiceNotFound",
     "VoiceRecord",
     "VoiceRegistry",
+    "open_registry",
     "prepare_reference",
 ]

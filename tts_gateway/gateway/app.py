@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from litestar import Litestar, MediaType, Request, Response, delete, get, post
 from litestar.enums import RequestEncodingType
+from litestar.exceptions import ClientException, SerializationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body
@@ -146,8 +147,24 @@ async def require_json(request: Request[Any, Any, Any]) -> None:
 
 async def require_multipart(request: Request[Any, Any, Any]) -> None:
     mime = _mime(request)
-    if mime not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if mime != "multipart/form-data":
         raise UnsupportedMedia(f"send the body as multipart/form-data, not {mime or 'no content type'}")
+    try:
+        await request.form()  # parsed here (and reused): Litestar lets charset errors escape as 500s
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ClientException(f"a form field is not valid text in its charset: {exc}") from None
+
+
+class GatewayRequest(Request[Any, Any, Any]):
+    """Turns JSON decode failures Litestar does not catch into 400s instead of 500s."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except UnicodeDecodeError as exc:
+            raise SerializationException(f"JSON is malformed: not UTF-8 (byte {exc.start})") from None
+        except RecursionError:
+            raise SerializationException("JSON is malformed: nested too deeply") from None
 
 
 # -- synthesis ---------------------------------------------------------------------------------
@@ -473,6 +490,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
             health, ready, metrics_endpoint, playground,
         ],
         guards=[scope_guard],
+        request_class=GatewayRequest,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         request_max_body_size=settings.max_upload_bytes,

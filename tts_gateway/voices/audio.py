@@ -23,6 +23,8 @@ TRIM_TOP_DB = 40.0
 _MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"caff", b".snd", b"wvpk")
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-f]+>")
+MIN_RATE, MAX_RATE = 8000, 384000
 _SHORT_DATA = re.compile(r"data : (\d+) \(should be (\d+)\)")
 _OPEN_ENDED = {0, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFF - 8}  # streamed WAVs declare no real size
 
@@ -69,7 +71,10 @@ def decode(data: bytes, label: str) -> tuple[np.ndarray, int]:
     except InvalidReferenceAudio:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, MemoryError) as exc:
-        raise InvalidReferenceAudio(f"{label} could not be decoded (truncated or corrupt): {exc}") from None
+        reason = _OBJECT_REPR.sub("the file", str(exc))
+        raise InvalidReferenceAudio(f"{label} could not be decoded (truncated or corrupt): {reason}") from None
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InvalidReferenceAudio(f"{label} has a sample rate of {rate} Hz; {MIN_RATE}–{MAX_RATE} Hz is accepted")
     if samples.size == 0:
         raise InvalidReferenceAudio(f"{label} holds no samples")
     if not np.isfinite(samples).all():

@@ -8,13 +8,18 @@ APT_PACKAGES ?= espeak-ng
 TEST_APT_PACKAGES ?= espeak-ng chromium
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench fuzz install system-deps test-system-deps tiny-xtts clean
+.PHONY: run test test-ray lint bench fuzz install system-deps test-system-deps tiny-xtts clean
 
 run: install system-deps
 	$(BIN)/tts-gateway serve
 
 test: install test-system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS)
+
+# The Ray Serve backend: its own bounded step (one local cluster, never in parallel).
+test-ray: install
+	$(BIN)/pip install -e ".[dev,ray]"
+	timeout 1200 $(BIN)/python -m pytest tests/test_ray.py -m ray $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check tts_gateway tests benchmarks examples

@@ -104,11 +104,14 @@ def interleave(
     warmup: int = 1,
     min_rounds: int = 2,
     on_value: Callable[[str, Any], None] | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each side once per round, alternating the order (A,B then B,A …); bounded.
 
     Runs ``warmup`` untimed rounds first, then at most ``rounds`` timed ones, and stops early
-    once ``budget`` is spent and at least ``min_rounds`` are done.
+    once ``budget`` is spent and at least ``min_rounds`` are done. Returns wall-clock seconds;
+    ``cpu``, if given, also gets the calling thread's CPU seconds per call (all of the work when
+    the engine runs single-threaded in the caller, and far less disturbed by other processes).
     """
     names = list(sides)
     for _ in range(warmup):
@@ -118,7 +121,10 @@ def interleave(
     for index in range(rounds):
         order = names if index % 2 == 0 else names[::-1]
         for name in order:
+            cpu_started = time.thread_time()
             seconds, value = timed(sides[name])
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.thread_time() - cpu_started)
             samples[name].append(seconds)
             if on_value is not None:
                 on_value(name, value)
@@ -131,18 +137,36 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q1, _q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return float(q1), float(q3)
+
+
+def paired(name: str, tops: list[float], bottoms: list[float], medians: dict[str, float], *,
+           unit: str = "×", target: tuple[str, float] | None = None, **detail: Any) -> Figure:
+    """The median of per-round ratios top/bottom (the two were measured side by side).
+
+    A pair shares the machine's state of the moment, so its ratio cancels the load another
+    process puts on the box; the median over pairs ignores the rounds a burst hit one side only.
+    The ratio of the two medians and the quartiles of the pair ratios go into the detail.
+    """
+    ratios = [a / b for a, b in zip(tops, bottoms, strict=False) if b > 0]
+    top, bottom = median(tops), median(bottoms)
+    low, high = quartiles(ratios)
+    return Figure(name, median(ratios) if ratios else None, unit, target, medians=medians, detail={
+        "rounds": len(ratios), "ratio_of_medians": top / bottom if bottom > 0 else None,
+        "paired_ratio_iqr": [low, high], **detail,
+    })
+
+
 def ratio_figure(name: str, samples: dict[str, list[float]], numerator: str, denominator: str, *,
                  target: tuple[str, float] | None = None, **detail: Any) -> Figure:
-    """median(numerator) / median(denominator), with both medians and the paired-ratio median."""
-    top, bottom = median(samples[numerator]), median(samples[denominator])
-    pairs = [a / b for a, b in zip(samples[numerator], samples[denominator], strict=False) if b > 0]
-    return Figure(
-        name, top / bottom if bottom > 0 else None, "×", target,
-        medians={numerator: top, denominator: bottom},
-        detail={"rounds": min(len(samples[numerator]), len(samples[denominator])),
-                "paired_ratio_median": median(pairs) if pairs else None,
-                "samples": {k: [round(v, 5) for v in vals] for k, vals in samples.items()}, **detail},
-    )
+    """Paired ratio numerator/denominator over interleaved samples, with both raw medians."""
+    return paired(name, samples[numerator], samples[denominator],
+                  {numerator: median(samples[numerator]), denominator: median(samples[denominator])},
+                  target=target, samples={k: [round(v, 5) for v in vals] for k, vals in samples.items()}, **detail)
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:

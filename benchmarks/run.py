@@ -114,6 +114,9 @@ def rows(results: list[Result]) -> list[list[str]]:
             met = {True: "met", False: "MISSED", None: "—"}[figure.met]
             target = f"{figure.target[0]} {figure.target[1]:g}" if figure.target else "—"
             medians = "; ".join(fmt_median(k, v) for k, v in figure.medians.items())
+            iqr = figure.detail.get("paired_ratio_iqr")
+            if iqr and figure.detail.get("rounds", 0) >= 4:
+                medians += f"; pair ratios IQR {iqr[0]:.3f}–{iqr[1]:.3f}"
             table.append([result.name, figure.name, fmt_value(figure.value, figure.unit), target, met, medians])
     return table
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
 
-from benchmarks.common import Budget, Context, Figure, Result, median
+from benchmarks.common import Budget, Context, Result, median, paired
 from benchmarks.texts import sentences
 
 WAV_HEADER = 44
@@ -64,13 +63,10 @@ def run(ctx: Context, result: Result) -> None:
 
     for engine, _voice, count, _rounds in plans:
         data = measured[engine]
-        ttfa, full = median(data["ttfa"]), median(data["full"])
-        pairs = [a / b for a, b in zip(data["ttfa"], data["full"], strict=True)]
-        detail: dict[str, Any] = {"sentences": count, "rounds": len(data["full"]),
-                                  "paired_ratio_median": median(pairs), "audio_seconds": audio_seconds.get(engine),
-                                  "headers_median_s": median(data["headers"]),
-                                  "samples": {k: [round(v, 4) for v in vals] for k, vals in data.items()}}
         label = f"{count} sentence{'s' if count > 1 else ''}"
-        result.figures.append(Figure(f"{engine}: time to first audio / full time ({label}, stream)",
-                                     ttfa / full, "×", ("<=", 0.15), medians={"first audio": ttfa, "full": full},
-                                     detail=detail))
+        result.figures.append(paired(
+            f"{engine}: time to first audio / full time ({label}, stream)", data["ttfa"], data["full"],
+            {"first audio": median(data["ttfa"]), "full": median(data["full"])}, target=("<=", 0.15),
+            sentences=count, audio_seconds=audio_seconds.get(engine), headers_median_s=median(data["headers"]),
+            samples={k: [round(v, 4) for v in vals] for k, vals in data.items()},
+        ))

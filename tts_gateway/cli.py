@@ -85,9 +85,16 @@ def serve(
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    # uvicorn drains in-flight requests on SIGTERM before the lifespan shutdown runs.
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+    backend = application.state.gateway.backend
+    if backend is not None:
+        backend.start()  # ray.init on the main thread, before uvicorn: Ray dies with the thread that started it
+    try:
+        # uvicorn drains in-flight requests on SIGTERM before the lifespan shutdown runs.
+        uvicorn.run(application, host=settings.host, port=settings.port, log_level="info",
+                    timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 @app.command()

@@ -56,6 +56,13 @@ class Settings:
     # postgresql://… makes PostgreSQL the voice registry shared by every node; None keeps the local one.
     # Not in repr: the URL may hold a password.
     registry_url: str | None = field(default=None, repr=False)
+    # TTS_GATEWAY_BACKEND=ray runs synthesis on Ray Serve replicas (pip install '.[ray]'); docs/scaling.md
+    backend: str = "local"
+    ray_address: str = ""  # empty: start a local cluster
+    ray_replicas: int = 1
+    ray_max_ongoing_requests: int = 2
+    ray_max_queued_requests: int = 16  # Serve 2.60 accepts >= 1
+    ray_replica_cpus: float = 1.0
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -131,6 +138,9 @@ class Settings:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", plugin):
                 raise SettingsError(f"{PREFIX}PLUGINS has a bad module name: {plugin!r}")
 
+        backend = (raw("BACKEND") or "local").lower()
+        if backend not in ("local", "ray"):
+            raise SettingsError(f"{PREFIX}BACKEND must be local or ray, got {backend!r}")
         registry_url = raw("REGISTRY_URL")
         if registry_url is not None and not registry_url.startswith(("postgresql://", "postgres://")):
             scheme = registry_url.partition("://")[0] if "://" in registry_url else registry_url[:12]
@@ -158,6 +168,12 @@ class Settings:
             canary=(raw("CANARY") or "1").lower() not in {"0", "false", "no", "off"},
             engine_threads=integer("ENGINE_THREADS", base.engine_threads, 0, 256),
             registry_url=registry_url,
+            backend=backend,
+            ray_address=raw("RAY_ADDRESS") or "",
+            ray_replicas=integer("RAY_REPLICAS", base.ray_replicas, 1),
+            ray_max_ongoing_requests=integer("RAY_MAX_ONGOING_REQUESTS", base.ray_max_ongoing_requests, 1),
+            ray_max_queued_requests=integer("RAY_MAX_QUEUED_REQUESTS", base.ray_max_queued_requests, 1),
+            ray_replica_cpus=number("RAY_REPLICA_CPUS", base.ray_replica_cpus, 0.0),
         )
 
 

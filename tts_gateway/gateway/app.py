@@ -61,6 +61,7 @@ class Gateway:
     worker: Worker
     readiness: Readiness
     cache: PhraseCache
+    backend: Any = None  # a started RayBackend when TTS_GATEWAY_BACKEND=ray (tts_gateway.backends)
 
     async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
         """Phrase cache, admission, worker thread, timeout; streams when asked (and the format allows)."""
@@ -76,6 +77,10 @@ class Gateway:
                     return Stream(_chunked(hit.audio), media_type=hit.media_type, headers=headers)
                 return Response(hit.audio, media_type=hit.media_type, headers=headers)
         headers["X-Cache"] = "miss"
+        if self.backend is not None:
+            from tts_gateway.backends import run_remote
+
+            return await run_remote(self, self.backend, plan, headers, key)
         release = await self.admission.acquire()
         cancel = threading.Event()
         try:
@@ -245,7 +250,7 @@ async def legacy_synthesize(
     data: Annotated[LegacyForm, Body(media_type=RequestEncodingType.MULTI_PART)],
 ) -> Response[Any]:
     gw = _gw(request)
-    if not isinstance(data.speaker_audio, object) or not hasattr(data.speaker_audio, "read"):
+    if not hasattr(data.speaker_audio, "read"):
         raise InvalidField("speaker_audio", "must be an uploaded audio file")
     gw.service.check_text(data.text)
     audio = await data.speaker_audio.read()
@@ -302,7 +307,10 @@ async def create_voice(
 def engine_json(gw: Gateway, name: str) -> dict[str, Any]:
     engine = gw.engines.get(name)
     available, reason = engine.availability()
-    model = engine.model if available else None
+    try:
+        model: Any = engine.model
+    except Exception:  # an unavailable engine may not be able to describe its model
+        model = None
     return {
         "name": name,
         "available": available,
@@ -424,6 +432,12 @@ async def _warm_up(gw: Gateway) -> None:
         plan = await asyncio.to_thread(
             gw.service.plan, SynthesisRequest(text="Ready.", voice=gw.settings.default_voice, seed=1)
         )
+        if gw.backend is not None:  # the engines run on the Ray replicas, not here
+            if gw.settings.canary and len(await gw.backend.call(plan)) <= 44:
+                raise RuntimeError("canary synthesis returned no audio")
+            gw.readiness.detail = f"default voice {gw.settings.default_voice} served by Ray; canary passed"
+            gw.readiness.ready = True
+            return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(gw.worker.pool, gw.engines.ensure_loaded, plan.engine_name)
         gw.metrics.engine_loaded.labels(plan.engine_name).set(1)
@@ -449,6 +463,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
     engines = engine_manager or EngineManager(settings)
     metrics = Metrics()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from tts_gateway.backends import make_backend  # None for TTS_GATEWAY_BACKEND=local
     from tts_gateway.voices import open_registry  # PostgreSQL when TTS_GATEWAY_REGISTRY_URL is set
 
     registry = open_registry(
@@ -466,6 +481,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
         worker=Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s),
         readiness=Readiness(),
         cache=PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics),
+        backend=make_backend(settings, registry),
     )
 
     @asynccontextmanager

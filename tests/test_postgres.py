@@ -1,0 +1,573 @@
+"""Scale-out: TTS_GATEWAY_REGISTRY_URL makes PostgreSQL the voice registry shared by several gateways.
+
+A throwaway PostgreSQL server (Debian package ``postgresql``) is started once for the session on a free
+loopback port and stopped at the end; each test gets its own database. As root, initdb and postgres run
+as the ``postgres`` user through runuser (initdb refuses root); otherwise as the current user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+import psycopg.errors
+import pytest
+import soundfile as sf
+
+from tests.conftest import ROOT, assert_problem, free_port, running_app
+from tests.fake_cloning_plugin import FakeCloningEngine
+from tests.test_reliability import ClonePlugin, start_server, voice_audio, wait_up, wav
+from tts_gateway.config import Settings, SettingsError
+from tts_gateway.errors import InvalidField
+from tts_gateway.voices import (
+    PostgresVoiceRegistry,
+    RegistryConnectError,
+    RegistryUnavailable,
+    VoiceBroken,
+    VoiceExists,
+    VoiceNotFound,
+    VoiceRegistry,
+    open_registry,
+    prepare_reference,
+)
+
+RATE = 16000
+PASSWORD = "pg-secret-7"
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+def _unavailable() -> str | None:
+    if _pg_bin() is None:
+        return "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (Debian package: postgresql)"
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            return "running as root without runuser: initdb refuses root"
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no postgres user for initdb (Debian package: postgresql)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
+
+
+@dataclass
+class PgServer:
+    base: Path
+    bin: Path
+    port: int
+    as_user: list[str]
+    databases: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://tts:{PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.base / "data"), *args],
+                       check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = (f"-h 127.0.0.1 -p {self.port} -k {self.base / 'sock'} -c fsync=off -c synchronous_commit=off "
+                   "-c full_page_writes=off -c max_connections=200")
+        self._pg_ctl("-l", str(self.base / "postgres.log"), "-w", "-t", "30", "-o", options, "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "-w", "-t", "30", "stop")
+
+    def new_database(self) -> str:
+        name = f"t{next(self.databases)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    reason = _unavailable()
+    if reason:
+        pytest.skip(reason)
+    pg_bin = _pg_bin()
+    assert pg_bin is not None
+    # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
+    base = Path(tempfile.mkdtemp(prefix="tts-pg-"))
+    (base / "sock").mkdir()
+    (base / "pwfile").write_text(PASSWORD + "\n")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (base, base / "sock", base / "pwfile"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    server = PgServer(base, pg_bin, free_port(), as_user)
+    try:
+        subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(base / "data"), "-U", "tts",
+                        f"--pwfile={base / 'pwfile'}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C",
+                        "--no-sync", "--no-instructions"], check=True, capture_output=True, timeout=120)
+        server.start()
+        yield server
+    except subprocess.CalledProcessError as exc:
+        log = base / "postgres.log"
+        detail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"{exc.cmd[len(as_user)]} failed: {exc.stderr.decode(errors='replace')}\n{detail}") from exc
+    finally:
+        try:
+            server.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(postgres: PgServer) -> str:
+    """A fresh, empty database for one test."""
+    return postgres.new_database()
+
+
+def reference(pitch: float = 220.0) -> Any:
+    return prepare_reference([("a.wav", wav(voice_audio(pitch=pitch)))], RATE)
+
+
+def create(registry: VoiceRegistry, name: str, pitch: float = 220.0, compute: Any = None) -> Any:
+    return registry.create(name, engine="clone", reference=reference(pitch),
+                           compute=compute or FakeCloningEngine().compute_latents, model_id="clone/1",
+                           model_sha256="0" * 64, licence="CC0-1.0")
+
+
+def conditioning(base: str) -> float:
+    total = 0.0
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("tts_conditioning_computations_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def register(base: str, name: str, pitch: float) -> httpx.Response:
+    files = {"audio": ("a.wav", wav(voice_audio(pitch=pitch)), "audio/wav")}
+    return httpx.post(base + "/v1/voices", data={"name": name, "engine": "clone"}, files=files, timeout=30)
+
+
+def speak(base: str, voice: str) -> httpx.Response:
+    return httpx.post(base + "/v1/synthesize", json={"text": "hello there", "voice": voice}, timeout=30)
+
+
+# -- settings and wiring -------------------------------------------------------------------------------
+def test_registry_url_setting() -> None:
+    assert Settings.from_env({}).registry_url is None
+    url = "postgresql://tts:hunter2@db.internal:5432/voices"
+    settings = Settings.from_env({"TTS_GATEWAY_REGISTRY_URL": url})
+    assert settings.registry_url == url
+    assert "hunter2" not in repr(settings)
+    assert Settings.from_env({"TTS_GATEWAY_REGISTRY_URL": "postgres://db/x"}).registry_url == "postgres://db/x"
+    for bad in ("mysql://db/x", "db.internal:5432", "sqlite:///tmp/x"):
+        with pytest.raises(SettingsError, match="TTS_GATEWAY_REGISTRY_URL"):
+            Settings.from_env({"TTS_GATEWAY_REGISTRY_URL": bad})
+
+
+def test_open_registry_chooses_by_url(tmp_path: Path, pg_url: str) -> None:
+    local = open_registry(Settings(data_dir=tmp_path / "a"))
+    assert type(local) is VoiceRegistry
+    local.close()
+    shared = open_registry(Settings(data_dir=tmp_path / "b", registry_url=pg_url))
+    assert isinstance(shared, PostgresVoiceRegistry)
+    assert PASSWORD not in repr(shared)
+    shared.close()
+
+
+def test_same_interface_as_voice_registry() -> None:
+    public = [n for n, v in vars(VoiceRegistry).items() if callable(v) and not n.startswith("_")]
+    assert set(public) >= {"get", "exists", "records", "latents", "condition", "create", "delete", "check", "close"}
+    for name in public:
+        assert name in vars(PostgresVoiceRegistry), f"{name} is not overridden"
+        assert inspect.signature(getattr(PostgresVoiceRegistry, name)) == inspect.signature(
+            getattr(VoiceRegistry, name)), name
+    params = inspect.signature(PostgresVoiceRegistry).parameters
+    assert {"url", "on_conditioning", "on_cache_hit", "memory_entries"} <= set(params)
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"postgresql://tts:{PASSWORD}@127.0.0.1:{free_port()}/nowhere"
+    started = time.monotonic()
+    with pytest.raises(RegistryConnectError) as info:
+        PostgresVoiceRegistry(tmp_path, url=url, connect_timeout=0.5)
+    assert "TTS_GATEWAY_REGISTRY_URL" in str(info.value) and PASSWORD not in str(info.value)
+    assert time.monotonic() - started < 10
+
+
+# -- two gateway processes, one database -----------------------------------------------------------------
+@dataclass
+class Gateways:
+    url: str
+    bases: list[str]
+    processes: list[subprocess.Popen[bytes]]
+    tmp: Path
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def launch(self, data: Path) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        process = start_server(data, port, TTS_GATEWAY_REGISTRY_URL=self.url, FAKE_LATENT_DELAY="0.5")
+        return process, f"http://127.0.0.1:{port}"
+
+    def restart(self, index: int, data: Path) -> None:
+        self.stop(index)
+        self.processes[index], self.bases[index] = self.launch(data)
+        wait_up(self.bases[index], self.processes[index])
+
+    def stop(self, index: int) -> None:
+        process = self.processes[index]
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def gateways(postgres: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
+    """Gateways A and B: the `clone` engine, each its own data dir, one TTS_GATEWAY_REGISTRY_URL."""
+    tmp = tmp_path_factory.mktemp("gateways")
+    pair = Gateways(postgres.new_database(), [], [], tmp)
+    try:
+        for index in range(2):  # started together: they also race to create the schema
+            process, base = pair.launch(tmp / f"node{index}")
+            pair.processes.append(process)
+            pair.bases.append(base)
+        for process, base in zip(pair.processes, pair.bases, strict=True):
+            wait_up(base, process)
+        yield pair
+    finally:
+        for index in range(len(pair.processes)):
+            pair.stop(index)
+
+
+def test_voice_registered_on_one_node_speaks_on_the_other(gateways: Gateways) -> None:
+    a, b = gateways.bases
+    created = register(a, "shared", 230)
+    assert created.status_code == 201, created.text
+    sha = created.json()["voice_sha256"]
+    assert httpx.get(b + "/v1/voices/shared", timeout=10).json()["voice_sha256"] == sha
+    response = speak(b, "shared")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-voice-sha256"] == sha
+    audio, _rate = sf.read(io.BytesIO(response.content))
+    assert audio.size > 0
+    assert conditioning(a) == 1
+    assert conditioning(b) == 0  # B never computed latents: it read A's blob from PostgreSQL
+    cached = gateways.tmp / "node1" / "voices" / "pg-cache" / "blobs" / sha[:2] / f"{sha}.safetensors"
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == sha  # now in B's local cache
+    gateways.results["shared"] = sha
+
+
+def test_two_nodes_creating_one_name_give_one_201_and_one_409(gateways: Gateways) -> None:
+    a, b = gateways.bases
+    before = [conditioning(a), conditioning(b)]
+    barrier = threading.Barrier(2)
+    responses: dict[str, httpx.Response] = {}
+
+    def attempt(base: str, pitch: float) -> None:
+        barrier.wait()
+        responses[base] = register(base, "race", pitch)
+
+    threads = [threading.Thread(target=attempt, args=(a, 300)), threading.Thread(target=attempt, args=(b, 400))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(r.status_code for r in responses.values())
+    assert statuses == [201, 409], {k: (r.status_code, r.text) for k, r in responses.items()}
+    loser = next(r for r in responses.values() if r.status_code == 409)
+    assert_problem(loser, 409, "already exists")
+    # Both computed latents (0.5 s each), so both got past the early check: the database decided.
+    assert [conditioning(a), conditioning(b)] == [before[0] + 1, before[1] + 1]
+    winner = next(r for r in responses.values() if r.status_code == 201).json()["voice_sha256"]
+    for base in (a, b):
+        assert httpx.get(base + "/v1/voices/race", timeout=10).json()["voice_sha256"] == winner
+        assert speak(base, "race").headers["x-voice-sha256"] == winner
+    gateways.results["race"] = winner
+
+
+def test_delete_on_one_node_is_seen_by_the_other(gateways: Gateways) -> None:
+    a, b = gateways.bases
+    assert register(a, "short-lived", 250).status_code == 201
+    assert speak(b, "short-lived").status_code == 200
+    assert httpx.delete(b + "/v1/voices/short-lived", timeout=10).status_code == 204
+    assert_problem(speak(a, "short-lived"), 404, "unknown voice")
+    assert httpx.delete(a + "/v1/voices/short-lived", timeout=10).status_code == 404
+
+
+def test_records_survive_a_gateway_restart(gateways: Gateways) -> None:
+    assert set(gateways.results) == {"shared", "race"}, "runs after the tests that register voices"
+    gateways.restart(0, gateways.tmp / "node0-new")  # a new node: empty data dir, nothing cached
+    a = gateways.bases[0]
+    names = {v["name"] for v in httpx.get(a + "/v1/voices", timeout=10).json()["voices"]}
+    assert {"shared", "race"} <= names
+    for name, sha in gateways.results.items():
+        response = speak(a, name)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-voice-sha256"] == sha
+    assert conditioning(a) == 0
+
+
+def test_database_outage_is_503_and_recovers(gateways: Gateways, postgres: PgServer, tmp_path: Path) -> None:
+    b = gateways.bases[1]
+    registry = PostgresVoiceRegistry(tmp_path, url=gateways.url)
+    try:
+        assert registry.exists("shared")
+        postgres.stop()
+        try:
+            with pytest.raises(RegistryUnavailable):
+                registry.get("shared")
+            response = httpx.get(b + "/v1/voices/shared", timeout=30)
+            assert_problem(response, 503, "registry database")
+            assert response.headers["retry-after"]
+        finally:
+            postgres.start()
+        assert registry.get("shared").voice_sha256 == gateways.results["shared"]  # a stale connection is replaced
+        assert httpx.get(b + "/v1/voices/shared", timeout=30).status_code == 200
+        assert speak(b, "race").status_code == 200
+    finally:
+        registry.close()
+
+
+# -- in process ---------------------------------------------------------------------------------------------
+def test_corrupt_local_cache_file_is_refetched_never_served(tmp_path: Path, pg_url: str) -> None:
+    settings = Settings(data_dir=tmp_path / "node", engines=("piper",), canary=False, registry_url=pg_url)
+    with running_app(settings, ClonePlugin()) as client:
+        files = {"audio": ("a.wav", wav(voice_audio(pitch=210)), "audio/wav")}
+        created = client.post("/v1/voices", data={"name": "cached", "engine": "clone"}, files=files)
+        assert created.status_code == 201, created.text
+        sha = created.json()["voice_sha256"]
+        registry = client.app.state.gateway.registry
+        assert isinstance(registry, PostgresVoiceRegistry)
+        path = registry.store.path(sha)
+        good = path.read_bytes()
+        first = client.post("/v1/synthesize", json={"text": "one two", "voice": "cached", "cache": False})
+        assert first.status_code == 200
+
+        for damage in (b"\0" * len(good), good[:-7], good[:40] + b"X" + good[41:], None):
+            registry._memory.clear()  # as after a restart: the next read goes to the local file
+            if damage is None:
+                path.unlink()
+            else:
+                path.write_bytes(damage)
+            response = client.post("/v1/synthesize", json={"text": "one two", "voice": "cached", "cache": False})
+            assert response.status_code == 200, response.text
+            assert response.headers["x-voice-sha256"] == sha
+            assert response.content == first.content  # the real latents, not the damaged ones
+            assert path.read_bytes() == good  # fetched again from PostgreSQL and re-cached
+        assert list((registry.root / "quarantine").iterdir())  # damaged files are kept aside, not served
+        assert client.get("/v1/voices/cached").json()["status"] == "ok"
+        metrics = client.get("/metrics").text
+        assert 'tts_conditioning_computations_total{engine="clone"} 1.0' in metrics
+
+
+def test_database_rejects_a_blob_whose_sha256_does_not_match(pg_url: str, tmp_path: Path) -> None:
+    registry = PostgresVoiceRegistry(tmp_path, url=pg_url)  # creates the schema
+    record = create(registry, "kept")
+    registry.close()
+    data = b"some latent bytes"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="tts_voice_blobs_sha256_matches"):
+            conn.execute("INSERT INTO tts_voice_blobs (sha256, data) VALUES (%s, %s)", ("0" * 64, data))
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("INSERT INTO tts_voice_blobs (sha256, data) VALUES (%s, %s)",
+                         (hashlib.sha256(data).hexdigest(), data + b"!"))
+        with pytest.raises(psycopg.errors.CheckViolation):  # nor can stored bytes be changed in place
+            conn.execute("UPDATE tts_voice_blobs SET data = %s WHERE sha256 = %s", (data, record.latents_sha256))
+        conn.execute("INSERT INTO tts_voice_blobs (sha256, data) VALUES (%s, %s)",
+                     (hashlib.sha256(data).hexdigest(), data))  # the right name is accepted
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):  # a blob in use cannot be deleted
+            conn.execute("DELETE FROM tts_voice_blobs WHERE sha256 = %s", (record.latents_sha256,))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):  # a voice needs its blob
+            conn.execute("UPDATE tts_voices SET latents_sha256 = %s, record = record || jsonb_build_object("
+                         "'latents_sha256', %s::text) WHERE name = 'kept'", ("1" * 64, "1" * 64))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO tts_voices (name, latents_key, latents_sha256, record)"
+                         " SELECT name, latents_key, latents_sha256, record FROM tts_voices WHERE name = 'kept'")
+
+
+def test_concurrent_create_and_delete_of_one_name(tmp_path: Path, pg_url: str) -> None:
+    registries = [PostgresVoiceRegistry(tmp_path / f"n{i % 2}", url=pg_url) for i in range(2)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def attempt(index: int) -> None:
+        ref = reference(200 + index)
+        barrier.wait()
+        try:
+            registries[index % 2].create("race", engine="clone", reference=ref,
+                                         compute=FakeCloningEngine().compute_latents, model_id="m",
+                                         model_sha256="0" * 64, licence="x")
+            outcomes.append("created")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("created") == 1 and outcomes.count("VoiceExists") == 5, outcomes
+    deleted: list[str] = []
+
+    def remove(index: int) -> None:
+        try:
+            registries[index % 2].delete("race")
+            deleted.append("deleted")
+        except Exception as exc:
+            deleted.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=remove, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert deleted.count("deleted") == 1 and deleted.count("VoiceNotFound") == 3, deleted
+    with pytest.raises(VoiceNotFound):
+        registries[0].get("race")
+    outcomes.clear()  # the same audio on every thread: one blob, one upload-cache entry, still one winner
+    same = reference(333)
+
+    def attempt_same(index: int) -> None:
+        barrier.wait()
+        try:
+            registries[index % 2].create("same", engine="clone", reference=same,
+                                         compute=FakeCloningEngine().compute_latents, model_id="m",
+                                         model_sha256="0" * 64, licence="x")
+            outcomes.append("created")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=attempt_same, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("created") == 1 and outcomes.count("VoiceExists") == 5, outcomes
+    assert [set(r.latents(r.get("same"))) for r in registries] == [{"spectrum"}] * 2
+    for registry in registries:  # the other node may still cache the deleted blob: fix drops it
+        assert registry.check(fix=True)["broken"] == []
+    for registry in registries:
+        assert registry.check() == {"broken": [], "orphans": [], "temp_files": []}
+        registry.close()
+
+
+def test_shared_blob_stays_until_its_last_voice_goes(tmp_path: Path, pg_url: str) -> None:
+    registry = PostgresVoiceRegistry(tmp_path / "a", url=pg_url)
+    one = create(registry, "one", 260)
+    two = create(registry, "two", 260)  # same audio: same latents, one blob
+    assert one.latents_sha256 == two.latents_sha256
+    with pytest.raises(VoiceExists):
+        create(registry, "two", 270)
+
+    def blobs() -> int:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT count(*) FROM tts_voice_blobs").fetchone()
+            return int(row[0]) if row else -1
+
+    assert blobs() == 1
+    registry.delete("one")
+    assert blobs() == 1
+    other = PostgresVoiceRegistry(tmp_path / "b", url=pg_url)  # another node, empty cache
+    assert set(other.latents(other.get("two"))) == {"spectrum"}
+    registry.delete("two")
+    assert blobs() == 0
+    assert not registry.store.exists(two.latents_sha256)
+    with pytest.raises(VoiceNotFound):
+        registry.delete("two")
+    assert registry.check() == {"broken": [], "orphans": [], "temp_files": []}
+    stale = other.check()  # the other node still caches the deleted blob
+    assert stale["orphans"] == [f"cache:{two.latents_sha256}"]
+    other.check(fix=True)
+    assert other.check() == {"broken": [], "orphans": [], "temp_files": []}
+    registry.close()
+    other.close()
+
+
+def test_text_postgresql_cannot_hold_is_a_422_before_any_work(tmp_path: Path, pg_url: str) -> None:
+    registry = PostgresVoiceRegistry(tmp_path, url=pg_url)
+
+    def never(samples: np.ndarray) -> dict[str, np.ndarray]:
+        raise AssertionError("computed")
+
+    for description in ("nul\x00inside", "lone \ud800 surrogate"):
+        with pytest.raises(InvalidField, match="description"):
+            registry.create("odd", engine="clone", reference=reference(), compute=never, model_id="m",
+                            model_sha256="0" * 64, licence="x", description=description)
+    assert not registry.exists("odd")
+    registry.close()
+
+
+def test_upload_cache_is_shared_by_nodes(tmp_path: Path, pg_url: str) -> None:
+    hits: list[str] = []
+    computed: list[str] = []
+    a = PostgresVoiceRegistry(tmp_path / "a", url=pg_url, on_conditioning=computed.append)
+    b = PostgresVoiceRegistry(tmp_path / "b", url=pg_url, on_conditioning=computed.append, on_cache_hit=hits.append)
+    ref = reference(280)
+    key, sha, latents = a.condition(ref, "clone", "0" * 64, FakeCloningEngine().compute_latents)
+
+    def never(samples: np.ndarray) -> dict[str, np.ndarray]:
+        raise AssertionError("recomputed")
+
+    key_b, sha_b, latents_b = b.condition(ref, "clone", "0" * 64, never)
+    assert (key_b, sha_b) == (key, sha) and computed == ["clone"] and hits == ["clone"]
+    np.testing.assert_array_equal(latents_b["spectrum"], latents["spectrum"])
+    assert b.store.exists(sha)
+    assert a.check() == {"broken": [], "orphans": [], "temp_files": []}  # the upload cache references its blob
+    a.close()
+    b.close()
+
+
+def test_unreadable_blob_in_database_marks_the_voice_broken(tmp_path: Path, pg_url: str) -> None:
+    registry = PostgresVoiceRegistry(tmp_path, url=pg_url)
+    create(registry, "fine", 290)
+    junk = b"not safetensors at all"
+    junk_sha = hashlib.sha256(junk).hexdigest()
+    with psycopg.connect(pg_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO tts_voice_blobs (sha256, data) VALUES (%s, %s)", (junk_sha, junk))
+        conn.execute("INSERT INTO tts_voices (name, latents_key, latents_sha256, record) SELECT 'bad', latents_key,"
+                     " %s, record || jsonb_build_object('name', 'bad', 'latents_sha256', %s::text)"
+                     " FROM tts_voices WHERE name = 'fine'", (junk_sha, junk_sha))
+    assert registry.check()["broken"] == ["bad"]
+    with pytest.raises(VoiceBroken, match="delete it and register it again"):
+        registry.latents(registry.get("bad"))
+    assert registry.get("bad").status == "broken"
+    assert registry.get("fine").status == "ok"
+    registry.delete("bad")
+    assert registry.check() == {"broken": [], "orphans": [], "temp_files": []}
+    registry.close()
+
+
+def test_cli_registry_check_uses_the_database(tmp_path: Path, pg_url: str) -> None:
+    registry = PostgresVoiceRegistry(tmp_path / "a", url=pg_url)
+    create(registry, "listed", 310)
+    registry.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TTS_GATEWAY_DATA_DIR": str(tmp_path / "cli"),
+           "TTS_GATEWAY_REGISTRY_URL": pg_url}
+    done = subprocess.run([sys.executable, "-m", "tts_gateway", "registry", "check"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"broken": []' in done.stdout

@@ -1,0 +1,753 @@
+"""The Ray Serve backend: synthesis runs on Serve replicas, Litestar stays the only HTTP front door.
+
+Gateway side: `RayBackend` turns a `Plan` into a `SynthesisJob` (plain values only: no engine
+objects, no numpy, nothing that needs the gateway's memory) and sends it to the deployment of the
+plan's engine through a `DeploymentHandle`. Serve's own HTTP proxy is off.
+
+Replica side: `EngineReplica` builds its own `EngineManager`, voice registry and
+`SynthesisService` from the settings (passed as plain values), rebuilds the `Plan` and runs
+`SynthesisService.run` — the code path of the local backend, so the same request and seed give
+the same bytes. A preset's latents travel as (blob key, blob sha256): the replica loads and
+verifies them itself through the registry, cached per replica by ``@serve.multiplexed``.
+
+Ray is an optional extra (``pip install .[ray]``): it is imported only inside functions here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tts_gateway.config import Settings
+from tts_gateway.errors import Conflict, GatewayError, InvalidField, NotFound, TimedOut, Unavailable, UnsupportedMedia
+
+log = logging.getLogger(__name__)
+
+APP_PREFIX = "tts-"
+BUSY_RETRY_AFTER_S = 2
+MAX_VOICES_PER_REPLICA = 16  # @serve.multiplexed LRU size: latent sets kept per replica
+_DONE = object()
+
+
+def app_name(engine: str) -> str:
+    """The Serve application and deployment name of an engine."""
+    return f"{APP_PREFIX}{engine}"
+
+
+# -- the job: what travels from the gateway to a replica --------------------------------------------
+@dataclass(frozen=True)
+class SynthesisJob:
+    """A `Plan` as plain values. Exactly one of ``builtin``, (``latents_key``, ``latents_sha256``)
+    or ``latents_blob`` names the voice; ``latents_blob`` (safetensors bytes) is only used for
+    voices that are in no registry (the uploads of the old ``/synthesize`` call)."""
+
+    engine: str
+    voice_name: str
+    language: str
+    pieces: tuple[str, ...]
+    format: str
+    rate: int
+    speed: float
+    seed: int
+    repeatable: bool
+    stream: bool
+    model_sha256: str | None = None
+    voice_language: str | None = None
+    builtin: str | None = None
+    latents_key: str | None = None
+    latents_sha256: str | None = None
+    latents_blob: bytes | None = field(default=None, repr=False)
+
+    @property
+    def multiplexed_id(self) -> str | None:
+        """The ``multiplexed_model_id`` a preset's request is routed by: its blob sha256."""
+        return self.latents_sha256 if self.latents_key else None
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["pieces"] = list(self.pieces)
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SynthesisJob:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        values["pieces"] = tuple(values.get("pieces", ()))
+        return cls(**values)
+
+
+def job_from_plan(plan: Any, latents_key: Callable[[str, str], str | None] = lambda name, sha: None) -> SynthesisJob:
+    """Describe ``plan`` as plain values; ``latents_key(voice name, sha256)`` finds a preset's blob key."""
+    voice = plan.voice
+    builtin = voice.input.builtin
+    key = sha = blob = None
+    if builtin is None:
+        sha = voice.voice_sha256
+        key = latents_key(voice.name, sha) if sha else None
+        if key is None:  # not in the registry: send the latents themselves
+            import numpy as np
+            from safetensors.numpy import save as st_save
+
+            latents = voice.input.latents or {}
+            blob = st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()})
+            sha = hashlib.sha256(blob).hexdigest()
+    return SynthesisJob(
+        engine=plan.engine_name, voice_name=voice.name, language=plan.language, pieces=tuple(plan.pieces),
+        format=plan.fmt.name, rate=plan.rate, speed=plan.speed, seed=plan.seed, repeatable=plan.repeatable,
+        stream=plan.stream, model_sha256=plan.engine.model.sha256, voice_language=voice.language,
+        builtin=builtin, latents_key=key, latents_sha256=sha, latents_blob=blob,
+    )
+
+
+# -- settings as plain values ---------------------------------------------------------------------
+_NOT_SENT = {"api_keys", "host", "port"}  # the replica serves no HTTP; keys must not travel
+_PATHS = {"data_dir", "xtts_checkpoint"}
+
+
+def settings_values(settings: Settings) -> dict[str, Any]:
+    """The settings a replica needs, as JSON-like values."""
+    out: dict[str, Any] = {}
+    for f in fields(settings):
+        if f.name in _NOT_SENT:
+            continue
+        value = getattr(settings, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        out[f.name] = value
+    return out
+
+
+def settings_from_values(values: Mapping[str, Any]) -> Settings:
+    known = {f.name for f in fields(Settings)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in known:
+            continue  # a newer gateway's setting this replica's code does not know
+        if name in _PATHS and value is not None:
+            value = Path(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    if "backend" in known:
+        kwargs["backend"] = "local"  # a replica runs its engine in-process
+    return Settings(**kwargs)
+
+
+# -- errors across the process boundary -------------------------------------------------------------
+class ReplicaError(Exception):
+    """A `GatewayError` raised on a replica, carried as plain values (it pickles by its args)."""
+
+    def __init__(self, status: int, detail: str, retry_after: int | None = None, field_name: str | None = None):
+        super().__init__(status, detail, retry_after, field_name)
+        self.status, self.detail, self.retry_after, self.field_name = status, detail, retry_after, field_name
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.detail}"
+
+    @classmethod
+    def of(cls, exc: GatewayError) -> ReplicaError:
+        retry = exc.headers.get("Retry-After")
+        return cls(exc.status, exc.detail, int(retry) if retry and retry.isdigit() else None,
+                   getattr(exc, "field", None))
+
+    def to_gateway_error(self) -> GatewayError:
+        if self.status == 503:
+            return Unavailable(self.detail, retry_after=self.retry_after or 5)
+        if self.status == 422 and self.field_name:
+            return InvalidField(self.field_name, self.detail.removeprefix(f"{self.field_name}: "))
+        for cls in (NotFound, Conflict, TimedOut, UnsupportedMedia):
+            if cls.status == self.status:
+                return cls(self.detail)
+        return GatewayError(self.detail)
+
+
+def _replica_error(exc: BaseException | None) -> ReplicaError | None:
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ReplicaError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
+
+
+def _translate(exc: Exception, engine: str) -> GatewayError:
+    """Any failure of a remote call as the `GatewayError` the HTTP layer maps to a status."""
+    remote = _replica_error(exc)
+    if remote is not None:
+        return remote.to_gateway_error()
+    if isinstance(exc, GatewayError):
+        return exc
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError):
+        return _busy(engine, exc)
+    log.error("Ray call to engine %s failed: %s: %s", engine, type(exc).__name__, exc)
+    return Unavailable(f"engine {engine!r} failed on the Ray cluster: {type(exc).__name__}", retry_after=1)
+
+
+def _busy(engine: str, exc: Any) -> Unavailable:
+    retry = getattr(exc, "_retry_after_s", None)
+    seconds = max(1, math.ceil(retry)) if retry else BUSY_RETRY_AFTER_S
+    return Unavailable(f"engine {engine!r} is busy: every replica is at its limit and the queue is full; "
+                       f"retry shortly", retry_after=seconds)
+
+
+# -- replica side ------------------------------------------------------------------------------------
+class LoadedVoice:
+    """A preset's verified latents held by one replica; Serve's multiplexing evicts it (LRU)."""
+
+    def __init__(self, sha256: str, latents: dict[str, Any], forget: Callable[[str], None]) -> None:
+        self.sha256 = sha256
+        self.latents: dict[str, Any] | None = latents
+        self._forget: Callable[[str], None] | None = forget
+
+    def __del__(self) -> None:
+        # Serve calls __del__ itself on eviction, and Python calls it again at collection: idempotent.
+        forget, self._forget = self.__dict__.get("_forget"), None
+        self.latents = None
+        if forget is not None:
+            try:
+                forget(self.sha256)
+            except Exception as exc:  # never raise from a finaliser
+                log.debug("forgetting latents %s failed: %s", self.sha256[:12], exc)
+
+
+class EngineReplica:
+    """One Serve replica of one engine. `deployment_class` adds the ``@serve.multiplexed`` loader."""
+
+    def __init__(self, engine_name: str, settings: Mapping[str, Any], warm: bool = True) -> None:
+        from tts_gateway.engines.manager import DEFAULT_PLUGINS, EngineManager
+        from tts_gateway.metrics import Metrics
+        from tts_gateway.service import SynthesisService
+        from tts_gateway.voices import open_registry
+
+        values = dict(settings)
+        parsed = settings_from_values(values)
+        # Only this replica's engine among the built-ins; plugin modules register what they register.
+        parsed = parsed.with_(engines=tuple(e for e in parsed.engines if e == engine_name and e in DEFAULT_PLUGINS))
+        self.engine_name = engine_name
+        self.settings = parsed
+        self.engines = EngineManager(parsed)
+        if engine_name not in self.engines.names:
+            raise ValueError(f"replica for engine {engine_name!r}: no such engine (have {self.engines.names})")
+        self.registry = open_registry(parsed)
+        self.service = SynthesisService(parsed, self.engines, self.registry, Metrics())
+        self._keys: dict[str, str] = {}
+        self._counts = {"running": 0, "completed": 0, "cancelled": 0, "failed": 0, "voice_loads": 0}
+        self._loaded_voices: set[str] = set()
+        self._model_sha: str | None = None
+        if warm:
+            self.engines.ensure_loaded(engine_name)
+            self._model_sha = self.engines.get(engine_name).model.sha256
+
+    # multiplexed in the Serve subclass; plain here so the class is usable (and testable) without Ray
+    async def voice(self, sha256: str) -> LoadedVoice:
+        return await self._load_voice(sha256)
+
+    async def _load_voice(self, sha256: str) -> LoadedVoice:
+        from tts_gateway.voices import CorruptBlob
+
+        key = self._keys.get(sha256)
+        if key is None:
+            raise ReplicaError(409, f"latents {sha256[:12]}… were asked for without their blob key")
+        try:
+            latents = await asyncio.to_thread(self.registry._load, key, sha256)  # verifies the sha256
+        except CorruptBlob as exc:
+            raise ReplicaError(409, f"the voice's latents are broken on this node ({exc}); "
+                                    "delete the voice and register it again") from None
+        self._counts["voice_loads"] += 1
+        self._loaded_voices.add(sha256)
+
+        def forget(sha: str) -> None:
+            self._loaded_voices.discard(sha)
+            self.registry._forget(sha)
+
+        return LoadedVoice(sha256, latents, forget)
+
+    async def _plan(self, raw: Mapping[str, Any]) -> Any:
+        from safetensors.numpy import load as st_load
+
+        from tts_gateway.audio import FORMATS
+        from tts_gateway.engines.base import VoiceInput
+        from tts_gateway.service import Plan, ResolvedVoice
+
+        job = SynthesisJob.from_dict(raw)
+        if job.engine != self.engine_name:
+            raise ReplicaError(409, f"job for engine {job.engine!r} reached a replica of {self.engine_name!r}")
+        engine = self.engines.get(job.engine)
+        if self._model_sha is None:
+            self._model_sha = await asyncio.to_thread(lambda: engine.model.sha256)
+        if job.model_sha256 and self._model_sha and job.model_sha256 != self._model_sha:
+            raise ReplicaError(409, f"engine {job.engine!r} runs model {self._model_sha[:12]}… on this replica but "
+                                    f"the gateway planned for {job.model_sha256[:12]}…; deploy the same model files")
+        if job.builtin is not None:
+            voice_input = VoiceInput(builtin=job.builtin)
+        elif job.latents_blob is not None:
+            if hashlib.sha256(job.latents_blob).hexdigest() != job.latents_sha256:
+                raise ReplicaError(409, "the voice's latents were damaged in transit")
+            voice_input = VoiceInput(latents=dict(st_load(job.latents_blob)))
+        elif job.latents_key and job.latents_sha256:
+            self._keys[job.latents_sha256] = job.latents_key
+            loaded = await self.voice(job.latents_sha256)
+            voice_input = VoiceInput(latents=loaded.latents)
+        else:
+            raise ReplicaError(409, "the job names no voice")
+        fmt = FORMATS.get(job.format)
+        if fmt is None:
+            raise ReplicaError(422, f"format: {job.format!r} is unknown", field_name="format")
+        voice = ResolvedVoice(job.voice_name, job.engine, voice_input, job.voice_language, job.latents_sha256,
+                              builtin=job.builtin is not None)
+        return Plan(
+            engine_name=job.engine, engine=engine, voice=voice, language=job.language, pieces=list(job.pieces),
+            fmt=fmt, rate=job.rate, speed=job.speed, seed=job.seed, repeatable=job.repeatable, stream=job.stream,
+            text=" ".join(job.pieces), cache=False,
+        )
+
+    async def synthesize(self, job: Mapping[str, Any]) -> bytes:
+        """The whole result at once."""
+        return b"".join([chunk async for chunk in self.stream(job)])
+
+    async def stream(self, job: Mapping[str, Any]) -> AsyncIterator[bytes]:
+        """Encoded bytes as they are ready; a cancelled request (client gone) stops the engine."""
+        from tts_gateway.engines.base import SynthesisCancelled
+
+        try:
+            plan = await self._plan(job)
+        except GatewayError as exc:
+            raise ReplicaError.of(exc) from None
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for chunk in self.service.run(plan, cancel):
+                    if cancel.is_set():
+                        break
+                    if chunk:
+                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        self._counts["running"] += 1
+        outcome = "cancelled"
+        # Its own thread, not the default pool: a cancelled request must never wait behind others.
+        threading.Thread(target=produce, name="tts-replica-synthesis", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    outcome = "completed"
+                    return
+                if isinstance(item, SynthesisCancelled):
+                    return
+                if isinstance(item, GatewayError):
+                    outcome = "failed"
+                    raise ReplicaError.of(item) from None
+                if isinstance(item, BaseException):
+                    outcome = "failed"
+                    raise ReplicaError(503, f"engine {self.engine_name!r} failed: {type(item).__name__}", 1)
+                yield item
+        finally:
+            cancel.set()
+            self._counts["running"] -= 1
+            self._counts[outcome] += 1
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's process, memory and counters (benchmarks and tests read it)."""
+        import psutil
+
+        process = psutil.Process()
+        return {"pid": os.getpid(), "rss": process.memory_info().rss,
+                "engine": self.engine_name, "loaded": self.engines.get(self.engine_name).loaded,
+                "voices": sorted(self._loaded_voices), **self._counts}
+
+
+_CLASSES: dict[int, type] = {}
+
+
+def deployment_class(max_voices: int = MAX_VOICES_PER_REPLICA) -> type:
+    """`EngineReplica` with its voice loader wrapped in ``@serve.multiplexed`` (needs Ray)."""
+    if max_voices not in _CLASSES:
+        from ray import serve
+
+        class TTSEngine(EngineReplica):
+            @serve.multiplexed(max_num_models_per_replica=max_voices)
+            async def voice(self, sha256: str) -> LoadedVoice:
+                return await self._load_voice(sha256)
+
+        _CLASSES[max_voices] = TTSEngine
+    return _CLASSES[max_voices]
+
+
+# -- gateway side ------------------------------------------------------------------------------------
+def _setting(settings: Settings, name: str, default: Any) -> Any:
+    value = getattr(settings, name, None)
+    return default if value is None else value
+
+
+class RayBackend:
+    """Calls the engines' Serve deployments; see the module docstring.
+
+    Args:
+        settings: Gateway settings. ``ray_address`` (empty: start a local cluster), ``ray_replicas``,
+            ``ray_max_ongoing_requests``, ``ray_max_queued_requests``, ``ray_replica_cpus`` and
+            ``ray_num_cpus`` are read when present; the keyword arguments of the same names win.
+        registry: The gateway's voice registry (finds a preset's blob key).
+        engines: Engines to deploy; default: every engine of ``settings``, found by an `EngineManager`.
+        overrides: Per engine: Serve deployment options (``num_replicas``, ``max_ongoing_requests``,
+            ``max_queued_requests``, ...) and ``env`` (extra environment variables of its replicas).
+        runtime_env: Ray runtime_env of every replica (e.g. ``{"env_vars": {"PYTHONPATH": ...}}``).
+        warm: Replicas load their engine's model when they start, not at the first request.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Any = None,
+        *,
+        engines: list[str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        warm: bool = True,
+        max_voices: int = MAX_VOICES_PER_REPLICA,
+        address: str | None = None,
+        replicas: int | None = None,
+        max_ongoing_requests: int | None = None,
+        max_queued_requests: int | None = None,
+        replica_cpus: float | None = None,
+        num_cpus: int | None = None,
+    ) -> None:
+        def pick(given: Any, name: str, default: Any) -> Any:
+            return given if given is not None else _setting(settings, name, default)
+
+        self.settings = settings
+        self.registry = registry
+        self.address: str = pick(address, "ray_address", "") or ""
+        self.replicas: int = pick(replicas, "ray_replicas", 1)
+        self.max_ongoing: int = pick(max_ongoing_requests, "ray_max_ongoing_requests", 2)
+        self.max_queued: int = pick(max_queued_requests, "ray_max_queued_requests", 16)
+        self.replica_cpus: float = pick(replica_cpus, "ray_replica_cpus", 1.0)
+        self.num_cpus: int | None = pick(num_cpus, "ray_num_cpus", 0) or None
+        self.timeout_s = settings.timeout_s
+        self._engines = engines
+        self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+        self.runtime_env = dict(runtime_env or {})
+        self.warm = warm
+        self.max_voices = max_voices
+        self._handles: dict[str, Any] = {}
+        self._keys: dict[str, str] = {}  # latents sha256 → blob key (a key never changes for a sha)
+        self._tmp: str | None = None
+        self._started_cluster = False
+        self.started = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def engines(self) -> list[str]:
+        if self._engines is None:
+            from tts_gateway.engines.manager import EngineManager
+
+            manager = EngineManager(self.settings)
+            self._engines = [n for n in manager.names if manager.get(n).availability()[0]]
+        return list(self._engines)
+
+    def start(self) -> None:
+        """Join or start the cluster and deploy one application per engine. Call it on the main
+        thread before ``uvicorn.run``: Ray's processes die with the thread that started them."""
+        if self.started:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("RayBackend.start() is not on the main thread; Ray's processes die with this thread")
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            try:
+                ray.init(**self._init_options())
+            except BaseException:
+                if self._tmp:
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+                    self._tmp, self._started_cluster = None, False
+                raise
+        serve.start(proxy_location="Disabled")  # Litestar is the only HTTP front door
+        running = self._running_apps() if self.address else set()
+        for engine in self.engines:
+            name = app_name(engine)
+            if name in running:  # another gateway deployed it: share it, do not redeploy (it would restart)
+                log.info("using the running Serve application %s", name)
+                self._handles[engine] = serve.get_app_handle(name)
+            else:
+                started = time.perf_counter()
+                self._handles[engine] = serve.run(self._application(engine), name=name, route_prefix=None)
+                log.info("deployed %s in %.1fs", name, time.perf_counter() - started)
+        self.started = True
+
+    def _init_options(self) -> dict[str, Any]:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.address:
+            return {"address": self.address, "log_to_driver": False}
+        # A local cluster: nothing in the home directory (Ray writes a generated auth token to
+        # ~/.ray unless one is given), sockets and logs in a temp dir, addresses on loopback.
+        if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # in memory and the children's env only
+            try:  # Ray caches its config at import: make this process see token mode and the token
+                from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+                Config.initialize("")
+                AuthenticationTokenLoader.instance().reset_cache()
+            except (ImportError, AttributeError) as exc:
+                log.warning("could not refresh Ray's auth config (%s); import ray after start()", exc)
+        self._tmp = tempfile.mkdtemp(prefix="tts-ray-", dir=_setting(self.settings, "ray_tmpdir", None))
+        self._started_cluster = True
+        return {
+            "address": "local", "include_dashboard": False, "num_cpus": self.num_cpus or os.cpu_count() or 1,
+            "object_store_memory": 128 * 1024 * 1024, "_node_ip_address": "127.0.0.1", "_temp_dir": self._tmp,
+            "log_to_driver": False,
+        }
+
+    @staticmethod
+    def _running_apps() -> set[str]:
+        from ray import serve
+
+        try:
+            apps = serve.status().applications
+        except Exception:
+            return set()
+        return {name for name, app in apps.items() if str(app.status).endswith("RUNNING")}
+
+    def deployment_options(self, engine: str) -> dict[str, Any]:
+        extra = dict(self.overrides.get(engine, {}))
+        env = {str(k): str(v) for k, v in (self.runtime_env.get("env_vars") or {}).items()}
+        if self.settings.engine_threads > 0:
+            env.setdefault("OMP_NUM_THREADS", str(self.settings.engine_threads))
+        if os.environ.get("PYTHONPATH"):
+            env.setdefault("PYTHONPATH", os.environ["PYTHONPATH"])
+        env.update({str(k): str(v) for k, v in (extra.pop("env", None) or {}).items()})
+        runtime_env = {**self.runtime_env, "env_vars": env}
+        actor = {"num_cpus": extra.pop("num_cpus", self.replica_cpus), "runtime_env": runtime_env}
+        return {
+            "name": app_name(engine), "num_replicas": self.replicas, "max_ongoing_requests": self.max_ongoing,
+            "max_queued_requests": self.max_queued, "ray_actor_options": actor,
+            "graceful_shutdown_timeout_s": 5, **extra,
+        }
+
+    def _application(self, engine: str) -> Any:
+        from ray import serve
+
+        deployment: Any = serve.deployment(deployment_class(self.max_voices))
+        deployment = deployment.options(**self.deployment_options(engine))
+        return deployment.bind(engine, settings_values(self.settings), self.warm)
+
+    def close(self) -> None:
+        """Disconnect; a local cluster started here is shut down, a joined one keeps its applications."""
+        if not self.started and not self._started_cluster:
+            return
+        import ray
+        from ray import serve
+
+        self._handles.clear()
+        self.started = False
+        if self._started_cluster:
+            try:
+                serve.shutdown()
+            except Exception:
+                log.exception("serve.shutdown failed")
+        ray.shutdown()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        self._started_cluster = False
+
+    # -- calls --------------------------------------------------------------------------------------
+    def _latents_key(self, name: str, sha256: str) -> str | None:
+        key = self._keys.get(sha256)
+        if key is None and self.registry is not None and not name.startswith("upload:"):
+            try:
+                record = self.registry.get(name)
+            except LookupError:
+                return None
+            if record.latents_sha256 == sha256:
+                key = self._keys[sha256] = record.latents_key
+        return key
+
+    def job(self, plan: Any) -> SynthesisJob:
+        return job_from_plan(plan, self._latents_key)
+
+    def _handle(self, job: SynthesisJob, stream: bool) -> Any:
+        handle = self._handles.get(job.engine)
+        if handle is None:
+            if not self.started:
+                raise Unavailable("the Ray backend is not started", retry_after=5)
+            raise Unavailable(f"engine {job.engine!r} is not deployed on the Ray cluster", retry_after=30)
+        options: dict[str, Any] = {"stream": True} if stream else {}
+        if job.multiplexed_id:
+            options["multiplexed_model_id"] = job.multiplexed_id
+        return handle.options(**options) if options else handle
+
+    async def call(self, plan: Any) -> bytes:
+        """The whole result; 503 (Retry-After) when the engine's replicas and queue are full."""
+        from ray.serve.exceptions import BackPressureError
+
+        job = await asyncio.to_thread(self.job, plan) if self._needs_lookup(plan) else self.job(plan)
+        response = self._handle(job, stream=False).synthesize.remote(job.to_dict())
+        try:
+            return await asyncio.wait_for(_awaitable(response), self.timeout_s)
+        except BackPressureError as exc:  # rejected before it ran: nothing to cancel
+            raise _busy(job.engine, exc) from None
+        except TimeoutError:
+            _cancel(response)
+            raise TimedOut(f"synthesis took longer than {self.timeout_s:g} s (TTS_GATEWAY_TIMEOUT_S)") from None
+        except asyncio.CancelledError:
+            _cancel(response)  # the client went away
+            raise
+        except Exception as exc:
+            raise _translate(exc, job.engine) from None
+
+    async def open_stream(self, plan: Any, on_complete: Callable[[], None] | None = None,
+                          ) -> tuple[bytes, _RemoteChunks]:
+        """The first chunk (awaited, so early errors keep their status) and an iterator over the rest.
+
+        ``on_complete`` runs only when the replica finished normally. Leaving the iterator early
+        (client disconnect) cancels the replica's work.
+        """
+        from ray.serve.exceptions import BackPressureError
+
+        job = await asyncio.to_thread(self.job, plan) if self._needs_lookup(plan) else self.job(plan)
+        generator = self._handle(job, stream=True).stream.remote(job.to_dict())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+
+        async def next_chunk() -> bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(_anext(generator), remaining)
+
+        finished = False
+        try:
+            first = await next_chunk()
+        except StopAsyncIteration:
+            finished, first = True, b""
+            if on_complete is not None:
+                on_complete()
+        except BackPressureError as exc:  # rejected before its first chunk: never cancel it
+            raise _busy(job.engine, exc) from None
+        except TimeoutError:
+            _cancel(generator)
+            raise TimedOut(f"no audio within {self.timeout_s:g} s (TTS_GATEWAY_TIMEOUT_S)") from None
+        except asyncio.CancelledError:
+            _cancel(generator)
+            raise
+        except Exception as exc:
+            raise _translate(exc, job.engine) from None
+
+        return first, _RemoteChunks(generator, next_chunk, finished, on_complete, job.engine, self.timeout_s)
+
+    async def stream(self, plan: Any) -> AsyncIterator[bytes]:
+        """Encoded chunks as the replica makes them (errors before the first chunk are raised)."""
+        first, rest = await self.open_stream(plan)
+        try:
+            if first:
+                yield first
+            async for chunk in rest:
+                yield chunk
+        finally:
+            await rest.aclose()
+
+    def _needs_lookup(self, plan: Any) -> bool:
+        """A preset whose blob key is not known yet: the registry lookup may block (PostgreSQL)."""
+        sha = plan.voice.voice_sha256
+        return plan.voice.input.builtin is None and sha is not None and sha not in self._keys
+
+    async def replica_stats(self, engine: str, calls: int = 8) -> list[dict[str, Any]]:
+        """`EngineReplica.stats` of the replicas a few calls reach, one entry per process."""
+        handle = self._handles[engine]
+        seen: dict[int, dict[str, Any]] = {}
+        for _ in range(calls):
+            stats = await handle.stats.remote()
+            seen[stats["pid"]] = stats
+        return sorted(seen.values(), key=lambda s: s["pid"])
+
+
+class _RemoteChunks:
+    """The rest of a stream. ``aclose()`` — even before the first ``__anext__``, when an async
+    generator's ``finally`` would never run — cancels the replica's work unless the stream ended."""
+
+    def __init__(self, generator: Any, next_chunk: Callable[[], Any], finished: bool,
+                 on_complete: Callable[[], None] | None, engine: str, timeout_s: float) -> None:
+        self._generator = generator
+        self._next = next_chunk
+        self._done = finished
+        self._on_complete = on_complete
+        self._engine = engine
+        self._timeout_s = timeout_s
+
+    def __aiter__(self) -> _RemoteChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            self._done = True
+            if self._on_complete is not None:
+                self._on_complete()
+            raise
+        except TimeoutError:  # headers are sent: end the stream early; the log says why
+            log.error("stream ended early: no audio within %g s", self._timeout_s)
+            await self.aclose()
+            raise StopAsyncIteration from None
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        except Exception as exc:
+            log.error("stream ended early: %s", _translate(exc, self._engine))
+            self._done = True  # it failed on the replica: nothing left to cancel
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            _cancel(self._generator)  # client disconnect, timeout: stop the replica
+
+    def __del__(self) -> None:
+        if not self.__dict__.get("_done", True):
+            self._done = True
+            _cancel(self._generator)
+
+
+async def _awaitable(response: Any) -> Any:
+    return await response
+
+
+async def _anext(generator: Any) -> Any:
+    return await generator.__anext__()
+
+
+def _cancel(response: Any) -> None:
+    """Best-effort cancel of a Serve response or response generator (never raises)."""
+    try:
+        response.cancel()
+    except Exception as exc:
+        log.debug("cancel failed: %s", exc)

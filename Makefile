@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 APT_PACKAGES ?= espeak-ng
-TEST_APT_PACKAGES ?= espeak-ng chromium
+TEST_APT_PACKAGES ?= espeak-ng chromium postgresql
 PYTEST_ARGS ?=
 
 .PHONY: run test test-ray lint bench fuzz install system-deps test-system-deps tiny-xtts clean

@@ -59,7 +59,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def table_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
     data = tmp_path_factory.mktemp("table")
-    settings = Settings(data_dir=data, engines=("piper",), max_upload_bytes=400_000, max_concurrency=2,
+    settings = Settings(data_dir=data, engines=("piper",), max_upload_bytes=2_000_000, max_concurrency=2,
                         timeout_s=60)
     with running_app(settings, ClonePlugin()) as client:
         files = {"audio": ("a.wav", wav(voice_audio()), "audio/wav")}
@@ -88,7 +88,7 @@ TABLE: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("not-json", "POST", "/v1/synthesize", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415,
      "application/json"),
     ("form-to-json", "POST", "/v1/synthesize", {"data": {"text": "hi"}}, 415, "application/json"),
-    ("too-large", "POST", "/v1/synthesize", {"content": b'{"text": "' + b"a" * 500_000 + b'"}', "headers": J},
+    ("too-large", "POST", "/v1/synthesize", {"content": b'{"text": "' + b"a" * 2_100_000 + b'"}', "headers": J},
      413, "larger than the limit"),
     ("unknown-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "nobody"}}, 404, "unknown voice"),
     ("unknown-engine-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "zzz:a"}}, 404, "no engine"),
@@ -138,7 +138,7 @@ TABLE: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      {"data": {"name": "v6", "engine": "clone"}, "files": {"audio": ("a.wav", wav(voice_audio(1.5)), "audio/wav")}},
      422, "at least 2"),
     ("voice-long", "POST", "/v1/voices",
-     {"data": {"name": "v7", "engine": "clone"}, "files": {"audio": ("a.wav", wav(voice_audio(61, rate=3000), 3000),
+     {"data": {"name": "v7", "engine": "clone"}, "files": {"audio": ("a.wav", wav(voice_audio(61, rate=8000), 8000),
                                                                      "audio/wav")}}, 422, "limit is 60"),
     ("voice-duplicate", "POST", "/v1/voices",
      {"data": {"name": "taken", "engine": "clone"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 409,
@@ -157,6 +157,14 @@ TABLE: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      {"data": {"name": "v11", "engine": "clone", "language": "xx"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}},
      422, "does not speak"),
     ("voice-json", "POST", "/v1/voices", {"json": {"name": "v12"}}, 415, "multipart"),
+    ("voice-low-rate", "POST", "/v1/voices",
+     {"data": {"name": "v13", "engine": "clone"}, "files": {"audio": ("a.wav", wav(voice_audio(4, rate=1000), 1000),
+                                                                      "audio/wav")}}, 422, "sample rate"),
+    ("voice-name-newline", "POST", "/v1/voices",
+     {"data": {"name": "taken\n", "engine": "clone"}, "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 422, "name"),
+    ("voice-description-control", "POST", "/v1/voices",
+     {"data": {"name": "v14", "engine": "clone", "description": "a\x00b"},
+      "files": {"audio": ("a.wav", GOOD, "audio/wav")}}, 422, "control"),
     ("delete-builtin", "DELETE", "/v1/voices/piper:joe", {}, 409, "built-in"),
     ("legacy-json", "POST", "/synthesize", {"json": {"text": "hi"}}, 415, "multipart"),
     ("legacy-no-audio", "POST", "/synthesize", {"data": {"text": "hi"}, "files": {"x": ("x", b"")}}, 422,

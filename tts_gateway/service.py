@@ -146,7 +146,7 @@ class SynthesisService:
             if builtin is None:
                 raise NotFound(f"unknown voice {name!r}; GET /v1/voices lists the voices")
             return ResolvedVoice(name, engine_name, VoiceInput(builtin=voice_id), builtin.language)
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise NotFound(f"unknown voice {name!r}; GET /v1/voices lists the voices")
         try:
             record = self.registry.get(name)
@@ -233,10 +233,12 @@ class SynthesisService:
         description: str = "",
         consent: bool = False,
     ) -> dict[str, Any]:
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise InvalidField("name", "must match ^[a-z0-9][a-z0-9_-]{0,63}$ (lower-case letters, digits, - and _)")
         if self.registry.exists(name):
             raise Conflict(str(VoiceExists(name)))
+        if has_control_chars(description) or (language and has_control_chars(language)):
+            raise InvalidField("description", "contains control characters")
         engine = self._engine(engine_name, field_name="engine")
         if not isinstance(engine, CloningEngine):
             raise InvalidField("engine", f"engine {engine_name!r} cannot clone voices")

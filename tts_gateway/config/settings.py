@@ -126,7 +126,7 @@ class Settings:
 
         checkpoint = raw("XTTS_CHECKPOINT")
         default_voice = raw("DEFAULT_VOICE") or base.default_voice
-        if ":" not in default_voice and not VOICE_NAME_RE.match(default_voice):
+        if ":" not in default_voice and not VOICE_NAME_RE.fullmatch(default_voice):
             raise SettingsError(f"{PREFIX}DEFAULT_VOICE is not a valid voice name: {default_voice!r}")
 
         engines = names("ENGINES", base.engines)

@@ -358,7 +358,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, name: str) -> VoiceRecord:
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise VoiceNotFound(name)
         rows = self._read("SELECT record FROM tts_voices WHERE name = %s", (name,))
         if not rows:
@@ -366,7 +366,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
         return self._record(rows[0][0])
 
     def exists(self, name: str) -> bool:
-        return bool(VOICE_NAME_RE.match(name)) and bool(
+        return bool(VOICE_NAME_RE.fullmatch(name)) and bool(
             self._read("SELECT 1 FROM tts_voices WHERE name = %s", (name,)))
 
     def records(self) -> list[VoiceRecord]:
@@ -506,7 +506,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
         consent: bool = False,
     ) -> VoiceRecord:
         """Register a preset; raises `VoiceExists` if the name is taken (the database's unique key decides)."""
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise ValueError(f"invalid voice name {name!r}")
         for field_name, value in (("description", description), ("language", language), ("engine", engine),
                                   ("licence", licence), ("model_id", model_id)):
@@ -557,7 +557,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
         return record
 
     def delete(self, name: str) -> VoiceRecord:
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise VoiceNotFound(name)
 
         def remove(conn: Connection) -> tuple[VoiceRecord, list[str]]:

@@ -128,7 +128,7 @@ class VoiceRegistry:
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, name: str) -> VoiceRecord:
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise VoiceNotFound(name)
         data = self.index.get(f"voice:{name}")
         if not isinstance(data, bytes):
@@ -136,7 +136,7 @@ class VoiceRegistry:
         return VoiceRecord.from_json(data)
 
     def exists(self, name: str) -> bool:
-        return bool(VOICE_NAME_RE.match(name)) and f"voice:{name}" in self.index
+        return bool(VOICE_NAME_RE.fullmatch(name)) and f"voice:{name}" in self.index
 
     def records(self) -> list[VoiceRecord]:
         records = []
@@ -230,7 +230,7 @@ class VoiceRegistry:
         consent: bool = False,
     ) -> VoiceRecord:
         """Register a preset; raises `VoiceExists` if the name is taken (checked again at commit)."""
-        if not VOICE_NAME_RE.match(name):
+        if not VOICE_NAME_RE.fullmatch(name):
             raise ValueError(f"invalid voice name {name!r}")
         if self.exists(name):
             raise VoiceExists(name)

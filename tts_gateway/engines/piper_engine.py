@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.memory import release_memory
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,17 @@ class PiperEngine(BaseEngine):
     name = "piper"
     capabilities = Capabilities(cloning=False, streaming=True, deterministic=False, native_speed=True)
 
-    def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0) -> None:
+    def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0, sessions: int = 1) -> None:
         super().__init__()
         self._files = {voice.id: voice for voice in voices}
         self._threads = threads
-        self._voices: dict[str, Any] = {}
+        # One onnxruntime session runs one synthesis at a time; a small pool per voice lets
+        # concurrent requests use every core instead of queueing behind a lock.
+        self._sessions = max(1, sessions)
+        self._voices: dict[str, queue.Queue[Any]] = {}
         self._languages: dict[str, str] = {}
         self._sample_rate = 22050
         self._sha: dict[str, str] = {}
-        self._lock = threading.Lock()  # one onnxruntime session per voice; keep runs ordered
         for voice in voices:
             try:
                 config = json.loads(voice.config_path.read_text())
@@ -120,26 +123,31 @@ class PiperEngine(BaseEngine):
     def load(self) -> None:
         from piper import PiperVoice
 
-        loaded = {}
+        loaded: dict[str, queue.Queue[Any]] = {}
         for voice in self._files.values():
             if not voice.model_path.is_file():
                 raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
-            loaded[voice.id] = PiperVoice.load(voice.model_path, config_path=voice.config_path)
-            if self._threads:
-                loaded[voice.id].session = _session(voice.model_path, self._threads)
+            pool: queue.Queue[Any] = queue.Queue()
+            for _ in range(self._sessions):
+                piper_voice = PiperVoice.load(voice.model_path, config_path=voice.config_path)
+                if self._threads:
+                    piper_voice.session = _session(voice.model_path, self._threads)
+                pool.put(piper_voice)
+            loaded[voice.id] = pool
         self._voices = loaded
         self._loaded = True
 
     def unload(self) -> None:
         self._voices = {}
         self._loaded = False
+        release_memory()
 
     def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
         from piper import SynthesisConfig
 
         self.check_language(options.language)
-        piper_voice = self._voices.get(voice.builtin or "")
-        if piper_voice is None:
+        pool = self._voices.get(voice.builtin or "")
+        if pool is None:
             raise EngineUnavailable(self.name, f"voice {voice.builtin!r} is not loaded")
         config = SynthesisConfig(length_scale=1.0 / options.speed)
         if options.repeatable:
@@ -147,11 +155,14 @@ class PiperEngine(BaseEngine):
             # sampling noise: the same text then always gives the same samples.
             config.noise_scale = 0.0
             config.noise_w_scale = 0.0
-        with self._lock:
+        piper_voice = pool.get()
+        try:
             for chunk in piper_voice.synthesize(text, syn_config=config):
                 if options.cancel.is_set():
                     raise SynthesisCancelled("cancelled")
                 yield np.asarray(chunk.audio_float_array, dtype=np.float32)
+        finally:
+            pool.put(piper_voice)
 
 
 def _session(model_path: Path, threads: int) -> Any:
@@ -167,4 +178,5 @@ def _session(model_path: Path, threads: int) -> Any:
 
 @hookimpl(trylast=True)
 def register_engines(register: Callable[[Any], None], settings: Settings) -> None:
-    register(PiperEngine(_bundled_voices(), threads=settings.engine_threads))
+    register(PiperEngine(_bundled_voices(), threads=settings.engine_threads,
+                         sessions=min(settings.max_concurrency, 4)))

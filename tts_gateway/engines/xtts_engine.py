@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import threading
@@ -23,6 +22,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.memory import release_memory
 
 REQUIRED_FILES = ("config.json", "model.pth", "vocab.json")
 DEFAULT_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
@@ -46,17 +46,6 @@ def file_sha256(path: Path) -> str:
     with _SHA_LOCK:
         _SHA_CACHE[key] = digest.hexdigest()
     return _SHA_CACHE[key]
-
-
-def release_memory() -> None:
-    """Return freed model memory to the OS (glibc keeps it otherwise, and RSS never drops)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def resolve_device(setting: str) -> str:

@@ -14,7 +14,7 @@ run: install system-deps
 	$(BIN)/tts-gateway serve
 
 test: install test-system-deps
-	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/test_ray.py $(PYTEST_ARGS)
 
 # The Ray Serve backend: its own bounded step (one local cluster, never in parallel).
 test-ray: install
@@ -22,8 +22,8 @@ test-ray: install
 	timeout 1200 $(BIN)/python -m pytest tests/test_ray.py -m ray $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check tts_gateway tests benchmarks examples
-	$(BIN)/mypy tts_gateway
+	$(BIN)/ruff check tts_gateway gateway engines voices config tests benchmarks examples
+	$(BIN)/mypy tts_gateway gateway engines voices config
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.run
@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
 	# coqui-tts needs these *packages* present; their compiled parts are bypassed (see
-	# tts_gateway/engines/torch_compat.py), so no deps: they would pull another torch.
+	# engines/torch_compat.py), so no deps: they would pull another torch.
 	$(BIN)/pip install --no-deps "torchaudio==2.11.0" "torchcodec==0.17.0"
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -324,11 +324,11 @@ class InProcess:
     """A `SynthesisService` over real engines in this process (lazy loading, like the gateway)."""
 
     def __init__(self, workdir: Path, checkpoint: Path, threads: int) -> None:
-        from tts_gateway.config import Settings
-        from tts_gateway.engines.manager import EngineManager
+        from config import Settings
+        from engines.manager import EngineManager
         from tts_gateway.metrics import Metrics
         from tts_gateway.service import SynthesisService
-        from tts_gateway.voices import VoiceRegistry
+        from voices import VoiceRegistry
 
         self.settings = Settings(data_dir=workdir / "inproc-data", engines=("piper", "xtts", "espeak"),
                                  xtts_checkpoint=checkpoint, engine_threads=threads, max_text_chars=100_000,
@@ -395,7 +395,7 @@ class Context:
         """About 4.5 s of real speech from Piper, as 22.05 kHz WAV (the cloning reference)."""
         if self._speech is None:
             from benchmarks.texts import REFERENCE_TEXT
-            from tts_gateway.engines.base import SynthesisOptions, VoiceInput
+            from engines.base import SynthesisOptions, VoiceInput
 
             piper = self.inproc().engines.ensure_loaded("piper")
             audio = np.concatenate(list(piper.synthesize(REFERENCE_TEXT, VoiceInput(builtin="joe"),

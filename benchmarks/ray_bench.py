@@ -53,12 +53,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     args = parser.parse_args()
 
+    from config import Settings
+    from engines.manager import EngineManager
     from tts_gateway.backends.ray_serve import RayBackend, app_name
-    from tts_gateway.config import Settings
-    from tts_gateway.engines.manager import EngineManager
     from tts_gateway.metrics import Metrics
     from tts_gateway.service import SynthesisRequest, SynthesisService
-    from tts_gateway.voices import VoiceRegistry
+    from voices import VoiceRegistry
 
     data_dir = Path(tempfile.mkdtemp(prefix="tts-ray-bench-"))
     settings = Settings(data_dir=data_dir, engines=("piper",), engine_threads=1, timeout_s=120, canary=False)

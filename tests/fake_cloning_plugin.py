@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.engines.base import BaseEngine, Capabilities, ModelInfo, SynthesisOptions, VoiceInput
-from tts_gateway.engines.hookspecs import hookimpl
+from engines.base import BaseEngine, Capabilities, ModelInfo, SynthesisOptions, VoiceInput
+from engines.hookspecs import hookimpl
 
 RATE = 16000
 

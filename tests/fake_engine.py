@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.engines.base import (
+from engines.base import (
     BaseEngine,
     BuiltinVoice,
     Capabilities,
@@ -17,7 +17,7 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
-from tts_gateway.engines.hookspecs import hookimpl
+from engines.hookspecs import hookimpl
 
 RATE = 16000
 

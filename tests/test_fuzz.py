@@ -45,12 +45,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis.python import asgi as schemathesis_asgi  # noqa: E402
 
+from config import Settings  # noqa: E402
+from engines.base import BuiltinVoice, Capabilities  # noqa: E402
+from engines.manager import EngineManager  # noqa: E402
+from gateway import create_app  # noqa: E402
 from tests.conftest import running_app  # noqa: E402
 from tests.fake_engine import RATE, FakeEngine, FakePlugin  # noqa: E402
-from tts_gateway.config import Settings  # noqa: E402
-from tts_gateway.engines.base import BuiltinVoice, Capabilities  # noqa: E402
-from tts_gateway.engines.manager import EngineManager  # noqa: E402
-from tts_gateway.gateway import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = "/docs/openapi.json"

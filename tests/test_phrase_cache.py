@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from config import Settings
 from tests.conftest import assert_problem, running_app
-from tts_gateway.config import Settings
 
 
 def stats(client: Any) -> dict[str, Any]:

@@ -31,12 +31,12 @@ import psycopg.errors
 import pytest
 import soundfile as sf
 
+from config import Settings, SettingsError
 from tests.conftest import ROOT, assert_problem, free_port, running_app
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.test_reliability import ClonePlugin, start_server, voice_audio, wait_up, wav
-from tts_gateway.config import Settings, SettingsError
 from tts_gateway.errors import InvalidField
-from tts_gateway.voices import (
+from voices import (
     PostgresVoiceRegistry,
     RegistryConnectError,
     RegistryUnavailable,

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tts_gateway.config import Settings
-from tts_gateway.engines.manager import EngineManager
+from config import Settings
+from engines.manager import EngineManager
 from tts_gateway.errors import Unavailable
 from tts_gateway.metrics import Metrics
 from tts_gateway.service import SynthesisRequest, SynthesisService
-from tts_gateway.voices import VoiceRegistry
+from voices import VoiceRegistry
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 
@@ -189,8 +189,8 @@ def test_through_the_app(ray_env: RayEnv, monkeypatch: pytest.MonkeyPatch) -> No
     from litestar.testing import TestClient
 
     from tts_gateway.backends import run_remote
-    from tts_gateway.gateway import create_app
-    from tts_gateway.gateway.app import Gateway
+    from gateway import create_app
+    from gateway.app import Gateway
     from tts_gateway.phrase_cache import PhraseCache
 
     async def run_synthesis(self: Gateway, plan: Any, request: Any) -> Any:

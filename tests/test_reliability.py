@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from config import Settings
 from tests.conftest import ROOT, assert_problem, free_port, running_app
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakeEngine, FakePlugin
-from tts_gateway.config import Settings
-from tts_gateway.voices import VoiceRegistry, prepare_reference
+from voices import VoiceRegistry, prepare_reference
 
 RATE = 16000
 
@@ -43,7 +43,7 @@ def voice_audio(seconds: float = 3.0, pitch: float = 220.0, rate: int = RATE) ->
 
 
 class ClonePlugin:
-    from tts_gateway.engines.hookspecs import hookimpl
+    from engines.hookspecs import hookimpl
 
     @hookimpl
     def register_engines(self, register: Any) -> None:

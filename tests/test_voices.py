@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from config import Settings
+from engines.xtts_engine import XttsEngine
 from tests.conftest import assert_problem, decode, running_app
-from tts_gateway.config import Settings
-from tts_gateway.engines.xtts_engine import XttsEngine
 
 pytestmark = pytest.mark.xtts
 

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tts_gateway.config import Settings, SettingsError
+from config import Settings, SettingsError
 
 if TYPE_CHECKING:
     from tts_gateway.service import SynthesisService
@@ -47,10 +47,10 @@ def load_settings() -> Settings:
 
 
 def build_service(settings: Settings) -> SynthesisService:
-    from tts_gateway.engines.manager import EngineManager
+    from engines.manager import EngineManager
     from tts_gateway.metrics import Metrics
     from tts_gateway.service import SynthesisService
-    from tts_gateway.voices import open_registry
+    from voices import open_registry
 
     try:
         engines = EngineManager(settings)
@@ -76,7 +76,7 @@ def serve(
     """Start the HTTP server (the default voice loads in the background; /ready says when)."""
     import uvicorn
 
-    from tts_gateway.gateway import create_app
+    from gateway import create_app
 
     settings = load_settings()
     settings = settings.with_(host=host or settings.host, port=port if port is not None else settings.port)
@@ -138,7 +138,7 @@ def say(
 @app.command()
 def engines() -> None:
     """List engines: availability (with the reason), languages, capabilities and model."""
-    from tts_gateway.engines.base import CloningEngine
+    from engines.base import CloningEngine
 
     settings = load_settings()
     service = build_service(settings)
@@ -205,7 +205,7 @@ def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) ->
 @registry_app.command("check")
 def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and temp files.")] = False) -> None:
     """Verify every preset's latents and find orphan or half-written files."""
-    from tts_gateway.voices import open_registry
+    from voices import open_registry
 
     settings = load_settings()
     try:
@@ -225,7 +225,7 @@ def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and te
 @dev_app.command("tiny-xtts")
 def dev_tiny_xtts(directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")]) -> None:
     """Build the tiny random-weight XTTS v2 checkpoint used by tests (~93 MB, 16 languages)."""
-    from tts_gateway.engines.tiny_xtts import build_tiny_xtts
+    from engines.tiny_xtts import build_tiny_xtts
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
         progress.add_task("building tiny XTTS checkpoint…", total=None)

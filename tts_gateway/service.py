@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
-from tts_gateway.config import Settings
-from tts_gateway.config.settings import VOICE_NAME_RE
-from tts_gateway.engines.base import (
+from config import Settings
+from config.settings import VOICE_NAME_RE
+from engines.base import (
     CloningEngine,
     EngineUnavailable,
     SpeechEngine,
@@ -26,11 +25,12 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
-from tts_gateway.engines.manager import EngineManager, UnknownEngine
+from engines.manager import EngineManager, UnknownEngine
+from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
 from tts_gateway.errors import Conflict, GatewayError, InvalidField, NotFound, Unavailable
 from tts_gateway.metrics import Metrics
 from tts_gateway.text import char_count, has_control_chars, normalise, split_sentences
-from tts_gateway.voices import (
+from voices import (
     VoiceBroken,
     VoiceExists,
     VoiceNotFound,

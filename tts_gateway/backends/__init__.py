@@ -1,6 +1,6 @@
 """Where synthesis runs: ``local`` (worker threads in the gateway process) or ``ray`` (Ray Serve).
 
-``TTS_GATEWAY_BACKEND=local`` keeps everything in `tts_gateway.gateway.runner`. ``ray`` sends each
+``TTS_GATEWAY_BACKEND=local`` keeps everything in `gateway.runner`. ``ray`` sends each
 `Plan` to a Serve deployment of its engine (`tts_gateway.backends.ray_serve`); Litestar stays the
 HTTP front door. Ray is an optional extra (``pip install .[ray]``) imported only when chosen.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from tts_gateway.config import Settings
+from config import Settings
 from tts_gateway.errors import GatewayError
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tts_gateway.config import Settings
+from config import Settings
 from tts_gateway.errors import Conflict, GatewayError, InvalidField, NotFound, TimedOut, Unavailable, UnsupportedMedia
 
 log = logging.getLogger(__name__)
@@ -233,10 +233,10 @@ class EngineReplica:
     """One Serve replica of one engine. `deployment_class` adds the ``@serve.multiplexed`` loader."""
 
     def __init__(self, engine_name: str, settings: Mapping[str, Any], warm: bool = True) -> None:
-        from tts_gateway.engines.manager import DEFAULT_PLUGINS, EngineManager
+        from engines.manager import DEFAULT_PLUGINS, EngineManager
         from tts_gateway.metrics import Metrics
         from tts_gateway.service import SynthesisService
-        from tts_gateway.voices import open_registry
+        from voices import open_registry
 
         values = dict(settings)
         parsed = settings_from_values(values)
@@ -262,7 +262,7 @@ class EngineReplica:
         return await self._load_voice(sha256)
 
     async def _load_voice(self, sha256: str) -> LoadedVoice:
-        from tts_gateway.voices import CorruptBlob
+        from voices import CorruptBlob
 
         key = self._keys.get(sha256)
         if key is None:
@@ -284,8 +284,8 @@ class EngineReplica:
     async def _plan(self, raw: Mapping[str, Any]) -> Any:
         from safetensors.numpy import load as st_load
 
+        from engines.base import VoiceInput
         from tts_gateway.audio import FORMATS
-        from tts_gateway.engines.base import VoiceInput
         from tts_gateway.service import Plan, ResolvedVoice
 
         job = SynthesisJob.from_dict(raw)
@@ -326,7 +326,7 @@ class EngineReplica:
 
     async def stream(self, job: Mapping[str, Any]) -> AsyncIterator[bytes]:
         """Encoded bytes as they are ready; a cancelled request (client gone) stops the engine."""
-        from tts_gateway.engines.base import SynthesisCancelled
+        from engines.base import SynthesisCancelled
 
         try:
             plan = await self._plan(job)
@@ -463,7 +463,7 @@ class RayBackend:
     @property
     def engines(self) -> list[str]:
         if self._engines is None:
-            from tts_gateway.engines.manager import EngineManager
+            from engines.manager import EngineManager
 
             manager = EngineManager(self.settings)
             self._engines = [n for n in manager.names if manager.get(n).availability()[0]]

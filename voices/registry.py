@@ -26,9 +26,9 @@ from typing import Any
 import diskcache
 import numpy as np
 
-from tts_gateway.config.settings import VOICE_NAME_RE
-from tts_gateway.voices.audio import ReferenceAudio
-from tts_gateway.voices.store import CorruptBlob, LatentStore
+from config.settings import VOICE_NAME_RE
+from voices.audio import ReferenceAudio
+from voices.store import CorruptBlob, LatentStore
 
 log = logging.getLogger(__name__)
 

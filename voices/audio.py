@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from tts_gateway.engines.base import InvalidReferenceAudio
+from engines.base import InvalidReferenceAudio
 
 MIN_SECONDS = 2.0
 MAX_SECONDS = 60.0

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from tts_gateway.config import Settings
-    from tts_gateway.engines.base import SpeechEngine
+    from config import Settings
+    from engines.base import SpeechEngine
 
 hookspec = pluggy.HookspecMarker("tts_gateway")
 hookimpl = pluggy.HookimplMarker("tts_gateway")

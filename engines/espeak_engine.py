@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.audio import time_stretch
-from tts_gateway.config import Settings
-from tts_gateway.engines.base import (
+from config import Settings
+from engines.base import (
     BaseEngine,
     BuiltinVoice,
     Capabilities,
@@ -24,7 +23,8 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
-from tts_gateway.engines.hookspecs import hookimpl
+from engines.hookspecs import hookimpl
+from tts_gateway.audio import time_stretch
 
 BASE_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450

@@ -43,10 +43,10 @@ from psycopg.types.json import Jsonb
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from tts_gateway.config.settings import VOICE_NAME_RE
+from config.settings import VOICE_NAME_RE
 from tts_gateway.errors import InvalidField, Unavailable
-from tts_gateway.voices.audio import ReferenceAudio
-from tts_gateway.voices.registry import (
+from voices.audio import ReferenceAudio
+from voices.registry import (
     ComputeLatents,
     VoiceBroken,
     VoiceExists,
@@ -55,7 +55,7 @@ from tts_gateway.voices.registry import (
     VoiceRegistry,
     latents_key,
 )
-from tts_gateway.voices.store import CorruptBlob, LatentStore, atomic_write
+from voices.store import CorruptBlob, LatentStore, atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 
-from tts_gateway.config import ApiKey
+from config import ApiKey
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.config import Settings
-from tts_gateway.engines.base import (
+from config import Settings
+from engines.base import (
     BaseEngine,
     BuiltinVoice,
     Capabilities,
@@ -23,8 +23,8 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
-from tts_gateway.engines.hookspecs import hookimpl
-from tts_gateway.engines.memory import release_memory
+from engines.hookspecs import hookimpl
+from engines.memory import release_memory
 
 
 @dataclass(frozen=True)

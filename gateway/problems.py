@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from tts_gateway.engines.base import EngineUnavailable, InvalidReferenceAudio, UnsupportedLanguage
+from engines.base import EngineUnavailable, InvalidReferenceAudio, UnsupportedLanguage
 from tts_gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)

@@ -14,18 +14,18 @@ from typing import Any
 
 import pluggy
 
-from tts_gateway.config import Settings
-from tts_gateway.engines import hookspecs
-from tts_gateway.engines.base import CloningEngine, EngineUnavailable, SpeechEngine
+from config import Settings
+from engines import hookspecs
+from engines.base import CloningEngine, EngineUnavailable, SpeechEngine
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "tts_gateway"
 # Built-in engines, each a plugin module; TTS_GATEWAY_ENGINES picks which of them load.
 DEFAULT_PLUGINS: dict[str, str] = {
-    "piper": "tts_gateway.engines.piper_engine",
-    "xtts": "tts_gateway.engines.xtts_engine",
-    "espeak": "tts_gateway.engines.espeak_engine",
+    "piper": "engines.piper_engine",
+    "xtts": "engines.xtts_engine",
+    "espeak": "engines.espeak_engine",
 }
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tts_gateway.config import Settings
-from tts_gateway.engines.base import (
+from config import Settings
+from engines.base import (
     BaseEngine,
     Capabilities,
     EngineUnavailable,
@@ -21,8 +21,8 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
-from tts_gateway.engines.hookspecs import hookimpl
-from tts_gateway.engines.memory import release_memory
+from engines.hookspecs import hookimpl
+from engines.memory import release_memory
 
 REQUIRED_FILES = ("config.json", "model.pth", "vocab.json")
 DEFAULT_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
@@ -117,7 +117,7 @@ class XttsEngine(BaseEngine):
         assert self.checkpoint is not None
         import torch
 
-        from tts_gateway.engines.torch_compat import import_torchaudio
+        from engines.torch_compat import import_torchaudio
 
         import_torchaudio()
         from TTS.tts.configs.xtts_config import XttsConfig

@@ -21,19 +21,19 @@ from litestar.params import Body
 from litestar.response import File, Stream
 
 from tts_gateway import __version__
-from tts_gateway.config import Settings
-from tts_gateway.engines.base import CloningEngine
-from tts_gateway.engines.manager import EngineManager, UnknownEngine
+from config import Settings
+from engines.base import CloningEngine
+from engines.manager import EngineManager, UnknownEngine
 from tts_gateway.errors import GatewayError, InvalidField, NotFound, UnsupportedMedia
-from tts_gateway.gateway.auth import scope_guard
-from tts_gateway.gateway.problems import EXCEPTION_HANDLERS, problem
-from tts_gateway.gateway.runner import Admission, Worker
-from tts_gateway.gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
+from gateway.auth import scope_guard
+from gateway.problems import EXCEPTION_HANDLERS, problem
+from gateway.runner import Admission, Worker
+from gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
 from tts_gateway.languages import language_name
 from tts_gateway.metrics import Metrics
 from tts_gateway.phrase_cache import PhraseCache
 from tts_gateway.service import Plan, ResolvedVoice, SynthesisRequest, SynthesisService
-from tts_gateway.voices import VoiceRegistry
+from voices import VoiceRegistry
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -464,7 +464,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
     metrics = Metrics()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     from tts_gateway.backends import make_backend  # None for TTS_GATEWAY_BACKEND=local
-    from tts_gateway.voices import open_registry  # PostgreSQL when TTS_GATEWAY_REGISTRY_URL is set
+    from voices import open_registry  # PostgreSQL when TTS_GATEWAY_REGISTRY_URL is set
 
     registry = open_registry(
         settings,

@@ -20,15 +20,15 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body
 from litestar.response import File, Stream
 
-from tts_gateway import __version__
 from config import Settings
 from engines.base import CloningEngine
 from engines.manager import EngineManager, UnknownEngine
-from tts_gateway.errors import GatewayError, InvalidField, NotFound, UnsupportedMedia
 from gateway.auth import scope_guard
 from gateway.problems import EXCEPTION_HANDLERS, problem
 from gateway.runner import Admission, Worker
 from gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
+from tts_gateway import __version__
+from tts_gateway.errors import GatewayError, InvalidField, NotFound, UnsupportedMedia
 from tts_gateway.languages import language_name
 from tts_gateway.metrics import Metrics
 from tts_gateway.phrase_cache import PhraseCache
@@ -64,7 +64,7 @@ class Gateway:
     backend: Any = None  # a started RayBackend when TTS_GATEWAY_BACKEND=ray (tts_gateway.backends)
 
     async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
-        """Phrase cache, admission, worker thread, timeout; streams when asked (and the format allows)."""
+        """Phrase cache, then the runner (local worker threads or Ray); streams when asked and possible."""
         headers = plan.headers()
         parts = plan.cache_parts() if self.cache.enabled else None
         key = PhraseCache.key(parts) if parts is not None else None
@@ -77,12 +77,7 @@ class Gateway:
                     return Stream(_chunked(hit.audio), media_type=hit.media_type, headers=headers)
                 return Response(hit.audio, media_type=hit.media_type, headers=headers)
         headers["X-Cache"] = "miss"
-        if self.backend is not None:
-            from tts_gateway.backends import run_remote
-
-            return await run_remote(self, self.backend, plan, headers, key)
-        release = await self.admission.acquire()
-        cancel = threading.Event()
+        runner: Any = self.backend if self.backend is not None else LocalRunner(self)
         try:
             if plan.streams:
                 collected: list[bytes] = []
@@ -92,8 +87,7 @@ class Gateway:
                         audio = b"".join(collected)
                         self.worker.pool.submit(self.cache.put, key, audio, plan.media_type, plan.headers())
 
-                first, rest = await self.worker.stream(lambda: self.service.run(plan, cancel), cancel, release,
-                                                       on_complete=remember)
+                first, rest = await runner.open_stream(plan, on_complete=remember)
                 collected.append(first)
 
                 async def body() -> AsyncIterator[bytes]:
@@ -105,7 +99,7 @@ class Gateway:
 
                 self.metrics.requests.labels(plan.engine_name, "200").inc()
                 return Stream(body(), media_type=plan.media_type, headers=headers)
-            audio = await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, release)
+            audio = await runner.call(plan)
         except GatewayError as exc:
             self.metrics.requests.labels(plan.engine_name, str(exc.status)).inc()
             raise
@@ -121,6 +115,29 @@ class Gateway:
         """Run a blocking call (voice registration, conditioning) under admission control."""
         release = await self.admission.acquire()
         return await self.worker.call(fn, threading.Event(), release)
+
+
+class LocalRunner:
+    """Runs a plan in this process: admission control, then a worker thread (the Ray backend's twin).
+
+    Serve's ``max_ongoing_requests``/``max_queued_requests`` play the admission role for Ray.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def call(self, plan: Plan) -> bytes:
+        gw = self.gateway
+        release = await gw.admission.acquire()
+        cancel = threading.Event()
+        return await gw.worker.call(lambda: gw.service.synthesize_bytes(plan, cancel), cancel, release)
+
+    async def open_stream(self, plan: Plan, on_complete: Any = None) -> tuple[bytes, AsyncIterator[bytes]]:
+        gw = self.gateway
+        release = await gw.admission.acquire()
+        cancel = threading.Event()
+        return await gw.worker.stream(lambda: gw.service.run(plan, cancel), cancel, release,
+                                      on_complete=on_complete)
 
 
 async def _chunked(data: bytes, size: int = 32768) -> AsyncIterator[bytes]:

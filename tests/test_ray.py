@@ -184,25 +184,15 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
     assert len(asyncio.run(ray_env.backend.call(quick))) > 44
 
 
-def test_through_the_app(ray_env: RayEnv, monkeypatch: pytest.MonkeyPatch) -> None:
-    """End to end: Litestar in front, the plan executed on the cluster (the proposed app.py hook)."""
+def test_through_the_app(ray_env: RayEnv) -> None:
+    """End to end: Litestar in front, the plan executed on the cluster."""
     from litestar.testing import TestClient
 
-    from tts_gateway.backends import run_remote
     from gateway import create_app
-    from gateway.app import Gateway
-    from tts_gateway.phrase_cache import PhraseCache
 
-    async def run_synthesis(self: Gateway, plan: Any, request: Any) -> Any:
-        headers = plan.headers()
-        parts = plan.cache_parts() if self.cache.enabled else None
-        key = PhraseCache.key(parts) if parts is not None else None
-        headers["X-Cache"] = "miss"
-        return await run_remote(self, ray_env.backend, plan, headers, key)
-
-    monkeypatch.setattr(Gateway, "run_synthesis", run_synthesis)
     settings = ray_env.settings.with_(data_dir=ray_env.settings.data_dir)  # same registry, same presets
     app = create_app(settings, EngineManager(settings))
+    app.state.gateway.backend = ray_env.backend  # what TTS_GATEWAY_BACKEND=ray does, on the shared cluster
     body = {"text": "Through the front door.", "voice": "piper:joe", "seed": 11, "cache": False}
     with TestClient(app, timeout=120) as client:
         response = client.post("/v1/synthesize", json=body)

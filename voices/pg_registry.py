@@ -515,22 +515,9 @@ class PostgresVoiceRegistry(VoiceRegistry):
         if self.exists(name):
             raise VoiceExists(name)
         key, sha, latents, data = self._condition(reference, engine, model_sha256, compute)
-        record = VoiceRecord(
-            name=name,
-            engine=engine,
-            language=language,
-            description=description,
-            consent=consent,
-            licence=licence,
-            model_id=model_id,
-            model_sha256=model_sha256,
-            audio_sha256=reference.sha256,
-            clip_sha256s=list(reference.clip_sha256s),
-            duration=round(reference.duration, 3),
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            latents_key=key,
-            latents_sha256=sha,
-        )
+        record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
+                                 language=language, description=description, consent=consent, licence=licence,
+                                 model_id=model_id, model_sha256=model_sha256)
         blob: list[bytes | None] = [data]
 
         def insert(conn: Connection) -> None:

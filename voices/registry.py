@@ -78,6 +78,21 @@ class VoiceRecord:
     def voice_sha256(self) -> str:
         return self.latents_sha256
 
+    @classmethod
+    def new(cls, name: str, reference: ReferenceAudio, *, latents_key: str, latents_sha256: str,
+            **fields: Any) -> VoiceRecord:
+        """A fresh record for ``reference``: the audio facts and the creation time filled in."""
+        return cls(
+            name=name,
+            audio_sha256=reference.sha256,
+            clip_sha256s=list(reference.clip_sha256s),
+            duration=round(reference.duration, 3),
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            latents_key=latents_key,
+            latents_sha256=latents_sha256,
+            **fields,
+        )
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
@@ -235,22 +250,9 @@ class VoiceRegistry:
         if self.exists(name):
             raise VoiceExists(name)
         key, sha, latents = self.condition(reference, engine, model_sha256, compute)
-        record = VoiceRecord(
-            name=name,
-            engine=engine,
-            language=language,
-            description=description,
-            consent=consent,
-            licence=licence,
-            model_id=model_id,
-            model_sha256=model_sha256,
-            audio_sha256=reference.sha256,
-            clip_sha256s=list(reference.clip_sha256s),
-            duration=round(reference.duration, 3),
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            latents_key=key,
-            latents_sha256=sha,
-        )
+        record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
+                                 language=language, description=description, consent=consent, licence=licence,
+                                 model_id=model_id, model_sha256=model_sha256)
         with self._lock:
             if self.store.sha256_of(key) != sha:  # removed or replaced since: write it again
                 sha = self.store.put(key, latents, {"engine": engine, "model_sha256": model_sha256})

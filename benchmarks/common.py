@@ -324,29 +324,24 @@ class InProcess:
     """A `SynthesisService` over real engines in this process (lazy loading, like the gateway)."""
 
     def __init__(self, workdir: Path, checkpoint: Path, threads: int) -> None:
-        from config import Settings
-        from engines.manager import EngineManager
-        from tts_gateway.metrics import Metrics
-        from tts_gateway.service import SynthesisService
-        from voices import VoiceRegistry
+        from tts_gateway.config import Settings
+        from tts_gateway.core.compose import build_core
 
         self.settings = Settings(data_dir=workdir / "inproc-data", engines=("piper", "xtts", "espeak"),
                                  xtts_checkpoint=checkpoint, engine_threads=threads, max_text_chars=100_000,
                                  canary=False, timeout_s=900)
-        self.engines = EngineManager(self.settings, load_entry_points=False)
-        self.metrics = Metrics()
-        self.registry = VoiceRegistry(self.settings.data_dir)
-        self.service = SynthesisService(self.settings, self.engines, self.registry, self.metrics)
+        self.core = build_core(self.settings, load_entry_points=False, phrase_cache=False)
+        self.engines, self.metrics = self.core.engines, self.core.metrics
+        self.registry, self.service = self.core.registry, self.core.service
 
     def synthesize(self, text: str, voice: str | None = None, **options: Any) -> bytes:
-        from tts_gateway.service import SynthesisRequest
+        from tts_gateway.core.service import SynthesisRequest
 
         plan = self.service.plan(SynthesisRequest(text=text, voice=voice, **options))
         return self.service.synthesize_bytes(plan, threading.Event())
 
     def close(self) -> None:
-        self.engines.close()
-        self.registry.close()
+        self.core.close()
 
 
 class Context:
@@ -395,7 +390,7 @@ class Context:
         """About 4.5 s of real speech from Piper, as 22.05 kHz WAV (the cloning reference)."""
         if self._speech is None:
             from benchmarks.texts import REFERENCE_TEXT
-            from engines.base import SynthesisOptions, VoiceInput
+            from tts_gateway.engines.base import SynthesisOptions, VoiceInput
 
             piper = self.inproc().engines.ensure_loaded("piper")
             audio = np.concatenate(list(piper.synthesize(REFERENCE_TEXT, VoiceInput(builtin="joe"),
@@ -457,8 +452,8 @@ class Context:
         return PRESET
 
     def inproc_preset(self) -> str:
-        service = self.inproc().service
-        if not self.inproc().registry.exists(PRESET):
-            service.register_voice(PRESET, [("reference.wav", self.speech_wav())], engine_name="xtts",
+        core = self.inproc().core
+        if not core.registry.exists(PRESET):
+            core.voices.register(PRESET, [("reference.wav", self.speech_wav())], engine_name="xtts",
                                    language="en", consent=True)
         return PRESET

@@ -18,8 +18,8 @@ SEED = 1  # a seeded Piper request renders without sampling noise: the same work
 def run(ctx: Context, result: Result) -> None:
     import httpx
 
-    from engines.base import SynthesisOptions, VoiceInput
-    from engines.piper_engine import PiperEngine, _bundled_voices
+    from tts_gateway.engines.base import SynthesisOptions, VoiceInput
+    from tts_gateway.engines.piper_engine import PiperEngine, _bundled_voices
 
     server = ctx.server()
     engine = PiperEngine(_bundled_voices(), threads=ctx.threads)

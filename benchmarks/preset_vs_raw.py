@@ -25,8 +25,8 @@ def run(ctx: Context, result: Result) -> None:
 
 def in_process(ctx: Context, result: Result) -> None:
     """Preset through SynthesisService (plan + run + encode) vs XttsEngine.synthesize + encode."""
-    from engines.base import SynthesisOptions, VoiceInput
-    from engines.xtts_engine import XttsEngine
+    from tts_gateway.engines.base import SynthesisOptions, VoiceInput
+    from tts_gateway.engines.xtts_engine import XttsEngine
 
     inproc = ctx.inproc()
     preset = ctx.inproc_preset()
@@ -103,7 +103,7 @@ def over_http(ctx: Context, result: Result) -> None:
     """Legacy ``/synthesize`` with new audio each time vs ``/v1/synthesize`` by preset (same server)."""
     import httpx
 
-    from voices import prepare_reference
+    from tts_gateway.voices import prepare_reference
 
     server = ctx.server()
     preset = ctx.server_preset()

@@ -53,18 +53,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     args = parser.parse_args()
 
-    from config import Settings
-    from engines.manager import EngineManager
-    from tts_gateway.backends.ray_serve import RayBackend, app_name
-    from tts_gateway.metrics import Metrics
-    from tts_gateway.service import SynthesisRequest, SynthesisService
-    from voices import VoiceRegistry
+    from tts_gateway.config import Settings
+    from tts_gateway.core.compose import build_core
+    from tts_gateway.core.service import SynthesisRequest
+    from tts_gateway.ray.serve import RayBackend, app_name
 
     data_dir = Path(tempfile.mkdtemp(prefix="tts-ray-bench-"))
     settings = Settings(data_dir=data_dir, engines=("piper",), engine_threads=1, timeout_s=120, canary=False)
-    engines = EngineManager(settings)
-    registry = VoiceRegistry(data_dir)
-    service = SynthesisService(settings, engines, registry, Metrics())
+    core = build_core(settings, phrase_cache=False)
+    registry, service = core.registry, core.service
     backend = RayBackend(settings, registry, engines=["piper"], num_cpus=args.num_cpus, replicas=1,
                          replica_cpus=args.num_cpus / 2, max_ongoing_requests=2, max_queued_requests=1000)
     started = time.perf_counter()
@@ -73,7 +70,7 @@ def main() -> None:
     result: dict[str, Any] = {"cluster_start_and_deploy_s": round(start_s, 1)}
     try:
         short = service.plan(SynthesisRequest(text=SHORT, voice="piper:joe", seed=1))
-        engines.ensure_loaded("piper")
+        core.engines.ensure_loaded("piper")
         for _ in range(3):  # warm both paths
             service.synthesize_bytes(short, threading.Event())
             asyncio.run(backend.call(short))
@@ -115,8 +112,7 @@ def main() -> None:
         result["replica_rss_mb"] = [round(s["rss"] / 1e6, 1) for s in stats_2]
     finally:
         backend.close()
-        engines.close()
-        registry.close()
+        core.close()
         shutil.rmtree(data_dir, ignore_errors=True)
     text = json.dumps(result, indent=2)
     print(text)

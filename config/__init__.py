@@ -1,5 +1,5 @@
 """Settings, read once from the environment at start and passed down."""
 
-from config.settings import ApiKey, Settings, SettingsError
+from tts_gateway.config.settings import ApiKey, Settings, SettingsError
 
 __all__ = ["ApiKey", "Settings", "SettingsError"]

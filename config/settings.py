@@ -13,14 +13,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tts_gateway.errors import Invalid
+
 PREFIX = "TTS_GATEWAY_"
 SCOPES = frozenset({"synthesize", "voices", "admin"})
-VOICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# A voice setting is a preset name or engine:voice; the voices layer checks that it exists.
+_VOICE_SETTING_RE = re.compile(r"^(?:[a-z0-9_-]{1,40}:)?[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 DEFAULT_OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer")
 
 
-class SettingsError(ValueError):
+class SettingsError(Invalid):
     """A setting has a bad value; the message names the variable."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, code="bad-setting")
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ class Settings:
 
         checkpoint = raw("XTTS_CHECKPOINT")
         default_voice = raw("DEFAULT_VOICE") or base.default_voice
-        if ":" not in default_voice and not VOICE_NAME_RE.fullmatch(default_voice):
+        if not _VOICE_SETTING_RE.fullmatch(default_voice):
             raise SettingsError(f"{PREFIX}DEFAULT_VOICE is not a valid voice name: {default_voice!r}")
 
         engines = names("ENGINES", base.engines)

@@ -8,11 +8,14 @@ mono chunks. Cloning engines also turn reference audio into ``Latents``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from tts_gateway.errors import Cancelled, Invalid, Unavailable
 
 # Named float32 arrays, e.g. XTTS's gpt_cond_latent and speaker_embedding.
 Latents = Mapping[str, np.ndarray]
@@ -66,35 +69,29 @@ class SynthesisOptions:
     streaming: bool = False
 
 
-class EngineError(Exception):
-    """Base class for engine failures the gateway maps to HTTP problems."""
+class EngineUnavailable(Unavailable):
+    """The engine cannot load or run (missing model, missing system package, failed load)."""
 
-
-class EngineUnavailable(EngineError):
     def __init__(self, engine: str, reason: str) -> None:
-        super().__init__(f"engine {engine!r} is unavailable: {reason}")
+        super().__init__(f"engine {engine!r} is unavailable: {reason}", code="engine-unavailable",
+                         title="Engine unavailable", retry_after=30)
         self.engine = engine
         self.reason = reason
 
 
-class UnsupportedLanguage(EngineError):
+class UnsupportedLanguage(Invalid):
     def __init__(self, engine: str, language: str, available: list[str]) -> None:
         shown = ", ".join(available[:40]) + (" …" if len(available) > 40 else "")
-        super().__init__(f"engine {engine!r} does not speak {language!r}; it has: {shown}")
+        super().__init__(f"engine {engine!r} does not speak {language!r}; it has: {shown}",
+                         code="unsupported-language", title="Unsupported language", field="language",
+                         extra={"languages": available})
         self.engine = engine
         self.language = language
         self.available = available
 
 
-class SynthesisCancelled(EngineError):
+class SynthesisCancelled(Cancelled):
     """The request went away or timed out; the engine stopped early."""
-
-
-class InvalidReferenceAudio(EngineError):
-    def __init__(self, detail: str, *, not_audio: bool = False) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.not_audio = not_audio
 
 
 @runtime_checkable
@@ -108,7 +105,7 @@ class SpeechEngine(Protocol):
     def sample_rate(self) -> int: ...
 
     @property
-    def languages(self) -> list[str]: ...
+    def languages(self) -> Sequence[str]: ...
 
     @property
     def model(self) -> ModelInfo: ...
@@ -145,14 +142,42 @@ class CloningEngine(SpeechEngine, Protocol):
     def compute_latents(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-class BaseEngine:
-    """Shared bookkeeping for built-in engines; plugins may use it or implement the protocol."""
+@dataclass(frozen=True)
+class EngineContext:
+    """What a plugin gets to build its engines: never the whole settings, never secrets.
 
-    name = "base"
-    capabilities = Capabilities()
+    Attributes:
+        data_dir: A directory the engine may use for its own files (``<data dir>/engines/<plugin>``
+            is a good choice); the gateway does not create it.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (torch engines).
+        threads: Intra-op threads to pin (0: the library's default).
+        concurrency: How many syntheses the gateway may run at once.
+        options: Engine-specific, non-secret settings, e.g. ``xtts_checkpoint``.
+    """
+
+    data_dir: Path
+    device: str = "auto"
+    threads: int = 0
+    concurrency: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class BaseEngine:
+    """Sensible defaults for the engine protocol: subclass it and write ``synthesize``.
+
+    Set ``name``, ``sample_rate`` and ``languages`` (class attributes are enough), list built-in
+    voices in ``voices()``; override ``load``/``unload`` when there is a model to hold.
+    """
+
+    name: str = "base"
+    capabilities: Capabilities = Capabilities()
 
     def __init__(self) -> None:
         self._loaded = False
+
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo(id=self.name)
 
     @property
     def loaded(self) -> bool:
@@ -167,6 +192,29 @@ class BaseEngine:
     def max_chars(self, language: str) -> int:
         return 400
 
+    def load(self) -> None:
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
     def check_language(self, language: str) -> None:
-        if language not in self.languages:  # type: ignore[attr-defined]
-            raise UnsupportedLanguage(self.name, language, list(self.languages))  # type: ignore[attr-defined]
+        languages = list(self.languages)  # type: ignore[attr-defined]  # the subclass defines them
+        if language not in languages:
+            raise UnsupportedLanguage(self.name, language, languages)
+
+
+def match_language(engine: SpeechEngine, language: str) -> str:
+    """The engine's code for ``language``: exact, then its base (``en-us`` → ``en``), then a unique
+    regional variant (``pt`` → ``pt-br``). Raises `UnsupportedLanguage`."""
+    wanted = language.strip().lower().replace("_", "-")
+    available = list(engine.languages)
+    if wanted in available:
+        return wanted
+    base = wanted.split("-")[0]
+    if base in available:
+        return base
+    same_base = [code for code in available if code.split("-")[0] == base]
+    if len(same_base) == 1:
+        return same_base[0]
+    raise UnsupportedLanguage(engine.name, language[:40], available)

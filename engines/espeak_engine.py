@@ -11,20 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from config import Settings
-from engines.base import (
+from tts_gateway.audio import time_stretch
+from tts_gateway.engines.base import (
     BaseEngine,
     BuiltinVoice,
     Capabilities,
-    EngineError,
     EngineUnavailable,
     ModelInfo,
     SynthesisCancelled,
     SynthesisOptions,
     VoiceInput,
 )
-from engines.hookspecs import hookimpl
-from tts_gateway.audio import time_stretch
+from tts_gateway.engines.hookspecs import hookimpl
 
 BASE_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450
@@ -45,7 +43,7 @@ def wav_samples(data: bytes) -> np.ndarray:
     """PCM16 samples from espeak-ng's --stdout WAV, whose RIFF/data sizes are bogus (0x7FFFFFFF)."""
     index = data.find(b"data", 12)
     if data[:4] != b"RIFF" or index < 0:
-        raise EngineError("espeak-ng did not return WAV data")
+        raise RuntimeError("espeak-ng did not return WAV data")
     payload = data[index + 8 :]
     payload = payload[: len(payload) - len(payload) % 2]
     return np.frombuffer(payload, dtype="<i2").astype(np.float32) / 32768.0
@@ -142,11 +140,11 @@ class EspeakEngine(BaseEngine):
             out, err = process.communicate(text.encode("utf-8"), timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
-            raise EngineError("espeak-ng timed out") from None
+            raise RuntimeError("espeak-ng timed out") from None
         if options.cancel.is_set():
             raise SynthesisCancelled("cancelled")
         if process.returncode != 0:
-            raise EngineError(f"espeak-ng failed: {err.decode(errors='replace').strip()[:200]}")
+            raise RuntimeError(f"espeak-ng failed: {err.decode(errors='replace').strip()[:200]}")
         samples = wav_samples(out)
         if wpm != wanted:  # beyond espeak's own range: stretch the rest
             samples = time_stretch(samples, SAMPLE_RATE, wanted / wpm)
@@ -154,5 +152,5 @@ class EspeakEngine(BaseEngine):
 
 
 @hookimpl(trylast=True)
-def register_engines(register: Callable[[Any], None], settings: Settings) -> None:
+def register_engines(register: Callable[[Any], None]) -> None:
     register(EspeakEngine())

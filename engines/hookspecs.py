@@ -8,18 +8,17 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from config import Settings
-    from engines.base import SpeechEngine
+    from tts_gateway.engines.base import EngineContext, SpeechEngine
 
 hookspec = pluggy.HookspecMarker("tts_gateway")
 hookimpl = pluggy.HookimplMarker("tts_gateway")
 
 
 @hookspec
-def register_engines(register: Callable[[SpeechEngine], None], settings: Settings) -> None:
+def register_engines(register: Callable[[SpeechEngine], None], context: EngineContext) -> None:
     """Register engines by calling ``register(engine)`` once per engine.
 
     Args:
         register: Adds one engine; its ``name`` must be unique across plugins.
-        settings: The gateway's settings (data dir, device, checkpoint paths). Optional to accept.
+        context: Data dir, device, threads and engine options (`EngineContext`). Optional to accept.
     """

@@ -14,24 +14,37 @@ from typing import Any
 
 import pluggy
 
-from config import Settings
-from engines import hookspecs
-from engines.base import CloningEngine, EngineUnavailable, SpeechEngine
+from tts_gateway.config import Settings, SettingsError
+from tts_gateway.engines import hookspecs
+from tts_gateway.engines.base import CloningEngine, EngineContext, EngineUnavailable, SpeechEngine
+from tts_gateway.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "tts_gateway"
 # Built-in engines, each a plugin module; TTS_GATEWAY_ENGINES picks which of them load.
 DEFAULT_PLUGINS: dict[str, str] = {
-    "piper": "engines.piper_engine",
-    "xtts": "engines.xtts_engine",
-    "espeak": "engines.espeak_engine",
+    "piper": "tts_gateway.engines.piper_engine",
+    "xtts": "tts_gateway.engines.xtts_engine",
+    "espeak": "tts_gateway.engines.espeak_engine",
 }
 
 
-class UnknownEngine(LookupError):
+def engine_context(settings: Settings) -> EngineContext:
+    """The narrow view of the settings that plugins get (no keys, no database URL)."""
+    return EngineContext(
+        data_dir=settings.data_dir / "engines",
+        device=settings.device,
+        threads=settings.engine_threads,
+        concurrency=settings.max_concurrency,
+        options={"xtts_checkpoint": settings.xtts_checkpoint},
+    )
+
+
+class UnknownEngine(NotFound):
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"unknown engine {name!r}; known engines: {', '.join(known) or '(none)'}")
+        super().__init__(f"unknown engine {name!r}; known engines: {', '.join(known) or '(none)'}",
+                         code="unknown-engine")
         self.name = name
 
 
@@ -66,7 +79,7 @@ class EngineManager:
         self.pm.add_hookspecs(hookspecs)
         for name in settings.engines:
             if name not in DEFAULT_PLUGINS:
-                raise ValueError(
+                raise SettingsError(
                     f"TTS_GATEWAY_ENGINES names unknown built-in engine {name!r}; "
                     f"built-ins are {', '.join(DEFAULT_PLUGINS)}"
                 )
@@ -77,7 +90,7 @@ class EngineManager:
             try:
                 module: ModuleType = importlib.import_module(module_name)
             except ImportError as exc:
-                raise ValueError(f"TTS_GATEWAY_PLUGINS: cannot import {module_name!r}: {exc}") from exc
+                raise SettingsError(f"TTS_GATEWAY_PLUGINS: cannot import {module_name!r}: {exc}") from exc
             if not self.pm.is_registered(module):
                 self.pm.register(module, name=module_name)
         for plugin in extra_plugins:
@@ -86,7 +99,7 @@ class EngineManager:
         self.pm.check_pending()
 
         self._slots: dict[str, _Slot] = {}
-        self.pm.hook.register_engines(register=self._register, settings=settings)
+        self.pm.hook.register_engines(register=self._register, context=engine_context(settings))
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -108,6 +121,14 @@ class EngineManager:
         if slot is None:
             raise UnknownEngine(name, self.names)
         return slot.engine
+
+    def check_available(self, name: str) -> SpeechEngine:
+        """The engine, if it can load; `EngineUnavailable` with the reason otherwise."""
+        engine = self.get(name)
+        ok, reason = engine.availability()
+        if not ok:
+            raise EngineUnavailable(name, reason or "not available")
+        return engine
 
     def is_cloning(self, name: str) -> bool:
         return isinstance(self.get(name), CloningEngine)

@@ -12,19 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from config import Settings
-from engines.base import (
+from tts_gateway.engines.base import (
     BaseEngine,
     BuiltinVoice,
     Capabilities,
+    EngineContext,
     EngineUnavailable,
     ModelInfo,
     SynthesisCancelled,
     SynthesisOptions,
     VoiceInput,
 )
-from engines.hookspecs import hookimpl
-from engines.memory import release_memory
+from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.memory import release_memory
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,5 @@ def _session(model_path: Path, threads: int) -> Any:
 
 
 @hookimpl(trylast=True)
-def register_engines(register: Callable[[Any], None], settings: Settings) -> None:
-    register(PiperEngine(_bundled_voices(), threads=settings.engine_threads,
-                         sessions=min(settings.max_concurrency, 4)))
+def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
+    register(PiperEngine(_bundled_voices(), threads=context.threads, sessions=min(context.concurrency, 4)))

@@ -41,7 +41,7 @@ def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 4
     """Write config.json, vocab.json and model.pth (``{"model": state_dict}``) to ``directory``."""
     import torch
 
-    from engines.torch_compat import import_torchaudio
+    from tts_gateway.engines.torch_compat import import_torchaudio
 
     import_torchaudio()
     from TTS.tts.configs.xtts_config import XttsConfig

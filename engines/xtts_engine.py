@@ -11,18 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from config import Settings
-from engines.base import (
+from tts_gateway.engines.base import (
     BaseEngine,
     Capabilities,
+    EngineContext,
     EngineUnavailable,
     ModelInfo,
     SynthesisCancelled,
     SynthesisOptions,
     VoiceInput,
 )
-from engines.hookspecs import hookimpl
-from engines.memory import release_memory
+from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.memory import release_memory
 
 REQUIRED_FILES = ("config.json", "model.pth", "vocab.json")
 DEFAULT_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
@@ -117,7 +117,7 @@ class XttsEngine(BaseEngine):
         assert self.checkpoint is not None
         import torch
 
-        from engines.torch_compat import import_torchaudio
+        from tts_gateway.engines.torch_compat import import_torchaudio
 
         import_torchaudio()
         from TTS.tts.configs.xtts_config import XttsConfig
@@ -197,5 +197,5 @@ class XttsEngine(BaseEngine):
 
 
 @hookimpl(trylast=True)
-def register_engines(register: Callable[[Any], None], settings: Settings) -> None:
-    register(XttsEngine(settings.xtts_checkpoint, device=settings.device, threads=settings.engine_threads))
+def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
+    register(XttsEngine(context.options.get("xtts_checkpoint"), device=context.device, threads=context.threads))

@@ -1,5 +1,5 @@
 """The Litestar HTTP layer: routes, auth, admission control and problem+json errors."""
 
-from gateway.app import create_app
+from tts_gateway.gateway.app import create_app
 
 __all__ = ["create_app"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,20 +19,21 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body
 from litestar.response import File, Stream
 
-from config import Settings
-from engines.base import CloningEngine
-from engines.manager import EngineManager, UnknownEngine
-from gateway.auth import scope_guard
-from gateway.problems import EXCEPTION_HANDLERS, problem
-from gateway.runner import Admission, Worker
-from gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
 from tts_gateway import __version__
-from tts_gateway.errors import GatewayError, InvalidField, NotFound, UnsupportedMedia
+from tts_gateway.config import Settings
+from tts_gateway.core.compose import Core, build_core
+from tts_gateway.core.metrics import Metrics
+from tts_gateway.core.phrase_cache import PhraseCache
+from tts_gateway.core.runner import Admission, LocalRunner, Runner, Worker
+from tts_gateway.core.service import Plan, SynthesisRequest, SynthesisService
+from tts_gateway.engines.base import CloningEngine
+from tts_gateway.engines.manager import EngineManager
+from tts_gateway.errors import InvalidField, TTSGatewayError, UnsupportedMedia
+from tts_gateway.gateway.auth import scope_guard
+from tts_gateway.gateway.problems import EXCEPTION_HANDLERS, problem, status_of
+from tts_gateway.gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
 from tts_gateway.languages import language_name
-from tts_gateway.metrics import Metrics
-from tts_gateway.phrase_cache import PhraseCache
-from tts_gateway.service import Plan, ResolvedVoice, SynthesisRequest, SynthesisService
-from voices import VoiceRegistry
+from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -49,19 +49,40 @@ class Readiness:
 
 
 @dataclass
-class Gateway:
-    """Everything a request handler needs, built once in `create_app` and kept in app.state."""
+class AppState:
+    """What request handlers share, built once in `create_app`: the core, the runner, readiness."""
 
-    settings: Settings
-    engines: EngineManager
-    registry: VoiceRegistry
-    metrics: Metrics
-    service: SynthesisService
+    core: Core
+    runner: Runner
     admission: Admission
     worker: Worker
     readiness: Readiness
-    cache: PhraseCache
-    backend: Any = None  # a started RayBackend when TTS_GATEWAY_BACKEND=ray (tts_gateway.backends)
+    backend: Any = None  # a started RayBackend when TTS_GATEWAY_BACKEND=ray (it is also the runner)
+
+    @property
+    def settings(self) -> Settings:
+        return self.core.settings
+
+    @property
+    def engines(self) -> EngineManager:
+        return self.core.engines
+
+    @property
+    def voices(self) -> VoiceCatalog:
+        return self.core.voices
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.core.metrics
+
+    @property
+    def service(self) -> SynthesisService:
+        return self.core.service
+
+    @property
+    def cache(self) -> PhraseCache:
+        assert self.core.cache is not None
+        return self.core.cache
 
     async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
         """Phrase cache, then the runner (local worker threads or Ray); streams when asked and possible."""
@@ -77,7 +98,6 @@ class Gateway:
                     return Stream(_chunked(hit.audio), media_type=hit.media_type, headers=headers)
                 return Response(hit.audio, media_type=hit.media_type, headers=headers)
         headers["X-Cache"] = "miss"
-        runner: Any = self.backend if self.backend is not None else LocalRunner(self)
         try:
             if plan.streams:
                 collected: list[bytes] = []
@@ -87,7 +107,7 @@ class Gateway:
                         audio = b"".join(collected)
                         self.worker.pool.submit(self.cache.put, key, audio, plan.media_type, plan.headers())
 
-                first, rest = await runner.open_stream(plan, on_complete=remember)
+                first, rest = await self.runner.open_stream(plan, on_complete=remember)
                 collected.append(first)
 
                 async def body() -> AsyncIterator[bytes]:
@@ -99,9 +119,9 @@ class Gateway:
 
                 self.metrics.requests.labels(plan.engine_name, "200").inc()
                 return Stream(body(), media_type=plan.media_type, headers=headers)
-            audio = await runner.call(plan)
-        except GatewayError as exc:
-            self.metrics.requests.labels(plan.engine_name, str(exc.status)).inc()
+            audio = await self.runner.call(plan)
+        except TTSGatewayError as exc:
+            self.metrics.requests.labels(plan.engine_name, str(status_of(exc))).inc()
             raise
         except Exception:
             self.metrics.requests.labels(plan.engine_name, "500").inc()
@@ -113,31 +133,7 @@ class Gateway:
 
     async def blocking(self, fn: Any) -> Any:
         """Run a blocking call (voice registration, conditioning) under admission control."""
-        release = await self.admission.acquire()
-        return await self.worker.call(fn, threading.Event(), release)
-
-
-class LocalRunner:
-    """Runs a plan in this process: admission control, then a worker thread (the Ray backend's twin).
-
-    Serve's ``max_ongoing_requests``/``max_queued_requests`` play the admission role for Ray.
-    """
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    async def call(self, plan: Plan) -> bytes:
-        gw = self.gateway
-        release = await gw.admission.acquire()
-        cancel = threading.Event()
-        return await gw.worker.call(lambda: gw.service.synthesize_bytes(plan, cancel), cancel, release)
-
-    async def open_stream(self, plan: Plan, on_complete: Any = None) -> tuple[bytes, AsyncIterator[bytes]]:
-        gw = self.gateway
-        release = await gw.admission.acquire()
-        cancel = threading.Event()
-        return await gw.worker.stream(lambda: gw.service.run(plan, cancel), cancel, release,
-                                      on_complete=on_complete)
+        return await self.runner.run_blocking(fn)
 
 
 async def _chunked(data: bytes, size: int = 32768) -> AsyncIterator[bytes]:
@@ -145,8 +141,8 @@ async def _chunked(data: bytes, size: int = 32768) -> AsyncIterator[bytes]:
         yield data[start : start + size]
 
 
-def _gw(request: Request[Any, Any, Any]) -> Gateway:
-    return request.app.state.gateway
+def _gw(request: Request[Any, Any, Any]) -> AppState:
+    return request.app.state.tts
 
 
 def _mime(request: Request[Any, Any, Any]) -> str:
@@ -177,7 +173,7 @@ async def require_multipart(request: Request[Any, Any, Any]) -> None:
         raise ClientException(f"a form field is not valid text in its charset: {exc}") from None
 
 
-class GatewayRequest(Request[Any, Any, Any]):
+class SafeJSONRequest(Request[Any, Any, Any]):
     """Turns JSON decode failures Litestar does not catch into 400s instead of 500s."""
 
     async def json(self) -> Any:
@@ -222,7 +218,7 @@ async def openai_speech(request: Request[Any, Any, Any], data: SpeechBody) -> Re
     return await gw.run_synthesis(plan, request)
 
 
-def _openai_voice(gw: Gateway, model: str, voice: str | None) -> str:
+def _openai_voice(gw: AppState, model: str, voice: str | None) -> str:
     settings = gw.settings
     default_engine = settings.default_voice.split(":")[0] if ":" in settings.default_voice else None
     if model in OPENAI_MODELS:
@@ -234,7 +230,7 @@ def _openai_voice(gw: Gateway, model: str, voice: str | None) -> str:
                                     f"({', '.join(gw.engines.names)})")
     if voice is None:
         voice = "alloy"
-    mapped = settings.openai_voice(voice) if ":" not in voice and not gw.registry.exists(voice) else None
+    mapped = settings.openai_voice(voice) if ":" not in voice and not gw.voices.registry.exists(voice) else None
     if mapped is not None:
         voice = mapped
         if engine_name and (":" not in voice or voice.split(":")[0] != engine_name):
@@ -253,11 +249,8 @@ def _openai_voice(gw: Gateway, model: str, voice: str | None) -> str:
     return voice
 
 
-def _preset_engine(gw: Gateway, name: str) -> str | None:
-    try:
-        return gw.registry.get(name).engine
-    except LookupError:
-        return None
+def _preset_engine(gw: AppState, name: str) -> str | None:
+    return gw.voices.preset_engine(name)
 
 
 @post("/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["legacy"], before_request=require_multipart,
@@ -272,7 +265,7 @@ async def legacy_synthesize(
     gw.service.check_text(data.text)
     audio = await data.speaker_audio.read()
     label = data.speaker_audio.filename or "speaker_audio"
-    voice: ResolvedVoice = await gw.blocking(lambda: gw.service.condition_upload([(label, audio)], "xtts"))
+    voice: ResolvedVoice = await gw.blocking(lambda: gw.voices.condition_upload([(label, audio)], "xtts"))
     synthesis = SynthesisRequest(text=data.text, language=data.language or "en", format="wav",
                                  sample_rate=LEGACY_RATE)
     plan = await asyncio.to_thread(gw.service.plan, synthesis, voice)
@@ -282,19 +275,19 @@ async def legacy_synthesize(
 # -- voices ------------------------------------------------------------------------------------
 @get("/v1/voices", opt={"scope": "any"}, tags=["voices"], summary="List built-in voices and presets")
 async def list_voices(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    voices = await asyncio.to_thread(_gw(request).service.list_voices)
+    voices = await asyncio.to_thread(_gw(request).voices.all)
     return {"voices": voices}
 
 
 @get("/v1/voices/{name:str}", opt={"scope": "any"}, tags=["voices"], summary="One voice")
 async def get_voice(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
-    return await asyncio.to_thread(_gw(request).service.get_voice, name)
+    return await asyncio.to_thread(_gw(request).voices.describe, name)
 
 
 @delete("/v1/voices/{name:str}", status_code=204, opt={"scope": "voices"}, tags=["voices"],
         summary="Delete a preset")
 async def delete_voice(request: Request[Any, Any, Any], name: str) -> None:
-    await asyncio.to_thread(_gw(request).service.delete_voice, name)
+    await asyncio.to_thread(_gw(request).voices.delete, name)
 
 
 @post("/v1/voices", status_code=201, opt={"scope": "voices"}, tags=["voices"], before_request=require_multipart,
@@ -313,7 +306,7 @@ async def create_voice(
     if not files:
         raise InvalidField("audio", "send at least one reference audio file")
     consent = str(data.consent).strip().lower() in {"1", "true", "yes", "on"}
-    voice = await gw.blocking(lambda: gw.service.register_voice(
+    voice = await gw.blocking(lambda: gw.voices.register(
         data.name, files, engine_name=data.engine or "xtts", language=data.language or None,
         description=data.description or "", consent=consent,
     ))
@@ -321,7 +314,7 @@ async def create_voice(
 
 
 # -- engines & languages -------------------------------------------------------------------------
-def engine_json(gw: Gateway, name: str) -> dict[str, Any]:
+def engine_json(gw: AppState, name: str) -> dict[str, Any]:
     engine = gw.engines.get(name)
     available, reason = engine.availability()
     try:
@@ -349,11 +342,8 @@ async def list_engines(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"engines": engines}
 
 
-def _known_engine(gw: Gateway, name: str) -> None:
-    try:
-        gw.engines.get(name)
-    except UnknownEngine:
-        raise NotFound(f"unknown engine {name!r}; known engines: {', '.join(gw.engines.names)}") from None
+def _known_engine(gw: AppState, name: str) -> None:
+    gw.engines.get(name)  # UnknownEngine (404) when there is none
 
 
 @get("/v1/engines/{name:str}", opt={"scope": "any"}, tags=["engines"], summary="One engine")
@@ -443,7 +433,7 @@ async def playground() -> File:
 
 
 # -- assembly ----------------------------------------------------------------------------------
-async def _warm_up(gw: Gateway) -> None:
+async def _warm_up(gw: AppState) -> None:
     """Load the default engine and run a canary synthesis; /ready reports the outcome."""
     try:
         plan = await asyncio.to_thread(
@@ -460,14 +450,12 @@ async def _warm_up(gw: Gateway) -> None:
         gw.metrics.engine_loaded.labels(plan.engine_name).set(1)
         if gw.settings.canary:
             # The canary counts against MAX_CONCURRENCY and TIMEOUT_S like any synthesis.
-            release = await gw.admission.acquire()
-            cancel = threading.Event()
-            audio = await gw.worker.call(lambda: gw.service.synthesize_bytes(plan, cancel), cancel, release)
+            audio = await gw.runner.call(plan)
             if len(audio) <= 44:
                 raise RuntimeError("canary synthesis returned no audio")
         gw.readiness.detail = f"default voice {gw.settings.default_voice} loaded; canary passed"
         gw.readiness.ready = True
-    except GatewayError as exc:
+    except TTSGatewayError as exc:
         gw.readiness.detail = f"default voice {gw.settings.default_voice} is not usable: {exc.detail}"
         log.error("not ready: %s", gw.readiness.detail)
     except Exception as exc:
@@ -475,31 +463,22 @@ async def _warm_up(gw: Gateway) -> None:
         log.exception("not ready")
 
 
-def create_app(settings: Settings, engine_manager: EngineManager | None = None) -> Litestar:
-    """Build the app. Resources are created here and released at shutdown."""
-    engines = engine_manager or EngineManager(settings)
-    metrics = Metrics()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from tts_gateway.backends import make_backend  # None for TTS_GATEWAY_BACKEND=local
-    from voices import open_registry  # PostgreSQL when TTS_GATEWAY_REGISTRY_URL is set
+def create_app(settings: Settings, engine_manager: EngineManager | None = None, *,
+               core: Core | None = None) -> Litestar:
+    """Build the app from settings (and, for tests, a ready engine manager or core).
 
-    registry = open_registry(
-        settings,
-        on_conditioning=lambda engine: metrics.conditioning.labels(engine).inc(),
-        on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc(),
-    )
-    gateway = Gateway(
-        settings=settings,
-        engines=engines,
-        registry=registry,
-        metrics=metrics,
-        service=SynthesisService(settings, engines, registry, metrics),
-        admission=Admission(settings.max_concurrency, settings.max_queue, metrics),
-        worker=Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s),
-        readiness=Readiness(),
-        cache=PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics),
-        backend=make_backend(settings, registry),
-    )
+    Resources are created here and released at shutdown.
+    """
+    from tts_gateway.ray import make_backend  # None for TTS_GATEWAY_BACKEND=local
+
+    core = core or build_core(settings, engines=engine_manager)
+    admission = Admission(settings.max_concurrency, settings.max_queue, core.metrics)
+    worker = Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s)
+    backend = make_backend(settings, core.registry)
+    runner: Runner = backend if backend is not None else LocalRunner(core.service, admission, worker)
+    gateway = AppState(core=core, runner=runner, admission=admission, worker=worker, readiness=Readiness(),
+                       backend=backend)
+    engines = core.engines
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -511,9 +490,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
             if gateway.readiness.task is not None and not gateway.readiness.task.done():
                 await asyncio.wait([gateway.readiness.task], timeout=30)
             await asyncio.to_thread(gateway.worker.close)
-            engines.close()
-            registry.close()
-            gateway.cache.close()
+            core.close()
 
     app = Litestar(
         route_handlers=[
@@ -523,7 +500,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
             health, ready, metrics_endpoint, playground,
         ],
         guards=[scope_guard],
-        request_class=GatewayRequest,
+        request_class=SafeJSONRequest,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         request_max_body_size=settings.max_upload_bytes,
@@ -534,7 +511,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None) 
         ),
         debug=False,
     )
-    app.state.gateway = gateway
+    app.state.tts = gateway
     app.state.settings = settings
     return app
 

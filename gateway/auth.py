@@ -9,7 +9,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 
-from config import ApiKey
+from tts_gateway.config import ApiKey
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:

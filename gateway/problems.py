@@ -9,8 +9,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from engines.base import EngineUnavailable, InvalidReferenceAudio, UnsupportedLanguage
-from tts_gateway.errors import GatewayError
+from tts_gateway.errors import TTSGatewayError
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -31,24 +30,27 @@ def problem(status: int, detail: str, *, kind: str | None = None, title: str | N
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers or {})
 
 
-def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[Any]:
-    return problem(exc.status, exc.detail, kind=exc.type_suffix, title=exc.title, headers=exc.headers)
+# The one place a kind of error becomes an HTTP status.
+STATUS_OF_KIND: dict[str, int] = {
+    "not_found": 404,
+    "conflict": 409,
+    "invalid": 422,
+    "unsupported_media": 415,
+    "unavailable": 503,
+    "timed_out": 504,
+    "cancelled": 499,
+    "internal": 500,
+}
 
 
-def _reference_audio(_: Request[Any, Any, Any], exc: InvalidReferenceAudio) -> Response[Any]:
-    if exc.not_audio:
-        return problem(415, exc.detail, kind="not-audio", title="Not audio")
-    return problem(422, exc.detail, kind="invalid-reference-audio", title="Invalid reference audio")
+def status_of(exc: TTSGatewayError) -> int:
+    return STATUS_OF_KIND.get(exc.kind, 500)
 
 
-def _unsupported_language(_: Request[Any, Any, Any], exc: UnsupportedLanguage) -> Response[Any]:
-    return problem(422, str(exc), kind="unsupported-language", title="Unsupported language",
-                   extra={"languages": exc.available})
-
-
-def _engine_unavailable(_: Request[Any, Any, Any], exc: EngineUnavailable) -> Response[Any]:
-    return problem(503, str(exc), kind="engine-unavailable", title="Engine unavailable",
-                   headers={"Retry-After": "30"})
+def _domain_error(_: Request[Any, Any, Any], exc: TTSGatewayError) -> Response[Any]:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return problem(status_of(exc), exc.detail, kind=exc.code, title=exc.title, headers=headers,
+                   extra=exc.extra or None)
 
 
 def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
@@ -91,10 +93,7 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
-    GatewayError: _gateway_error,
-    InvalidReferenceAudio: _reference_audio,
-    UnsupportedLanguage: _unsupported_language,
-    EngineUnavailable: _engine_unavailable,
+    TTSGatewayError: _domain_error,
     ValidationException: _validation,
     HTTPException: _http,
     Exception: _internal,

@@ -17,10 +17,10 @@ import pytest
 import soundfile as sf
 from litestar.testing import TestClient
 
-from config import Settings
-from engines.manager import EngineManager
-from gateway import create_app
 from tests.fake_engine import FakeEngine, FakePlugin
+from tts_gateway.config import Settings
+from tts_gateway.engines.manager import EngineManager
+from tts_gateway.gateway import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +37,8 @@ def tiny_xtts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def speech_wav() -> bytes:
     """About 4 s of real English speech made by the Piper engine, as 22.05 kHz WAV."""
-    from engines.base import SynthesisOptions, VoiceInput
-    from engines.piper_engine import PiperEngine, _bundled_voices
+    from tts_gateway.engines.base import SynthesisOptions, VoiceInput
+    from tts_gateway.engines.piper_engine import PiperEngine, _bundled_voices
 
     engine = PiperEngine(_bundled_voices())
     engine.load()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import (
+from tts_gateway.engines.base import (
     BaseEngine,
     BuiltinVoice,
     Capabilities,
@@ -17,7 +17,7 @@ from engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
-from engines.hookspecs import hookimpl
+from tts_gateway.engines.hookspecs import hookimpl
 
 RATE = 16000
 
@@ -34,6 +34,9 @@ class FakeEngine(BaseEngine):
         self.chunks_per_piece = 2
         self.fail_after: int | None = None  # raise after this many chunks
         self.fail_once = False
+        # When an Event: every chunk waits until it is set (or the request is cancelled). A test holds a
+        # synthesis in place with it instead of hoping a delay is long enough.
+        self.gate: threading.Event | None = None
         self.threads: list[str] = []
         self.started = threading.Event()
         self.finished_chunks = 0
@@ -77,6 +80,11 @@ class FakeEngine(BaseEngine):
                     if self.fail_once:
                         self.fail_after = None
                     raise RuntimeError("fake engine crashed mid-synthesis")
+                gate = self.gate
+                if gate is not None:
+                    while not gate.wait(0.005):
+                        if options.cancel.is_set():
+                            return
                 if self.chunk_delay:
                     deadline = time.monotonic() + self.chunk_delay
                     while time.monotonic() < deadline:

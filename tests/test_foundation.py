@@ -12,11 +12,11 @@ import numpy as np
 import pluggy
 import pytest
 
-from config import Settings, SettingsError
-from engines.hookspecs import hookimpl
-from engines.manager import EngineManager
 from tests.conftest import ROOT, assert_problem, decode, running_app
 from tests.fake_engine import FakeEngine, FakePlugin
+from tts_gateway.config import Settings, SettingsError
+from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.manager import EngineManager
 
 
 def test_piper_speaks_english_out_of_the_box(client: Any) -> None:

@@ -45,12 +45,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis.python import asgi as schemathesis_asgi  # noqa: E402
 
-from config import Settings  # noqa: E402
-from engines.base import BuiltinVoice, Capabilities  # noqa: E402
-from engines.manager import EngineManager  # noqa: E402
-from gateway import create_app  # noqa: E402
 from tests.conftest import running_app  # noqa: E402
 from tests.fake_engine import RATE, FakeEngine, FakePlugin  # noqa: E402
+from tts_gateway.config import Settings  # noqa: E402
+from tts_gateway.engines.base import BuiltinVoice, Capabilities  # noqa: E402
+from tts_gateway.engines.manager import EngineManager  # noqa: E402
+from tts_gateway.gateway import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = "/docs/openapi.json"
@@ -256,7 +256,7 @@ def _load_schema(settings: Settings, plugins: tuple[Any, ...], max_examples: int
     # schemathesis' ASGI client runs the lifespan once per app and keeps it up for every later request.
     schema = schemathesis.openapi.from_asgi(SCHEMA_PATH, app, config=schemathesis_config(max_examples))
     schema.hook("flatmap_body")(_with_audio)
-    readiness = app.state.gateway.readiness  # its warm-up task was started by the lifespan
+    readiness = app.state.tts.readiness  # its warm-up task was started by the lifespan
     try:
         deadline = time.monotonic() + 120
         while readiness.task is not None and not readiness.task.done() and time.monotonic() < deadline:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engines import hookspecs
+from tts_gateway.engines import hookspecs
 
 TESTS = Path(__file__).parent
 

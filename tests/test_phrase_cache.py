@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from config import Settings
 from tests.conftest import assert_problem, running_app
+from tts_gateway.config import Settings
 
 
 def stats(client: Any) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def test_streaming_hit_streams_cached_bytes(client: Any) -> None:
 def test_corrupt_entry_is_a_miss_and_replaced(client: Any, make_settings: Any) -> None:
     body = {"text": "Corrupt me.", "seed": 5}
     original = client.post("/v1/synthesize", json=body).content
-    cache = client.app.state.gateway.cache._cache
+    cache = client.app.state.tts.cache._cache
     key = next(iter(cache))
     value = bytearray(cache[key])
     value[-10] ^= 0xFF

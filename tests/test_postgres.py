@@ -31,12 +31,12 @@ import psycopg.errors
 import pytest
 import soundfile as sf
 
-from config import Settings, SettingsError
 from tests.conftest import ROOT, assert_problem, free_port, running_app
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.test_reliability import ClonePlugin, start_server, voice_audio, wait_up, wav
+from tts_gateway.config import Settings, SettingsError
 from tts_gateway.errors import InvalidField
-from voices import (
+from tts_gateway.voices import (
     PostgresVoiceRegistry,
     RegistryConnectError,
     RegistryUnavailable,
@@ -360,7 +360,7 @@ def test_corrupt_local_cache_file_is_refetched_never_served(tmp_path: Path, pg_u
         created = client.post("/v1/voices", data={"name": "cached", "engine": "clone"}, files=files)
         assert created.status_code == 201, created.text
         sha = created.json()["voice_sha256"]
-        registry = client.app.state.gateway.registry
+        registry = client.app.state.tts.core.registry
         assert isinstance(registry, PostgresVoiceRegistry)
         path = registry.store.path(sha)
         good = path.read_bytes()

@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from config import Settings
-from engines.manager import EngineManager
+from tts_gateway.config import Settings
+from tts_gateway.core.compose import build_core
+from tts_gateway.core.service import SynthesisRequest
+from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Unavailable
-from tts_gateway.metrics import Metrics
-from tts_gateway.service import SynthesisRequest, SynthesisService
-from voices import VoiceRegistry
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 
-from tts_gateway.backends.ray_serve import RayBackend, SynthesisJob
+from tts_gateway.ray.serve import RayBackend, SynthesisJob
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +37,7 @@ SLOW_WORD_S = 0.05  # the clone replica's FAKE_CHUNK_DELAY: one 0.2 s chunk per 
 @dataclass
 class RayEnv:
     settings: Settings
-    service: SynthesisService  # the local backend, for comparison
+    service: Any  # the local SynthesisService, for comparison
     backend: RayBackend
     preset: str
 
@@ -57,10 +56,9 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("ray-data"), engines=("piper",),
                         plugins=("tests.fake_cloning_plugin",), engine_threads=1, max_concurrency=2,
                         timeout_s=60, canary=False, default_voice="piper:joe")
-    engines = EngineManager(settings)
-    registry = VoiceRegistry(settings.data_dir)
-    service = SynthesisService(settings, engines, registry, Metrics())
-    service.register_voice("ray-clone", [("ref.wav", _reference_wav())], engine_name="clone", consent=True)
+    core = build_core(settings, phrase_cache=False)
+    core.voices.register("ray-clone", [("ref.wav", _reference_wav())], engine_name="clone", consent=True)
+    service, registry = core.service, core.registry
     backend = RayBackend(
         settings, registry, engines=["piper", "clone"], num_cpus=2, replicas=2, replica_cpus=0.5,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # replicas import tests.fake_cloning_plugin
@@ -72,8 +70,7 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
         yield RayEnv(settings, service, backend, "ray-clone")
     finally:
         backend.close()
-        engines.close()
-        registry.close()
+        core.close()
 
 
 def local_bytes(env: RayEnv, plan: Any) -> bytes:
@@ -177,8 +174,8 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
         return rejected.value, time.monotonic() - started
 
     error, stopped_after = asyncio.run(scenario())
-    assert error.status == 503 and "busy" in error.detail
-    assert int(error.headers["Retry-After"]) >= 1
+    assert isinstance(error, Unavailable) and "busy" in error.detail
+    assert error.retry_after is not None and error.retry_after >= 1
     assert stopped_after < 80 * SLOW_WORD_S / 2  # well before the stream would have ended
     # the slot is free again: a rejected request left nothing behind
     assert len(asyncio.run(ray_env.backend.call(quick))) > 44
@@ -188,11 +185,12 @@ def test_through_the_app(ray_env: RayEnv) -> None:
     """End to end: Litestar in front, the plan executed on the cluster."""
     from litestar.testing import TestClient
 
-    from gateway import create_app
+    from tts_gateway.gateway import create_app
 
     settings = ray_env.settings.with_(data_dir=ray_env.settings.data_dir)  # same registry, same presets
     app = create_app(settings, EngineManager(settings))
-    app.state.gateway.backend = ray_env.backend  # what TTS_GATEWAY_BACKEND=ray does, on the shared cluster
+    # What TTS_GATEWAY_BACKEND=ray does, on the shared cluster:
+    app.state.tts.runner = app.state.tts.backend = ray_env.backend
     body = {"text": "Through the front door.", "voice": "piper:joe", "seed": 11, "cache": False}
     with TestClient(app, timeout=120) as client:
         response = client.post("/v1/synthesize", json=body)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from config import Settings
 from tests.conftest import ROOT, assert_problem, free_port, running_app
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakeEngine, FakePlugin
-from voices import VoiceRegistry, prepare_reference
+from tts_gateway.config import Settings
+from tts_gateway.voices import VoiceRegistry, prepare_reference
 
 RATE = 16000
 
@@ -43,7 +43,7 @@ def voice_audio(seconds: float = 3.0, pitch: float = 220.0, rate: int = RATE) ->
 
 
 class ClonePlugin:
-    from engines.hookspecs import hookimpl
+    from tts_gateway.engines.hookspecs import hookimpl
 
     @hookimpl
     def register_engines(self, register: Any) -> None:
@@ -268,7 +268,7 @@ def test_queue_full_gives_503_with_retry_after(make_settings: Any) -> None:
     engine.chunk_delay = 0.5
     settings = make_settings(engines=(), default_voice="fake:one", max_concurrency=1, max_queue=1)
     with running_app(settings, FakePlugin(engine)) as client:
-        gateway = client.app.state.gateway
+        gateway = client.app.state.tts
         deadline = time.monotonic() + 10
         while client.get("/ready").status_code != 200 and time.monotonic() < deadline:  # canary done
             time.sleep(0.02)
@@ -303,7 +303,7 @@ def test_timeout_gives_504_and_stops_the_work(make_settings: Any) -> None:
         while engine.active and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.active == 0 and engine.finished_chunks < 5
-        assert client.app.state.gateway.admission.running == 0
+        assert client.app.state.tts.admission.running == 0
         engine.chunk_delay = 0
         engine.chunks_per_piece = 1
         assert client.post("/v1/synthesize", json={"text": "fast"}).status_code == 200

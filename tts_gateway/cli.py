@@ -20,10 +20,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from config import Settings, SettingsError
+from tts_gateway.config import Settings, SettingsError
+from tts_gateway.errors import TTSGatewayError
 
 if TYPE_CHECKING:
-    from tts_gateway.service import SynthesisService
+    from tts_gateway.core.compose import Core
 
 app = typer.Typer(help="tts-gateway: a multi-engine text-to-speech gateway (XTTS v2, Piper, espeak-ng).",
                   no_args_is_help=True, add_completion=False)
@@ -46,20 +47,14 @@ def load_settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def build_service(settings: Settings) -> SynthesisService:
-    from engines.manager import EngineManager
-    from tts_gateway.metrics import Metrics
-    from tts_gateway.service import SynthesisService
-    from voices import open_registry
+def open_core(settings: Settings) -> Core:
+    from tts_gateway.core.compose import build_core
 
     try:
-        engines = EngineManager(settings)
-        metrics = Metrics()
-        registry = open_registry(settings, on_conditioning=lambda e: metrics.conditioning.labels(e).inc())
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        return build_core(settings, phrase_cache=False)
+    except TTSGatewayError as exc:
+        err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None
-    return SynthesisService(settings, engines, registry, metrics)
 
 
 def fail(exc: Exception) -> typer.Exit:
@@ -76,16 +71,16 @@ def serve(
     """Start the HTTP server (the default voice loads in the background; /ready says when)."""
     import uvicorn
 
-    from gateway import create_app
+    from tts_gateway.gateway import create_app
 
     settings = load_settings()
     settings = settings.with_(host=host or settings.host, port=port if port is not None else settings.port)
     try:
         application = create_app(settings)
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    except TTSGatewayError as exc:
+        err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None
-    backend = application.state.gateway.backend
+    backend = application.state.tts.backend
     if backend is not None:
         backend.start()  # ray.init on the main thread, before uvicorn: Ray dies with the thread that started it
     try:
@@ -108,12 +103,13 @@ def say(
     seed: Annotated[int | None, typer.Option(help="Seed for repeatable output.")] = None,
 ) -> None:
     """Synthesize TEXT to a file (no server needed), with progress on model loading and long text."""
-    from tts_gateway.service import SynthesisRequest
+    from tts_gateway.core.service import SynthesisRequest
 
     if text == "-":
         text = sys.stdin.read()
     settings = load_settings()
-    service = build_service(settings)
+    core = open_core(settings)
+    service = core.service
     fmt = out_file.suffix.lstrip(".").lower() or "wav"
     fmt = {"ogg": "opus", "raw": "pcm"}.get(fmt, fmt)
     try:
@@ -138,13 +134,12 @@ def say(
 @app.command()
 def engines() -> None:
     """List engines: availability (with the reason), languages, capabilities and model."""
-    from engines.base import CloningEngine
+    from tts_gateway.engines.base import CloningEngine
 
-    settings = load_settings()
-    service = build_service(settings)
+    core = open_core(load_settings())
     table = Table("engine", "available", "languages", "cloning", "rate", "model", "reason")
-    for name in service.engines.names:
-        engine = service.engines.get(name)
+    for name in core.engines.names:
+        engine = core.engines.get(name)
         ok, reason = engine.availability()
         languages = list(engine.languages) if ok else []
         table.add_row(name, "yes" if ok else "no", f"{len(languages)}: {', '.join(languages[:8])}"
@@ -156,8 +151,8 @@ def engines() -> None:
 @voices_app.command("list")
 def voices_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List built-in voices and presets."""
-    service = build_service(load_settings())
-    voices = service.list_voices()
+    core = open_core(load_settings())
+    voices = core.voices.all()
     if as_json:
         out.print_json(json.dumps(voices))
         return
@@ -178,14 +173,14 @@ def voices_add(
     consent: Annotated[bool, typer.Option(help="The speaker consented to being cloned.")] = False,
 ) -> None:
     """Register a preset: its latents are computed once and stored."""
-    service = build_service(load_settings())
+    core = open_core(load_settings())
     try:
         files = [(p.name, p.read_bytes()) for p in audio]
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                       transient=True) as progress:
             progress.add_task(f"loading {engine} and computing latents…", total=None)
-            voice = service.register_voice(name, files, engine_name=engine, language=language,
-                                           description=description, consent=consent)
+            voice = core.voices.register(name, files, engine_name=engine, language=language,
+                                         description=description, consent=consent)
     except Exception as exc:
         raise fail(exc) from None
     out.print_json(json.dumps(voice))
@@ -194,9 +189,9 @@ def voices_add(
 @voices_app.command("rm")
 def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) -> None:
     """Delete a preset."""
-    service = build_service(load_settings())
+    core = open_core(load_settings())
     try:
-        service.delete_voice(name)
+        core.voices.delete(name)
     except Exception as exc:
         raise fail(exc) from None
     err.print(f"deleted {name}")
@@ -205,13 +200,13 @@ def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) ->
 @registry_app.command("check")
 def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and temp files.")] = False) -> None:
     """Verify every preset's latents and find orphan or half-written files."""
-    from voices import open_registry
+    from tts_gateway.voices import open_registry
 
     settings = load_settings()
     try:
         registry = open_registry(settings)
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    except TTSGatewayError as exc:
+        err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None
     try:
         report = registry.check(fix=fix)
@@ -225,7 +220,7 @@ def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and te
 @dev_app.command("tiny-xtts")
 def dev_tiny_xtts(directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")]) -> None:
     """Build the tiny random-weight XTTS v2 checkpoint used by tests (~93 MB, 16 languages)."""
-    from engines.tiny_xtts import build_tiny_xtts
+    from tts_gateway.engines.tiny_xtts import build_tiny_xtts
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
         progress.add_task("building tiny XTTS checkpoint…", total=None)

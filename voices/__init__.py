@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from config import Settings
-from voices.audio import ReferenceAudio, prepare_reference
-from voices.pg_registry import PostgresVoiceRegistry, RegistryConnectError, RegistryUnavailable
-from voices.registry import (
+from tts_gateway.config import Settings
+from tts_gateway.voices.audio import ReferenceAudio, prepare_reference
+from tts_gateway.voices.pg_registry import PostgresVoiceRegistry, RegistryConnectError, RegistryUnavailable
+from tts_gateway.voices.registry import (
     VoiceBroken,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
     VoiceRegistry,
 )
-from voices.store import CorruptBlob, LatentStore
+from tts_gateway.voices.store import CorruptBlob, LatentStore
 
 
 def open_registry(

@@ -11,7 +11,19 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from engines.base import InvalidReferenceAudio
+from tts_gateway.errors import Invalid, UnsupportedMedia
+
+
+class InvalidReferenceAudio(Invalid):
+    """Reference audio that cannot condition a voice: too short, too long, silent, undecodable."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, code="invalid-reference-audio", title="Invalid reference audio", field="audio")
+
+
+class NotAudio(UnsupportedMedia):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, code="not-audio", title="Not audio")
 
 MIN_SECONDS = 2.0
 MAX_SECONDS = 60.0
@@ -50,11 +62,10 @@ def looks_like_audio(data: bytes) -> bool:
 def decode(data: bytes, label: str) -> tuple[np.ndarray, int]:
     """Decode one uploaded file to float32 (frames, channels)."""
     if not data:
-        raise InvalidReferenceAudio(f"{label} is empty", not_audio=True)
+        raise NotAudio(f"{label} is empty")
     if not looks_like_audio(data):
-        raise InvalidReferenceAudio(
-            f"{label} is not an audio file (send WAV, FLAC, OGG or MP3)", not_audio=True
-        )
+        raise NotAudio(
+            f"{label} is not an audio file (send WAV, FLAC, OGG or MP3)")
     try:
         with sf.SoundFile(io.BytesIO(data)) as handle:
             rate = handle.samplerate

@@ -43,10 +43,10 @@ from psycopg.types.json import Jsonb
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from config.settings import VOICE_NAME_RE
+from tts_gateway.voices.names import VOICE_NAME_RE
 from tts_gateway.errors import InvalidField, Unavailable
-from voices.audio import ReferenceAudio
-from voices.registry import (
+from tts_gateway.voices.audio import ReferenceAudio
+from tts_gateway.voices.registry import (
     ComputeLatents,
     VoiceBroken,
     VoiceExists,
@@ -55,7 +55,7 @@ from voices.registry import (
     VoiceRegistry,
     latents_key,
 )
-from voices.store import CorruptBlob, LatentStore, atomic_write
+from tts_gateway.voices.store import CorruptBlob, LatentStore, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,15 @@ class RegistryUnavailable(Unavailable):
     """The registry database cannot be reached right now (HTTP 503 with Retry-After)."""
 
     def __init__(self, detail: str) -> None:
-        super().__init__(f"the voice registry database is unavailable: {detail}", retry_after=5)
+        super().__init__(f"the voice registry database is unavailable: {detail}", retry_after=5,
+                         code="registry-unavailable")
 
 
-class RegistryConnectError(ValueError):
+class RegistryConnectError(Unavailable):
     """The registry database could not be reached or set up at start (the CLI reports it and exits)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, code="registry-unavailable")
 
 
 def redact(url: str) -> str:

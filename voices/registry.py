@@ -26,32 +26,34 @@ from typing import Any
 import diskcache
 import numpy as np
 
-from config.settings import VOICE_NAME_RE
-from voices.audio import ReferenceAudio
-from voices.store import CorruptBlob, LatentStore
+from tts_gateway.voices.names import VOICE_NAME_RE
+from tts_gateway.errors import Conflict, NotFound
+from tts_gateway.voices.audio import ReferenceAudio
+from tts_gateway.voices.store import CorruptBlob, LatentStore
 
 log = logging.getLogger(__name__)
 
 ComputeLatents = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-class VoiceNotFound(LookupError):
+class VoiceNotFound(NotFound):
     def __init__(self, name: str) -> None:
-        super().__init__(f"no voice named {name!r}")
+        super().__init__(f"unknown voice {name!r}; GET /v1/voices lists the voices", code="unknown-voice")
         self.name = name
 
 
-class VoiceExists(Exception):
+class VoiceExists(Conflict):
     def __init__(self, name: str) -> None:
-        super().__init__(f"a voice named {name!r} already exists; delete it first or choose another name")
+        super().__init__(f"a voice named {name!r} already exists; delete it first or choose another name",
+                         code="voice-exists")
         self.name = name
 
 
-class VoiceBroken(Exception):
+class VoiceBroken(Conflict):
     def __init__(self, name: str, detail: str) -> None:
         super().__init__(
-            f"voice {name!r} is broken ({detail}); its latents were quarantined — delete it and register it again"
-        )
+            f"voice {name!r} is broken ({detail}); its latents were quarantined — delete it and register it again",
+            code="voice-broken")
         self.name = name
 
 

@@ -14,15 +14,17 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from tts_gateway.errors import Conflict
+
 log = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class CorruptBlob(Exception):
+class CorruptBlob(Conflict):
     """A blob's bytes do not match the sha256 recorded for it; it was quarantined."""
 
     def __init__(self, key: str, detail: str) -> None:
-        super().__init__(f"latent blob {key[:12]}… is corrupt: {detail}")
+        super().__init__(f"latent blob {key[:12]}… is corrupt: {detail}", code="corrupt-latents")
         self.key = key
 
 

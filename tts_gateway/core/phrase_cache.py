@@ -16,7 +16,7 @@ from typing import Any
 
 import diskcache
 
-from tts_gateway.metrics import Metrics
+from tts_gateway.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

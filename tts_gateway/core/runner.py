@@ -12,14 +12,17 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from tts_gateway.core.metrics import Metrics
 from tts_gateway.errors import TimedOut, Unavailable
-from tts_gateway.metrics import Metrics
+
+if TYPE_CHECKING:
+    from tts_gateway.core.service import Plan, SynthesisService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_DONE = object()
+DONE = object()  # the end of a `ThreadStream`
 
 
 class Admission:
@@ -78,6 +81,61 @@ class Admission:
         return release_threadsafe
 
 
+class ThreadStream:
+    """The one thread → event-loop bridge: runs a blocking generator in a thread, hands its items over.
+
+    ``next()`` returns the next item, `DONE` at the end, or raises what the generator raised. The
+    producer checks ``cancel`` between items, so setting it stops the work at the next chunk.
+    """
+
+    def __init__(self, make: Callable[[], Iterator[Any]], cancel: threading.Event,
+                 executor: ThreadPoolExecutor | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.cancel = cancel
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        loop, queue = self.loop, self._queue
+
+        def produce() -> None:
+            try:
+                for item in make():
+                    if cancel.is_set():
+                        break
+                    if item:
+                        loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, DONE)
+            except BaseException as exc:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, _Raised(exc))
+
+        if executor is not None:
+            self.finished: asyncio.Future[Any] = self.loop.run_in_executor(executor, produce)
+        else:  # its own thread: a cancelled request must never wait behind others in a pool
+            self.finished = self.loop.create_future()
+
+            def run() -> None:
+                try:
+                    produce()
+                finally:
+                    loop.call_soon_threadsafe(self._finish)
+
+            threading.Thread(target=run, name="tts-stream", daemon=True).start()
+
+    def _finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    async def next(self, timeout: float | None = None) -> Any:
+        """The next item or `DONE`; `TimeoutError` after ``timeout`` seconds."""
+        item = await (asyncio.wait_for(self._queue.get(), timeout) if timeout is not None else self._queue.get())
+        if isinstance(item, _Raised):
+            raise item.exc
+        return item
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class Worker:
     """Runs blocking calls in a thread pool with a timeout and cancellation."""
 
@@ -112,42 +170,26 @@ class Worker:
         exists still get their proper status code. ``on_complete`` runs only when the generator
         finished normally (not on error, timeout or disconnect).
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stream = ThreadStream(make, cancel, self.pool)
+        stream.finished.add_done_callback(lambda _: release())
+        loop = stream.loop
         deadline = loop.time() + self.timeout_s
-
-        def produce() -> None:
-            try:
-                for chunk in make():
-                    if cancel.is_set():
-                        break
-                    if chunk:
-                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-            except BaseException as exc:  # handed to the event loop, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-        future = loop.run_in_executor(self.pool, produce)
-        future.add_done_callback(lambda _: release())
 
         async def next_item() -> Any:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(queue.get(), remaining)
+            return await stream.next(remaining)
 
         try:
             first = await next_item()
         except TimeoutError:
             cancel.set()
             raise TimedOut(f"no audio within {self.timeout_s:g} s (TTS_GATEWAY_TIMEOUT_S)") from None
-        except asyncio.CancelledError:
+        except BaseException:
             cancel.set()
             raise
-        if isinstance(first, BaseException):
-            cancel.set()
-            raise first
-        finished = first is _DONE
+        finished = first is DONE
         if finished:
             first = b""
             if on_complete is not None:
@@ -162,15 +204,57 @@ class Worker:
                         item = await next_item()
                     except TimeoutError:
                         return  # headers are sent: end the stream early; the log says why
-                    if item is _DONE:
+                    except Exception as exc:
+                        log.error("stream ended early: %s", exc)
+                        return
+                    if item is DONE:
                         if on_complete is not None:
                             on_complete()
-                        return
-                    if isinstance(item, BaseException):
-                        log.error("stream ended early: %s", item)
                         return
                     yield item
             finally:
                 cancel.set()  # normal end, error or client disconnect: stop the worker
 
         return first, rest()
+
+
+class Runner(Protocol):
+    """Where a planned synthesis runs: in this process (`LocalRunner`) or on Ray Serve replicas."""
+
+    async def call(self, plan: Plan) -> bytes:
+        """The whole encoded result."""
+        ...
+
+    async def open_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
+                          ) -> tuple[bytes, AsyncIterator[bytes]]:
+        """The first chunk (awaited, so early errors keep their kind) and an iterator over the rest."""
+        ...
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """A blocking call (registration, conditioning) under the same admission control."""
+        ...
+
+
+class LocalRunner:
+    """Runs plans in this process: admission control, then a worker thread."""
+
+    def __init__(self, service: SynthesisService, admission: Admission, worker: Worker) -> None:
+        self.service = service
+        self.admission = admission
+        self.worker = worker
+
+    async def call(self, plan: Plan) -> bytes:
+        release = await self.admission.acquire()
+        cancel = threading.Event()
+        return await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, release)
+
+    async def open_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
+                          ) -> tuple[bytes, AsyncIterator[bytes]]:
+        release = await self.admission.acquire()
+        cancel = threading.Event()
+        return await self.worker.stream(lambda: self.service.run(plan, cancel), cancel, release,
+                                        on_complete=on_complete)
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        release = await self.admission.acquire()
+        return await self.worker.call(fn, threading.Event(), release)

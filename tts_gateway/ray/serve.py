@@ -28,17 +28,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from config import Settings
-from tts_gateway.errors import Conflict, GatewayError, InvalidField, NotFound, TimedOut, Unavailable, UnsupportedMedia
+from tts_gateway.config import Settings
+from tts_gateway.errors import Conflict, Invalid, TimedOut, TTSGatewayError, Unavailable
 
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "tts-"
 BUSY_RETRY_AFTER_S = 2
 MAX_VOICES_PER_REPLICA = 16  # @serve.multiplexed LRU size: latent sets kept per replica
-_DONE = object()
+T = TypeVar("T")
 
 
 def app_name(engine: str) -> str:
@@ -151,30 +151,23 @@ def settings_from_values(values: Mapping[str, Any]) -> Settings:
 
 # -- errors across the process boundary -------------------------------------------------------------
 class ReplicaError(Exception):
-    """A `GatewayError` raised on a replica, carried as plain values (it pickles by its args)."""
+    """A `TTSGatewayError` raised on a replica, carried as its kind and plain values (it pickles by its
+    args); `error` rebuilds the same kind on the gateway."""
 
-    def __init__(self, status: int, detail: str, retry_after: int | None = None, field_name: str | None = None):
-        super().__init__(status, detail, retry_after, field_name)
-        self.status, self.detail, self.retry_after, self.field_name = status, detail, retry_after, field_name
+    def __init__(self, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.values = values
 
     def __str__(self) -> str:
-        return f"{self.status}: {self.detail}"
+        return f"{self.values.get('kind')}: {self.values.get('detail')}"
 
     @classmethod
-    def of(cls, exc: GatewayError) -> ReplicaError:
-        retry = exc.headers.get("Retry-After")
-        return cls(exc.status, exc.detail, int(retry) if retry and retry.isdigit() else None,
-                   getattr(exc, "field", None))
+    def of(cls, exc: TTSGatewayError) -> ReplicaError:
+        return cls(exc.to_dict())
 
-    def to_gateway_error(self) -> GatewayError:
-        if self.status == 503:
-            return Unavailable(self.detail, retry_after=self.retry_after or 5)
-        if self.status == 422 and self.field_name:
-            return InvalidField(self.field_name, self.detail.removeprefix(f"{self.field_name}: "))
-        for cls in (NotFound, Conflict, TimedOut, UnsupportedMedia):
-            if cls.status == self.status:
-                return cls(self.detail)
-        return GatewayError(self.detail)
+    @property
+    def error(self) -> TTSGatewayError:
+        return TTSGatewayError.from_dict(self.values)
 
 
 def _replica_error(exc: BaseException | None) -> ReplicaError | None:
@@ -187,12 +180,12 @@ def _replica_error(exc: BaseException | None) -> ReplicaError | None:
     return None
 
 
-def _translate(exc: Exception, engine: str) -> GatewayError:
-    """Any failure of a remote call as the `GatewayError` the HTTP layer maps to a status."""
+def _translate(exc: Exception, engine: str) -> TTSGatewayError:
+    """Any failure of a remote call as the error of the same kind the edges understand."""
     remote = _replica_error(exc)
     if remote is not None:
-        return remote.to_gateway_error()
-    if isinstance(exc, GatewayError):
+        return remote.error
+    if isinstance(exc, TTSGatewayError):
         return exc
     from ray.serve.exceptions import BackPressureError
 
@@ -206,7 +199,7 @@ def _busy(engine: str, exc: Any) -> Unavailable:
     retry = getattr(exc, "_retry_after_s", None)
     seconds = max(1, math.ceil(retry)) if retry else BUSY_RETRY_AFTER_S
     return Unavailable(f"engine {engine!r} is busy: every replica is at its limit and the queue is full; "
-                       f"retry shortly", retry_after=seconds)
+                       f"retry shortly", retry_after=seconds, code="busy")
 
 
 # -- replica side ------------------------------------------------------------------------------------
@@ -233,10 +226,8 @@ class EngineReplica:
     """One Serve replica of one engine. `deployment_class` adds the ``@serve.multiplexed`` loader."""
 
     def __init__(self, engine_name: str, settings: Mapping[str, Any], warm: bool = True) -> None:
-        from engines.manager import DEFAULT_PLUGINS, EngineManager
-        from tts_gateway.metrics import Metrics
-        from tts_gateway.service import SynthesisService
-        from voices import open_registry
+        from tts_gateway.core.compose import build_core
+        from tts_gateway.engines.manager import DEFAULT_PLUGINS
 
         values = dict(settings)
         parsed = settings_from_values(values)
@@ -244,11 +235,12 @@ class EngineReplica:
         parsed = parsed.with_(engines=tuple(e for e in parsed.engines if e == engine_name and e in DEFAULT_PLUGINS))
         self.engine_name = engine_name
         self.settings = parsed
-        self.engines = EngineManager(parsed)
+        self.core = build_core(parsed, phrase_cache=False)
+        self.engines = self.core.engines
         if engine_name not in self.engines.names:
             raise ValueError(f"replica for engine {engine_name!r}: no such engine (have {self.engines.names})")
-        self.registry = open_registry(parsed)
-        self.service = SynthesisService(parsed, self.engines, self.registry, Metrics())
+        self.registry = self.core.registry
+        self.service = self.core.service
         self._keys: dict[str, str] = {}
         self._counts = {"running": 0, "completed": 0, "cancelled": 0, "failed": 0, "voice_loads": 0}
         self._loaded_voices: set[str] = set()
@@ -262,56 +254,57 @@ class EngineReplica:
         return await self._load_voice(sha256)
 
     async def _load_voice(self, sha256: str) -> LoadedVoice:
-        from voices import CorruptBlob
+        from tts_gateway.voices import CorruptBlob
 
         key = self._keys.get(sha256)
         if key is None:
-            raise ReplicaError(409, f"latents {sha256[:12]}… were asked for without their blob key")
+            raise ReplicaError.of(Conflict(f"latents {sha256[:12]}… were asked for without their blob key"))
         try:
-            latents = await asyncio.to_thread(self.registry._load, key, sha256)  # verifies the sha256
+            latents = await asyncio.to_thread(self.registry.load_latents, key, sha256)  # verifies the sha256
         except CorruptBlob as exc:
-            raise ReplicaError(409, f"the voice's latents are broken on this node ({exc}); "
-                                    "delete the voice and register it again") from None
+            raise ReplicaError.of(Conflict(f"the voice's latents are broken on this node ({exc}); "
+                                           "delete the voice and register it again", code="voice-broken")) from None
         self._counts["voice_loads"] += 1
         self._loaded_voices.add(sha256)
 
         def forget(sha: str) -> None:
             self._loaded_voices.discard(sha)
-            self.registry._forget(sha)
+            self.registry.forget(sha)
 
         return LoadedVoice(sha256, latents, forget)
 
     async def _plan(self, raw: Mapping[str, Any]) -> Any:
         from safetensors.numpy import load as st_load
 
-        from engines.base import VoiceInput
         from tts_gateway.audio import FORMATS
-        from tts_gateway.service import Plan, ResolvedVoice
+        from tts_gateway.core.service import Plan
+        from tts_gateway.engines.base import VoiceInput
+        from tts_gateway.voices.catalog import ResolvedVoice
 
         job = SynthesisJob.from_dict(raw)
         if job.engine != self.engine_name:
-            raise ReplicaError(409, f"job for engine {job.engine!r} reached a replica of {self.engine_name!r}")
+            raise Conflict(f"job for engine {job.engine!r} reached a replica of {self.engine_name!r}")
         engine = self.engines.get(job.engine)
         if self._model_sha is None:
             self._model_sha = await asyncio.to_thread(lambda: engine.model.sha256)
         if job.model_sha256 and self._model_sha and job.model_sha256 != self._model_sha:
-            raise ReplicaError(409, f"engine {job.engine!r} runs model {self._model_sha[:12]}… on this replica but "
-                                    f"the gateway planned for {job.model_sha256[:12]}…; deploy the same model files")
+            raise Conflict(f"engine {job.engine!r} runs model {self._model_sha[:12]}… on this replica but "
+                           f"the gateway planned for {job.model_sha256[:12]}…; deploy the same model files")
         if job.builtin is not None:
             voice_input = VoiceInput(builtin=job.builtin)
         elif job.latents_blob is not None:
             if hashlib.sha256(job.latents_blob).hexdigest() != job.latents_sha256:
-                raise ReplicaError(409, "the voice's latents were damaged in transit")
+                raise Conflict("the voice's latents were damaged in transit")
             voice_input = VoiceInput(latents=dict(st_load(job.latents_blob)))
         elif job.latents_key and job.latents_sha256:
             self._keys[job.latents_sha256] = job.latents_key
             loaded = await self.voice(job.latents_sha256)
             voice_input = VoiceInput(latents=loaded.latents)
         else:
-            raise ReplicaError(409, "the job names no voice")
+            raise Conflict("the job names no voice")
         fmt = FORMATS.get(job.format)
         if fmt is None:
-            raise ReplicaError(422, f"format: {job.format!r} is unknown", field_name="format")
+            raise Invalid(f"format: {job.format!r} is unknown", field="format")
         voice = ResolvedVoice(job.voice_name, job.engine, voice_input, job.voice_language, job.latents_sha256,
                               builtin=job.builtin is not None)
         return Plan(
@@ -326,45 +319,33 @@ class EngineReplica:
 
     async def stream(self, job: Mapping[str, Any]) -> AsyncIterator[bytes]:
         """Encoded bytes as they are ready; a cancelled request (client gone) stops the engine."""
-        from engines.base import SynthesisCancelled
+        from tts_gateway.core.runner import DONE, ThreadStream
+        from tts_gateway.engines.base import SynthesisCancelled
 
         try:
             plan = await self._plan(job)
-        except GatewayError as exc:
+        except TTSGatewayError as exc:
             raise ReplicaError.of(exc) from None
         cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def produce() -> None:
-            try:
-                for chunk in self.service.run(plan, cancel):
-                    if cancel.is_set():
-                        break
-                    if chunk:
-                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-
         self._counts["running"] += 1
         outcome = "cancelled"
-        # Its own thread, not the default pool: a cancelled request must never wait behind others.
-        threading.Thread(target=produce, name="tts-replica-synthesis", daemon=True).start()
+        stream = ThreadStream(lambda: self.service.run(plan, cancel), cancel)
         try:
             while True:
-                item = await queue.get()
-                if item is _DONE:
+                try:
+                    item = await stream.next()
+                except SynthesisCancelled:
+                    return
+                except TTSGatewayError as exc:
+                    outcome = "failed"
+                    raise ReplicaError.of(exc) from None
+                except Exception as exc:
+                    outcome = "failed"
+                    raise ReplicaError.of(Unavailable(f"engine {self.engine_name!r} failed: {type(exc).__name__}",
+                                                      retry_after=1)) from None
+                if item is DONE:
                     outcome = "completed"
                     return
-                if isinstance(item, SynthesisCancelled):
-                    return
-                if isinstance(item, GatewayError):
-                    outcome = "failed"
-                    raise ReplicaError.of(item) from None
-                if isinstance(item, BaseException):
-                    outcome = "failed"
-                    raise ReplicaError(503, f"engine {self.engine_name!r} failed: {type(item).__name__}", 1)
                 yield item
         finally:
             cancel.set()
@@ -463,7 +444,7 @@ class RayBackend:
     @property
     def engines(self) -> list[str]:
         if self._engines is None:
-            from engines.manager import EngineManager
+            from tts_gateway.engines.manager import EngineManager
 
             manager = EngineManager(self.settings)
             self._engines = [n for n in manager.names if manager.get(n).availability()[0]]
@@ -661,6 +642,10 @@ class RayBackend:
             raise _translate(exc, job.engine) from None
 
         return first, _RemoteChunks(generator, next_chunk, finished, on_complete, job.engine, self.timeout_s)
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """Registration and conditioning still run in the gateway process (in a thread)."""
+        return await asyncio.to_thread(fn)
 
     async def stream(self, plan: Any) -> AsyncIterator[bytes]:
         """Encoded chunks as the replica makes them (errors before the first chunk are raised)."""

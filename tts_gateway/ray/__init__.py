@@ -1,7 +1,7 @@
 """Where synthesis runs: ``local`` (worker threads in the gateway process) or ``ray`` (Ray Serve).
 
 ``TTS_GATEWAY_BACKEND=local`` keeps everything in `gateway.runner`. ``ray`` sends each
-`Plan` to a Serve deployment of its engine (`tts_gateway.backends.ray_serve`); Litestar stays the
+`Plan` to a Serve deployment of its engine (`tts_gateway.ray.serve`); Litestar stays the
 HTTP front door. Ray is an optional extra (``pip install .[ray]``) imported only when chosen.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from config import Settings
+from tts_gateway.config import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from tts_gateway.backends.ray_serve import RayBackend
+    from tts_gateway.ray.serve import RayBackend
 
 BACKENDS = ("local", "ray")
 
@@ -23,13 +23,14 @@ def make_backend(settings: Settings, registry: Any = None) -> RayBackend | None:
     if name == "local":
         return None
     if name != "ray":
-        raise ValueError(f"TTS_GATEWAY_BACKEND must be one of {', '.join(BACKENDS)}, got {name!r}")
+        raise SettingsError(f"TTS_GATEWAY_BACKEND must be one of {', '.join(BACKENDS)}, got {name!r}")
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
     except ImportError as exc:
-        raise ValueError(f"TTS_GATEWAY_BACKEND=ray needs Ray Serve: pip install 'tts-gateway[ray]' ({exc})") from None
-    from tts_gateway.backends.ray_serve import RayBackend
+        raise SettingsError(
+            f"TTS_GATEWAY_BACKEND=ray needs Ray Serve: pip install 'tts-gateway[ray]' ({exc})") from None
+    from tts_gateway.ray.serve import RayBackend
 
     return RayBackend(settings, registry)
 

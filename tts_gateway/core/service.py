@@ -1,0 +1,236 @@
+"""The synthesis service: voices → engines → sentences → resampled, encoded bytes.
+
+Framework-free: the gateway validates HTTP input, then calls `plan` (cheap, raises domain errors)
+and runs `run` in a worker thread. Nothing here imports Litestar or model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
+from tts_gateway.config import Settings
+from tts_gateway.core.metrics import Metrics
+from tts_gateway.engines.base import SpeechEngine, SynthesisCancelled, SynthesisOptions, match_language
+from tts_gateway.engines.manager import EngineManager
+from tts_gateway.errors import InvalidField, TTSGatewayError, Unavailable
+from tts_gateway.text import char_count, has_control_chars, normalise, split_sentences
+from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
+
+log = logging.getLogger(__name__)
+
+SENTENCE_PAUSE_S = 0.2
+MIN_RATE, MAX_RATE = 8000, 48000
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class SynthesisRequest:
+    text: str
+    voice: str | None = None
+    language: str | None = None
+    format: str = "wav"
+    sample_rate: int | None = None
+    speed: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+    cache: bool = True
+
+
+@dataclass
+class Plan:
+    engine_name: str
+    engine: SpeechEngine
+    voice: ResolvedVoice
+    language: str
+    pieces: list[str]
+    fmt: AudioFormat
+    rate: int
+    speed: float
+    seed: int
+    repeatable: bool
+    stream: bool
+    text: str = ""
+    cache: bool = True
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def streams(self) -> bool:
+        """Whether bytes really leave before the end (FLAC and MP3 are always sent whole)."""
+        return self.stream and self.fmt.incremental
+
+    def cache_parts(self) -> dict[str, Any] | None:
+        """Everything that changes the bytes, or None when the result is not repeatable."""
+        deterministic = self.engine.capabilities.deterministic
+        if not self.cache or not (self.repeatable or deterministic):
+            return None
+        model = self.engine.model
+        return {
+            "v": 1, "engine": self.engine_name, "model": model.sha256 or model.id,
+            "voice": self.voice.voice_sha256 or self.voice.name, "text": normalise(self.text),
+            "language": self.language, "format": self.fmt.name, "rate": self.rate, "speed": self.speed,
+            "seed": None if deterministic else self.seed, "stream": self.streams,
+        }
+
+    @property
+    def media_type(self) -> str:
+        return media_type(self.fmt, self.rate)
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "X-Engine": self.engine_name,
+            "X-Voice": self.voice.name,
+            "X-Seed": str(self.seed),
+            "X-Sample-Rate": str(self.rate),
+        }
+        sha = self.engine.model.sha256
+        if sha:
+            headers["X-Model-Sha256"] = sha
+        if self.voice.voice_sha256:
+            headers["X-Voice-Sha256"] = self.voice.voice_sha256
+        return headers
+
+
+class SynthesisService:
+    """Plans and runs syntheses; voices come from the `VoiceCatalog`, engines from the manager.
+
+    Args:
+        settings: Limits (text length) are read from here.
+        engines: The engine manager.
+        voices: Resolves voice names to built-ins or verified latents.
+        metrics: Where timings and counts go.
+    """
+
+    def __init__(self, settings: Settings, engines: EngineManager, voices: VoiceCatalog, metrics: Metrics) -> None:
+        self.settings = settings
+        self.engines = engines
+        self.voices = voices
+        self.metrics = metrics
+
+    # -- synthesis ------------------------------------------------------------------------------
+    def check_text(self, text: str) -> None:
+        if not text.strip():
+            raise InvalidField("text", "must not be empty")
+        count = char_count(text)
+        if count > self.settings.max_text_chars:
+            limit = self.settings.max_text_chars
+            raise InvalidField("text", f"is {count} characters; the limit is {limit} (TTS_GATEWAY_MAX_TEXT_CHARS)")
+        if has_control_chars(text):
+            raise InvalidField("text", "contains control characters")
+
+    def check_options(self, fmt: str, sample_rate: int | None, speed: float, seed: int | None) -> AudioFormat:
+        audio_format = FORMATS.get(fmt)
+        if audio_format is None:
+            raise InvalidField("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+        if sample_rate is not None:
+            if not MIN_RATE <= sample_rate <= MAX_RATE:
+                raise InvalidField("sample_rate", f"must be between {MIN_RATE} and {MAX_RATE}, got {sample_rate}")
+            problem = audio_format.check_rate(sample_rate)
+            if problem:
+                raise InvalidField("sample_rate", problem)
+        if not (MIN_SPEED <= speed <= MAX_SPEED):  # also false for NaN
+            raise InvalidField("speed", f"must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise InvalidField("seed", f"must be between 0 and {MAX_SEED}")
+        return audio_format
+
+    def plan(self, request: SynthesisRequest, voice: ResolvedVoice | None = None) -> Plan:
+        """Validate everything that can be checked before work starts; raises domain errors."""
+        self.check_text(request.text)
+        audio_format = self.check_options(request.format, request.sample_rate, request.speed, request.seed)
+        resolved = voice or self.voices.resolve(request.voice)
+        engine = self.engines.check_available(resolved.engine)
+        language = match_language(engine, request.language or resolved.language or engine.languages[0])
+        rate = request.sample_rate or audio_format.default_rate(engine.sample_rate)
+        pieces = split_sentences(request.text, language, engine.max_chars(language))
+        if not pieces:
+            raise InvalidField("text", "has nothing to speak")
+        return Plan(
+            engine_name=resolved.engine, engine=engine, voice=resolved, language=language, pieces=pieces,
+            fmt=audio_format, rate=rate, speed=request.speed,
+            seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            repeatable=request.seed is not None, stream=request.stream, text=request.text, cache=request.cache,
+        )
+
+    def run(self, plan: Plan, cancel: threading.Event,
+            on_piece: Callable[[int], None] | None = None) -> Iterator[bytes]:
+        """Synthesize piece by piece, yielding encoded bytes as they are ready (worker thread)."""
+        encoder = Encoder(plan.fmt, plan.rate, streaming=plan.stream)
+        started = time.perf_counter()
+        produced = 0
+        first = True
+        try:
+            with self.engines.use(plan.engine_name) as engine:
+                native_speed = engine.capabilities.native_speed
+                options = SynthesisOptions(
+                    language=plan.language, speed=plan.speed if native_speed else 1.0, seed=plan.seed,
+                    cancel=cancel, repeatable=plan.repeatable, streaming=plan.stream,
+                )
+                resample = Resampler(engine.sample_rate, plan.rate)
+                for index, piece in enumerate(plan.pieces):
+                    if cancel.is_set():
+                        raise SynthesisCancelled("cancelled")
+                    pending: list[np.ndarray] = []
+                    if index:
+                        pending.append(silence(engine.sample_rate, SENTENCE_PAUSE_S))
+                    for chunk in engine.synthesize(piece, plan.voice.input, options):
+                        if cancel.is_set():
+                            raise SynthesisCancelled("cancelled")
+                        if native_speed:
+                            pending.append(chunk)
+                            produced += sum(p.size for p in pending)
+                            out = encoder.feed(resample(np.concatenate(pending)))
+                            pending = []
+                            if out:
+                                if first:
+                                    self.metrics.ttfa.labels(plan.engine_name).observe(
+                                        time.perf_counter() - plan.started)
+                                    first = False
+                                yield out
+                        else:
+                            pending.append(chunk)
+                    if on_piece is not None:
+                        on_piece(index + 1)
+                    if pending:
+                        block = np.concatenate(pending)
+                        if not native_speed:
+                            block = time_stretch(block, engine.sample_rate, plan.speed)
+                        produced += block.size
+                        out = encoder.feed(resample(block))
+                        if out:
+                            if first:
+                                self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
+                                first = False
+                            yield out
+                tail = encoder.feed(resample(np.zeros(0, np.float32), last=True)) + encoder.close()
+                if first:
+                    self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
+                elapsed = time.perf_counter() - started
+                seconds = produced / engine.sample_rate
+                self.metrics.synthesis_seconds.labels(plan.engine_name).observe(elapsed)
+                self.metrics.audio_seconds.labels(plan.engine_name).inc(seconds)
+                if seconds > 0:
+                    self.metrics.rtf.labels(plan.engine_name).observe(elapsed / seconds)
+                if tail:
+                    yield tail
+        except TTSGatewayError:
+            raise
+        except Exception as exc:
+            # An engine fault fails this request only; the engine stays registered for the next.
+            log.exception("engine %s failed during synthesis", plan.engine_name)
+            raise Unavailable(f"engine {plan.engine_name!r} failed during synthesis: {type(exc).__name__}",
+                              retry_after=1) from None
+        finally:
+            encoder.abort()
+
+    def synthesize_bytes(self, plan: Plan, cancel: threading.Event) -> bytes:
+        return b"".join(self.run(plan, cancel))

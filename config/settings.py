@@ -69,6 +69,12 @@ class Settings:
     ray_max_ongoing_requests: int = 2
     ray_max_queued_requests: int = 16  # Serve 2.60 accepts >= 1
     ray_replica_cpus: float = 1.0
+    # tcp://HOST:PORT: also serve the Wyoming protocol (Home Assistant); None keeps it off.
+    wyoming_uri: str | None = None
+    accept_cpml: bool = False  # the user accepts the Coqui Public Model License (XTTS v2 may be fetched)
+    kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
+    kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
+    require_consent: bool = True  # POST /v1/voices needs consent=true
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -126,6 +132,21 @@ class Settings:
                 return default
             return tuple(part.strip() for part in value.split(",") if part.strip())
 
+        def flag(name: str, default: bool) -> bool:
+            value = raw(name)
+            if value is None:
+                return default
+            lowered = value.lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise SettingsError(f"{PREFIX}{name} must be 1 or 0 (true/false), got {value!r}")
+
+        def path(name: str) -> Path | None:
+            value = raw(name)
+            return Path(value).expanduser() if value else None
+
         device = (raw("DEVICE") or "auto").lower()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise SettingsError(f"{PREFIX}DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -180,6 +201,11 @@ class Settings:
             ray_max_ongoing_requests=integer("RAY_MAX_ONGOING_REQUESTS", base.ray_max_ongoing_requests, 1),
             ray_max_queued_requests=integer("RAY_MAX_QUEUED_REQUESTS", base.ray_max_queued_requests, 1),
             ray_replica_cpus=number("RAY_REPLICA_CPUS", base.ray_replica_cpus, 0.0),
+            wyoming_uri=parse_wyoming_uri(raw("WYOMING_URI")),
+            accept_cpml=flag("ACCEPT_CPML", False),
+            kokoro_model=path("KOKORO_MODEL"),
+            kokoro_voices=path("KOKORO_VOICES"),
+            require_consent=flag("REQUIRE_CONSENT", True),
         )
 
 
@@ -219,6 +245,16 @@ def parse_api_keys(value: str | None) -> tuple[ApiKey, ...]:
             scopes = SCOPES
         keys.append(ApiKey(key=key, scopes=scopes))
     return tuple(keys)
+
+
+def parse_wyoming_uri(value: str | None) -> str | None:
+    """``tcp://HOST:PORT`` (the Wyoming server's address), or None when unset."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})", value)
+    if not match or not 0 < int(match.group(2)) <= 65535:
+        raise SettingsError(f"{PREFIX}WYOMING_URI must look like tcp://127.0.0.1:10200, got {value[:80]!r}")
+    return value
 
 
 def parse_voice_map(value: str | None) -> dict[str, str]:

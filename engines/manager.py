@@ -37,7 +37,8 @@ def engine_context(settings: Settings) -> EngineContext:
         device=settings.device,
         threads=settings.engine_threads,
         concurrency=settings.max_concurrency,
-        options={"xtts_checkpoint": settings.xtts_checkpoint},
+        options={"xtts_checkpoint": settings.xtts_checkpoint, "accept_cpml": settings.accept_cpml,
+                 "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices},
     )
 
 

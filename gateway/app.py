@@ -7,7 +7,6 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,10 +21,8 @@ from litestar.response import File, Stream
 from tts_gateway import __version__
 from tts_gateway.config import Settings
 from tts_gateway.core.compose import Core, build_core
-from tts_gateway.core.metrics import Metrics
-from tts_gateway.core.phrase_cache import PhraseCache
-from tts_gateway.core.runner import Admission, LocalRunner, Runner, Worker
-from tts_gateway.core.service import Plan, SynthesisRequest, SynthesisService
+from tts_gateway.core.dispatch import Dispatcher
+from tts_gateway.core.service import Plan, SynthesisRequest
 from tts_gateway.engines.base import CloningEngine
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import InvalidField, TTSGatewayError, UnsupportedMedia
@@ -33,7 +30,7 @@ from tts_gateway.gateway.auth import scope_guard
 from tts_gateway.gateway.problems import EXCEPTION_HANDLERS, problem, status_of
 from tts_gateway.gateway.schemas import LegacyForm, SpeechBody, SynthesizeBody, VoiceForm
 from tts_gateway.languages import language_name
-from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
+from tts_gateway.voices.catalog import ResolvedVoice
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -41,99 +38,21 @@ LEGACY_RATE = 16000
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 
-@dataclass
-class Readiness:
-    ready: bool = False
-    detail: str = "starting: the default engine is loading"
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-@dataclass
-class AppState:
-    """What request handlers share, built once in `create_app`: the core, the runner, readiness."""
-
-    core: Core
-    runner: Runner
-    admission: Admission
-    worker: Worker
-    readiness: Readiness
-    backend: Any = None  # a started RayBackend when TTS_GATEWAY_BACKEND=ray (it is also the runner)
-
-    @property
-    def settings(self) -> Settings:
-        return self.core.settings
-
-    @property
-    def engines(self) -> EngineManager:
-        return self.core.engines
-
-    @property
-    def voices(self) -> VoiceCatalog:
-        return self.core.voices
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.core.metrics
-
-    @property
-    def service(self) -> SynthesisService:
-        return self.core.service
-
-    @property
-    def cache(self) -> PhraseCache:
-        assert self.core.cache is not None
-        return self.core.cache
-
-    async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
-        """Phrase cache, then the runner (local worker threads or Ray); streams when asked and possible."""
-        headers = plan.headers()
-        parts = plan.cache_parts() if self.cache.enabled else None
-        key = PhraseCache.key(parts) if parts is not None else None
-        if key is not None:
-            hit = await asyncio.to_thread(self.cache.get, key)
-            if hit is not None:
-                self.metrics.requests.labels(plan.engine_name, "200").inc()
-                headers["X-Cache"] = "hit"
-                if plan.streams:
-                    return Stream(_chunked(hit.audio), media_type=hit.media_type, headers=headers)
-                return Response(hit.audio, media_type=hit.media_type, headers=headers)
-        headers["X-Cache"] = "miss"
-        try:
-            if plan.streams:
-                collected: list[bytes] = []
-
-                def remember() -> None:
-                    if key is not None:
-                        audio = b"".join(collected)
-                        self.worker.pool.submit(self.cache.put, key, audio, plan.media_type, plan.headers())
-
-                first, rest = await self.runner.open_stream(plan, on_complete=remember)
-                collected.append(first)
-
-                async def body() -> AsyncIterator[bytes]:
-                    if first:
-                        yield first
-                    async for chunk in rest:
-                        collected.append(chunk)
-                        yield chunk
-
-                self.metrics.requests.labels(plan.engine_name, "200").inc()
-                return Stream(body(), media_type=plan.media_type, headers=headers)
-            audio = await self.runner.call(plan)
-        except TTSGatewayError as exc:
-            self.metrics.requests.labels(plan.engine_name, str(status_of(exc))).inc()
-            raise
-        except Exception:
-            self.metrics.requests.labels(plan.engine_name, "500").inc()
-            raise
-        self.metrics.requests.labels(plan.engine_name, "200").inc()
-        if key is not None:
-            await asyncio.to_thread(self.cache.put, key, audio, plan.media_type, plan.headers())
-        return Response(audio, media_type=plan.media_type, headers=headers)
-
-    async def blocking(self, fn: Any) -> Any:
-        """Run a blocking call (voice registration, conditioning) under admission control."""
-        return await self.runner.run_blocking(fn)
+async def respond(dispatcher: Dispatcher, plan: Plan) -> Response[Any]:
+    """Run ``plan`` and answer with audio; counts the request by engine and status."""
+    metrics = dispatcher.core.metrics
+    try:
+        outcome = await dispatcher.run(plan)
+    except TTSGatewayError as exc:
+        metrics.requests.labels(plan.engine_name, str(status_of(exc))).inc()
+        raise
+    except Exception:
+        metrics.requests.labels(plan.engine_name, "500").inc()
+        raise
+    metrics.requests.labels(plan.engine_name, "200").inc()
+    if outcome.audio is not None and not plan.streams:
+        return Response(outcome.audio, media_type=outcome.media_type, headers=outcome.headers)
+    return Stream(outcome.chunks(), media_type=outcome.media_type, headers=outcome.headers)
 
 
 async def _chunked(data: bytes, size: int = 32768) -> AsyncIterator[bytes]:
@@ -141,8 +60,30 @@ async def _chunked(data: bytes, size: int = 32768) -> AsyncIterator[bytes]:
         yield data[start : start + size]
 
 
-def _gw(request: Request[Any, Any, Any]) -> AppState:
-    return request.app.state.tts
+class _Edge:
+    """What a handler reaches: the dispatcher and, through it, the core (transitional accessors)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.core = dispatcher.core
+        self.settings = dispatcher.core.settings
+        self.engines = dispatcher.core.engines
+        self.voices = dispatcher.core.voices
+        self.metrics = dispatcher.core.metrics
+        self.service = dispatcher.core.service
+        assert dispatcher.core.cache is not None  # the app always opens the phrase cache
+        self.cache = dispatcher.core.cache
+        self.readiness = dispatcher.readiness
+
+    async def run_synthesis(self, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
+        return await respond(self.dispatcher, plan)
+
+    async def blocking(self, fn: Any) -> Any:
+        return await self.dispatcher.blocking(fn)
+
+
+def _gw(request: Request[Any, Any, Any]) -> _Edge:
+    return _Edge(request.app.state.tts)
 
 
 def _mime(request: Request[Any, Any, Any]) -> str:
@@ -218,7 +159,7 @@ async def openai_speech(request: Request[Any, Any, Any], data: SpeechBody) -> Re
     return await gw.run_synthesis(plan, request)
 
 
-def _openai_voice(gw: AppState, model: str, voice: str | None) -> str:
+def _openai_voice(gw: _Edge, model: str, voice: str | None) -> str:
     settings = gw.settings
     default_engine = settings.default_voice.split(":")[0] if ":" in settings.default_voice else None
     if model in OPENAI_MODELS:
@@ -249,7 +190,7 @@ def _openai_voice(gw: AppState, model: str, voice: str | None) -> str:
     return voice
 
 
-def _preset_engine(gw: AppState, name: str) -> str | None:
+def _preset_engine(gw: _Edge, name: str) -> str | None:
     return gw.voices.preset_engine(name)
 
 
@@ -314,7 +255,7 @@ async def create_voice(
 
 
 # -- engines & languages -------------------------------------------------------------------------
-def engine_json(gw: AppState, name: str) -> dict[str, Any]:
+def engine_json(gw: _Edge, name: str) -> dict[str, Any]:
     engine = gw.engines.get(name)
     available, reason = engine.availability()
     try:
@@ -342,7 +283,7 @@ async def list_engines(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"engines": engines}
 
 
-def _known_engine(gw: AppState, name: str) -> None:
+def _known_engine(gw: _Edge, name: str) -> None:
     gw.engines.get(name)  # UnknownEngine (404) when there is none
 
 
@@ -433,36 +374,6 @@ async def playground() -> File:
 
 
 # -- assembly ----------------------------------------------------------------------------------
-async def _warm_up(gw: AppState) -> None:
-    """Load the default engine and run a canary synthesis; /ready reports the outcome."""
-    try:
-        plan = await asyncio.to_thread(
-            gw.service.plan, SynthesisRequest(text="Ready.", voice=gw.settings.default_voice, seed=1)
-        )
-        if gw.backend is not None:  # the engines run on the Ray replicas, not here
-            if gw.settings.canary and len(await gw.backend.call(plan)) <= 44:
-                raise RuntimeError("canary synthesis returned no audio")
-            gw.readiness.detail = f"default voice {gw.settings.default_voice} served by Ray; canary passed"
-            gw.readiness.ready = True
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(gw.worker.pool, gw.engines.ensure_loaded, plan.engine_name)
-        gw.metrics.engine_loaded.labels(plan.engine_name).set(1)
-        if gw.settings.canary:
-            # The canary counts against MAX_CONCURRENCY and TIMEOUT_S like any synthesis.
-            audio = await gw.runner.call(plan)
-            if len(audio) <= 44:
-                raise RuntimeError("canary synthesis returned no audio")
-        gw.readiness.detail = f"default voice {gw.settings.default_voice} loaded; canary passed"
-        gw.readiness.ready = True
-    except TTSGatewayError as exc:
-        gw.readiness.detail = f"default voice {gw.settings.default_voice} is not usable: {exc.detail}"
-        log.error("not ready: %s", gw.readiness.detail)
-    except Exception as exc:
-        gw.readiness.detail = f"default voice {gw.settings.default_voice} failed its canary: {exc}"
-        log.exception("not ready")
-
-
 def create_app(settings: Settings, engine_manager: EngineManager | None = None, *,
                core: Core | None = None) -> Litestar:
     """Build the app from settings (and, for tests, a ready engine manager or core).
@@ -472,25 +383,16 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None, 
     from tts_gateway.ray import make_backend  # None for TTS_GATEWAY_BACKEND=local
 
     core = core or build_core(settings, engines=engine_manager)
-    admission = Admission(settings.max_concurrency, settings.max_queue, core.metrics)
-    worker = Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s)
     backend = make_backend(settings, core.registry)
-    runner: Runner = backend if backend is not None else LocalRunner(core.service, admission, worker)
-    gateway = AppState(core=core, runner=runner, admission=admission, worker=worker, readiness=Readiness(),
-                       backend=backend)
-    engines = core.engines
+    dispatcher = Dispatcher(core, runner=backend)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engines.start_reaper()
-        gateway.readiness.task = asyncio.create_task(_warm_up(gateway))
+        dispatcher.start()
         try:
             yield
         finally:
-            if gateway.readiness.task is not None and not gateway.readiness.task.done():
-                await asyncio.wait([gateway.readiness.task], timeout=30)
-            await asyncio.to_thread(gateway.worker.close)
-            core.close()
+            await dispatcher.close()
 
     app = Litestar(
         route_handlers=[
@@ -511,7 +413,8 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None, 
         ),
         debug=False,
     )
-    app.state.tts = gateway
+    app.state.tts = dispatcher
+    app.state.backend = backend  # started by `tts-gateway serve` on the main thread, before uvicorn
     app.state.settings = settings
     return app
 

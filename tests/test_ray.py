@@ -190,7 +190,7 @@ def test_through_the_app(ray_env: RayEnv) -> None:
     settings = ray_env.settings.with_(data_dir=ray_env.settings.data_dir)  # same registry, same presets
     app = create_app(settings, EngineManager(settings))
     # What TTS_GATEWAY_BACKEND=ray does, on the shared cluster:
-    app.state.tts.runner = app.state.tts.backend = ray_env.backend
+    app.state.tts.runner = ray_env.backend
     body = {"text": "Through the front door.", "voice": "piper:joe", "seed": 11, "cache": False}
     with TestClient(app, timeout=120) as client:
         response = client.post("/v1/synthesize", json=body)

@@ -80,7 +80,7 @@ def serve(
     except TTSGatewayError as exc:
         err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None
-    backend = application.state.tts.backend
+    backend = application.state.backend
     if backend is not None:
         backend.start()  # ray.init on the main thread, before uvicorn: Ray dies with the thread that started it
     try:

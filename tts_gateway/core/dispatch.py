@@ -1,0 +1,155 @@
+"""The front door every edge shares: phrase cache, then the runner, with admission and timeouts.
+
+HTTP and Wyoming both turn a request into a `Plan` and hand it to `Dispatcher.run`, which answers
+from the phrase cache when it can and otherwise runs the plan on the runner (local worker threads
+or Ray Serve), streaming when the plan streams. Readiness (default engine loaded, canary passed)
+lives here too, so every edge reports the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from tts_gateway.core.compose import Core
+from tts_gateway.core.phrase_cache import PhraseCache
+from tts_gateway.core.runner import Admission, LocalRunner, Runner, Worker
+from tts_gateway.core.service import Plan, SynthesisRequest
+from tts_gateway.errors import TTSGatewayError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Outcome:
+    """A synthesis result: the whole ``audio``, or ``first`` + ``rest`` when it streams."""
+
+    headers: dict[str, str]
+    media_type: str
+    cache: str  # "hit" or "miss"
+    audio: bytes | None = None
+    first: bytes = b""
+    rest: AsyncIterator[bytes] | None = None
+
+    async def chunks(self, size: int = 32768) -> AsyncIterator[bytes]:
+        """Every byte of the result as it becomes available."""
+        if self.audio is not None:
+            for start in range(0, len(self.audio), size):
+                yield self.audio[start : start + size]
+            return
+        if self.first:
+            yield self.first
+        if self.rest is not None:
+            async for chunk in self.rest:
+                yield chunk
+
+
+@dataclass
+class Readiness:
+    ready: bool = False
+    detail: str = "starting: the default engine is loading"
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Dispatcher:
+    """Runs plans for the edges. Built once per server process around one `Core`.
+
+    Args:
+        core: Engines, voices, service, metrics and the phrase cache.
+        runner: Where plans run; a `LocalRunner` over this process's worker threads by default.
+    """
+
+    def __init__(self, core: Core, runner: Runner | None = None) -> None:
+        settings = core.settings
+        self.core = core
+        self.admission = Admission(settings.max_concurrency, settings.max_queue, core.metrics)
+        self.worker = Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s)
+        self.runner: Runner = runner or LocalRunner(core.service, self.admission, self.worker)
+        self.readiness = Readiness()
+
+    @property
+    def cache(self) -> PhraseCache | None:
+        return self.core.cache
+
+    async def run(self, plan: Plan) -> Outcome:
+        """The phrase cache, then the runner; raises `TTSGatewayError` kinds before any audio exists."""
+        headers = plan.headers()
+        cache = self.cache if self.cache is not None and self.cache.enabled else None
+        parts = plan.cache_parts() if cache is not None else None
+        key = PhraseCache.key(parts) if parts is not None else None
+        if cache is not None and key is not None:
+            hit = await asyncio.to_thread(cache.get, key)
+            if hit is not None:
+                headers["X-Cache"] = "hit"
+                return Outcome(headers, hit.media_type, "hit", audio=hit.audio)
+        headers["X-Cache"] = "miss"
+        if not plan.streams:
+            audio = await self.runner.call(plan)
+            if cache is not None and key is not None:
+                await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers())
+            return Outcome(headers, plan.media_type, "miss", audio=audio)
+        collected: list[bytes] = []
+
+        def remember() -> None:
+            if cache is not None and key is not None:
+                self.worker.pool.submit(cache.put, key, b"".join(collected), plan.media_type, plan.headers())
+
+        first, rest = await self.runner.open_stream(plan, on_complete=remember)
+        collected.append(first)
+
+        async def tail() -> AsyncIterator[bytes]:
+            async for chunk in rest:
+                collected.append(chunk)
+                yield chunk
+
+        return Outcome(headers, plan.media_type, "miss", first=first, rest=tail())
+
+    async def blocking(self, fn: Callable[[], T]) -> T:
+        """A blocking call (registration, conditioning) under admission control."""
+        return await self.runner.run_blocking(fn)
+
+    async def warm_up(self) -> None:
+        """Load the default engine and run a canary synthesis; `readiness` reports the outcome."""
+        core, readiness = self.core, self.readiness
+        default = core.settings.default_voice
+        try:
+            plan = await asyncio.to_thread(core.service.plan, SynthesisRequest(text="Ready.", voice=default, seed=1))
+            if not isinstance(self.runner, LocalRunner):  # the engines run elsewhere (Ray replicas)
+                if core.settings.canary and len(await self.runner.call(plan)) <= 44:
+                    raise RuntimeError("canary synthesis returned no audio")
+                readiness.detail = f"default voice {default} served remotely; canary passed"
+                readiness.ready = True
+                return
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.worker.pool, core.engines.ensure_loaded, plan.engine_name)
+            core.metrics.engine_loaded.labels(plan.engine_name).set(1)
+            # The canary counts against MAX_CONCURRENCY and TIMEOUT_S like any synthesis.
+            if core.settings.canary and len(await self.runner.call(plan)) <= 44:
+                raise RuntimeError("canary synthesis returned no audio")
+            readiness.detail = f"default voice {default} loaded; canary passed"
+            readiness.ready = True
+        except TTSGatewayError as exc:
+            readiness.detail = f"default voice {default} is not usable: {exc.detail}"
+            log.error("not ready: %s", readiness.detail)
+        except Exception as exc:
+            readiness.detail = f"default voice {default} failed its canary: {exc}"
+            log.exception("not ready")
+
+    def start(self) -> None:
+        """Start background work (idle reaper, warm-up); call on the serving event loop."""
+        self.core.engines.start_reaper()
+        self.readiness.task = asyncio.create_task(self.warm_up())
+
+    async def close(self) -> None:
+        task = self.readiness.task
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=30)
+        await asyncio.to_thread(self.worker.close)
+        self.core.close()
+
+
+__all__ = ["Dispatcher", "Outcome", "Readiness"]

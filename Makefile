@@ -22,8 +22,9 @@ test-ray: install
 	timeout 1200 $(BIN)/python -m pytest tests/test_ray.py -m ray $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check tts_gateway gateway engines voices config tests benchmarks examples
-	$(BIN)/mypy tts_gateway gateway engines voices config
+	$(BIN)/ruff check .
+	$(BIN)/mypy tts_gateway
+	$(BIN)/lint-imports
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.run

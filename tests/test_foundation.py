@@ -170,12 +170,12 @@ def test_hello_engine_via_entry_point(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT / "examples" / "hello_engine")], check=True, timeout=300)
     script = (
-        "from config import Settings\n"
-        "from engines.manager import EngineManager\n"
+        "from tts_gateway.config import Settings\n"
+        "from tts_gateway.engines.manager import EngineManager\n"
         "m = EngineManager(Settings(engines=()))\n"
         "print(','.join(m.names))\n"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                            check=True)
+                            check=True, cwd=tmp_path)
     assert result.stdout.strip() == "hello"

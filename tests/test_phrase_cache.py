@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import assert_problem, running_app
+from tests.conftest import assert_problem, running_app, wait_until
 from tts_gateway.config import Settings
 
 
@@ -55,6 +55,9 @@ def test_only_deterministic_requests_are_cached(client: Any) -> None:
 def test_streaming_hit_streams_cached_bytes(client: Any) -> None:
     body = {"text": "Streamed once. Streamed twice.", "seed": 3, "stream": True}
     first = client.post("/v1/synthesize", json=body)
+    # A streamed response is stored by a background task once the stream has ended, so the entry may land
+    # a moment after the last byte: wait for it instead of racing it.
+    wait_until(lambda: stats(client)["entries"] == 1, "the streamed response to reach the cache")
     second = client.post("/v1/synthesize", json=body)
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
     assert first.content == second.content
@@ -109,3 +112,30 @@ def test_cache_admin_scope(make_settings: Any) -> None:
     with running_app(settings) as client:
         assert_problem(client.delete("/v1/cache", headers={"Authorization": "Bearer s"}), 403, "admin")
         assert client.delete("/v1/cache", headers={"Authorization": "Bearer a"}).status_code == 204
+
+
+def test_a_damaged_cache_is_moved_aside_at_start(make_settings: Any) -> None:
+    settings = make_settings()
+    directory = settings.data_dir / "phrase-cache"
+    directory.mkdir(parents=True)
+    (directory / "cache.db").write_bytes(b"this is not an SQLite database" * 100)
+    with running_app(settings) as client:
+        response = client.post("/v1/synthesize", json={"text": "Still here.", "seed": 1})
+        assert response.status_code == 200, response.text
+        assert client.post("/v1/synthesize", json={"text": "Still here.", "seed": 1}).headers["x-cache"] == "hit"
+    aside = [p for p in settings.data_dir.iterdir() if p.name.startswith("phrase-cache.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "cache.db").read_bytes().startswith(b"this is not")
+
+
+def test_a_failing_cache_write_never_costs_the_result(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    import diskcache
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(diskcache.Cache, "set", full)
+    response = client.post("/v1/synthesize", json={"text": "Disk is full.", "seed": 9})
+    assert response.status_code == 200 and response.content[:4] == b"RIFF"
+    assert response.headers["x-cache"] == "miss"

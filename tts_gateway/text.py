@@ -35,6 +35,33 @@ def char_count(text: str) -> int:
     return len(_GRAPHEME_RE.findall(unicodedata.normalize("NFC", text)))
 
 
+# Combining marks stacked on one base character. Real scripts stay far below this (Vietnamese and
+# Indic text use up to ~4); long runs make Unicode normalisation quadratic.
+MAX_COMBINING_RUN = 16
+_COMBINING_RUN_RE = regex.compile(r"\p{M}{" + str(MAX_COMBINING_RUN + 1) + ",}")
+# Symbols and emoji are read out by name ("family: man, woman, girl, boy"); this is about as long.
+SYMBOL_SPOKEN_CHARS = 25
+
+
+def longest_combining_run(text: str) -> int:
+    """Length of the longest run of combining marks (linear time)."""
+    return max((len(m.group()) for m in _COMBINING_RUN_RE.finditer(text)), default=0)
+
+
+def spoken_length(text: str) -> int:
+    """About how many characters an engine will speak: graphemes, with each symbol or emoji cluster
+    counted as the length of its name. Call only on text whose combining runs are bounded."""
+    clusters = _GRAPHEME_RE.findall(unicodedata.normalize("NFC", text))
+    symbols = sum(1 for c in clusters if any(unicodedata.category(ch) in ("So", "Sk") for ch in c))
+    return len(clusters) + symbols * (SYMBOL_SPOKEN_CHARS - 1)
+
+
+def has_speakable(text: str) -> bool:
+    """Whether there is anything to say: a letter, digit or symbol (not only spaces, marks or
+    invisible format characters)."""
+    return any(unicodedata.category(ch)[0] in "LNS" for ch in text)
+
+
 def has_control_chars(text: str) -> bool:
     """Control characters other than tab and newlines (they crash phonemisers or hide text)."""
     return any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text)

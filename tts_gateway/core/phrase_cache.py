@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,19 +30,47 @@ class CachedAudio:
     headers: dict[str, str]
 
 
+# What a damaged, full or read-only cache raises; the cache is disposable, so none of it is fatal.
+_STORAGE_ERRORS = (OSError, sqlite3.Error)
+
+
 class PhraseCache:
+    """Disposable: a damaged cache is moved aside at start, and failing reads or writes only cost
+    a miss (a finished synthesis is never thrown away because its copy could not be kept)."""
+
     def __init__(self, directory: Path, size_limit: int, metrics: Metrics) -> None:
         self.enabled = size_limit > 0
         self.metrics = metrics
         self.size_limit = size_limit
+        self.directory = directory
         self._cache: diskcache.Cache | None = None
-        if self.enabled:
-            # Least-recently-used eviction: unlike the voice registry, losing a phrase is fine.
-            self._cache = diskcache.Cache(str(directory), size_limit=size_limit,
-                                          eviction_policy="least-recently-used", cull_limit=10)
-            metrics.phrase_bytes.set(self._cache.volume())
         self.hits = 0
         self.misses = 0
+        if self.enabled:
+            self._cache = self._open()
+            self.enabled = self._cache is not None
+
+    def _open(self) -> diskcache.Cache | None:
+        for attempt in range(2):
+            try:
+                # Least-recently-used eviction: unlike the voice registry, losing a phrase is fine.
+                cache = diskcache.Cache(str(self.directory), size_limit=self.size_limit,
+                                        eviction_policy="least-recently-used", cull_limit=10)
+                self.metrics.phrase_bytes.set(cache.volume())
+                return cache
+            except _STORAGE_ERRORS as exc:
+                if attempt == 0 and self.directory.exists():
+                    aside = self.directory.with_name(f"{self.directory.name}.damaged-{int(time.time())}")
+                    try:
+                        self.directory.rename(aside)
+                        log.warning("phrase cache %s is damaged (%s); moved it to %s and started a new one",
+                                    self.directory, exc, aside)
+                        continue
+                    except OSError:
+                        pass
+                log.warning("phrase cache %s cannot be opened (%s); running without it", self.directory, exc)
+                return None
+        return None
 
     @staticmethod
     def key(parts: dict[str, Any]) -> str:
@@ -49,7 +79,11 @@ class PhraseCache:
     def get(self, key: str) -> CachedAudio | None:
         if self._cache is None:
             return None
-        value = self._cache.get(key)
+        try:
+            value = self._cache.get(key)
+        except _STORAGE_ERRORS as exc:
+            log.warning("phrase cache read failed (%s); treated as a miss", exc)
+            value = None
         found = None
         if isinstance(value, bytes):
             found = self._decode(key, value)
@@ -72,7 +106,10 @@ class PhraseCache:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("phrase cache entry %s… is corrupt (%s); dropped", key[:12], exc)
             assert self._cache is not None
-            self._cache.delete(key)
+            try:
+                self._cache.delete(key)
+            except _STORAGE_ERRORS:
+                pass
             return None
 
     def put(self, key: str, audio: bytes, media_type: str, headers: dict[str, str]) -> None:
@@ -80,8 +117,11 @@ class PhraseCache:
             return
         meta = json.dumps({"sha256": hashlib.sha256(audio).hexdigest(), "media_type": media_type,
                            "headers": headers}).encode()
-        self._cache.set(key, len(meta).to_bytes(4, "big") + meta + audio)
-        self.metrics.phrase_bytes.set(self._cache.volume())
+        try:
+            self._cache.set(key, len(meta).to_bytes(4, "big") + meta + audio)
+            self.metrics.phrase_bytes.set(self._cache.volume())
+        except _STORAGE_ERRORS as exc:  # full or read-only disk: the client still gets its audio
+            log.warning("phrase cache write failed (%s); the result was not cached", exc)
 
     def clear(self) -> int:
         if self._cache is None:

@@ -3,25 +3,32 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# Torch that fits the machine, chosen here and nowhere else: TORCH=cpu (default) takes PyTorch's
+# CPU-only build (no CUDA packages); TORCH=cuda takes PyPI's default Linux build (CUDA).
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_cpu := --extra-index-url https://download.pytorch.org/whl/cpu
+TORCH_INDEX_cuda :=
+STAMP  := $(VENV)/.installed-$(shell (echo $(TORCH); cat pyproject.toml Makefile) | sha256sum | cut -c1-12)
+DEV_STAMP := $(STAMP)-dev
 APT_PACKAGES ?= espeak-ng
 TEST_APT_PACKAGES ?= espeak-ng chromium postgresql
 PYTEST_ARGS ?=
 
-.PHONY: run test test-ray lint bench fuzz install system-deps test-system-deps tiny-xtts clean
+.PHONY: run test test-ray lint bench fuzz install install-dev system-deps test-system-deps tiny-xtts clean
 
 run: install system-deps
 	$(BIN)/tts-gateway serve
 
-test: install test-system-deps
+test: install-dev test-system-deps
 	$(BIN)/python -m pytest --ignore=tests/test_ray.py $(PYTEST_ARGS)
 
 # The Ray Serve backend: its own bounded step (one local cluster, never in parallel).
-test-ray: install
+test-ray: install-dev
 	$(BIN)/pip install -e ".[dev,ray]"
 	timeout 1200 $(BIN)/python -m pytest tests/test_ray.py -m ray $(PYTEST_ARGS)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy tts_gateway
 	$(BIN)/lint-imports
@@ -29,19 +36,26 @@ lint: install
 bench: install system-deps
 	$(BIN)/python -m benchmarks.run
 
-fuzz: install
+fuzz: install-dev
 	$(BIN)/python -m pytest tests/test_fuzz.py -m fuzz $(PYTEST_ARGS)
 
 install: $(STAMP)
+
+# The test tools (pytest, mypy, playwright, schemathesis, …) on top of the runtime.
+install-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
-	# CPU torch first (the local CPU wheel); the project's range then installs nothing more.
-	$(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[dev]"
+	# Torch first, the build TORCH asks for; the project's range then installs nothing more.
+	$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_INDEX_$(TORCH))
+	$(BIN)/pip install -e .
 	# coqui-tts needs these *packages* present; their compiled parts are bypassed (see
 	# engines/torch_compat.py), so no deps: they would pull another torch.
 	$(BIN)/pip install --no-deps "torchaudio==2.11.0" "torchcodec==0.17.0"

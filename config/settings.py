@@ -6,9 +6,10 @@ reads the environment later, so tests build their own ``Settings`` freely.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,8 @@ class Settings:
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
     require_consent: bool = True  # POST /v1/voices needs consent=true
+    # TTS_GATEWAY_* variables that mean nothing here, each with the nearest known name (start-up warns).
+    unknown_variables: tuple[tuple[str, str | None], ...] = field(default=(), compare=False)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -94,7 +97,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Parse and validate every setting; raise `SettingsError` naming the bad variable."""
-        env = os.environ if environ is None else environ
+        source = os.environ if environ is None else environ
+        env = _Recording(source)
         base = cls()
 
         def raw(name: str) -> str | None:
@@ -174,7 +178,7 @@ class Settings:
             raise SettingsError(f"{PREFIX}REGISTRY_URL must start with postgresql:// or postgres://, "
                                 f"got {scheme!r}…")
 
-        return cls(
+        parsed = cls(
             host=raw("HOST") or base.host,
             port=integer("PORT", base.port, 0, 65535),
             data_dir=Path(raw("DATA_DIR") or base.data_dir).expanduser(),
@@ -207,6 +211,37 @@ class Settings:
             kokoro_voices=path("KOKORO_VOICES"),
             require_consent=flag("REQUIRE_CONSENT", True),
         )
+        return replace(parsed, unknown_variables=env.unknown())
+
+
+class _Recording(Mapping[str, str]):
+    """The environment, remembering which TTS_GATEWAY_* names were asked for."""
+
+    def __init__(self, source: Mapping[str, str]) -> None:
+        self.source = source
+        self.asked: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return self.source[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return self.source.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def unknown(self) -> tuple[tuple[str, str | None], ...]:
+        known = sorted(k.removeprefix(PREFIX) for k in self.asked if k.startswith(PREFIX))
+        found = []
+        for name in sorted(k for k in self.source if k.startswith(PREFIX) and k not in self.asked):
+            close = difflib.get_close_matches(name.removeprefix(PREFIX), known, n=1, cutoff=0.6)
+            found.append((name, PREFIX + close[0] if close else None))
+        return tuple(found)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,

@@ -48,12 +48,26 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-def resolve_device(setting: str) -> str:
-    if setting != "auto":
-        return setting
+def resolve_device(setting: str, engine: str = "xtts") -> str:
+    """The torch device for ``TTS_GATEWAY_DEVICE``; `EngineUnavailable` (one line, with the fix) when the
+    installed torch cannot use it, e.g. ``cuda`` with a CPU-only build."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        if not torch.backends.cuda.is_built():
+            raise EngineUnavailable(engine, f"TTS_GATEWAY_DEVICE={setting}, but the installed torch "
+                                            f"{torch.__version__} is a CPU-only build; install a CUDA build with "
+                                            "`make install TORCH=cuda` (or set TTS_GATEWAY_DEVICE=cpu)")
+        if not torch.cuda.is_available():
+            raise EngineUnavailable(engine, f"TTS_GATEWAY_DEVICE={setting}, but torch sees no CUDA GPU "
+                                            "(driver missing or no GPU); set TTS_GATEWAY_DEVICE=cpu or auto")
+        index = int(setting.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise EngineUnavailable(engine, f"TTS_GATEWAY_DEVICE={setting}, but torch sees only "
+                                            f"{torch.cuda.device_count()} GPU(s)")
+    return setting
 
 
 class XttsEngine(BaseEngine):
@@ -101,6 +115,8 @@ class XttsEngine(BaseEngine):
             return False, ("no checkpoint configured: set TTS_GATEWAY_XTTS_CHECKPOINT to a directory with "
                            "config.json, model.pth and vocab.json (or build a test one with "
                            "`tts-gateway dev tiny-xtts DIR`)")
+        if not self.checkpoint.is_dir():
+            return False, f"TTS_GATEWAY_XTTS_CHECKPOINT={self.checkpoint} does not exist (or is not a directory)"
         missing = [name for name in REQUIRED_FILES if not (self.checkpoint / name).is_file()]
         if missing:
             return False, f"checkpoint {self.checkpoint} lacks {', '.join(missing)}"
@@ -119,6 +135,7 @@ class XttsEngine(BaseEngine):
 
         from tts_gateway.engines.torch_compat import import_torchaudio
 
+        device = resolve_device(self.device_setting, self.name)  # before any weights are read
         import_torchaudio()
         from TTS.tts.configs.xtts_config import XttsConfig
         from TTS.tts.models.xtts import Xtts
@@ -130,7 +147,7 @@ class XttsEngine(BaseEngine):
         model = Xtts(config)
         # coqui-tts reads model.pth with torch.load(weights_only=True).
         model.load_checkpoint(config, checkpoint_dir=str(self.checkpoint), eval=True)
-        model.to(resolve_device(self.device_setting))
+        model.to(device)
         self._model = model
         self._loaded = True
 

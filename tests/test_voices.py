@@ -229,3 +229,15 @@ def test_corrupt_latents_are_quarantined_and_reported(xtts_client: Any, xtts_set
     assert xtts_client.get("/v1/voices/fragile").json()["status"] == "broken"
     assert list((xtts_settings.data_dir / "voices" / "quarantine").iterdir())
     assert xtts_client.delete("/v1/voices/fragile").status_code == 204
+
+
+def test_a_device_the_installed_torch_cannot_use_is_one_clear_line(make_settings: Any, tiny_xtts: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    settings = make_settings(engines=("xtts",), xtts_checkpoint=tiny_xtts, device="cuda", default_voice="piper:joe")
+    with running_app(settings) as client:
+        problem = assert_problem(client.post("/v1/engines/xtts/load"), 503, "TTS_GATEWAY_DEVICE=cuda")
+        assert "\n" not in problem["detail"] and "Traceback" not in problem["detail"]
+        assert ("make install TORCH=cuda" in problem["detail"]) or ("no CUDA GPU" in problem["detail"])

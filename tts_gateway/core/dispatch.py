@@ -139,8 +139,27 @@ class Dispatcher:
             readiness.detail = f"default voice {default} failed its canary: {exc}"
             log.exception("not ready")
 
+    def summary(self) -> list[str]:
+        """What an operator wants to see at start: where things are, which engines work (or why not)."""
+        settings = self.core.settings
+        base = f"http://{settings.host}:{settings.port}"
+        lines = [f"tts-gateway on {base} (playground {base}/, API docs {base}/docs)",
+                 f"data dir {settings.data_dir}; default voice {settings.default_voice}"]
+        for name in self.core.engines.names:
+            try:
+                ok, reason = self.core.engines.get(name).availability()
+            except Exception as exc:  # a plugin's check must not stop the start
+                ok, reason = False, f"availability check failed: {exc}"
+            lines.append(f"engine {name}: " + ("available" if ok else f"unavailable: {reason}"))
+        for variable, nearest in settings.unknown_variables:
+            hint = f"; did you mean {nearest}?" if nearest else ""
+            lines.append(f"warning: {variable} is not a setting and is ignored{hint}")
+        return lines
+
     def start(self) -> None:
         """Start background work (idle reaper, warm-up); call on the serving event loop."""
+        for line in self.summary():
+            (log.warning if line.startswith("warning:") else log.info)("%s", line.removeprefix("warning: "))
         self.core.engines.start_reaper()
         self.readiness.task = asyncio.create_task(self.warm_up())
 

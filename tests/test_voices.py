@@ -223,7 +223,7 @@ def test_corrupt_latents_are_quarantined_and_reported(xtts_client: Any, xtts_set
     data[-5] ^= 0xFF
     blob.write_bytes(bytes(data))
     # The in-memory copy is still good; a fresh registry (a restart) reads the disk.
-    xtts_client.app.state.tts.core.registry._memory.clear()
+    xtts_client.app.state.tts.core.registry.cache.clear()
     response = xtts_client.post("/v1/synthesize", json={"text": "Hello.", "voice": "fragile"})
     assert_problem(response, 409, "broken")
     assert xtts_client.get("/v1/voices/fragile").json()["status"] == "broken"

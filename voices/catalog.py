@@ -16,12 +16,10 @@ from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Conflict, InvalidField, NotFound, Unavailable
 from tts_gateway.text import has_control_chars
 from tts_gateway.voices.audio import prepare_reference
-from tts_gateway.voices.names import valid_voice_name
+from tts_gateway.voices.names import NAME_RULE, valid_voice_name
 from tts_gateway.voices.registry import VoiceBroken, VoiceExists, VoiceNotFound, VoiceRecord, VoiceRegistry
 
 log = logging.getLogger(__name__)
-
-NAME_RULE = "must match ^[a-z0-9][a-z0-9_-]{0,63}$ (lower-case letters, digits, - and _)"
 
 
 @dataclass

@@ -9,7 +9,8 @@ Schema (created on first use, under an advisory lock so that nodes starting toge
   tts_voices        name text PK (the unique name: of two racing creators exactly one INSERT wins),
                     latents_key, latents_sha256 → tts_voice_blobs, record jsonb (the `VoiceRecord`).
   tts_conditioning  key text PK (= latents_key(audio, engine, model)) → latents_sha256: the upload cache of
-                    the old ``/synthesize`` call, shared by every node.
+                    the old ``/synthesize`` call, shared by every node. The first writer of a key wins; a node
+                    that computed the same audio meanwhile uses the winner's blob.
 
 Blobs are referenced by foreign keys, so one still used by a voice or by the upload cache cannot be deleted;
 a blob is removed in the same transaction that drops its last reference.
@@ -17,20 +18,20 @@ a blob is removed in the same transaction that drops its last reference.
 Local cache: ``<data_dir>/voices/pg-cache/blobs/<sha[:2]>/<sha>.safetensors`` (a `LatentStore` keyed by the
 blob's sha256). Every read verifies the file's sha256; a corrupt file is quarantined and the blob fetched
 again from PostgreSQL, never served. No pickle anywhere: latents are safetensors, records are JSON.
+
+Connections come from a `psycopg_pool.ConnectionPool` (autocommit; multi-statement work runs in
+``conn.transaction()``). A connection idle for a while is checked before use, so a database restart costs
+no request; while the database is away, calls fail fast with `RegistryUnavailable` (HTTP 503).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,30 +41,30 @@ import numpy as np
 import psycopg
 import psycopg.errors
 from psycopg.types.json import Jsonb
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
+from psycopg_pool import ConnectionPool
 
-from tts_gateway.voices.names import VOICE_NAME_RE
 from tts_gateway.errors import InvalidField, Unavailable
 from tts_gateway.voices.audio import ReferenceAudio
+from tts_gateway.voices.blobs import CorruptBlob, blob_metadata, encode, problem, sha256_hex
+from tts_gateway.voices.cache import LatentCache, Latents
+from tts_gateway.voices.names import NAME_RULE, valid_voice_name
 from tts_gateway.voices.registry import (
     ComputeLatents,
     VoiceBroken,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
-    VoiceRegistry,
     latents_key,
 )
-from tts_gateway.voices.store import CorruptBlob, LatentStore, atomic_write
+from tts_gateway.voices.store import LatentStore
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MIN_SERVER_VERSION = 110000  # sha256(bytea) arrived in PostgreSQL 11
 _SCHEMA_LOCK = 0x7474_7376_6F69_6365  # "ttsvoice": the pg_advisory_xact_lock key of schema set-up
-_IDLE_PING_S = 5.0
-_RUNTIME_CONNECT_TIMEOUT_S = 5
+_IDLE_PING_S = 5.0  # a connection idle longer than this is checked before use (the server may have restarted)
+_RUNTIME_CONNECT_TIMEOUT_S = 5  # how long a call waits for a connection before answering 503
 _ROLLBACK = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)  # retried
 
 SCHEMA = (
@@ -128,79 +129,9 @@ def redact(url: str) -> str:
         return "postgresql://…"
 
 
-def serialize(latents: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """The same safetensors bytes `LatentStore.put` writes."""
-    return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()}, metadata=metadata)
-
-
-class _Pool:
-    """A small thread-safe pool of autocommit connections (multi-statement work uses ``conn.transaction()``)."""
-
-    def __init__(self, url: str, size: int, connect_timeout: int) -> None:
-        self.url = url
-        self.connect_timeout = connect_timeout
-        self._idle: queue.LifoQueue[tuple[Connection, float]] = queue.LifoQueue(maxsize=size)
-        self._closed = False
-
-    def connect(self) -> Connection:
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(2, self.connect_timeout),
-                               application_name="tts-gateway")
-
-    def _take(self) -> Connection:
-        while True:
-            try:
-                conn, since = self._idle.get_nowait()
-            except queue.Empty:
-                return self.connect()
-            if conn.closed or conn.broken:
-                conn.close()
-                continue
-            if time.monotonic() - since > _IDLE_PING_S:  # the server may have restarted meanwhile
-                try:
-                    conn.execute("SELECT 1")
-                except psycopg.Error:
-                    conn.close()
-                    continue
-            return conn
-
-    def _give(self, conn: Connection) -> None:
-        if conn.broken:  # the server went away or restarted: its siblings are as dead, drop them all
-            self._drain()
-        ok = not (conn.closed or conn.broken) and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if ok and not self._closed:
-            try:
-                self._idle.put_nowait((conn, time.monotonic()))
-                return
-            except queue.Full:
-                pass
-        conn.close()
-
-    @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        conn = self._take()
-        try:
-            yield conn
-        finally:
-            self._give(conn)
-
-    def close(self) -> None:
-        self._closed = True
-        self._drain()
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                conn, _ = self._idle.get_nowait()
-            except queue.Empty:
-                return
-            conn.close()
-
-
-class PostgresVoiceRegistry(VoiceRegistry):
-    """`VoiceRegistry` over PostgreSQL: same methods, same exceptions, shared by every node.
-
-    It subclasses `VoiceRegistry` for its type (the service and the gateway accept either) and
-    overrides every method; none of the diskcache machinery is used.
+class PostgresVoiceRegistry:
+    """`VoiceRegistry` over PostgreSQL: the same methods and exceptions as `LocalVoiceRegistry`, shared by
+    every node.
 
     Args:
         data_dir: The gateway's data directory (holds this node's blob cache).
@@ -208,7 +139,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
         on_conditioning: Called with the engine name each time latents are computed.
         on_cache_hit: Called with the engine name when stored latents are reused.
         memory_entries: How many verified latent sets to keep in memory.
-        pool_size: Idle connections kept open.
+        pool_size: The most connections open at once.
         connect_timeout: Seconds to keep trying to reach the database at start.
     """
 
@@ -228,24 +159,44 @@ class PostgresVoiceRegistry(VoiceRegistry):
         self.url = url
         self.root = data_dir / "voices" / "pg-cache"
         self.store = LatentStore(self.root / "blobs")  # keyed by blob sha256
+        self.cache = LatentCache(memory_entries)
         self._on_conditioning = on_conditioning
         self._on_cache_hit = on_cache_hit
-        self._lock = threading.RLock()  # orders this node's cache writes and deletes
-        self._memory: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-        self._memory_entries = memory_entries
-        self._memory_lock = threading.Lock()
-        self._pool = _Pool(url, pool_size, _RUNTIME_CONNECT_TIMEOUT_S)
+        self._lock = threading.RLock()  # orders this node's cache file writes, quarantines and deletes
+        self._used: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+        self._used_lock = threading.Lock()
         self._setup(connect_timeout)
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            url,
+            kwargs={"autocommit": True, "connect_timeout": _RUNTIME_CONNECT_TIMEOUT_S,
+                    "application_name": "tts-gateway"},
+            min_size=1,
+            max_size=max(1, pool_size),
+            timeout=_RUNTIME_CONNECT_TIMEOUT_S,
+            # Give up a reconnection chain quickly: the next call starts a fresh one at once, so a database
+            # that came back is used without waiting out a long back-off.
+            reconnect_timeout=_RUNTIME_CONNECT_TIMEOUT_S,
+            check=self._check_connection,
+            name="tts-voice-registry",
+            open=True,
+        )
 
     def __repr__(self) -> str:
         return f"PostgresVoiceRegistry({redact(self.url)!r})"
 
+    @property
+    def _memory(self) -> LatentCache:
+        """Deprecated alias of `cache`."""
+        return self.cache
+
+    # -- set-up ---------------------------------------------------------------------------------
     def _setup(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.2
         while True:
             try:
-                with self._pool.connection() as conn:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=_RUNTIME_CONNECT_TIMEOUT_S,
+                                     application_name="tts-gateway") as conn:
                     self._migrate(conn)
                 return
             except psycopg.OperationalError as exc:
@@ -294,15 +245,31 @@ class PostgresVoiceRegistry(VoiceRegistry):
         self._pool.close()
 
     # -- database helpers -----------------------------------------------------------------------
+    def _check_connection(self, conn: Connection) -> None:
+        """The pool's check on hand-out: ping a connection that sat idle (the server may have restarted)."""
+        with self._used_lock:
+            used = self._used.get(conn)
+        if used is None or time.monotonic() - used > _IDLE_PING_S:
+            ConnectionPool.check_connection(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        with self._pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                with self._used_lock:
+                    self._used[conn] = time.monotonic()
+
     @contextmanager
     def _db(self) -> Iterator[Connection]:
         """A pooled connection; connection-level failures become `RegistryUnavailable` (503)."""
         try:
-            with self._pool.connection() as conn:
+            with self._connection() as conn:
                 yield conn
         except _ROLLBACK:  # deadlock, serialization: `_write` retries
             raise
-        except psycopg.OperationalError as exc:
+        except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout and PoolClosed
             log.warning("registry database error: %s", _first_line(exc))
             raise RegistryUnavailable(_first_line(exc)) from None
 
@@ -326,7 +293,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
     def _read(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query, once more on a fresh connection if the first one failed."""
         try:
-            with self._pool.connection() as conn:
+            with self._connection() as conn:
                 return conn.execute(query, params).fetchall()
         except psycopg.OperationalError:
             with self._db() as conn:
@@ -334,9 +301,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
 
     @staticmethod
     def _record(raw: Any) -> VoiceRecord:
-        data = raw if isinstance(raw, dict) else json.loads(raw)
-        known = set(VoiceRecord.__dataclass_fields__)
-        return VoiceRecord(**{k: v for k, v in data.items() if k in known})
+        return VoiceRecord.from_dict(raw) if isinstance(raw, dict) else VoiceRecord.from_json(raw)
 
     @staticmethod
     def _drop_blob_if_unreferenced(conn: Connection, sha256: str) -> bool:
@@ -362,7 +327,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, name: str) -> VoiceRecord:
-        if not VOICE_NAME_RE.fullmatch(name):
+        if not valid_voice_name(name):
             raise VoiceNotFound(name)
         rows = self._read("SELECT record FROM tts_voices WHERE name = %s", (name,))
         if not rows:
@@ -370,8 +335,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
         return self._record(rows[0][0])
 
     def exists(self, name: str) -> bool:
-        return bool(VOICE_NAME_RE.fullmatch(name)) and bool(
-            self._read("SELECT 1 FROM tts_voices WHERE name = %s", (name,)))
+        return valid_voice_name(name) and bool(self._read("SELECT 1 FROM tts_voices WHERE name = %s", (name,)))
 
     def records(self) -> list[VoiceRecord]:
         return [self._record(row[0]) for row in self._read("SELECT record FROM tts_voices ORDER BY name")]
@@ -379,61 +343,45 @@ class PostgresVoiceRegistry(VoiceRegistry):
     def latents(self, record: VoiceRecord) -> dict[str, np.ndarray]:
         """Verified latents of a preset; never recomputes. Raises `VoiceBroken`."""
         try:
-            return self._load(record.latents_key, record.latents_sha256)
+            return self.load_latents(record.latents_key, record.latents_sha256)
         except CorruptBlob as exc:
             self._mark_broken(record, str(exc))
             raise VoiceBroken(record.name, str(exc)) from None
 
-    def _load(self, key: str, sha256: str) -> dict[str, np.ndarray]:
-        """Memory, then the local cache (verified), then PostgreSQL; raises `CorruptBlob` only when
-        the database's own copy is missing or unreadable (a bad local file is just fetched again)."""
-        with self._memory_lock:
-            cached = self._memory.get(sha256)
-            if cached is not None:
-                self._memory.move_to_end(sha256)
-                return cached
-        latents = self._load_local(sha256)
-        if latents is None:
-            latents = self._fetch(sha256)
-        with self._memory_lock:
-            self._memory[sha256] = latents
-            while len(self._memory) > self._memory_entries:
-                self._memory.popitem(last=False)
-        return latents
-
-    def _load_local(self, sha256: str) -> dict[str, np.ndarray] | None:
-        if not self.store.exists(sha256):
-            return None
-        try:
-            return self.store.get(sha256, sha256)  # verifies; quarantines a bad file
-        except CorruptBlob as exc:
-            log.warning("local blob cache: %s; fetching it again from PostgreSQL", exc)
-            return None
-
-    def _fetch(self, sha256: str) -> dict[str, np.ndarray]:
+    def load_latents(self, key: str, sha256: str) -> dict[str, np.ndarray]:
+        """Memory, then the local cache (verified), then PostgreSQL; raises `CorruptBlob` only when the
+        database's own copy is missing or unreadable (a bad local file is just fetched again)."""
+        cached = self.cache.get(sha256)
+        if cached is not None:
+            return cached
+        data = self.store.read(sha256)
+        if data is not None:
+            try:
+                return self.cache.verify(data, sha256)
+            except CorruptBlob as exc:
+                log.warning("local blob cache: %s; fetching it again from PostgreSQL", exc)
+                with self._lock:  # named by its sha256: bytes that do not match it are nobody's
+                    self.store.quarantine(sha256, seen=data)
         rows = self._read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
         if not rows:
             raise CorruptBlob(sha256, "blob is missing from the registry database")
         data = bytes(rows[0][0])
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:  # the CHECK constraint makes this impossible; never trust it blindly
-            raise CorruptBlob(sha256, f"database copy has sha256 {actual[:12]}…")
-        try:
-            latents = dict(st_load(data))
-        except Exception as exc:  # safetensors raises its own error type for bad headers
-            raise CorruptBlob(sha256, f"not a safetensors file: {exc}") from None
+        latents = self.cache.verify(data, sha256)  # the CHECK constraint makes a mismatch impossible; verify anyway
         self._cache_locally(sha256, data)
         return latents
+
+    def forget(self, sha256: str) -> None:
+        self.cache.forget(sha256)
 
     def _cache_locally(self, sha256: str, data: bytes) -> None:
         try:
             with self._lock:
-                atomic_write(self.store.path(sha256), data)
+                self.store.write(sha256, data)  # never over a file already there (it holds these bytes)
         except OSError as exc:  # a full or read-only disk only costs the cache
             log.warning("could not write the local blob cache: %s", exc)
 
     def _mark_broken(self, record: VoiceRecord, detail: str) -> None:
-        self._forget(record.latents_sha256)
+        self.cache.forget(record.latents_sha256)
         self._write(lambda conn: conn.execute(
             "UPDATE tts_voices SET record = record || jsonb_build_object('status', 'broken', 'extra',"
             " coalesce(record->'extra', '{}'::jsonb) || jsonb_build_object('broken_reason', %s::text))"
@@ -454,45 +402,74 @@ class PostgresVoiceRegistry(VoiceRegistry):
 
     def _condition(
         self, reference: ReferenceAudio, engine: str, model_sha256: str, compute: ComputeLatents
-    ) -> tuple[str, str, dict[str, np.ndarray], bytes | None]:
+    ) -> tuple[str, str, Latents, bytes | None]:
         key = latents_key(reference.sha256, engine, model_sha256)
-        rows = self._read("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s", (key,))
-        if rows:
-            sha = rows[0][0]
-            try:
-                latents = self._load(key, sha)
+        with self.cache.lock(key):  # single-flight on this node; across nodes the first pointer wins
+            stored = self._stored(key)
+            if stored is not None:
                 self._on_cache_hit(engine)
-                return key, sha, latents, None
-            except CorruptBlob as exc:
-                log.warning("recomputing latents: %s", exc)
+                return key, stored[0], stored[1], None
+            computed = compute(reference.samples)
+            self._on_conditioning(engine)
+            data = encode(computed, blob_metadata(engine=engine, model_sha256=model_sha256,
+                                                  audio_sha256=reference.sha256))
+            sha = sha256_hex(data)
+            latents = self.cache.verify(data, sha)  # exactly what the blob holds (float32)
 
-                def forget(conn: Connection) -> None:
-                    conn.execute("DELETE FROM tts_conditioning WHERE key = %s AND latents_sha256 = %s", (key, sha))
-                    self._drop_blob_if_unreferenced(conn, sha)
+            def store(conn: Connection) -> str:
+                self._ensure_blob(conn, sha, data)
+                for _ in range(3):
+                    if conn.execute(
+                        "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
+                        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING key",
+                        (key, sha, engine, model_sha256, reference.sha256),
+                    ).fetchone():
+                        return sha
+                    winner = conn.execute("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s FOR KEY SHARE",
+                                          (key,)).fetchone()
+                    if winner is not None:  # another node stored this audio meanwhile: its blob wins
+                        if winner[0] != sha:
+                            self._drop_blob_if_unreferenced(conn, sha)
+                        return str(winner[0])
+                raise RegistryUnavailable("the upload cache entry kept changing")
 
-                self._write(forget)
-        latents = compute(reference.samples)
-        self._on_conditioning(engine)
-        data = serialize(latents, {"engine": engine, "model_sha256": model_sha256,
-                                   "audio_sha256": reference.sha256})
-        sha = hashlib.sha256(data).hexdigest()
+            stored_sha = self._write(store, retry=(psycopg.errors.ForeignKeyViolation,))
+            if stored_sha != sha:
+                try:
+                    return key, stored_sha, self.load_latents(key, stored_sha), None
+                except CorruptBlob as exc:  # the winner is unusable after all: ours replaces it
+                    log.warning("replacing unusable upload-cache latents: %s", exc)
+                    self._write(partial(self._replace_pointer, key=key, stale=stored_sha, sha=sha, data=data,
+                                        engine=engine, model_sha256=model_sha256, audio_sha256=reference.sha256))
+            self._cache_locally(sha, data)
+            return key, sha, latents, data
 
-        def store(conn: Connection) -> None:
-            self._ensure_blob(conn, sha, data)
-            old = conn.execute("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s FOR UPDATE",
-                               (key,)).fetchone()
-            conn.execute(
-                "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET latents_sha256 = EXCLUDED.latents_sha256",
-                (key, sha, engine, model_sha256, reference.sha256))
-            if old is not None and old[0] != sha:
-                self._drop_blob_if_unreferenced(conn, old[0])
+    def _stored(self, key: str) -> tuple[str, Latents] | None:
+        rows = self._read("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s", (key,))
+        if not rows:
+            return None
+        sha = str(rows[0][0])
+        try:
+            return sha, self.load_latents(key, sha)
+        except CorruptBlob as exc:
+            log.warning("recomputing latents: %s", exc)
 
-        self._write(store, retry=(psycopg.errors.ForeignKeyViolation,))
-        self._cache_locally(sha, data)
-        with self._memory_lock:
-            self._memory[sha] = latents
-        return key, sha, latents, data
+            def forget(conn: Connection) -> None:
+                conn.execute("DELETE FROM tts_conditioning WHERE key = %s AND latents_sha256 = %s", (key, sha))
+                self._drop_blob_if_unreferenced(conn, sha)
+
+            self._write(forget)
+            return None
+
+    def _replace_pointer(self, conn: Connection, *, key: str, stale: str, sha: str, data: bytes, engine: str,
+                         model_sha256: str, audio_sha256: str) -> None:
+        self._ensure_blob(conn, sha, data)
+        conn.execute(
+            "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET latents_sha256 = EXCLUDED.latents_sha256"
+            " WHERE tts_conditioning.latents_sha256 = %s",
+            (key, sha, engine, model_sha256, audio_sha256, stale))
+        self._drop_blob_if_unreferenced(conn, stale)
 
     # -- writing --------------------------------------------------------------------------------
     def create(
@@ -510,45 +487,52 @@ class PostgresVoiceRegistry(VoiceRegistry):
         consent: bool = False,
     ) -> VoiceRecord:
         """Register a preset; raises `VoiceExists` if the name is taken (the database's unique key decides)."""
-        if not VOICE_NAME_RE.fullmatch(name):
-            raise ValueError(f"invalid voice name {name!r}")
+        if not valid_voice_name(name):
+            raise InvalidField("name", NAME_RULE)
         for field_name, value in (("description", description), ("language", language), ("engine", engine),
                                   ("licence", licence), ("model_id", model_id)):
             if value is not None and not _storable(value):  # checked before the latents are computed
                 raise InvalidField(field_name, "must not contain NUL characters or lone surrogates")
         if self.exists(name):
             raise VoiceExists(name)
-        key, sha, latents, data = self._condition(reference, engine, model_sha256, compute)
-        record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
-                                 language=language, description=description, consent=consent, licence=licence,
-                                 model_id=model_id, model_sha256=model_sha256)
-        blob: list[bytes | None] = [data]
+        key = latents_key(reference.sha256, engine, model_sha256)
+        meta = blob_metadata(engine=engine, model_sha256=model_sha256, audio_sha256=reference.sha256)
+        with self.cache.lock(key):
+            _key, sha, latents, data = self._condition(reference, engine, model_sha256, compute)
+            record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
+                                     language=language, description=description, consent=consent,
+                                     licence=licence, model_id=model_id, model_sha256=model_sha256)
+            blob: list[bytes | None] = [data]
 
-        def insert(conn: Connection) -> None:
-            present = conn.execute("SELECT 1 FROM tts_voice_blobs WHERE sha256 = %s FOR KEY SHARE",
-                                   (record.latents_sha256,)).fetchone()
-            if not present:  # removed since conditioning (its last user deleted): store it again
-                again = blob[0] or serialize(latents, {"engine": engine, "model_sha256": model_sha256,
-                                                       "audio_sha256": reference.sha256})
-                blob[0] = again
-                record.latents_sha256 = hashlib.sha256(again).hexdigest()
-                self._ensure_blob(conn, record.latents_sha256, again)
-            # The primary key decides: of two racing creators (any nodes) exactly one INSERT wins.
-            inserted = conn.execute(
-                "INSERT INTO tts_voices (name, latents_key, latents_sha256, record) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (name) DO NOTHING RETURNING name",
-                (name, key, record.latents_sha256, Jsonb(asdict(record)))).fetchone()
-            if inserted is None:
-                raise VoiceExists(name)
+            def insert(conn: Connection) -> None:
+                present = conn.execute("SELECT 1 FROM tts_voice_blobs WHERE sha256 = %s FOR KEY SHARE",
+                                       (record.latents_sha256,)).fetchone()
+                if not present:  # removed since conditioning (its last user deleted): store it again
+                    again = blob[0] or encode(latents, meta)
+                    blob[0] = again
+                    record.latents_sha256 = sha256_hex(again)
+                    self._ensure_blob(conn, record.latents_sha256, again)
+                # Keep the upload cache pointing at a blob of this audio (a delete may have dropped it).
+                conn.execute(
+                    "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                    (key, record.latents_sha256, engine, model_sha256, reference.sha256))
+                # The primary key decides: of two racing creators (any nodes) exactly one INSERT wins.
+                inserted = conn.execute(
+                    "INSERT INTO tts_voices (name, latents_key, latents_sha256, record) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (name) DO NOTHING RETURNING name",
+                    (name, key, record.latents_sha256, Jsonb(record.to_dict()))).fetchone()
+                if inserted is None:
+                    raise VoiceExists(name)
 
-        self._write(insert, retry=(psycopg.errors.ForeignKeyViolation,))
-        data = blob[0]
-        if data is not None and record.latents_sha256 != sha:
-            self._cache_locally(record.latents_sha256, data)
+            self._write(insert, retry=(psycopg.errors.ForeignKeyViolation,))
+        stored = blob[0]
+        if stored is not None and record.latents_sha256 != sha:
+            self._cache_locally(record.latents_sha256, stored)
         return record
 
     def delete(self, name: str) -> VoiceRecord:
-        if not VOICE_NAME_RE.fullmatch(name):
+        if not valid_voice_name(name):
             raise VoiceNotFound(name)
 
         def remove(conn: Connection) -> tuple[VoiceRecord, list[str]]:
@@ -567,10 +551,10 @@ class PostgresVoiceRegistry(VoiceRegistry):
             return record, [sha for sha in sorted(candidates) if self._drop_blob_if_unreferenced(conn, sha)]
 
         record, dropped = self._write(remove)
-        self._forget(record.latents_sha256)
+        self.cache.forget(record.latents_sha256)
         with self._lock:
             for sha in dropped:
-                self._forget(sha)
+                self.cache.forget(sha)
                 self.store.delete(sha)
         return record
 
@@ -581,12 +565,12 @@ class PostgresVoiceRegistry(VoiceRegistry):
         report: dict[str, list[str]] = {"broken": [], "orphans": [], "temp_files": []}
         with self._lock:
             for record in self.records():
-                problem = "marked broken" if record.status == "broken" else self._verify_blob(record.latents_sha256)
-                if problem is None:
+                detail = "marked broken" if record.status == "broken" else self._verify_blob(record.latents_sha256)
+                if detail is None:
                     continue
                 report["broken"].append(record.name)
                 if fix and record.status != "broken":
-                    self._mark_broken(record, problem)
+                    self._mark_broken(record, detail)
             orphans = self._read(
                 "SELECT b.sha256 FROM tts_voice_blobs b"
                 " WHERE NOT EXISTS (SELECT 1 FROM tts_voices v WHERE v.latents_sha256 = b.sha256)"
@@ -602,7 +586,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
                     continue
                 report["orphans"].append(f"cache:{sha}")
                 if fix:
-                    self._forget(sha)
+                    self.cache.forget(sha)
                     self.store.delete(sha)
             for tmp in self.store.temp_files():
                 report["temp_files"].append(str(tmp))
@@ -615,14 +599,7 @@ class PostgresVoiceRegistry(VoiceRegistry):
         rows = self._read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
         if not rows:
             return "blob is missing from the registry database"
-        data = bytes(rows[0][0])
-        if hashlib.sha256(data).hexdigest() != sha256:
-            return "database copy does not match its sha256"
-        try:
-            st_load(data)
-        except Exception as exc:
-            return f"not a safetensors file: {exc}"
-        return None
+        return problem(bytes(rows[0][0]), sha256)
 
 
 def _storable(text: str) -> bool:

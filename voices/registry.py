@@ -1,37 +1,37 @@
-"""VoiceRegistry: named presets → verified latents, surviving restarts, with no pickle anywhere.
+"""The voice registry contract: named presets → verified latents, surviving restarts, no pickle anywhere.
 
-Layout under ``<data_dir>/voices``:
-  blobs/<k[:2]>/<key>.safetensors   latents; key = sha256(audio sha256, engine, model sha256)
-  index/                            diskcache (SQLite), eviction off; values are JSON bytes
-  quarantine/                       blobs that failed their sha256 check
+`VoiceRegistry` is the protocol; `LocalVoiceRegistry` (diskcache + files, one node) and
+`PostgresVoiceRegistry` (PostgreSQL, shared by nodes) implement it side by side and share the
+in-memory cache and blob verification (`tts_gateway.voices.cache`, `tts_gateway.voices.blobs`).
+``tts_gateway.voices.open_registry`` picks one from the settings.
 
-A voice is acknowledged only once its JSON record is in the index, and the record is written
-only after its blob is durably on disk; a crash in between leaves at most an orphan blob, which
-``check(fix=True)`` removes.
+Guarantees every implementation keeps (tests/test_registry.py checks them on both):
+
+* A voice is acknowledged (``create`` returns) only once its record and its blob are durable, and the
+  record names the blob by the sha256 of its bytes (``voice_sha256``).
+* Blobs are canonical (`tts_gateway.voices.blobs.encode`) and written once, under a per-key lock: two
+  threads conditioning the same audio compute it once; an existing valid blob is never overwritten.
+* A blob another record or the upload cache still uses is never quarantined or deleted; create and
+  delete of presets sharing audio never leave an acknowledged record without its blob.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import threading
 import time
-from collections import OrderedDict
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import diskcache
 import numpy as np
 
-from tts_gateway.voices.names import VOICE_NAME_RE
 from tts_gateway.errors import Conflict, NotFound
 from tts_gateway.voices.audio import ReferenceAudio
-from tts_gateway.voices.store import CorruptBlob, LatentStore
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from tts_gateway.voices.local_registry import LocalVoiceRegistry
 
 ComputeLatents = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -95,141 +95,81 @@ class VoiceRecord:
             **fields,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> VoiceRecord:
-        raw = json.loads(data)
+    def from_dict(cls, raw: dict[str, Any]) -> VoiceRecord:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 
+    @classmethod
+    def from_json(cls, data: bytes | str) -> VoiceRecord:
+        return cls.from_dict(json.loads(data))
+
 
 def latents_key(audio_sha256: str, engine: str, model_sha256: str) -> str:
+    """The blob key of this audio on this engine and model (the same inputs always give the same key)."""
     return hashlib.sha256(f"{audio_sha256}\0{engine}\0{model_sha256}".encode()).hexdigest()
 
 
-class VoiceRegistry:
-    """Presets and the upload cache of the old ``/synthesize`` call, over one `LatentStore`.
+@runtime_checkable
+class VoiceRegistry(Protocol):
+    """Presets and the upload cache of the old ``/synthesize`` call.
 
-    Args:
-        data_dir: The gateway's data directory.
-        on_conditioning: Called with the engine name each time latents are computed.
-        on_cache_hit: Called with the engine name when stored latents are reused.
-        memory_entries: How many verified latent sets to keep in memory.
+    Errors: `VoiceNotFound` (404), `VoiceExists` / `VoiceBroken` / `CorruptBlob` (409),
+    ``RegistryUnavailable`` (503, PostgreSQL only).
     """
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        on_conditioning: Callable[[str], None] = lambda engine: None,
-        on_cache_hit: Callable[[str], None] = lambda engine: None,
-        memory_entries: int = 64,
-    ) -> None:
-        self.root = data_dir / "voices"
-        self.store = LatentStore(self.root / "blobs")
-        # eviction_policy="none": the default culls past 1 GB, which would silently drop voices.
-        self.index = diskcache.Cache(
-            str(self.root / "index"), eviction_policy="none", sqlite_synchronous=2, size_limit=2**62
-        )
-        self._on_conditioning = on_conditioning
-        self._on_cache_hit = on_cache_hit
-        self._lock = threading.RLock()  # orders blob writes, record adds and blob deletes
-        self._memory: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-        self._memory_entries = memory_entries
-        self._memory_lock = threading.Lock()
+    def __new__(cls, *args: Any, **kwargs: Any) -> LocalVoiceRegistry:
+        # Deprecated: ``VoiceRegistry(data_dir, ...)`` was the local registry's class before it became this
+        # protocol. It still builds a `LocalVoiceRegistry`; use that (or ``open_registry``) instead.
+        from tts_gateway.voices.local_registry import LocalVoiceRegistry
 
-    def close(self) -> None:
-        self.index.close()
+        if cls is not VoiceRegistry:
+            raise TypeError(f"{cls.__name__} must not subclass the VoiceRegistry protocol")
+        warnings.warn("VoiceRegistry(...) is deprecated: construct LocalVoiceRegistry or call open_registry",
+                      DeprecationWarning, stacklevel=2)
+        return LocalVoiceRegistry(*args, **kwargs)
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, name: str) -> VoiceRecord:
-        if not VOICE_NAME_RE.fullmatch(name):
-            raise VoiceNotFound(name)
-        data = self.index.get(f"voice:{name}")
-        if not isinstance(data, bytes):
-            raise VoiceNotFound(name)
-        return VoiceRecord.from_json(data)
+        """The record of preset ``name``; `VoiceNotFound` (also for names that break the naming rule)."""
+        ...
 
     def exists(self, name: str) -> bool:
-        return bool(VOICE_NAME_RE.fullmatch(name)) and f"voice:{name}" in self.index
+        ...
 
     def records(self) -> list[VoiceRecord]:
-        records = []
-        for key in self.index.iterkeys():
-            if isinstance(key, str) and key.startswith("voice:"):
-                data = self.index.get(key)
-                if isinstance(data, bytes):
-                    records.append(VoiceRecord.from_json(data))
-        return sorted(records, key=lambda r: r.name)
+        """Every preset, sorted by name."""
+        ...
 
     def latents(self, record: VoiceRecord) -> dict[str, np.ndarray]:
-        """Verified latents of a preset; never recomputes. Raises `VoiceBroken`."""
-        try:
-            return self._load(record.latents_key, record.latents_sha256)
-        except CorruptBlob as exc:
-            self._mark_broken(record, str(exc))
-            raise VoiceBroken(record.name, str(exc)) from None
+        """Verified latents of a preset; never recomputes. On a bad blob: the record is marked broken and
+        `VoiceBroken` raised (other presets sharing the blob are not affected)."""
+        ...
 
-    def _load(self, key: str, sha256: str) -> dict[str, np.ndarray]:
-        with self._memory_lock:
-            cached = self._memory.get(sha256)
-            if cached is not None:
-                self._memory.move_to_end(sha256)
-                return cached
-        latents = self.store.get(key, sha256)
-        with self._memory_lock:
-            self._memory[sha256] = latents
-            while len(self._memory) > self._memory_entries:
-                self._memory.popitem(last=False)
-        return latents
+    def load_latents(self, key: str, sha256: str) -> dict[str, np.ndarray]:
+        """The latents of blob ``key`` verified against ``sha256`` (memory first); raises `CorruptBlob`."""
+        ...
 
-    def _forget(self, sha256: str) -> None:
-        with self._memory_lock:
-            self._memory.pop(sha256, None)
-
-    def _mark_broken(self, record: VoiceRecord, detail: str) -> None:
-        self._forget(record.latents_sha256)
-        with self._lock:
-            current = self.index.get(f"voice:{record.name}")
-            if isinstance(current, bytes):
-                fresh = VoiceRecord.from_json(current)
-                if fresh.latents_sha256 == record.latents_sha256 and fresh.status != "broken":
-                    fresh.status = "broken"
-                    fresh.extra["broken_reason"] = detail
-                    self.index.set(f"voice:{record.name}", fresh.to_json())
-        log.error("voice %s marked broken: %s", record.name, detail)
+    def forget(self, sha256: str) -> None:
+        """Drop a blob's latents from the memory cache (storage is untouched)."""
+        ...
 
     # -- conditioning ---------------------------------------------------------------------------
     def condition(
         self, reference: ReferenceAudio, engine: str, model_sha256: str, compute: ComputeLatents
     ) -> tuple[str, str, dict[str, np.ndarray]]:
-        """Latents for this audio on this engine and model: stored ones if any, else computed once.
+        """Latents for this audio on this engine and model: the stored ones, else computed once and stored.
 
-        Returns (blob key, blob sha256, latents). The upload cache of the old ``/synthesize``
-        call uses this directly; presets use it through `create`.
+        Returns (blob key, blob sha256, latents). The upload cache of the old ``/synthesize`` call uses
+        this directly; presets use it through `create`.
         """
-        key = latents_key(reference.sha256, engine, model_sha256)
-        pointer = self.index.get(f"audio:{key}")
-        if isinstance(pointer, bytes):
-            sha = json.loads(pointer)["latents_sha256"]
-            try:
-                latents = self._load(key, sha)
-                self._on_cache_hit(engine)
-                return key, sha, latents
-            except CorruptBlob as exc:
-                log.warning("recomputing latents: %s", exc)
-                self.index.delete(f"audio:{key}")
-        latents = compute(reference.samples)
-        self._on_conditioning(engine)
-        meta = {"engine": engine, "model_sha256": model_sha256, "audio_sha256": reference.sha256}
-        with self._lock:
-            sha = self.store.put(key, latents, meta)
-            self.index.set(f"audio:{key}", json.dumps({"latents_sha256": sha}).encode())
-        with self._memory_lock:
-            self._memory[sha] = latents
-        return key, sha, latents
+        ...
 
     # -- writing --------------------------------------------------------------------------------
     def create(
@@ -246,61 +186,18 @@ class VoiceRegistry:
         description: str = "",
         consent: bool = False,
     ) -> VoiceRecord:
-        """Register a preset; raises `VoiceExists` if the name is taken (checked again at commit)."""
-        if not VOICE_NAME_RE.fullmatch(name):
-            raise ValueError(f"invalid voice name {name!r}")
-        if self.exists(name):
-            raise VoiceExists(name)
-        key, sha, latents = self.condition(reference, engine, model_sha256, compute)
-        record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
-                                 language=language, description=description, consent=consent, licence=licence,
-                                 model_id=model_id, model_sha256=model_sha256)
-        with self._lock:
-            if self.store.sha256_of(key) != sha:  # removed or replaced since: write it again
-                sha = self.store.put(key, latents, {"engine": engine, "model_sha256": model_sha256})
-                record.latents_sha256 = sha
-            # diskcache's add is one SQLite transaction: of two racing creators exactly one wins.
-            if not self.index.add(f"voice:{name}", record.to_json()):
-                raise VoiceExists(name)
-        return record
+        """Register a preset; `VoiceExists` if the name is taken (checked early and again at commit)."""
+        ...
 
     def delete(self, name: str) -> VoiceRecord:
-        with self._lock:
-            record = self.get(name)
-            if not self.index.delete(f"voice:{name}"):
-                raise VoiceNotFound(name)
-            self._forget(record.latents_sha256)
-            # Free the blob unless another preset shares it (same audio registered twice).
-            if not any(r.latents_key == record.latents_key for r in self.records()):
-                self.index.delete(f"audio:{record.latents_key}")
-                self.store.delete(record.latents_key)
-        return record
+        """Remove a preset (its blob too, once nothing else uses it); `VoiceNotFound` if there is none."""
+        ...
 
     # -- maintenance ----------------------------------------------------------------------------
     def check(self, fix: bool = False) -> dict[str, list[str]]:
-        """Find broken voices, orphan blobs and leftover temp files; remove the latter with ``fix``."""
-        report: dict[str, list[str]] = {"broken": [], "orphans": [], "temp_files": []}
-        with self._lock:
-            referenced = set()
-            for record in self.records():
-                referenced.add(record.latents_key)
-                if self.store.sha256_of(record.latents_key) != record.latents_sha256:
-                    report["broken"].append(record.name)
-                    if fix and record.status != "broken":
-                        try:
-                            self.latents(record)
-                        except VoiceBroken:
-                            pass
-            for key in self.index.iterkeys():
-                if isinstance(key, str) and key.startswith("audio:"):
-                    referenced.add(key.removeprefix("audio:"))
-            for key in self.store.keys():
-                if key not in referenced:
-                    report["orphans"].append(key)
-                    if fix:
-                        self.store.delete(key)
-            for tmp in self.store.temp_files():
-                report["temp_files"].append(str(tmp))
-                if fix:
-                    tmp.unlink(missing_ok=True)
-        return report
+        """``{"broken": [names], "orphans": [...], "temp_files": [...]}``; ``fix`` marks broken voices
+        and removes orphans and temp files."""
+        ...
+
+    def close(self) -> None:
+        ...

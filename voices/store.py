@@ -1,8 +1,11 @@
-"""Content-addressed latent blobs (safetensors) with atomic writes and verified reads."""
+"""Latent blob files: written once (atomically, never over an existing file), read back for verification.
+
+The store knows files, not voices: which blob is still in use, and so may or may not be quarantined or
+deleted, is the registry's decision.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -10,22 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
-
-from tts_gateway.errors import Conflict
+from tts_gateway.voices.blobs import CorruptBlob, sha256_hex
 
 log = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
-
-class CorruptBlob(Conflict):
-    """A blob's bytes do not match the sha256 recorded for it; it was quarantined."""
-
-    def __init__(self, key: str, detail: str) -> None:
-        super().__init__(f"latent blob {key[:12]}… is corrupt: {detail}", code="corrupt-latents")
-        self.key = key
+__all__ = ["CorruptBlob", "LatentStore", "atomic_write", "fsync_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,8 +29,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """temp file → fsync → rename → fsync dir: a crash leaves the old file or the new, never half."""
+def _temp_copy(path: Path, data: bytes) -> str:
+    """``data`` durably in a temp file beside ``path``; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
@@ -45,6 +38,16 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """temp file → fsync → rename → fsync dir: a crash leaves the old file or the new, never half."""
+    tmp = _temp_copy(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,12 +55,30 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_create(path: Path, data: bytes) -> bool:
+    """Like `atomic_write`, but never replaces an existing file: False (and nothing written) if one exists."""
+    tmp = _temp_copy(path, data)
+    try:
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: the caller's lock keeps writers apart
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
 class LatentStore:
-    """Blobs named by a content key under ``root/<k[:2]>/<key>.safetensors``."""
+    """Blobs named by a 64-hex key under ``root/<k[:2]>/<key>.safetensors``; bad ones go to ``../quarantine``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.quarantine = root.parent / "quarantine"
+        self.quarantine_dir = root.parent / "quarantine"
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
@@ -68,35 +89,19 @@ class LatentStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def put(self, key: str, latents: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-        """Write the blob atomically; returns the sha256 of its bytes."""
-        data = st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()},
-                       metadata=metadata)
-        atomic_write(self.path(key), data)
-        return hashlib.sha256(data).hexdigest()
-
-    def get(self, key: str, sha256: str) -> dict[str, np.ndarray]:
-        """Read and verify; a mismatch moves the file to quarantine and raises `CorruptBlob`."""
-        path = self.path(key)
+    def read(self, key: str) -> bytes | None:
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise CorruptBlob(key, "file is missing") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            self._quarantine(key, path)
-            raise CorruptBlob(key, f"sha256 {actual[:12]}… != recorded {sha256[:12]}…")
-        try:
-            return dict(st_load(data))
-        except Exception as exc:  # safetensors raises its own error type for bad headers
-            self._quarantine(key, path)
-            raise CorruptBlob(key, f"not a safetensors file: {exc}") from None
-
-    def sha256_of(self, key: str) -> str | None:
-        try:
-            return hashlib.sha256(self.path(key).read_bytes()).hexdigest()
+            return self.path(key).read_bytes()
         except FileNotFoundError:
             return None
+
+    def write(self, key: str, data: bytes) -> bool:
+        """Store ``data`` as ``key`` unless a file is already there (it is never overwritten)."""
+        return atomic_create(self.path(key), data)
+
+    def sha256_of(self, key: str) -> str | None:
+        data = self.read(key)
+        return None if data is None else sha256_hex(data)
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -107,11 +112,19 @@ class LatentStore:
     def temp_files(self) -> list[Path]:
         return sorted(self.root.glob("*/.tmp-*"))
 
-    def _quarantine(self, key: str, path: Path) -> None:
-        self.quarantine.mkdir(parents=True, exist_ok=True)
-        target = self.quarantine / f"{key}.{int(time.time())}.safetensors"
+    def quarantine(self, key: str, seen: bytes | None = None) -> Path | None:
+        """Move the file aside (kept for inspection, never served); only if it still holds ``seen`` when given.
+
+        Returns where it went, or None when there was nothing (or something else) to move.
+        """
+        path = self.path(key)
+        if seen is not None and self.read(key) != seen:
+            return None
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        target = self.quarantine_dir / f"{key}.{time.time_ns()}.safetensors"
         try:
             os.replace(path, target)
-            log.warning("quarantined corrupt latent blob %s to %s", key, target)
         except FileNotFoundError:
-            pass
+            return None
+        log.warning("quarantined latent blob %s to %s", key, target)
+        return target

@@ -28,6 +28,8 @@ class Capabilities:
     # True when the same text, voice and options always give the same samples (no seed needed).
     deterministic: bool = False
     native_speed: bool = False
+    # Several sentences of one request may run at once (the engine shares the cores itself).
+    parallel_pieces: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import hashlib
 import json
 import queue
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tts_gateway.engines.base import (
 )
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
+from tts_gateway.engines.scheduling import CoreBudget
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,22 @@ class PiperEngine(BaseEngine):
     """Piper voices; ``speed`` maps to Piper's native length scale."""
 
     name = "piper"
-    capabilities = Capabilities(cloning=False, streaming=True, deterministic=False, native_speed=True)
+    capabilities = Capabilities(cloning=False, streaming=True, deterministic=False, native_speed=True,
+                                parallel_pieces=True)
 
-    def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0, sessions: int = 1) -> None:
+    def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0, sessions: int = 1,
+                 budget: CoreBudget | None = None) -> None:
         super().__init__()
         self._files = {voice.id: voice for voice in voices}
         self._threads = threads
-        # One onnxruntime session runs one synthesis at a time; a small pool per voice lets
-        # concurrent requests use every core instead of queueing behind a lock.
+        # One onnxruntime session runs one synthesis at a time. By default each voice has one wide
+        # session (every core) for a call alone and one single-threaded session per core for calls
+        # that overlap; the budget decides which a call gets, so threads never exceed cores.
+        # TTS_GATEWAY_ENGINE_THREADS=N instead gives a fixed pool of N-thread sessions.
+        self._budget = budget if not threads else None
         self._sessions = max(1, sessions)
         self._voices: dict[str, queue.Queue[Any]] = {}
+        self._wide: dict[str, queue.Queue[Any]] = {}
         self._languages: dict[str, str] = {}
         self._sample_rate = 22050
         self._sha: dict[str, str] = {}
@@ -124,21 +132,28 @@ class PiperEngine(BaseEngine):
         from piper import PiperVoice
 
         loaded: dict[str, queue.Queue[Any]] = {}
+        wide: dict[str, queue.Queue[Any]] = {}
         for voice in self._files.values():
             if not voice.model_path.is_file():
                 raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
+            base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
             pool: queue.Queue[Any] = queue.Queue()
-            for _ in range(self._sessions):
-                piper_voice = PiperVoice.load(voice.model_path, config_path=voice.config_path)
-                if self._threads:
-                    piper_voice.session = _session(voice.model_path, self._threads)
-                pool.put(piper_voice)
+            if self._budget is None:
+                for _ in range(self._sessions):
+                    pool.put(replace(base, session=_session(voice.model_path, self._threads)))
+            else:
+                for _ in range(self._budget.cores):
+                    pool.put(replace(base, session=_session(voice.model_path, 1)))
+                wide[voice.id] = queue.Queue()
+                wide[voice.id].put(replace(base, session=_session(voice.model_path, self._budget.cores)))
             loaded[voice.id] = pool
         self._voices = loaded
+        self._wide = wide
         self._loaded = True
 
     def unload(self) -> None:
         self._voices = {}
+        self._wide = {}
         self._loaded = False
         release_memory()
 
@@ -155,27 +170,33 @@ class PiperEngine(BaseEngine):
             # sampling noise: the same text then always gives the same samples.
             config.noise_scale = 0.0
             config.noise_w_scale = 0.0
-        piper_voice = pool.get()
-        try:
-            for chunk in piper_voice.synthesize(text, syn_config=config):
-                if options.cancel.is_set():
-                    raise SynthesisCancelled("cancelled")
-                yield np.asarray(chunk.audio_float_array, dtype=np.float32)
-        finally:
-            pool.put(piper_voice)
+        with self._budget.slot() if self._budget is not None else nullcontext(0) as threads:
+            if threads > 1:
+                pool = self._wide[voice.builtin or ""]
+            piper_voice = pool.get()
+            try:
+                for chunk in piper_voice.synthesize(text, syn_config=config):
+                    if options.cancel.is_set():
+                        raise SynthesisCancelled("cancelled")
+                    yield np.asarray(chunk.audio_float_array, dtype=np.float32)
+            finally:
+                pool.put(piper_voice)
 
 
 def _session(model_path: Path, threads: int) -> Any:
-    """A session with fixed thread counts, so results do not depend on the host's core count."""
+    """A session with ``threads`` intra-op threads (0: onnxruntime's default, one per core)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle threads must not spin: they would steal the cores another session is using.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(model_path), sess_options=options,
                                         providers=["CPUExecutionProvider"])
 
 
 @hookimpl(trylast=True)
 def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
-    register(PiperEngine(_bundled_voices(), threads=context.threads, sessions=min(context.concurrency, 4)))
+    register(PiperEngine(_bundled_voices(), threads=context.threads, sessions=min(context.concurrency, 4),
+                         budget=CoreBudget()))

@@ -7,6 +7,8 @@ and runs `run` in a worker thread. Nothing here imports Litestar or model code.
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import secrets
 import threading
 import time
@@ -40,6 +42,72 @@ SENTENCE_PAUSE_S = 0.2
 MIN_RATE, MAX_RATE = 8000, 48000
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MAX_SEED = 2**32 - 1
+
+
+# Sentences of one request that may be synthesized at once, for engines that share the cores
+# themselves (`Capabilities.parallel_pieces`); the audio still comes out in order.
+PIECE_WINDOW = min(os.cpu_count() or 1, 4)
+_END = object()
+
+
+class _OrderedPieces:
+    """Runs up to ``window`` pieces ahead in threads and hands their chunks over in order.
+
+    With a window of 1 the pieces run inline, one after the other, in the caller's thread.
+    """
+
+    def __init__(self, make: Callable[[str], Iterator[np.ndarray]], pieces: list[str], window: int,
+                 cancel: threading.Event) -> None:
+        self.make = make
+        self.pieces = pieces
+        self.window = max(1, window)
+        self.cancel = cancel
+        self.queues: dict[int, queue.Queue[Any]] = {}
+        self.next_start = 0
+        self.threads: list[threading.Thread] = []
+        if self.window > 1:
+            while self.next_start < min(self.window, len(pieces)):
+                self._start()
+
+    def _start(self) -> None:
+        index = self.next_start
+        self.next_start += 1
+        out: queue.Queue[Any] = queue.Queue()
+        self.queues[index] = out
+
+        def produce() -> None:
+            try:
+                for chunk in self.make(self.pieces[index]):
+                    out.put(chunk)
+                    if self.cancel.is_set():
+                        break
+                out.put(_END)
+            except BaseException as exc:  # raised in the consumer's thread
+                out.put(exc)
+
+        thread = threading.Thread(target=produce, name=f"tts-piece-{index}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def chunks(self, index: int) -> Iterator[np.ndarray]:
+        if self.window == 1:
+            yield from self.make(self.pieces[index])
+            return
+        out = self.queues.pop(index)
+        while True:
+            item = out.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        if self.next_start < len(self.pieces) and not self.cancel.is_set():
+            self._start()
+
+    def close(self) -> None:
+        """Stop the pieces still running (the request ended, failed or went away)."""
+        if any(thread.is_alive() for thread in self.threads):
+            self.cancel.set()
 
 
 @dataclass
@@ -190,6 +258,7 @@ class SynthesisService:
             on_piece: Callable[[int], None] | None = None) -> Iterator[bytes]:
         """Synthesize piece by piece, yielding encoded bytes as they are ready (worker thread)."""
         encoder = Encoder(plan.fmt, plan.rate, streaming=plan.stream)
+        pieces: _OrderedPieces | None = None
         started = time.perf_counter()
         produced = 0
         first = True
@@ -201,13 +270,16 @@ class SynthesisService:
                     cancel=cancel, repeatable=plan.repeatable, streaming=plan.stream,
                 )
                 resample = Resampler(engine.sample_rate, plan.rate)
-                for index, piece in enumerate(plan.pieces):
+                window = PIECE_WINDOW if engine.capabilities.parallel_pieces else 1
+                pieces = _OrderedPieces(lambda text: engine.synthesize(text, plan.voice.input, options),
+                                        plan.pieces, window, cancel)
+                for index in range(len(plan.pieces)):
                     if cancel.is_set():
                         raise SynthesisCancelled("cancelled")
                     pending: list[np.ndarray] = []
                     if index:
                         pending.append(silence(engine.sample_rate, SENTENCE_PAUSE_S))
-                    for chunk in engine.synthesize(piece, plan.voice.input, options):
+                    for chunk in pieces.chunks(index):
                         if cancel.is_set():
                             raise SynthesisCancelled("cancelled")
                         if native_speed:
@@ -256,6 +328,8 @@ class SynthesisService:
                               retry_after=1) from None
         finally:
             encoder.abort()
+            if pieces is not None:
+                pieces.close()
 
     def synthesize_bytes(self, plan: Plan, cancel: threading.Event) -> bytes:
         return b"".join(self.run(plan, cancel))

@@ -1,0 +1,71 @@
+"""Sharing the machine's cores among concurrent engine calls.
+
+On a small CPU, one inference session with as many intra-op threads as there are cores is the
+fastest way to run a lone request, while several requests at once go fastest on single-threaded
+sessions side by side; sessions that each use every core oversubscribe the machine and lose. A
+`CoreBudget` hands out "wide" (all cores) or "narrow" (one core) slots so that the threads of the
+running calls never exceed the cores: a call alone gets a wide slot, calls that overlap get narrow
+ones, in the order they asked (first come, first served, so no stream starves).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class CoreBudget:
+    """A budget of ``cores`` threads shared by engine calls (see the module docstring).
+
+    Args:
+        cores: Threads the calls may use together; the machine's core count by default.
+    """
+
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = max(1, cores or os.cpu_count() or 1)
+        self._used = 0
+        self._wide = False
+        self._queue: deque[int] = deque()
+        self._tickets = itertools.count()
+        self._cond = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        return self._used
+
+    def _grant(self, ticket: int) -> int | None:
+        """Threads for the head of the queue, or None when it must wait (called under the lock)."""
+        if self._queue[0] != ticket:
+            return None
+        if self._used == 0 and len(self._queue) == 1:
+            return self.cores  # alone: the whole machine
+        if not self._wide and self._used < self.cores:
+            return 1
+        return None
+
+    @contextmanager
+    def slot(self) -> Iterator[int]:
+        """Wait for a slot; yields how many intra-op threads the call may use (``cores`` or 1)."""
+        with self._cond:
+            ticket = next(self._tickets)
+            self._queue.append(ticket)
+            try:
+                while (threads := self._grant(ticket)) is None:
+                    self._cond.wait()
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            self._used += threads
+            self._wide = threads == self.cores and self.cores > 1
+        try:
+            yield threads
+        finally:
+            with self._cond:
+                self._used -= threads
+                if self._wide and threads == self.cores:
+                    self._wide = False
+                self._cond.notify_all()

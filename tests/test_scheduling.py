@@ -46,10 +46,9 @@ def test_threads_in_use_never_exceed_the_cores_and_everyone_is_served_in_order()
 
     def call(index: int) -> None:
         nonlocal peak
-        with budget.slot():
-            with lock:
-                peak = max(peak, budget.in_use)
-                order.append(index)
+        with budget.slot(), lock:
+            peak = max(peak, budget.in_use)
+            order.append(index)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(40)]
     for thread in threads:

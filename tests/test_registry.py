@@ -18,7 +18,6 @@ import os
 import random
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +162,23 @@ class Backend:
             conn.execute("INSERT INTO tts_voice_blobs (sha256, data) VALUES (%s, %s)", (sha, data))
         return sha
 
+    def upload_entries(self, registry: Any) -> set[str]:
+        """Keys of the upload-cache entries no preset uses."""
+        if self.url is None:
+            presets = {r.latents_key for r in registry.records()}
+            return set(registry._pointer_entries(registry.index)) - presets
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute("SELECT key FROM tts_conditioning c WHERE NOT EXISTS"
+                                " (SELECT 1 FROM tts_voices v WHERE v.latents_key = c.key)").fetchall()
+        return {row[0] for row in rows}
+
+    def blob_count(self, registry: Any) -> int:
+        if self.url is None:
+            return len(registry.store.keys())
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute("SELECT count(*) FROM tts_voice_blobs").fetchone()
+        return int(row[0]) if row else 0
+
     def temp_file(self, registry: Any) -> Path:
         """A half-written blob left by a crash."""
         path = registry.store.root / "ab" / ".tmp-crashed.safetensors"
@@ -200,16 +216,14 @@ def assert_intact(backend: Backend, acknowledged: dict[str, str]) -> None:
 def test_both_backends_implement_the_protocol(tmp_path: Path) -> None:
     local = LocalVoiceRegistry(tmp_path)
     assert isinstance(local, VoiceRegistry)
+    assert local.health() is None
     local.close()
     for implementation in (LocalVoiceRegistry, PostgresVoiceRegistry):
         assert VoiceRegistry not in implementation.__mro__
         assert LocalVoiceRegistry not in implementation.__mro__[1:]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        legacy = VoiceRegistry(tmp_path)  # type: ignore[misc]  # the deprecated spelling still works
-    assert type(legacy) is LocalVoiceRegistry
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
-    legacy.close()
+        assert not hasattr(implementation, "_memory")  # the transitional alias is gone
+    with pytest.raises(TypeError):
+        VoiceRegistry(tmp_path)  # type: ignore[misc,call-arg]  # a protocol, no longer a constructor
 
 
 def test_create_get_exists_records_latents_delete(backend: Backend) -> None:
@@ -364,6 +378,89 @@ def test_blobs_carry_their_origin(backend: Backend) -> None:
         "engine": "clone", "model_sha256": MODEL, "audio_sha256": record.audio_sha256}
     assert latents_key(meta["audio_sha256"], meta["engine"], meta["model_sha256"]) == record.latents_key
     assert set(st_load(stored)) == {"spectrum"}
+
+
+def test_health_is_none_while_the_registry_serves(backend: Backend) -> None:
+    registry = backend.open()
+    assert registry.health() is None
+    registry.close()
+    if backend.url is not None:  # a closed pool is what an unreachable database looks like to a caller
+        reason = registry.health()
+        assert reason is not None and "unavailable" in reason
+
+
+# -- the upload cache's bound ----------------------------------------------------------------------------------
+def test_the_upload_cache_is_bounded_least_recently_used_first(backend: Backend) -> None:
+    """Every distinct clip sent to the old ``/synthesize`` call used to be kept forever."""
+    registry = backend.open(upload_cache_entries=3)
+    kept = create(registry, "kept", reference(700))  # a preset's blob is never evicted
+    refs = [reference(710 + 10 * i) for i in range(5)]
+    compute = Compute()
+    keys = [registry.condition(ref, "clone", MODEL, compute)[0] for ref in refs]
+    assert backend.upload_entries(registry) == set(keys[2:])  # the two oldest went
+    registry.condition(refs[2], "clone", MODEL, never)  # used again: now the most recent
+    sixth = registry.condition(reference(770), "clone", MODEL, compute)[0]
+    assert backend.upload_entries(registry) == {keys[2], keys[4], sixth}  # keys[3] was the least recently used
+    assert backend.blob_count(registry) == 3 + 1  # evicted entries took their blobs with them
+    for ref in (refs[2], refs[4]):
+        registry.condition(ref, "clone", MODEL, never)
+    calls = compute.calls
+    registry.condition(refs[0], "clone", MODEL, compute)  # evicted: computed again
+    assert compute.calls == calls + 1
+    registry.forget(kept.latents_sha256)
+    reopened = backend.open(node="b", upload_cache_entries=3)
+    assert set(reopened.latents(reopened.get("kept"))) == {"spectrum"}
+    assert registry.check() == CLEAN
+
+
+def test_the_upload_cache_bound_holds_under_concurrent_use(backend: Backend) -> None:
+    registry = backend.open(upload_cache_entries=2)
+    create(registry, "anchor", reference(800))
+    refs = [reference(810 + 10 * i) for i in range(6)]
+    expected = {ref.sha256: FakeCloningEngine().compute_latents(ref.samples)["spectrum"] for ref in refs}
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        for _ in range(12):
+            ref = rng.choice(refs)
+            try:
+                _key, _sha, latents = registry.condition(ref, "clone", MODEL, Compute())
+                np.testing.assert_array_equal(latents["spectrum"], expected[ref.sha256])
+            except BaseException as exc:
+                failures.append(repr(exc))
+
+    run_threads(4, worker)
+    assert failures == []
+    registry.condition(reference(900), "clone", MODEL, Compute())  # one more, with nothing else running
+    assert len(backend.upload_entries(registry)) <= 2
+    assert registry.check() == CLEAN
+    assert set(backend.open(node="b").latents(registry.get("anchor"))) == {"spectrum"}
+
+
+@pytest.mark.postgres
+def test_a_version_1_schema_is_upgraded_and_its_upload_cache_bounded(pg_url: str, tmp_path: Path) -> None:
+    from tts_gateway.voices.pg_registry import SCHEMA, SCHEMA_VERSION
+
+    old = encode({"spectrum": np.arange(4, dtype=np.float32)}, {"engine": "clone"})
+    old_sha = hashlib.sha256(old).hexdigest()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for statement in SCHEMA[:-2]:  # version 1: no used_at
+            conn.execute(statement)
+        conn.execute("INSERT INTO tts_registry_schema (version) VALUES (1)")
+        conn.execute("INSERT INTO tts_voice_blobs (sha256, data) VALUES (%s, %s)", (old_sha, old))
+        conn.execute("INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
+                     " VALUES (%s, %s, 'clone', %s, %s)", ("a" * 64, old_sha, MODEL, "b" * 64))
+    registry = PostgresVoiceRegistry(tmp_path, url=pg_url, upload_cache_entries=1)
+    try:
+        key = registry.condition(reference(950), "clone", MODEL, Compute())[0]
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT max(version) FROM tts_registry_schema").fetchone() == (SCHEMA_VERSION,)
+            assert conn.execute("SELECT key FROM tts_conditioning").fetchall() == [(key,)]  # the old row went
+            assert conn.execute("SELECT 1 FROM tts_voice_blobs WHERE sha256 = %s", (old_sha,)).fetchone() is None
+        assert registry.check() == CLEAN
+    finally:
+        registry.close()
 
 
 # -- blob bytes ------------------------------------------------------------------------------------------------

@@ -12,17 +12,18 @@ from tts_gateway.config import Settings
 from tts_gateway.voices.audio import ReferenceAudio, prepare_reference
 from tts_gateway.voices.blobs import CorruptBlob
 from tts_gateway.voices.cache import LatentCache
-from tts_gateway.voices.local_registry import LocalVoiceRegistry
+from tts_gateway.voices.local_registry import LocalVoiceRegistry, rebuild_index
 from tts_gateway.voices.names import VOICE_NAME_RE, valid_voice_name
-from tts_gateway.voices.pg_registry import PostgresVoiceRegistry, RegistryConnectError, RegistryUnavailable
+from tts_gateway.voices.pg_registry import PostgresVoiceRegistry, RegistryConnectError
 from tts_gateway.voices.registry import (
+    RegistryUnavailable,
     VoiceBroken,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
     VoiceRegistry,
 )
-from tts_gateway.voices.store import LatentStore
+from tts_gateway.voices.store import LatentStore, StorageUnavailable
 
 
 def open_registry(
@@ -33,7 +34,10 @@ def open_registry(
 ) -> VoiceRegistry:
     """The registry the settings ask for: PostgreSQL when ``registry_url`` is set, else the local one.
 
-    Raises `RegistryConnectError` when the database cannot be reached or set up.
+    Raises `RegistryConnectError` when the database cannot be reached or set up. A local registry whose index
+    is damaged or missing, or whose data directory cannot be used, does not raise: it logs one line (the file
+    and ``tts-gateway registry rebuild``) and reports itself unavailable (``health()``, 503 from every call),
+    so that the built-in voices keep working.
     """
     if settings.registry_url:
         return PostgresVoiceRegistry(settings.data_dir, url=settings.registry_url,
@@ -51,6 +55,7 @@ __all__ = [
     "ReferenceAudio",
     "RegistryConnectError",
     "RegistryUnavailable",
+    "StorageUnavailable",
     "VoiceBroken",
     "VoiceExists",
     "VoiceNotFound",
@@ -58,5 +63,6 @@ __all__ = [
     "VoiceRegistry",
     "open_registry",
     "prepare_reference",
+    "rebuild_index",
     "valid_voice_name",
 ]

@@ -51,6 +51,27 @@ class KeyLocks:
                 if entry.users == 0:
                     del self._entries[key]
 
+    @contextmanager
+    def try_hold(self, key: str) -> Iterator[bool]:
+        """Hold ``key``'s lock if nobody else does (yields True), else yield False at once without it.
+
+        For work that may skip a key in use (eviction) and must not wait while holding other locks."""
+        with self._guard:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _Entry()
+            entry.users += 1
+        acquired = entry.lock.acquire(blocking=False)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                entry.lock.release()
+            with self._guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._entries[key]
+
     def __len__(self) -> int:
         with self._guard:
             return len(self._entries)
@@ -65,24 +86,24 @@ class LatentCache:
 
     def __init__(self, entries: int = 64) -> None:
         self.entries = entries
-        self._memory: OrderedDict[str, Latents] = OrderedDict()
+        self._lru: OrderedDict[str, Latents] = OrderedDict()
         self._lock = threading.Lock()
         self.locks = KeyLocks()
 
     def get(self, sha256: str) -> Latents | None:
         with self._lock:
-            latents = self._memory.get(sha256)
+            latents = self._lru.get(sha256)
             if latents is not None:
-                self._memory.move_to_end(sha256)
+                self._lru.move_to_end(sha256)
             return latents
 
     def put(self, sha256: str, latents: Latents) -> None:
         """Keep latents already verified against ``sha256`` (`verify` does both)."""
         with self._lock:
-            self._memory[sha256] = latents
-            self._memory.move_to_end(sha256)
-            while len(self._memory) > self.entries:
-                self._memory.popitem(last=False)
+            self._lru[sha256] = latents
+            self._lru.move_to_end(sha256)
+            while len(self._lru) > self.entries:
+                self._lru.popitem(last=False)
 
     def verify(self, data: bytes, sha256: str, *, label: str | None = None) -> Latents:
         """Check ``data`` against ``sha256``, keep and return its latents; raises `CorruptBlob`."""
@@ -92,19 +113,19 @@ class LatentCache:
 
     def forget(self, sha256: str) -> None:
         with self._lock:
-            self._memory.pop(sha256, None)
+            self._lru.pop(sha256, None)
 
     def clear(self) -> None:
         with self._lock:
-            self._memory.clear()
+            self._lru.clear()
 
     def __contains__(self, sha256: object) -> bool:
         with self._lock:
-            return sha256 in self._memory
+            return sha256 in self._lru
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._memory)
+            return len(self._lru)
 
     def lock(self, key: str) -> AbstractContextManager[None]:
         """Hold the lock of one latents key (re-entrant): conditioning and committing that key happen under it."""

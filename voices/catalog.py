@@ -96,6 +96,9 @@ class VoiceCatalog:
 
     # -- describing -------------------------------------------------------------------------------
     def all(self) -> list[dict[str, Any]]:
+        """Built-in voices of available engines, then presets. While the registry is unavailable (see its
+        ``health()``) the presets are left out and the built-ins still listed; every call that needs a preset
+        answers the registry's `Unavailable` (503)."""
         voices: list[dict[str, Any]] = []
         for engine_name in self.engines.names:
             engine = self.engines.get(engine_name)
@@ -107,7 +110,12 @@ class VoiceCatalog:
                     "language": v.language, "description": v.description, "licence": v.licence,
                     "read_only": True, "status": "ok",
                 })
-        voices.extend(self.preset_json(r) for r in self.registry.records())
+        try:
+            presets = self.registry.records()
+        except Unavailable as exc:  # a damaged index or an unreachable database: the built-ins still work
+            log.warning("voices listed without presets: %s", exc.detail)
+            presets = []
+        voices.extend(self.preset_json(r) for r in presets)
         return voices
 
     def describe(self, name: str) -> dict[str, Any]:

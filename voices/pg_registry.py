@@ -8,9 +8,11 @@ Schema (created on first use, under an advisory lock so that nodes starting toge
                     itself refuses bytes that do not match their name.
   tts_voices        name text PK (the unique name: of two racing creators exactly one INSERT wins),
                     latents_key, latents_sha256 → tts_voice_blobs, record jsonb (the `VoiceRecord`).
-  tts_conditioning  key text PK (= latents_key(audio, engine, model)) → latents_sha256: the upload cache of
-                    the old ``/synthesize`` call, shared by every node. The first writer of a key wins; a node
-                    that computed the same audio meanwhile uses the winner's blob.
+  tts_conditioning  key text PK (= latents_key(audio, engine, model)) → latents_sha256, used_at: the upload
+                    cache of the old ``/synthesize`` call, shared by every node. The first writer of a key wins; a
+                    node that computed the same audio meanwhile uses the winner's blob. Bounded: past
+                    ``upload_cache_entries`` rows no preset uses, the least recently used go, with their blobs
+                    (schema version 2 added ``used_at``).
 
 Blobs are referenced by foreign keys, so one still used by a voice or by the upload cache cannot be deleted;
 a blob is removed in the same transaction that drops its last reference.
@@ -50,21 +52,24 @@ from tts_gateway.voices.cache import LatentCache, Latents
 from tts_gateway.voices.names import NAME_RULE, valid_voice_name
 from tts_gateway.voices.registry import (
     ComputeLatents,
+    RegistryUnavailable,
     VoiceBroken,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
     latents_key,
 )
-from tts_gateway.voices.store import LatentStore
+from tts_gateway.voices.store import LatentStore, storage_error
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIN_SERVER_VERSION = 110000  # sha256(bytea) arrived in PostgreSQL 11
 _SCHEMA_LOCK = 0x7474_7376_6F69_6365  # "ttsvoice": the pg_advisory_xact_lock key of schema set-up
 _IDLE_PING_S = 5.0  # a connection idle longer than this is checked before use (the server may have restarted)
 _RUNTIME_CONNECT_TIMEOUT_S = 5  # how long a call waits for a connection before answering 503
+_HEALTH_TIMEOUT_S = 2.0  # how long `health` waits for a connection
+UPLOAD_CACHE_ENTRIES = 256
 _ROLLBACK = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)  # retried
 
 SCHEMA = (
@@ -96,18 +101,20 @@ SCHEMA = (
         created_at timestamptz NOT NULL DEFAULT now()
     )""",
     """CREATE INDEX IF NOT EXISTS tts_conditioning_latents_sha256 ON tts_conditioning (latents_sha256)""",
+    # version 2: the upload cache is bounded, least recently used first
+    """ALTER TABLE tts_conditioning ADD COLUMN IF NOT EXISTS used_at timestamptz NOT NULL DEFAULT now()""",
+    """CREATE INDEX IF NOT EXISTS tts_conditioning_used_at ON tts_conditioning (used_at)""",
 )
 
 Connection = psycopg.Connection[Any]
 T = TypeVar("T")
 
 
-class RegistryUnavailable(Unavailable):
+class DatabaseUnavailable(RegistryUnavailable):
     """The registry database cannot be reached right now (HTTP 503 with Retry-After)."""
 
     def __init__(self, detail: str) -> None:
-        super().__init__(f"the voice registry database is unavailable: {detail}", retry_after=5,
-                         code="registry-unavailable")
+        super().__init__(f"the voice registry database is unavailable: {detail}")
 
 
 class RegistryConnectError(Unavailable):
@@ -139,6 +146,8 @@ class PostgresVoiceRegistry:
         on_conditioning: Called with the engine name each time latents are computed.
         on_cache_hit: Called with the engine name when stored latents are reused.
         memory_entries: How many verified latent sets to keep in memory.
+        upload_cache_entries: How many upload-cache rows (latents no preset uses) to keep; past that, the
+            least recently used go with their blobs.
         pool_size: The most connections open at once.
         connect_timeout: Seconds to keep trying to reach the database at start.
     """
@@ -151,15 +160,18 @@ class PostgresVoiceRegistry:
         on_conditioning: Callable[[str], None] = lambda engine: None,
         on_cache_hit: Callable[[str], None] = lambda engine: None,
         memory_entries: int = 64,
+        upload_cache_entries: int = UPLOAD_CACHE_ENTRIES,
         pool_size: int = 8,
         connect_timeout: float = 15.0,
     ) -> None:
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("the registry URL must start with postgresql:// or postgres://")
         self.url = url
+        self.data_dir = data_dir
         self.root = data_dir / "voices" / "pg-cache"
         self.store = LatentStore(self.root / "blobs")  # keyed by blob sha256
         self.cache = LatentCache(memory_entries)
+        self.upload_cache_entries = max(0, upload_cache_entries)
         self._on_conditioning = on_conditioning
         self._on_cache_hit = on_cache_hit
         self._lock = threading.RLock()  # orders this node's cache file writes, quarantines and deletes
@@ -183,11 +195,6 @@ class PostgresVoiceRegistry:
 
     def __repr__(self) -> str:
         return f"PostgresVoiceRegistry({redact(self.url)!r})"
-
-    @property
-    def _memory(self) -> LatentCache:
-        """Deprecated alias of `cache`."""
-        return self.cache
 
     # -- set-up ---------------------------------------------------------------------------------
     def _setup(self, timeout: float) -> None:
@@ -233,7 +240,7 @@ class PostgresVoiceRegistry:
                 for statement in SCHEMA:
                     conn.execute(statement)
                 found = current()
-                if found is None:
+                if found is None or found < SCHEMA_VERSION:
                     conn.execute("INSERT INTO tts_registry_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
                     found = SCHEMA_VERSION
         if found > SCHEMA_VERSION:
@@ -243,6 +250,15 @@ class PostgresVoiceRegistry:
 
     def close(self) -> None:
         self._pool.close()
+
+    def health(self) -> str | None:
+        """None while the database answers, else why not (waits at most a couple of seconds; never raises)."""
+        try:
+            with self._pool.connection(timeout=_HEALTH_TIMEOUT_S) as conn:
+                conn.execute("SELECT 1").fetchone()
+        except Exception as exc:  # PoolTimeout, PoolClosed, OperationalError, …: all mean "not now"
+            return f"the voice registry database is unavailable: {_first_line(exc)}"
+        return None
 
     # -- database helpers -----------------------------------------------------------------------
     def _check_connection(self, conn: Connection) -> None:
@@ -271,7 +287,7 @@ class PostgresVoiceRegistry:
             raise
         except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout and PoolClosed
             log.warning("registry database error: %s", _first_line(exc))
-            raise RegistryUnavailable(_first_line(exc)) from None
+            raise DatabaseUnavailable(_first_line(exc)) from None
 
     def _write(self, work: Callable[[Connection], T], retry: tuple[type[Exception], ...] = ()) -> T:
         """Run ``work`` in one transaction; again (a few times) after a deadlock or ``retry`` errors."""
@@ -284,7 +300,7 @@ class PostgresVoiceRegistry:
             except retried as exc:
                 if attempt == attempts - 1:
                     if isinstance(exc, _ROLLBACK):
-                        raise RegistryUnavailable(_first_line(exc)) from None
+                        raise DatabaseUnavailable(_first_line(exc)) from None
                     raise
                 log.info("registry transaction retried: %s", _first_line(exc))
                 time.sleep(0.02 * 2**attempt)
@@ -360,8 +376,7 @@ class PostgresVoiceRegistry:
                 return self.cache.verify(data, sha256)
             except CorruptBlob as exc:
                 log.warning("local blob cache: %s; fetching it again from PostgreSQL", exc)
-                with self._lock:  # named by its sha256: bytes that do not match it are nobody's
-                    self.store.quarantine(sha256, seen=data)
+                self._local_quarantine(sha256, data)
         rows = self._read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
         if not rows:
             raise CorruptBlob(sha256, "blob is missing from the registry database")
@@ -372,6 +387,24 @@ class PostgresVoiceRegistry:
 
     def forget(self, sha256: str) -> None:
         self.cache.forget(sha256)
+
+    def _local_quarantine(self, sha256: str, data: bytes) -> None:
+        try:
+            with self._lock:  # named by its sha256: bytes that do not match it are nobody's
+                self.store.quarantine(sha256, seen=data)
+        except OSError as exc:  # a read-only disk: the file stays, and is verified (and refused) again
+            log.warning("could not quarantine a local blob cache file: %s", exc)
+
+    def _drop_locally(self, shas: list[str]) -> None:
+        """Forget blobs that left the database; their local cache files go too (best effort)."""
+        with self._lock:
+            for sha in shas:
+                self.cache.forget(sha)
+                try:
+                    self.store.delete(sha)
+                except OSError as exc:
+                    log.warning("local blob cache file %s… not removed (%s); `tts-gateway registry check --fix` "
+                                "removes it later", sha[:12], exc)
 
     def _cache_locally(self, sha256: str, data: bytes) -> None:
         try:
@@ -431,9 +464,10 @@ class PostgresVoiceRegistry:
                         if winner[0] != sha:
                             self._drop_blob_if_unreferenced(conn, sha)
                         return str(winner[0])
-                raise RegistryUnavailable("the upload cache entry kept changing")
+                raise DatabaseUnavailable("the upload cache entry kept changing")
 
             stored_sha = self._write(store, retry=(psycopg.errors.ForeignKeyViolation,))
+            self._bound_upload_cache(keep=key)
             if stored_sha != sha:
                 try:
                     return key, stored_sha, self.load_latents(key, stored_sha), None
@@ -450,7 +484,7 @@ class PostgresVoiceRegistry:
             return None
         sha = str(rows[0][0])
         try:
-            return sha, self.load_latents(key, sha)
+            latents = self.load_latents(key, sha)
         except CorruptBlob as exc:
             log.warning("recomputing latents: %s", exc)
 
@@ -460,6 +494,45 @@ class PostgresVoiceRegistry:
 
             self._write(forget)
             return None
+        self._touch(key, sha)
+        return sha, latents
+
+    def _touch(self, key: str, sha256: str) -> None:
+        """Mark an upload-cache row used now (best effort: a hit must not fail on it)."""
+        try:
+            with self._db() as conn:
+                conn.execute("UPDATE tts_conditioning SET used_at = clock_timestamp()"
+                             " WHERE key = %s AND latents_sha256 = %s", (key, sha256))
+        except (RegistryUnavailable, psycopg.Error) as exc:
+            log.debug("upload-cache use of %s not recorded: %s", key[:12], _first_line(exc))
+
+    def _bound_upload_cache(self, keep: str) -> None:
+        """Past ``upload_cache_entries`` rows no preset uses, delete the least recently used ones (never
+        ``keep``, nor rows another transaction has locked) and every blob that leaves unreferenced.
+
+        Safe against concurrent use: a blob a preset or another row refers to cannot be deleted (foreign
+        keys), and one a create is about to use is locked by it (FOR KEY SHARE), so that delete fails
+        quietly; a node whose row went meanwhile finds no row, computes again and inserts it anew."""
+        def evict(conn: Connection) -> list[str]:
+            rows = conn.execute(
+                "WITH victims AS ("
+                " SELECT c.key FROM tts_conditioning c"
+                " WHERE NOT EXISTS (SELECT 1 FROM tts_voices v WHERE v.latents_key = c.key)"
+                " ORDER BY c.used_at DESC, c.key OFFSET %s FOR UPDATE OF c SKIP LOCKED)"
+                " DELETE FROM tts_conditioning c USING victims WHERE c.key = victims.key AND c.key <> %s"
+                " AND NOT EXISTS (SELECT 1 FROM tts_voices v WHERE v.latents_key = c.key)"
+                " RETURNING c.latents_sha256",
+                (self.upload_cache_entries, keep)).fetchall()
+            return [sha for sha in sorted({row[0] for row in rows}) if self._drop_blob_if_unreferenced(conn, sha)]
+
+        try:
+            dropped = self._write(evict)
+        except (RegistryUnavailable, psycopg.Error) as exc:
+            log.warning("upload cache not trimmed: %s", _first_line(exc))
+            return
+        if dropped:
+            log.info("upload cache: %d least recently used entries evicted", len(dropped))
+        self._drop_locally(dropped)
 
     def _replace_pointer(self, conn: Connection, *, key: str, stale: str, sha: str, data: bytes, engine: str,
                          model_sha256: str, audio_sha256: str) -> None:
@@ -550,18 +623,21 @@ class PostgresVoiceRegistry:
                 candidates.update(p[0] for p in pointers)
             return record, [sha for sha in sorted(candidates) if self._drop_blob_if_unreferenced(conn, sha)]
 
-        record, dropped = self._write(remove)
+        record, dropped = self._write(remove)  # the acknowledgement: one transaction, or nothing
         self.cache.forget(record.latents_sha256)
-        with self._lock:
-            for sha in dropped:
-                self.cache.forget(sha)
-                self.store.delete(sha)
+        self._drop_locally(dropped)
         return record
 
     # -- maintenance ----------------------------------------------------------------------------
     def check(self, fix: bool = False) -> dict[str, list[str]]:
         """Find broken voices, orphan blobs (in the database, or ``cache:<sha>`` for stale or corrupt local
         cache files) and leftover temp files; ``fix`` marks broken voices and removes the rest."""
+        try:
+            return self._check(fix)
+        except OSError as exc:  # the local cache directory cannot be written
+            raise storage_error(exc, self.data_dir) or DatabaseUnavailable(str(exc)) from None
+
+    def _check(self, fix: bool) -> dict[str, list[str]]:
         report: dict[str, list[str]] = {"broken": [], "orphans": [], "temp_files": []}
         with self._lock:
             for record in self.records():

@@ -13,6 +13,12 @@ Guarantees every implementation keeps (tests/test_registry.py checks them on bot
   threads conditioning the same audio compute it once; an existing valid blob is never overwritten.
 * A blob another record or the upload cache still uses is never quarantined or deleted; create and
   delete of presets sharing audio never leave an acknowledged record without its blob.
+* Storage that cannot be written (read-only, full) or an index that is damaged or missing is a
+  `RegistryUnavailable` (503) naming the cause, never a 500, and leaves nothing half-written. ``delete``
+  removes the record first (that is its acknowledgement) and frees the blob afterwards, best effort.
+* The upload cache (``condition`` entries no preset uses) is bounded: past ``upload_cache_entries`` the least
+  recently used entries and their blobs go; a preset's blob never does.
+* ``health()`` is None while the registry can serve, else the reason it cannot (for a readiness check).
 """
 
 from __future__ import annotations
@@ -20,18 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tts_gateway.errors import Conflict, NotFound
+from tts_gateway.errors import Conflict, NotFound, Unavailable
 from tts_gateway.voices.audio import ReferenceAudio
-
-if TYPE_CHECKING:
-    from tts_gateway.voices.local_registry import LocalVoiceRegistry
 
 ComputeLatents = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -47,6 +49,14 @@ class VoiceExists(Conflict):
         super().__init__(f"a voice named {name!r} already exists; delete it first or choose another name",
                          code="voice-exists")
         self.name = name
+
+
+class RegistryUnavailable(Unavailable):
+    """The registry cannot be used right now: its index is damaged or missing, its storage cannot be written,
+    or its database cannot be reached (HTTP 503 with Retry-After). ``detail`` says why and what to do."""
+
+    def __init__(self, detail: str, *, code: str = "registry-unavailable", retry_after: int | None = 5) -> None:
+        super().__init__(detail, retry_after=retry_after, code=code)
 
 
 class VoiceBroken(Conflict):
@@ -120,20 +130,18 @@ def latents_key(audio_sha256: str, engine: str, model_sha256: str) -> str:
 class VoiceRegistry(Protocol):
     """Presets and the upload cache of the old ``/synthesize`` call.
 
-    Errors: `VoiceNotFound` (404), `VoiceExists` / `VoiceBroken` / `CorruptBlob` (409),
-    ``RegistryUnavailable`` (503, PostgreSQL only).
+    Errors: `VoiceNotFound` (404), `VoiceExists` / `VoiceBroken` / `CorruptBlob` (409), `RegistryUnavailable`
+    (503: damaged or missing index, storage that cannot be written, database unreachable).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> LocalVoiceRegistry:
-        # Deprecated: ``VoiceRegistry(data_dir, ...)`` was the local registry's class before it became this
-        # protocol. It still builds a `LocalVoiceRegistry`; use that (or ``open_registry``) instead.
-        from tts_gateway.voices.local_registry import LocalVoiceRegistry
+    # -- health ---------------------------------------------------------------------------------
+    def health(self) -> str | None:
+        """None while the registry can serve reads, else why it cannot (one line, with the recovery step).
 
-        if cls is not VoiceRegistry:
-            raise TypeError(f"{cls.__name__} must not subclass the VoiceRegistry protocol")
-        warnings.warn("VoiceRegistry(...) is deprecated: construct LocalVoiceRegistry or call open_registry",
-                      DeprecationWarning, stacklevel=2)
-        return LocalVoiceRegistry(*args, **kwargs)
+        Cheap enough for a readiness check; never raises. A data directory that is merely full or read-only
+        while the index is open is not reported (reads still work; writes answer 503 themselves).
+        """
+        ...
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, name: str) -> VoiceRecord:
@@ -190,13 +198,20 @@ class VoiceRegistry(Protocol):
         ...
 
     def delete(self, name: str) -> VoiceRecord:
-        """Remove a preset (its blob too, once nothing else uses it); `VoiceNotFound` if there is none."""
+        """Remove a preset; `VoiceNotFound` if there is none (so a repeated delete is a 404).
+
+        Atomic: the record goes first (or, on a storage error, nothing changes and `RegistryUnavailable` is
+        raised); then its blob is freed once nothing else uses it. Failing to free the blob does not fail
+        the delete: it is logged, and ``check(fix=True)`` or the upload cache's bound removes it later.
+        """
         ...
 
     # -- maintenance ----------------------------------------------------------------------------
     def check(self, fix: bool = False) -> dict[str, list[str]]:
         """``{"broken": [names], "orphans": [...], "temp_files": [...]}``; ``fix`` marks broken voices
-        and removes orphans and temp files."""
+        and removes orphans and temp files. Never removes what a rebuild of the index could still recover:
+        when the index lists nothing but blobs are stored, the report also holds ``"rebuild_needed":
+        [reason]`` and ``fix`` deletes no blob."""
         ...
 
     def close(self) -> None:

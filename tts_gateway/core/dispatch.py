@@ -139,6 +139,15 @@ class Dispatcher:
             readiness.detail = f"default voice {default} failed its canary: {exc}"
             log.exception("not ready")
 
+    def check_ready(self) -> tuple[bool, str]:
+        """(ready, detail): the default voice passed its canary and the voice registry can be read."""
+        if not self.readiness.ready:
+            return False, self.readiness.detail
+        problem = self.core.registry.health()
+        if problem is not None:
+            return False, problem
+        return True, self.readiness.detail
+
     def summary(self) -> list[str]:
         """What an operator wants to see at start: where things are, which engines work (or why not)."""
         settings = self.core.settings

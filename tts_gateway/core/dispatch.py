@@ -41,11 +41,21 @@ class Outcome:
             for start in range(0, len(self.audio), size):
                 yield self.audio[start : start + size]
             return
-        if self.first:
-            yield self.first
-        if self.rest is not None:
-            async for chunk in self.rest:
-                yield chunk
+        try:
+            if self.first:
+                yield self.first
+            if self.rest is not None:
+                async for chunk in self.rest:
+                    yield chunk
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop the work behind a stream the consumer left early (a client that went away)."""
+        rest, self.rest = self.rest, None
+        closer = getattr(rest, "aclose", None)
+        if closer is not None:
+            await closer()
 
 
 @dataclass
@@ -102,9 +112,14 @@ class Dispatcher:
         collected.append(first)
 
         async def tail() -> AsyncIterator[bytes]:
-            async for chunk in rest:
-                collected.append(chunk)
-                yield chunk
+            try:
+                async for chunk in rest:
+                    collected.append(chunk)
+                    yield chunk
+            finally:
+                closer = getattr(rest, "aclose", None)
+                if closer is not None:
+                    await closer()  # sets the request's cancel event: the worker stops
 
         return Outcome(headers, plan.media_type, "miss", first=first, rest=tail())
 

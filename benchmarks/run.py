@@ -25,10 +25,12 @@ BENCHMARKS = {
     "http_overhead": "benchmarks.http_overhead",
     "preset_vs_raw": "benchmarks.preset_vs_raw",
     "streaming_ttfa": "benchmarks.streaming_ttfa",
+    "wyoming_ttfa": "benchmarks.wyoming_ttfa",
     "scaling": "benchmarks.scaling",
     "memory": "benchmarks.memory",
     "intelligibility": "benchmarks.intelligibility",
     "phrase_cache": "benchmarks.phrase_cache",
+    "kokoro": "benchmarks.kokoro_bench",
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
 

@@ -27,6 +27,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "piper": "tts_gateway.engines.piper_engine",
     "xtts": "tts_gateway.engines.xtts_engine",
     "espeak": "tts_gateway.engines.espeak_engine",
+    "kokoro": "tts_gateway.engines.kokoro_engine",
 }
 
 

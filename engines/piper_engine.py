@@ -170,7 +170,9 @@ class PiperEngine(BaseEngine):
             # sampling noise: the same text then always gives the same samples.
             config.noise_scale = 0.0
             config.noise_w_scale = 0.0
-        with self._budget.slot() if self._budget is not None else nullcontext(0) as threads:
+        # A seeded request must give the same bytes alone or under load: always one thread then.
+        slot = self._budget.slot(wide=not options.repeatable) if self._budget is not None else nullcontext(0)
+        with slot as threads:
             if threads > 1:
                 pool = self._wide[voice.builtin or ""]
             piper_voice = pool.get()

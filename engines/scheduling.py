@@ -37,24 +37,28 @@ class CoreBudget:
     def in_use(self) -> int:
         return self._used
 
-    def _grant(self, ticket: int) -> int | None:
+    def _grant(self, ticket: int, wide: bool) -> int | None:
         """Threads for the head of the queue, or None when it must wait (called under the lock)."""
         if self._queue[0] != ticket:
             return None
-        if self._used == 0 and len(self._queue) == 1:
+        if wide and self._used == 0 and len(self._queue) == 1:
             return self.cores  # alone: the whole machine
         if not self._wide and self._used < self.cores:
             return 1
         return None
 
     @contextmanager
-    def slot(self) -> Iterator[int]:
-        """Wait for a slot; yields how many intra-op threads the call may use (``cores`` or 1)."""
+    def slot(self, wide: bool = True) -> Iterator[int]:
+        """Wait for a slot; yields how many intra-op threads the call may use (``cores`` or 1).
+
+        ``wide=False`` always asks for one thread: for output that must not depend on the load
+        (floating-point sums split across a different number of threads may round differently).
+        """
         with self._cond:
             ticket = next(self._tickets)
             self._queue.append(ticket)
             try:
-                while (threads := self._grant(ticket)) is None:
+                while (threads := self._grant(ticket, wide)) is None:
                     self._cond.wait()
             finally:
                 self._queue.remove(ticket)

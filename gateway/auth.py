@@ -48,3 +48,8 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
         raise NotAuthorizedException(detail="the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
     if needed != "any" and needed not in key.scopes:
         raise PermissionDeniedException(detail=f"this API key lacks the {needed!r} scope")
+
+
+def auth_problems(scope: str) -> tuple[int, ...]:
+    """The statuses `scope_guard` can answer on a route needing ``scope`` (with TTS_GATEWAY_API_KEYS set)."""
+    return (401,) if scope == "any" else (401, 403)

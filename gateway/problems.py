@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 from tts_gateway.errors import TTSGatewayError
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://tts-gateway.dev/problems/"
+# 503s always tell the client when to come back, even if the error did not say.
+DEFAULT_RETRY_AFTER_S = 5
+
+
+class ProblemDetails(msgspec.Struct):
+    """RFC 9457 problem document: every error response has this shape (some add members)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
 
 
 def problem(status: int, detail: str, *, kind: str | None = None, title: str | None = None,
@@ -26,8 +40,11 @@ def problem(status: int, detail: str, *, kind: str | None = None, title: str | N
         "detail": detail,
     }
     if extra:
-        body.update(extra)
-    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers or {})
+        body.update({key: value for key, value in extra.items() if key not in body})
+    headers = dict(headers or {})
+    if status == 503 and not any(key.lower() == "retry-after" for key in headers):
+        headers["Retry-After"] = str(DEFAULT_RETRY_AFTER_S)
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 # The one place a kind of error becomes an HTTP status.
@@ -45,6 +62,31 @@ STATUS_OF_KIND: dict[str, int] = {
 
 def status_of(exc: TTSGatewayError) -> int:
     return STATUS_OF_KIND.get(exc.kind, 500)
+
+
+# What each documented error status means on this API (the OpenAPI descriptions).
+PROBLEM_DESCRIPTIONS: dict[int, str] = {
+    400: "Malformed request: the body is not valid JSON or multipart",
+    401: "No API key, or an unknown one (only when TTS_GATEWAY_API_KEYS is set)",
+    403: "The API key lacks the scope this route needs",
+    404: "Unknown voice, engine or route",
+    409: "Conflict: the name exists, the voice is broken or read-only, or the engine is busy",
+    413: "The body is larger than TTS_GATEWAY_MAX_UPLOAD_BYTES",
+    415: "Wrong content type, or an upload that is not audio",
+    422: "A field is invalid (empty or too long text, a language the engine lacks, bad format, speed, rate...)",
+    500: "Internal error; the server log has the details",
+    503: "Engine unavailable, server busy or not ready; retry after Retry-After seconds",
+    504: "The synthesis took longer than TTS_GATEWAY_TIMEOUT_S",
+}
+
+
+def problem_responses(statuses: Iterable[int]) -> dict[int, ResponseSpec]:
+    """OpenAPI ``responses=`` for a route: each status as an application/problem+json `ProblemDetails`."""
+    return {
+        status: ResponseSpec(data_container=ProblemDetails, media_type=PROBLEM_JSON, generate_examples=False,
+                             description=PROBLEM_DESCRIPTIONS.get(status, HTTPStatus(status).phrase))
+        for status in sorted(set(statuses))
+    }
 
 
 def _domain_error(_: Request[Any, Any, Any], exc: TTSGatewayError) -> Response[Any]:

@@ -1,48 +1,101 @@
-"""Request bodies (msgspec Structs: unknown fields are rejected)."""
+"""Request bodies: msgspec Structs (unknown fields rejected where a typo must not pass) and multipart forms.
+
+The limits a field must meet are enforced by the core (`SynthesisService.check_text`,
+`check_options`), which words the 422 the client reads; here they are only *documented* in the
+OpenAPI schema (``Meta(extra_json_schema=...)`` has no effect on decoding), from the same constants.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 import msgspec
 from litestar.datastructures import UploadFile
 
+from tts_gateway.audio import FORMATS
+from tts_gateway.core.service import MAX_RATE, MAX_SEED, MAX_SPEED, MIN_RATE, MIN_SPEED
+from tts_gateway.gateway.openapi import OPENAPI_METADATA
+from tts_gateway.voices.names import VOICE_NAME_RE
+
+# Not empty or blank, and no control characters other than tab and newlines (what `check_text` refuses).
+_CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+TEXT_PATTERN = rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$"
+NO_CONTROL_PATTERN = rf"^[^{_CONTROL}]*$"
+TEXT_RULE = ("Not blank; no control characters other than tab and newlines; at most TTS_GATEWAY_MAX_TEXT_CHARS "
+             "(default 5000) characters, counted as user-perceived characters")
+
+
+def _documented(description: str, **schema: Any) -> msgspec.Meta:
+    """OpenAPI-only constraints and description for a field (Litestar's ``schema_extra``)."""
+    return msgspec.Meta(extra_json_schema={"description": description, "extra": schema})
+
+
+Text = Annotated[str, _documented(TEXT_RULE, min_length=1, pattern=TEXT_PATTERN)]
+Speed = Annotated[float, _documented(f"{MIN_SPEED:g}–{MAX_SPEED:g}; the engine's own rate control or a time "
+                                     "stretch", minimum=MIN_SPEED, maximum=MAX_SPEED)]
+SampleRate = Annotated[int, _documented(f"Resample to this rate ({MIN_RATE}–{MAX_RATE}); mp3 and opus accept "
+                                        "only their standard rates", minimum=MIN_RATE, maximum=MAX_RATE)]
+Seed = Annotated[int, _documented("The same seed with the same voice gives the same bytes", minimum=0,
+                                  maximum=MAX_SEED)]
+Format = Annotated[str, _documented("Output format", enum=list(FORMATS))]
+
+# The ``response_format`` values OpenAI documents that the gateway can send (``aac`` is refused with 422).
+SPEECH_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")
+SpeechFormat = Annotated[str, _documented("Output format (OpenAI's `aac` is not supported)", enum=list(SPEECH_FORMATS))]
+
 
 class SynthesizeBody(msgspec.Struct, forbid_unknown_fields=True):
-    text: str
-    voice: str | None = None
-    language: str | None = None
-    format: str = "wav"
-    sample_rate: int | None = None
-    speed: float = 1.0
+    text: Text
+    voice: Annotated[str, _documented("A built-in voice (`engine:voice`) or a preset; the default voice when "
+                                      "absent")] | None = None
+    language: Annotated[str, _documented("A language the voice's engine speaks (`en`, `en-US`, `pt`...); the "
+                                         "voice's own when absent")] | None = None
+    format: Format = "wav"
+    sample_rate: SampleRate | None = None
+    speed: Speed = 1.0
     stream: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     cache: bool = True
 
 
 class SpeechBody(msgspec.Struct):
-    """OpenAI ``POST /v1/audio/speech``; unknown fields (e.g. ``instructions``) are ignored."""
+    """OpenAI ``POST /v1/audio/speech``; unknown fields are ignored, as OpenAI clients send newer ones.
 
-    input: str
-    model: str = "tts-1"
-    voice: str | None = None
-    response_format: str = "mp3"
-    speed: float = 1.0
+    ``instructions`` is accepted, but no engine supports it: the response says so in a header.
+    """
+
+    input: Text
+    model: Annotated[str, _documented("`tts-1`, `tts-1-hd`, `gpt-4o-mini-tts` (the default voice's engine) or an "
+                                      "engine name (see GET /v1/models)")] = "tts-1"
+    voice: Annotated[str, _documented("A preset, a built-in voice, or one of OpenAI's names (alloy, echo, ...) "
+                                      "mapped by TTS_GATEWAY_OPENAI_VOICES")] | None = None
+    response_format: SpeechFormat = "mp3"
+    speed: Speed = 1.0
     stream_format: str | None = None
+    instructions: Annotated[str, _documented("Accepted and not applied: the response then carries "
+                                             "`X-Instructions-Ignored`")] | None = None
+
+
+def _form(**rules: Any) -> dict[str, Any]:
+    """``field(metadata=...)`` documenting a form field in the OpenAPI schema (see `FormSchemaPlugin`)."""
+    return {OPENAPI_METADATA: rules}
 
 
 @dataclass
 class VoiceForm:
-    name: str
-    audio: list[UploadFile] = field(default_factory=list)
-    engine: str = "xtts"
-    language: str | None = None
-    description: str = ""
-    consent: str = "false"
+    name: str = field(metadata=_form(pattern=VOICE_NAME_RE.pattern, description="The preset's name"))
+    audio: list[UploadFile] = field(default_factory=list, metadata=_form(
+        required=True, min_items=1, description="One or more reference clips: 2–60 s of speech in total"))
+    engine: str = field(default="xtts", metadata=_form(description="A cloning engine"))
+    language: str | None = field(default=None, metadata=_form(description="A language the engine speaks"))
+    description: str = field(default="", metadata=_form(pattern=NO_CONTROL_PATTERN))
+    consent: str = field(default="false", metadata=_form(
+        description="`true`, `1`, `yes` or `on`: the speaker consented to cloning"))
 
 
 @dataclass
 class LegacyForm:
-    text: str
-    speaker_audio: UploadFile
+    text: str = field(metadata=_form(min_length=1, pattern=TEXT_PATTERN, description=TEXT_RULE))
+    speaker_audio: UploadFile = field(metadata=_form(description="A clip of the voice to speak with (2–60 s)"))
     language: str = "en"

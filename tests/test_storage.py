@@ -31,7 +31,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from tests.conftest import assert_problem, running_app
+from tests.conftest import assert_problem, running_app, wait_for_warm_up
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakeEngine, FakePlugin
 from tests.test_registry import MODEL, Compute, create, never, reference
@@ -416,8 +416,10 @@ def test_the_gateway_starts_with_a_damaged_index_and_recovers_after_a_rebuild(
         [line] = [text for text in logged if "voice registry unavailable" in text]
         assert str(db) in line and REBUILD in line
         assert not any("Traceback" in text for text in logged)
-        assert REBUILD in str(client.app.state.tts.core.registry.health())  # what /ready can ask
+        assert REBUILD in str(client.app.state.tts.core.registry.health())
         assert client.get("/health").status_code == 200
+        wait_for_warm_up(client)
+        assert_problem(client.get("/ready"), 503, "rebuild")  # not ready: presets cannot be used
         listed = client.get("/v1/voices")
         assert listed.status_code == 200
         names = [v["name"] for v in listed.json()["voices"]]
@@ -436,6 +438,7 @@ def test_the_gateway_starts_with_a_damaged_index_and_recovers_after_a_rebuild(
         result = cli(settings.data_dir, "registry", "rebuild")
         assert result.exit_code == 0, result.output
         assert client.get("/v1/voices/alice").status_code == 200  # no restart needed
+        assert client.get("/ready").status_code == 200
         assert client.post("/v1/synthesize", json={"text": "hi", "voice": "alice"}).status_code == 200
 
 

@@ -1,0 +1,20 @@
+"""The HTTP API, one Litestar `Controller` per area; services come in by dependency injection."""
+
+from __future__ import annotations
+
+from litestar import Controller
+
+from tts_gateway.gateway.controllers.cache import CacheController
+from tts_gateway.gateway.controllers.engines import EnginesController
+from tts_gateway.gateway.controllers.openai import OpenAIController
+from tts_gateway.gateway.controllers.operations import OperationsController
+from tts_gateway.gateway.controllers.synthesis import SynthesisController
+from tts_gateway.gateway.controllers.voices import VoicesController
+
+CONTROLLERS: list[type[Controller]] = [
+    SynthesisController, OpenAIController, VoicesController, EnginesController, CacheController,
+    OperationsController,
+]
+
+__all__ = ["CONTROLLERS", "CacheController", "EnginesController", "OpenAIController", "OperationsController",
+           "SynthesisController", "VoicesController"]

@@ -1,0 +1,94 @@
+"""Request-side hooks: content-type checks before a body is parsed, and JSON decoding that never 500s."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import ClientException, SerializationException
+from litestar.status_codes import HTTP_204_NO_CONTENT
+
+from tts_gateway.errors import Invalid, InvalidField, UnsupportedMedia
+
+
+def _mime(request: Request[Any, Any, Any]) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+_NON_FINITE = re.compile(rb'"([^"\\]{1,64})"\s*:\s*-?(?:NaN|Infinity)\b')
+
+
+_AT_PATH = re.compile(r"^(?P<message>.*) - at `\$\.(?P<field>[^`]+)`$", re.DOTALL)
+
+
+def json_body(kind: type[Any]) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """before_request hook for a JSON route whose body is a ``kind`` Struct.
+
+    Runs before Litestar parses the body: the wrong content type is a 415, and the body is checked
+    against ``kind`` *strictly* (``"cache": 0`` or ``"speed": "2"`` is a 422, as the schema says;
+    Litestar's own conversion would quietly coerce them). Malformed JSON is left to Litestar (400).
+    """
+
+    async def check(request: Request[Any, Any, Any]) -> None:
+        mime = _mime(request)
+        if mime != "application/json" and not mime.endswith("+json"):
+            raise UnsupportedMedia(f"send the body as application/json, not {mime or 'no content type'}")
+        body = await request.body()
+        # Python's json module writes NaN/Infinity, which JSON lacks: a bad value (422), not bad JSON.
+        non_finite = _NON_FINITE.search(body)
+        if non_finite:
+            raise InvalidField(non_finite.group(1).decode(errors="replace"), "must be a finite number")
+        try:
+            msgspec.json.decode(body, type=kind, strict=True)
+        except msgspec.ValidationError as exc:
+            located = _AT_PATH.match(str(exc))
+            if located:
+                raise InvalidField(located["field"], located["message"]) from None
+            raise Invalid(str(exc)) from None
+        except (msgspec.DecodeError, RecursionError):
+            return  # malformed: Litestar's parser reports it (400), as for any JSON route
+
+    return check
+
+
+async def require_multipart(request: Request[Any, Any, Any]) -> None:
+    mime = _mime(request)
+    if mime != "multipart/form-data":
+        raise UnsupportedMedia(f"send the body as multipart/form-data, not {mime or 'no content type'}")
+    try:
+        await request.form()  # parsed here (and reused): Litestar lets charset errors escape as 500s
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ClientException(f"a form field is not valid text in its charset: {exc}") from None
+
+
+async def answer_options(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """App-level before_request hook: ``OPTIONS`` answers with every method of the path in ``Allow``.
+
+    Litestar's automatic OPTIONS handler lists only the methods of the first handler registered on a
+    path (GET+POST ``/v1/voices`` answered ``Allow: OPTIONS, POST``); handlers with their own
+    before_request hooks never see ``OPTIONS``, so this runs only for the automatic handler.
+    """
+    if request.method != "OPTIONS":
+        return None
+    handler = request.scope["route_handler"]
+    table = request.app.route_handler_method_map
+    methods = {method for path in handler.paths for method in table.get(path, {}) if method.isupper()}
+    return Response(None, status_code=HTTP_204_NO_CONTENT, headers={"Allow": ", ".join(sorted(methods))})
+
+
+class SafeJSONRequest(Request[Any, Any, Any]):
+    """Turns JSON decode failures Litestar does not catch into 400s instead of 500s."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except UnicodeDecodeError as exc:
+            raise SerializationException(f"JSON is malformed: not UTF-8 (byte {exc.start})") from None
+        except RecursionError:
+            raise SerializationException("JSON is malformed: nested too deeply") from None
+
+
+__all__ = ["SafeJSONRequest", "answer_options", "json_body", "require_multipart"]

@@ -1,0 +1,147 @@
+"""Response bodies of the JSON routes, as msgspec Structs: the OpenAPI schema is generated from these.
+
+The core describes voices, engines and the cache as plain dicts; the controllers convert them into
+these types (`msgspec.convert`), so the JSON a client sees is exactly what is declared here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+# -- voices --------------------------------------------------------------------------------------------
+class BuiltinVoice(msgspec.Struct, tag_field="kind", tag="builtin"):
+    """A voice an engine ships (``engine:voice``); read-only."""
+
+    name: str
+    engine: str
+    language: str
+    description: str
+    licence: str
+    read_only: bool
+    status: str
+
+
+class PresetModel(msgspec.Struct):
+    id: str
+    sha256: str
+
+
+class PresetVoice(msgspec.Struct, tag_field="kind", tag="preset"):
+    """A registered voice: stored latents of one cloning engine."""
+
+    name: str
+    engine: str
+    language: str | None
+    description: str
+    consent: bool
+    licence: str
+    read_only: bool
+    status: str
+    created_at: str
+    duration: float
+    audio_sha256: str
+    clip_sha256s: list[str]
+    voice_sha256: str
+    model: PresetModel
+
+
+Voice = BuiltinVoice | PresetVoice
+
+
+class VoiceList(msgspec.Struct):
+    voices: list[Voice]
+
+
+# -- engines and languages --------------------------------------------------------------------------------
+class EngineCapabilities(msgspec.Struct):
+    cloning: bool
+    streaming: bool
+
+
+class EngineModel(msgspec.Struct):
+    id: str
+    sha256: str | None
+    licence: str
+
+
+class Engine(msgspec.Struct):
+    name: str
+    available: bool
+    reason: str | None
+    loaded: bool
+    languages: list[str]
+    capabilities: EngineCapabilities
+    sample_rate: int
+    model: EngineModel | None
+    voices: list[str]
+
+
+class EngineList(msgspec.Struct):
+    engines: list[Engine]
+
+
+class Language(msgspec.Struct):
+    code: str
+    name: str
+    engines: list[str]
+
+
+# -- phrase cache -------------------------------------------------------------------------------------------
+class CacheStats(msgspec.Struct):
+    enabled: bool
+    entries: int
+    bytes: int
+    size_limit: int
+    hits: int
+    misses: int
+    hit_ratio: float | None
+
+
+# -- operations ---------------------------------------------------------------------------------------------
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+    version: str
+
+
+class Ready(msgspec.Struct):
+    status: Literal["ready"]
+    detail: str
+
+
+# -- OpenAI discovery -----------------------------------------------------------------------------------------
+class OpenAIModel(msgspec.Struct, kw_only=True):
+    """One entry of OpenAI's ``GET /v1/models`` list."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIVoice(msgspec.Struct):
+    id: str
+    name: str
+
+
+class OpenAIVoiceList(msgspec.Struct):
+    """What Open WebUI and Kokoro-FastAPI clients read from ``GET {base}/audio/voices``.
+
+    ``{id, name}`` objects, or plain names with ``?legacy=true`` (Kokoro-FastAPI's older shape).
+    """
+
+    voices: list[OpenAIVoice | str]
+
+
+__all__ = [
+    "BuiltinVoice", "CacheStats", "Engine", "EngineCapabilities", "EngineList", "EngineModel", "Health",
+    "Language", "OpenAIModel", "OpenAIModelList", "OpenAIVoice", "OpenAIVoiceList",
+    "PresetModel", "PresetVoice", "Ready", "Voice", "VoiceList",
+]

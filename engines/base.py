@@ -164,6 +164,13 @@ class EngineContext:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
+class BlendingEngine(SpeechEngine, Protocol):
+    """An engine whose voices can be mixed: a preset made of weighted built-in voices."""
+
+    def blend_latents(self, weights: dict[str, float]) -> dict[str, np.ndarray]: ...
+
+
 class BaseEngine:
     """Sensible defaults for the engine protocol: subclass it and write ``synthesize``.
 

@@ -384,6 +384,18 @@ class KokoroEngine(BaseEngine):
             raise NotFound(f"engine 'kokoro' has no voice {voice_id[:80]!r}", code="unknown-voice")
         return np.array(self._style_table()[voice_id], dtype=np.float32, copy=True)
 
+    def blend_latents(self, weights: dict[str, float]) -> dict[str, np.ndarray]:
+        """The latents of a blended voice: the weighted sum of built-in voices' style arrays.
+
+        Weights must be positive; they are normalised to sum to 1, so ``jf_alpha:3,jf_nezumi:2`` is
+        the same voice as ``jf_alpha:0.6,jf_nezumi:0.4``.
+        """
+        total = sum(weights.values())
+        blend = np.zeros_like(self.style_vector(next(iter(weights))))
+        for voice_id, weight in weights.items():
+            blend += np.float32(weight / total) * self.style_vector(voice_id)
+        return {"style": blend}
+
     def _style_for(self, voice: VoiceInput) -> np.ndarray:
         if voice.latents is not None:
             if "style" not in voice.latents:

@@ -46,6 +46,7 @@ class PresetVoice(msgspec.Struct, tag_field="kind", tag="preset"):
     clip_sha256s: list[str]
     voice_sha256: str
     model: PresetModel
+    blend: str | None = None  # a blended preset's recipe, e.g. "jf_alpha:0.6,jf_nezumi:0.4"
 
 
 Voice = BuiltinVoice | PresetVoice

@@ -86,8 +86,10 @@ def _form(**rules: Any) -> dict[str, Any]:
 class VoiceForm:
     name: str = field(metadata=_form(pattern=VOICE_NAME_RE.pattern, description="The preset's name"))
     audio: list[UploadFile] = field(default_factory=list, metadata=_form(
-        required=True, min_items=1, description="One or more reference clips: 2–60 s of speech in total"))
-    engine: str = field(default="xtts", metadata=_form(description="A cloning engine"))
+        description="One or more reference clips: 2–60 s of speech in total (or send `blend`)"))
+    engine: str = field(default="xtts", metadata=_form(description="A cloning engine, or a blending one with `blend`"))
+    blend: str | None = field(default=None, metadata=_form(
+        description="Instead of audio, for an engine whose voices mix (kokoro): `jf_alpha:0.6,jf_nezumi:0.4`"))
     language: str | None = field(default=None, metadata=_form(description="A language the engine speaks"))
     description: str = field(default="", metadata=_form(pattern=NO_CONTROL_PATTERN))
     consent: str = field(default="false", metadata=_form(

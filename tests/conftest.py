@@ -23,6 +23,34 @@ from tts_gateway.engines.manager import EngineManager
 from tts_gateway.gateway import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+# How long a test waits for something that must happen before it calls it a hang. Generous on purpose:
+# a bound on a hang, never a claim about how fast a machine is (a loaded 2-core box must pass too).
+HANG_GUARD_S = 120.0
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = HANG_GUARD_S,
+               interval: float = 0.01) -> None:
+    """Poll until ``condition()`` is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def app_state(client: TestClient[Any]) -> Any:
+    """The app's shared state (admission, worker, readiness, core): one place to follow if it moves."""
+    return client.app.state.tts
+
+
+def wait_for_warm_up(client: TestClient[Any]) -> None:
+    """Wait until the app's warm-up (default engine load, canary synthesis) has finished, however it ended.
+
+    The warm-up runs in the background from start-up; a test that counts loads, unloads engines or fills
+    the admission slots must not race it.
+    """
+    readiness = app_state(client).readiness
+    wait_until(lambda: readiness.task is not None and readiness.task.done(), "the warm-up (engine load, canary)")
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +105,7 @@ def running_app(settings: Settings, *plugins: Any) -> Iterator[TestClient[Any]]:
 def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient[Any]]:
     """The real app with real Piper and espeak-ng."""
     with running_app(make_settings()) as test_client:
+        wait_for_warm_up(test_client)
         yield test_client
 
 
@@ -84,6 +113,7 @@ def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient[Any]]:
 def fake_client(make_settings: Callable[..., Settings], fake_engine: FakeEngine) -> Iterator[TestClient[Any]]:
     settings = make_settings(engines=(), default_voice="fake:one")
     with running_app(settings, FakePlugin(fake_engine)) as test_client:
+        wait_for_warm_up(test_client)
         yield test_client
 
 
@@ -123,7 +153,7 @@ def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
     try:
         import httpx
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 2 * HANG_GUARD_S  # start-up loads engines and runs the canary
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 output = Path(log.name).read_text(errors="replace")

@@ -422,3 +422,51 @@ def test_voices_file_names_are_read_without_loading(tmp_path: Path) -> None:
     assert [kokoro_engine.voice_language(v) for v in ("af_heart", "bf_emma", "ff_siwis", "pm_alex", "zm_yunxi",
                                                       "hf_alpha", "if_sara", "em_alex", "jf_alpha")] == \
         ["en-us", "en-gb", "fr", "pt-br", "zh", "hi", "it", "es", "ja"]
+
+
+# -- blended presets -------------------------------------------------------------------------------
+def _multipart(fields: dict[str, str]) -> dict[str, tuple[None, str]]:
+    """Form fields sent as multipart/form-data (what `curl -F` sends), with no file."""
+    return {key: (None, value) for key, value in fields.items()}
+
+
+def test_a_blended_preset_speaks_survives_a_restart_and_shows_its_recipe(tmp_path: Path) -> None:
+    missing = _ja_missing()
+    if missing:
+        pytest.skip(missing)
+    settings = Settings(data_dir=tmp_path / "data", engines=("kokoro", "piper"), default_voice="kokoro:jf_alpha",
+                        max_concurrency=2, timeout_s=120, canary=False)
+    text = {"text": "今日はとても良い天気ですね。", "seed": 3, "cache": False}
+    with running_app(settings) as client:
+        created = client.post("/v1/voices", files=_multipart({"name": "my-blend", "engine": "kokoro",
+                                                  "blend": "jf_alpha:3, jf_nezumi:2", "description": "mixed"}))
+        assert created.status_code == 201, created.text
+        body = created.json()
+        # weights are normalised: the recipe is shown as fractions of the whole
+        assert body["blend"] == "jf_alpha:0.6,jf_nezumi:0.4" and body["engine"] == "kokoro" and body["kind"] == "preset"
+        assert client.get("/v1/voices/my-blend").json()["blend"] == "jf_alpha:0.6,jf_nezumi:0.4"
+        blended = client.post("/v1/synthesize", json={**text, "voice": "my-blend"})
+        assert blended.status_code == 200, blended.text
+        assert blended.headers["x-voice-sha256"] == body["voice_sha256"]
+        audio, rate = _decode(blended.content)
+        assert rate == 24000 and audio.size > 24000 * 0.5 and _rms(audio) > 0.01
+        parents = [client.post("/v1/synthesize", json={**text, "voice": f"kokoro:{v}"}).content
+                   for v in ("jf_alpha", "jf_nezumi")]
+        assert blended.content not in parents
+        # The same recipe in other words (weights normalised) is the same voice: a name conflict aside,
+        # its latents are the same blob.
+        twin = client.post("/v1/voices", files=_multipart({"name": "twin", "engine": "kokoro",
+                                                           "blend": "jf_nezumi:0.4,jf_alpha:0.6"}))
+        assert twin.status_code == 201 and twin.json()["voice_sha256"] == body["voice_sha256"]
+        for blend, words in (("jf_alpha:-1", "above 0"), ("jf_alpha:abc", "not a number"), ("nobody:1", "no voice"),
+                             ("piper:joe:0.5,jf_alpha:0.5", "one engine"), ("", "at least one voice"),
+                             ("jf_alpha:nan", "above 0")):
+            problem = client.post("/v1/voices", files=_multipart({"name": "bad", "engine": "kokoro",
+                                                                  "blend": blend}))
+            assert problem.status_code == 422 and words in problem.json()["detail"], (blend, problem.text)
+        wrong_engine = client.post("/v1/voices", files=_multipart({"name": "bad", "engine": "piper",
+                                                                   "blend": "joe:1"}))
+        assert wrong_engine.status_code == 422 and "cannot blend" in wrong_engine.json()["detail"]
+    with running_app(settings) as client:  # a restart: the preset is still there and speaks the same
+        again = client.post("/v1/synthesize", json={**text, "voice": "my-blend"})
+        assert again.status_code == 200 and again.content == blended.content

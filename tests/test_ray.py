@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.conftest import HANG_GUARD_S
 from tts_gateway.config import Settings
 from tts_gateway.core.compose import build_core
 from tts_gateway.core.service import SynthesisRequest
@@ -56,6 +57,7 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("ray-data"), engines=("piper",),
                         plugins=("tests.fake_cloning_plugin",), engine_threads=1, max_concurrency=2,
                         timeout_s=60, canary=False, default_voice="piper:joe")
+    gates = tmp_path_factory.mktemp("ray-gates")  # FAKE_GATE_DIR: see tests/fake_cloning_plugin.py
     core = build_core(settings, phrase_cache=False)
     core.voices.register("ray-clone", [("ref.wav", _reference_wav())], engine_name="clone", consent=True)
     service, registry = core.service, core.registry
@@ -63,7 +65,7 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
         settings, registry, engines=["piper", "clone"], num_cpus=2, replicas=2, replica_cpus=0.5,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # replicas import tests.fake_cloning_plugin
         overrides={"clone": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
-                             "env": {"FAKE_CHUNK_DELAY": str(SLOW_WORD_S)}}},
+                             "env": {"FAKE_CHUNK_DELAY": str(SLOW_WORD_S), "FAKE_GATE_DIR": str(gates)}}},
     )
     backend.start()
     try:
@@ -141,13 +143,15 @@ def test_two_piper_replicas_serve(ray_env: RayEnv) -> None:
 
 
 def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
-    sentences = "Say one two three. " * 20  # 20 pieces of 4 words: a chunk every 0.2 s, ~4 s in all
+    # 20 pieces of 4 words; the second holds at a gate that never opens, so the stream keeps the only slot
+    # until the client leaves, however slow the machine (it used to be ~4 s of chunks racing the test).
+    sentences = "Say one two three. wait-for-never one two three. " + "Say one two three. " * 18
     slow = ray_env.service.plan(SynthesisRequest(text=sentences, voice=ray_env.preset, format="pcm", stream=True,
                                                  seed=1))
     assert len(slow.pieces) == 20
     quick = ray_env.service.plan(SynthesisRequest(text="hi", voice=ray_env.preset, seed=1))
 
-    async def scenario() -> tuple[Unavailable, float]:
+    async def scenario() -> Unavailable:
         before = (await ray_env.backend.replica_stats("clone", calls=1))[0]
         first, rest = await ray_env.backend.open_stream(slow)
         assert first
@@ -157,10 +161,9 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
         assert not queued.done()
         with pytest.raises(Unavailable) as rejected:
             await ray_env.backend.call(quick)
-        started = time.monotonic()
         await rest.aclose()  # the client goes away mid-stream
         assert len(await queued) > 44  # the queued request runs once the slot is free
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_GUARD_S
         while True:
             try:
                 after = (await ray_env.backend.replica_stats("clone", calls=1))[0]
@@ -170,13 +173,12 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
                 break
             assert time.monotonic() < deadline, "the replica kept synthesizing after the disconnect"
             await asyncio.sleep(0.05)
-        assert after["cancelled"] == before["cancelled"] + 1, after
-        return rejected.value, time.monotonic() - started
+        assert after["cancelled"] == before["cancelled"] + 1, after  # cut short: it could never have ended
+        return rejected.value
 
-    error, stopped_after = asyncio.run(scenario())
+    error = asyncio.run(scenario())
     assert isinstance(error, Unavailable) and "busy" in error.detail
     assert error.retry_after is not None and error.retry_after >= 1
-    assert stopped_after < 80 * SLOW_WORD_S / 2  # well before the stream would have ended
     # the slot is free again: a rejected request left nothing behind
     assert len(asyncio.run(ray_env.backend.call(quick))) > 44
 

@@ -7,15 +7,25 @@ through the registry, which stores the result once; nothing here knows of HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tts_gateway.engines.base import BuiltinVoice, CloningEngine, SpeechEngine, VoiceInput, match_language
+import numpy as np
+
+from tts_gateway.engines.base import (
+    BlendingEngine,
+    BuiltinVoice,
+    CloningEngine,
+    SpeechEngine,
+    VoiceInput,
+    match_language,
+)
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Conflict, InvalidField, NotFound, Unavailable
 from tts_gateway.text import has_control_chars
-from tts_gateway.voices.audio import prepare_reference
+from tts_gateway.voices.audio import ReferenceAudio, prepare_reference
 from tts_gateway.voices.names import NAME_RULE, valid_voice_name
 from tts_gateway.voices.registry import VoiceBroken, VoiceExists, VoiceNotFound, VoiceRecord, VoiceRegistry
 
@@ -32,6 +42,37 @@ class ResolvedVoice:
     language: str | None
     voice_sha256: str | None = None
     builtin: bool = True
+
+
+def parse_blend(text: str, engine_name: str, known: set[str]) -> dict[str, float]:
+    """``voice:weight,voice:weight`` → weights; `InvalidField` ("blend") naming what is wrong."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in text[:2000].split(",")):
+        if not part:
+            continue
+        voice, sep, raw = part.rpartition(":")
+        if not sep:
+            voice, raw = part, "1"
+        if ":" in voice:  # "kokoro:jf_alpha:0.6": a voice of another engine is refused
+            other, _, voice = voice.partition(":")
+            if other != engine_name:
+                raise InvalidField("blend", f"{other}:{voice} belongs to engine {other!r}; a blend mixes voices "
+                                            f"of one engine ({engine_name!r})")
+        if voice not in known:
+            shown = ", ".join(sorted(known)[:20])
+            raise InvalidField("blend", f"engine {engine_name!r} has no voice {voice[:60]!r}; it has: {shown}")
+        try:
+            weight = float(raw)
+        except ValueError:
+            raise InvalidField("blend", f"weight {raw[:20]!r} of {voice} is not a number") from None
+        if not (0 < weight <= 100):  # also false for NaN
+            raise InvalidField("blend", f"weight of {voice} must be a number above 0 (up to 100), got {raw[:20]}")
+        if voice in weights:
+            raise InvalidField("blend", f"{voice} appears twice")
+        weights[voice] = weight
+    if not weights:
+        raise InvalidField("blend", "name at least one voice, e.g. jf_alpha:0.6,jf_nezumi:0.4")
+    return weights
 
 
 class VoiceCatalog:
@@ -133,6 +174,7 @@ class VoiceCatalog:
             "duration": record.duration, "audio_sha256": record.audio_sha256,
             "clip_sha256s": record.clip_sha256s, "voice_sha256": record.voice_sha256,
             "model": {"id": record.model_id, "sha256": record.model_sha256},
+            "blend": record.extra.get("blend"),
         }
 
     # -- writing ----------------------------------------------------------------------------------
@@ -171,6 +213,49 @@ class VoiceCatalog:
                 model_id=model.id, model_sha256=model.sha256 or "", licence=model.licence,
                 language=language, description=description, consent=consent,
             )
+        return self.preset_json(record)
+
+    def register_blend(
+        self,
+        name: str,
+        blend: str,
+        *,
+        engine_name: str,
+        language: str | None = None,
+        description: str = "",
+    ) -> dict[str, Any]:
+        """Register a preset mixed from built-in voices, e.g. ``jf_alpha:0.6,jf_nezumi:0.4``.
+
+        The mixed latents are stored like a clone's (content-addressed, verified, no pickle) and
+        the recipe is kept in the record; the same recipe always gives the same latents.
+        """
+        if not valid_voice_name(name):
+            raise InvalidField("name", NAME_RULE)
+        if self.registry.exists(name):
+            raise VoiceExists(name)
+        engine = self.engines.get(engine_name)
+        if not isinstance(engine, BlendingEngine):
+            raise InvalidField("blend", f"engine {engine_name!r} cannot blend voices")
+        self.engines.check_available(engine_name)
+        weights = parse_blend(blend, engine_name, {v.id for v in self.builtin_voices(engine)})
+        if language is not None:
+            language = match_language(engine, language)
+        if has_control_chars(description):
+            raise InvalidField("description", "contains control characters")
+        total = sum(weights.values())
+        weights = {voice: round(weight / total, 6) for voice, weight in sorted(weights.items())}  # one recipe
+        recipe = ",".join(f"{voice}:{weight:g}" for voice, weight in weights.items())
+        latents = engine.blend_latents(weights)
+        model = engine.model
+        # The recipe stands in for reference audio: the same recipe is the same voice.
+        reference = ReferenceAudio(np.zeros(0, np.float32), 1, hashlib.sha256(f"blend\0{recipe}".encode()).hexdigest(),
+                                   ())
+        record = self.registry.create(
+            name, engine=engine_name, reference=reference, compute=lambda _samples: latents,
+            model_id=model.id, model_sha256=model.sha256 or "", licence=model.licence,
+            language=language or next(iter(engine.languages), None), description=description, consent=True,
+            extra={"blend": recipe},
+        )
         return self.preset_json(record)
 
     def condition_upload(self, files: list[tuple[str, bytes]], engine_name: str = "xtts") -> ResolvedVoice:

@@ -611,6 +611,7 @@ class LocalVoiceRegistry:
         language: str | None = None,
         description: str = "",
         consent: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> VoiceRecord:
         """Register a preset; raises `VoiceExists` if the name is taken (checked again at commit), and
         `RegistryUnavailable` (nothing written) when the index or the disk cannot take it."""
@@ -629,7 +630,8 @@ class LocalVoiceRegistry:
                     sha, latents = self._commit_blob(index, key, latents, meta)
                 record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
                                          language=language, description=description, consent=consent,
-                                         licence=licence, model_id=model_id, model_sha256=model_sha256)
+                                         licence=licence, model_id=model_id, model_sha256=model_sha256,
+                                         extra=dict(extra or {}))
                 data = record.to_json()
                 if f"voice:{name}" in index:
                     raise VoiceExists(name)

@@ -558,6 +558,7 @@ class PostgresVoiceRegistry:
         language: str | None = None,
         description: str = "",
         consent: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> VoiceRecord:
         """Register a preset; raises `VoiceExists` if the name is taken (the database's unique key decides)."""
         if not valid_voice_name(name):
@@ -574,7 +575,8 @@ class PostgresVoiceRegistry:
             _key, sha, latents, data = self._condition(reference, engine, model_sha256, compute)
             record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
                                      language=language, description=description, consent=consent,
-                                     licence=licence, model_id=model_id, model_sha256=model_sha256)
+                                     licence=licence, model_id=model_id, model_sha256=model_sha256,
+                                     extra=dict(extra or {}))
             blob: list[bytes | None] = [data]
 
             def insert(conn: Connection) -> None:

@@ -193,6 +193,7 @@ class VoiceRegistry(Protocol):
         language: str | None = None,
         description: str = "",
         consent: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> VoiceRecord:
         """Register a preset; `VoiceExists` if the name is taken (checked early and again at commit)."""
         ...

@@ -51,6 +51,15 @@ class VoicesController(Controller):
         dispatcher: Dispatcher,
         voices: VoiceCatalog,
     ) -> Response[PresetVoice]:
+        if data.blend is not None:
+            if data.audio:
+                raise InvalidField("blend", "send either audio to clone or a blend of built-in voices, not both")
+            blend = data.blend
+            record = await dispatcher.blocking(lambda: voices.register_blend(
+                data.name, blend, engine_name=data.engine or "xtts", language=data.language or None,
+                description=data.description or ""))
+            voice = msgspec.convert(record, PresetVoice)
+            return Response(voice, status_code=201, headers={"Location": f"/v1/voices/{voice.name}"})
         uploads: list[Any] = data.audio if isinstance(data.audio, list) else [data.audio]
         files = []
         for index, upload in enumerate(uploads):

@@ -209,3 +209,46 @@ def test_start_up_summary_names_engines_reasons_and_misspelt_settings(tmp_path: 
     assert "engine piper: available" in text
     assert f"engine xtts: unavailable: TTS_GATEWAY_XTTS_CHECKPOINT={tmp_path / 'missing'} does not exist" in text
     assert "TTS_GATEWAY_PROT is not a setting and is ignored; did you mean TTS_GATEWAY_PORT?" in text
+
+
+def test_a_port_in_use_names_the_setting_to_change(tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TTS_GATEWAY_PORT": str(port),
+               "TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "espeak",
+               "TTS_GATEWAY_DEFAULT_VOICE": "espeak:en"}
+        result = subprocess.run([sys.executable, "-m", "tts_gateway", "serve"], env=env, capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "TTS_GATEWAY_PORT" in lines[0], result.stderr
+
+
+def test_request_headers_are_bounded(tmp_path: Any) -> None:
+    """A client cannot park megabytes of headers in the server: past 64 KiB the request is refused."""
+    import socket
+
+    from tests.conftest import uvicorn_server
+
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "espeak",
+           "TTS_GATEWAY_DEFAULT_VOICE": "espeak:en", "TTS_GATEWAY_CANARY": "0"}
+    with uvicorn_server(env) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+            reply = b""
+            try:
+                while chunk := conn.recv(65536):
+                    reply += chunk
+            except (ConnectionResetError, TimeoutError):
+                pass
+        assert not reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        with socket.create_connection((host, int(port)), timeout=60) as conn:  # normal headers still work
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")

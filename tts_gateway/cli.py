@@ -35,7 +35,7 @@ registry_app = typer.Typer(help="Check and repair the voice registry.", no_args_
 app.add_typer(voices_app, name="voices")
 app.add_typer(dev_app, name="dev")
 app.add_typer(registry_app, name="registry")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 out = Console()
 
 
@@ -67,29 +67,89 @@ def fail(exc: Exception) -> typer.Exit:
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (TTS_GATEWAY_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (TTS_GATEWAY_PORT).")] = None,
+    wyoming_uri: Annotated[str | None, typer.Option(
+        help="Also serve Wyoming (Home Assistant) here, e.g. tcp://127.0.0.1:10200 (TTS_GATEWAY_WYOMING_URI).")] = None,
 ) -> None:
-    """Start the HTTP server (the default voice loads in the background; /ready says when)."""
+    """Start the HTTP server, and the Wyoming server when a Wyoming URI is set (the default voice loads in
+    the background; /ready says when)."""
+    from typing import Any
+
     import uvicorn
 
+    from tts_gateway.config.settings import parse_wyoming_uri
     from tts_gateway.gateway import create_app
 
     settings = load_settings()
-    settings = settings.with_(host=host or settings.host, port=port if port is not None else settings.port)
+    try:
+        uri = parse_wyoming_uri(wyoming_uri) if wyoming_uri is not None else settings.wyoming_uri
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}".replace("TTS_GATEWAY_WYOMING_URI", "--wyoming-uri"))
+        raise typer.Exit(2) from None
+    settings = settings.with_(host=host or settings.host, port=port if port is not None else settings.port,
+                              wyoming_uri=uri)
+    problem = _port_problem(settings.host, settings.port)
+    if problem:
+        err.print(f"[red]error:[/red] {problem}")
+        raise typer.Exit(2)
     try:
         application = create_app(settings)
     except TTSGatewayError as exc:
         err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None
+    grace_s = int(settings.timeout_s) + 5
+    asgi: Any = application
+    server: uvicorn.Server | None = None
+    if settings.wyoming_uri:
+        from tts_gateway.wyoming import WyomingServer, alongside
+
+        # One process, one event loop, one Dispatcher (engines, registry, admission, phrase cache, metrics):
+        # Wyoming starts after the app's start-up and drains before its shutdown; SIGTERM reaches both.
+        asgi = alongside(application, WyomingServer(application.state.tts, settings.wyoming_uri), grace_s=grace_s,
+                         should_exit=lambda: server is not None and server.should_exit)
+    # uvicorn drains in-flight requests on SIGTERM before the lifespan shutdown runs.
+    # Connections cost memory: request headers are bounded (h11 enforces a size; httptools does not),
+    # idle keep-alive connections close after 5 s, and past 512 open connections new ones get 503.
+    # Slow clients that trickle headers are a reverse proxy's job (see README, "Deployment").
+    server = uvicorn.Server(uvicorn.Config(asgi, host=settings.host, port=settings.port, log_level="info",
+                                           timeout_graceful_shutdown=grace_s, http="h11",
+                                           h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
+                                           limit_concurrency=MAX_CONNECTIONS))
     backend = application.state.backend
     if backend is not None:
         backend.start()  # ray.init on the main thread, before uvicorn: Ray dies with the thread that started it
     try:
-        # uvicorn drains in-flight requests on SIGTERM before the lifespan shutdown runs.
-        uvicorn.run(application, host=settings.host, port=settings.port, log_level="info",
-                    timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+        server.run()
+    except KeyboardInterrupt:
+        pass
     finally:
         if backend is not None:
             backend.close()
+    if not server.started:  # start-up failed (port taken, …); uvicorn logged why
+        raise typer.Exit(3)
+
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_CONNECTIONS = 512
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, in words that name the setting to change."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve TTS_GATEWAY_HOST={host}: {exc}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            return (f"cannot listen on {host}:{port}: {reason.lower()}; set TTS_GATEWAY_PORT (or --port) to a free "
+                    "port, or stop what is using it")
+    return None
 
 
 @app.command()
@@ -199,7 +259,9 @@ def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) ->
 
 @registry_app.command("check")
 def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and temp files.")] = False) -> None:
-    """Verify every preset's latents and find orphan or half-written files."""
+    """Verify every preset's latents and find orphan or half-written files. --fix never deletes a blob a
+    rebuild could still recover: with an index that is damaged, missing or lists nothing while blobs are
+    stored, it deletes nothing and says to run `tts-gateway registry rebuild`."""
     from tts_gateway.voices import open_registry
 
     settings = load_settings()
@@ -210,11 +272,45 @@ def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and te
         raise typer.Exit(2) from None
     try:
         report = registry.check(fix=fix)
+    except TTSGatewayError as exc:
+        err.print(f"[red]error:[/red] {exc.detail}")
+        raise typer.Exit(2) from None
     finally:
         registry.close()
     out.print_json(json.dumps(report))
-    if report["broken"] or (not fix and (report["orphans"] or report["temp_files"])):
+    for reason in report.get("rebuild_needed", []):
+        err.print(f"[yellow]warning:[/yellow] {reason}")
+    if report["broken"] or report.get("rebuild_needed") or (
+            not fix and (report["orphans"] or report["temp_files"])):
         raise typer.Exit(1)
+
+
+@registry_app.command("rebuild")
+def registry_rebuild() -> None:
+    """Rebuild the local voice index from the record files and latent blobs on disk, verifying every blob's
+    sha256; the old index is moved aside (never deleted). A running server picks the new index up by itself."""
+    import sqlite3
+
+    from tts_gateway.voices import rebuild_index
+    from tts_gateway.voices.store import storage_error
+
+    settings = load_settings()
+    if settings.registry_url:
+        err.print("[red]error:[/red] the voice registry is PostgreSQL (TTS_GATEWAY_REGISTRY_URL); "
+                  "`registry rebuild` rebuilds the local index only")
+        raise typer.Exit(2)
+    try:
+        report = rebuild_index(settings.data_dir)
+    except (OSError, sqlite3.Error) as exc:
+        problem = storage_error(exc, settings.data_dir)
+        err.print(f"[red]error:[/red] the voice index was not rebuilt: {problem.detail if problem else exc}")
+        raise typer.Exit(2) from None
+    out.print_json(json.dumps(report))
+    aside = f"; the old index is in {report['moved_aside']}" if report["moved_aside"] else ""
+    err.print(f"rebuilt {report['index']}: {len(report['voices'])} voices ({len(report['broken'])} broken), "
+              f"{report['upload_cache']} upload-cache entries{aside}")
+    if report["broken"]:
+        err.print("broken voices cannot be used: delete them (`tts-gateway voices rm NAME`) and register them again")
 
 
 @dev_app.command("tiny-xtts")
@@ -226,6 +322,61 @@ def dev_tiny_xtts(directory: Annotated[Path, typer.Argument(help="Where to write
         progress.add_task("building tiny XTTS checkpoint…", total=None)
         build_tiny_xtts(directory)
     err.print(f"wrote {directory}/config.json, model.pth, vocab.json")
+
+
+models_app = typer.Typer(help="Fetch engine models (XTTS v2 through coqui-tts's model manager).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("pull")
+def models_pull(
+    model: Annotated[str, typer.Argument(help="Model to fetch: xtts (XTTS v2, Hugging Face repo tts-hub/XTTS-v2).")],
+    accept_license: Annotated[bool, typer.Option(
+        "--accept-license", help="Accept the Coqui Public Model License (https://coqui.ai/cpml); recorded as "
+                                 "coqui-tts's tos_agreed.txt, so the gateway may use the model later.")] = False,
+) -> None:
+    """Download a model into coqui-tts's cache (the Hugging Face cache: HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE
+    apply), with a progress bar. Run it again after an interruption: finished files are kept."""
+    import time
+
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    from tts_gateway.engines import xtts_models
+
+    if model.strip().lower() not in ("xtts", "xtts_v2", "xtts-v2"):
+        err.print(f"[red]error:[/red] unknown model {model!r}; models: xtts")
+        raise typer.Exit(2)
+    entry = xtts_models.coqui_model()
+    if accept_license:
+        recorded = xtts_models.record_acceptance(entry)
+        err.print(f"licence accepted: Coqui Public Model License ({xtts_models.CPML_URL}); recorded in {recorded}")
+    elif not xtts_models.licence_accepted(entry, False):
+        err.print(f"[red]error:[/red] XTTS v2 is under the Coqui Public Model License ({xtts_models.CPML_URL}: "
+                  "non-commercial use unless you bought a licence from Coqui); to accept it, run "
+                  f"`{xtts_models.PULL_COMMAND}`")
+        raise typer.Exit(2)
+    download = xtts_models.ModelDownload(entry)
+    download.start(accept=True)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeElapsedColumn(), console=err) as progress:
+            task = progress.add_task(f"XTTS v2 ({entry.repo_id})", total=None)
+            while download.running:
+                now = download.progress()
+                progress.update(task, completed=now.done, total=now.total)
+                time.sleep(0.25)
+            if download.state == "done":
+                final = download.progress()
+                progress.update(task, completed=final.total or final.done, total=final.total or final.done)
+    except KeyboardInterrupt:
+        download.cancel()
+        err.print("interrupted; run the command again to continue (finished files are kept)")
+        raise typer.Exit(130) from None
+    if download.state != "done" or download.checkpoint is None:
+        err.print(f"[red]error:[/red] downloading XTTS v2 from {xtts_models.hub_endpoint()} failed: {download.error}")
+        raise typer.Exit(1)
+    out.print(str(download.checkpoint))
+    err.print(f"XTTS v2 is in {download.checkpoint}; the gateway uses it when TTS_GATEWAY_XTTS_CHECKPOINT is unset")
 
 
 if __name__ == "__main__":

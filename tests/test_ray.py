@@ -121,7 +121,7 @@ def test_streaming_yields_several_chunks_matching_local(ray_env: RayEnv) -> None
 
 def test_preset_runs_on_a_replica_by_latents_sha(ray_env: RayEnv) -> None:
     plan = ray_env.service.plan(SynthesisRequest(text="cloned voice", voice=ray_env.preset, seed=5))
-    record = ray_env.service.registry.get(ray_env.preset)
+    record = ray_env.service.voices.registry.get(ray_env.preset)
     job = ray_env.backend.job(plan)
     assert job.builtin is None and job.latents_blob is None
     assert (job.latents_key, job.latents_sha256) == (record.latents_key, record.latents_sha256)

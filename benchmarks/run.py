@@ -31,6 +31,7 @@ BENCHMARKS = {
     "intelligibility": "benchmarks.intelligibility",
     "phrase_cache": "benchmarks.phrase_cache",
     "kokoro": "benchmarks.kokoro_bench",
+    "xtts_streaming": "benchmarks.xtts_streaming",
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
 

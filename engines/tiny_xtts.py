@@ -3,7 +3,8 @@
 Real XTTS v2 weights cannot be downloaded everywhere (no model hub in CI), so tests and CI run
 the real XTTS code on this checkpoint: a 2-layer, 64-wide GPT with the v2 perceiver resampler,
 the full HiFi-GAN decoder and speaker encoder, a character-level BPE vocabulary with the
-special and language tokens, and the 16 XTTS v2 languages. It speaks noise, in the right shapes.
+special and language tokens, the 16 XTTS v2 languages, and a ``speakers_xtts.pth`` with three studio
+speakers (random latents of the real shapes). It speaks noise, in the right shapes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import string
 from pathlib import Path
 
+# Three of XTTS v2's 58 studio speakers (names only: their latents here are random).
+TINY_SPEAKERS = ("Claribel Dervla", "Ana Florence", "Viktor Eka")
 XTTS_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
 SPECIAL = ["[STOP]", "[UNK]", "[SPACE]", "[START]"]
 # Characters left after XTTS's cleaners (lower-cased; zh → pinyin, ja → romaji, ko → romanised).
@@ -38,7 +41,8 @@ def build_vocab() -> str:
 
 
 def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 48) -> Path:
-    """Write config.json, vocab.json and model.pth (``{"model": state_dict}``) to ``directory``."""
+    """Write config.json, vocab.json, model.pth (``{"model": state_dict}``) and speakers_xtts.pth to
+    ``directory``."""
     import torch
 
     from tts_gateway.engines.torch_compat import import_torchaudio
@@ -73,6 +77,13 @@ def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 4
     model.tokenizer = tokenizer
     model.init_models()
     torch.save({"model": model.state_dict()}, directory / "model.pth")
+    # As XTTS v2's speakers_xtts.pth: name → {gpt_cond_latent [1, 32, width], speaker_embedding [1, 512, 1]}.
+    speakers = {
+        name: {"gpt_cond_latent": torch.randn(1, 32, args.gpt_n_model_channels),
+               "speaker_embedding": torch.nn.functional.normalize(torch.randn(1, 512, 1), dim=1)}
+        for name in TINY_SPEAKERS
+    }
+    torch.save(speakers, directory / "speakers_xtts.pth")
     config.save_json(str(directory / "config.json"))
     (directory / "README.txt").write_text(
         "Tiny random-weight XTTS v2 checkpoint built by `tts-gateway dev tiny-xtts` for tests.\n"

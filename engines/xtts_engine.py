@@ -1,4 +1,11 @@
-"""XTTS v2 through coqui-tts: voice cloning in 16 languages, streaming within a sentence."""
+"""XTTS v2 through coqui-tts: voice cloning in 16 languages, studio speakers, streaming within a sentence
+at linear cost (`tts_gateway.engines.xtts_streaming`).
+
+The checkpoint is ``TTS_GATEWAY_XTTS_CHECKPOINT`` when set; otherwise the model coqui-tts's model manager
+keeps in the Hugging Face cache, fetched in the background on first load once its licence is accepted
+(`tts_gateway.engines.xtts_models`). ``speakers_xtts.pth`` in the checkpoint gives read-only built-in
+voices ``xtts:<slug>`` (`tts_gateway.engines.xtts_speakers`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import numpy as np
 
 from tts_gateway.engines.base import (
     BaseEngine,
+    BuiltinVoice,
     Capabilities,
     EngineContext,
     EngineUnavailable,
@@ -23,8 +31,23 @@ from tts_gateway.engines.base import (
 )
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
+from tts_gateway.engines.xtts_models import (
+    REQUIRED_FILES,
+    CoquiModel,
+    ModelDownload,
+    cached_checkpoint,
+    coqui_model,
+    hub_cache_dir,
+    hub_endpoint,
+    hub_offline,
+    licence_accepted,
+    not_accepted_reason,
+)
+from tts_gateway.engines.xtts_speakers import SPEAKERS_FILE, SpeakerCache
+from tts_gateway.engines.xtts_streaming import stream_inference
+from tts_gateway.errors import NotFound
 
-REQUIRED_FILES = ("config.json", "model.pth", "vocab.json")
+LICENCE = "CPML (Coqui Public Model License)"
 DEFAULT_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
 _CHAR_LIMITS = {"en": 250, "de": 253, "fr": 273, "es": 239, "it": 213, "pt": 203, "pl": 224, "zh": 82,
                 "ar": 166, "cs": 186, "ru": 182, "nl": 251, "tr": 226, "ja": 71, "hu": 224, "ko": 95, "hi": 150}
@@ -70,22 +93,89 @@ def resolve_device(setting: str, engine: str = "xtts") -> str:
     return setting
 
 
+class HubModel:
+    """XTTS v2 from coqui-tts's model manager: the cached snapshot, or a background download of it."""
+
+    def __init__(self, accept: bool, model: CoquiModel | None = None) -> None:
+        self.model = model or coqui_model()
+        self.accept = accept
+        self.download = ModelDownload(self.model)
+        self._found: Path | None = None
+
+    def checkpoint(self) -> Path | None:
+        """The complete cached snapshot, if any (disk only; remembered while its model.pth exists)."""
+        found = self._found
+        if found is not None and all((found / name).is_file() for name in REQUIRED_FILES):
+            return found
+        self._found = cached_checkpoint(self.model)
+        return self._found
+
+    def accepted(self) -> bool:
+        return licence_accepted(self.model, self.accept)
+
+    def availability(self) -> tuple[bool, str | None]:
+        """(ok, reason): ok when a load can work now: the model is cached, or a download may start."""
+        if self.download.running:
+            return False, self.download.describe()
+        if self.checkpoint() is not None:
+            return True, None
+        if not self.accepted():
+            return False, not_accepted_reason(self.model)
+        if hub_offline():
+            return False, (f"XTTS v2 ({self.model.repo_id}) is not in the Hugging Face cache {hub_cache_dir()} and "
+                           "HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE (HF_ENDPOINT may name a "
+                           "mirror), or point HF_HOME at a cache that has it")
+        if self.download.state == "failed":
+            return self.download.retry_in() == 0, self.download.describe()
+        return True, (f"XTTS v2 is not downloaded yet: the first load fetches {self.model.repo_id} (about 1.9 GB) "
+                      f"from {hub_endpoint()} into {hub_cache_dir()} in the background")
+
+    def start(self) -> str:
+        """Start the download (when it may start) and say where it stands."""
+        self.download.start(accept=self.accept or self.accepted())
+        return self.download.describe()
+
+
 class XttsEngine(BaseEngine):
-    """Coqui XTTS v2 (or the tiny test checkpoint) from a checkpoint directory."""
+    """Coqui XTTS v2 (or the tiny test checkpoint) from a checkpoint directory or coqui's model manager.
+
+    Args:
+        checkpoint: ``TTS_GATEWAY_XTTS_CHECKPOINT``; None uses coqui-tts's model manager and the HF cache.
+        accept_licence: ``TTS_GATEWAY_ACCEPT_CPML``: XTTS v2 may be downloaded on first load.
+    """
 
     name = "xtts"
     capabilities = Capabilities(cloning=True, streaming=True, deterministic=False, native_speed=True)
     reference_sample_rate = 22050
 
-    def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0, *,
+                 accept_licence: bool = False, hub: HubModel | None = None) -> None:
         super().__init__()
-        self.checkpoint = checkpoint
+        self.configured = checkpoint
         self.device_setting = device
         self.threads = threads
+        self.hub = hub
+        self._hub_error: str | None = None
+        if hub is None and checkpoint is None:
+            try:
+                self.hub = HubModel(accept_licence)
+            except Exception as exc:  # coqui-tts's model list unreadable: say so instead of failing the start
+                self._hub_error = f"coqui-tts's model list has no usable XTTS v2 entry ({exc})"
+        self._active: Path | None = None  # the checkpoint the loaded model came from
         self._model: Any = None
         self._lock = threading.Lock()  # one inference at a time: torch's RNG is process-global
+        self._speakers = SpeakerCache()
 
     # -- description ---------------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> Path | None:
+        """The directory in use: the configured one, the loaded one, or the cached hub snapshot."""
+        if self.configured is not None:
+            return self.configured
+        if self._active is not None:
+            return self._active
+        return self.hub.checkpoint() if self.hub is not None else None
+
     @property
     def sample_rate(self) -> int:
         return int(self._config().get("model_args", {}).get("output_sample_rate", 24000))
@@ -96,31 +186,49 @@ class XttsEngine(BaseEngine):
 
     @property
     def model(self) -> ModelInfo:
-        if self.checkpoint is None or not (self.checkpoint / "model.pth").is_file():
-            return ModelInfo(id="xtts_v2", sha256=None, licence="CPML")
-        return ModelInfo(id=f"xtts_v2/{self.checkpoint.name}", sha256=file_sha256(self.checkpoint / "model.pth"),
-                         licence="CPML (Coqui Public Model License)")
+        checkpoint = self.checkpoint
+        if checkpoint is None or not (checkpoint / "model.pth").is_file():
+            return ModelInfo(id="xtts_v2", sha256=None, licence=LICENCE)
+        if self.configured is None and self.hub is not None:
+            model_id = f"xtts_v2/{self.hub.model.repo_id}@{checkpoint.name[:12]}"  # snapshot folder: the commit
+        else:
+            model_id = f"xtts_v2/{checkpoint.name}"
+        return ModelInfo(id=model_id, sha256=file_sha256(checkpoint / "model.pth"), licence=LICENCE)
 
     def _config(self) -> dict[str, Any]:
-        if self.checkpoint is None:
+        checkpoint = self.checkpoint
+        if checkpoint is None:
             return {}
         try:
-            data = json.loads((self.checkpoint / "config.json").read_text())
+            data = json.loads((checkpoint / "config.json").read_text())
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
     def availability(self) -> tuple[bool, str | None]:
-        if self.checkpoint is None:
-            return False, ("no checkpoint configured: set TTS_GATEWAY_XTTS_CHECKPOINT to a directory with "
-                           "config.json, model.pth and vocab.json (or build a test one with "
-                           "`tts-gateway dev tiny-xtts DIR`)")
-        if not self.checkpoint.is_dir():
-            return False, f"TTS_GATEWAY_XTTS_CHECKPOINT={self.checkpoint} does not exist (or is not a directory)"
-        missing = [name for name in REQUIRED_FILES if not (self.checkpoint / name).is_file()]
+        if self.configured is None:
+            if self._active is not None:
+                return True, None
+            if self.hub is None:
+                return False, (f"{self._hub_error}; set TTS_GATEWAY_XTTS_CHECKPOINT to a directory with "
+                               "config.json, model.pth and vocab.json")
+            return self.hub.availability()
+        if not self.configured.is_dir():
+            return False, f"TTS_GATEWAY_XTTS_CHECKPOINT={self.configured} does not exist (or is not a directory)"
+        missing = [name for name in REQUIRED_FILES if not (self.configured / name).is_file()]
         if missing:
-            return False, f"checkpoint {self.checkpoint} lacks {', '.join(missing)}"
+            return False, f"checkpoint {self.configured} lacks {', '.join(missing)}"
         return True, None
+
+    def voices(self) -> list[BuiltinVoice]:
+        """The checkpoint's studio speakers (``speakers_xtts.pth``), read once and cached; each speaks every
+        language of the engine (an empty ``language``: the engine's first is the default)."""
+        if not self.availability()[0] and self._active is None:
+            return []
+        speakers = self._speakers.speakers(self.checkpoint)
+        count = len(self.languages)
+        return [BuiltinVoice(s.slug, "", f"XTTS v2 studio speaker {s.name}; speaks all {count} XTTS languages",
+                             licence=LICENCE) for s in speakers.by_slug.values()]
 
     def max_chars(self, language: str) -> int:
         return _CHAR_LIMITS.get(language.split("-")[0], 250)
@@ -130,7 +238,10 @@ class XttsEngine(BaseEngine):
         ok, reason = self.availability()
         if not ok:
             raise EngineUnavailable(self.name, reason or "unavailable")
-        assert self.checkpoint is not None
+        checkpoint = self.checkpoint
+        if checkpoint is None:  # coqui's model manager has not fetched it: do so in the background
+            assert self.hub is not None
+            raise EngineUnavailable(self.name, self.hub.start())
         import torch
 
         from tts_gateway.engines.torch_compat import import_torchaudio
@@ -143,17 +254,19 @@ class XttsEngine(BaseEngine):
         if self.threads:
             torch.set_num_threads(self.threads)
         config = XttsConfig()
-        config.load_json(str(self.checkpoint / "config.json"))
+        config.load_json(str(checkpoint / "config.json"))
         model = Xtts(config)
-        # coqui-tts reads model.pth with torch.load(weights_only=True).
-        model.load_checkpoint(config, checkpoint_dir=str(self.checkpoint), eval=True)
+        # coqui-tts reads model.pth (and speakers_xtts.pth) with torch.load(weights_only=True).
+        model.load_checkpoint(config, checkpoint_dir=str(checkpoint), eval=True)
         model.to(device)
         self._model = model
+        self._active = checkpoint
         self._loaded = True
 
     def unload(self) -> None:
         with self._lock:
             self._model = None
+            self._active = None
             self._loaded = False
         release_memory()
 
@@ -184,20 +297,18 @@ class XttsEngine(BaseEngine):
         import torch
 
         self.check_language(options.language)
-        if voice.latents is None:
-            raise EngineUnavailable(self.name, "XTTS needs a cloned voice (a preset or reference audio)")
         model = self._require_model()
         device = next(model.parameters()).device
-        gpt_cond_latent = torch.from_numpy(np.asarray(voice.latents["gpt_cond_latent"])).to(device)
-        speaker_embedding = torch.from_numpy(np.asarray(voice.latents["speaker_embedding"])).to(device)
+        gpt_cond_latent, speaker_embedding = self._conditioning(voice)
+        gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
         with self._lock:
             torch.manual_seed(options.seed or 0)
-            stream = model.inference_stream(
-                text, options.language, gpt_cond_latent, speaker_embedding,
-                speed=options.speed, enable_text_splitting=False,
-                # Each streamed chunk re-decodes every token so far; unstreamed, decode once.
-                stream_chunk_size=20 if options.streaming else 0,
-            )
+            if options.streaming:  # each frame decoded once, from a bounded window (linear cost)
+                stream = stream_inference(model, text, options.language, gpt_cond_latent, speaker_embedding,
+                                          speed=options.speed)
+            else:  # one decode at the end
+                stream = model.inference_stream(text, options.language, gpt_cond_latent, speaker_embedding,
+                                                speed=options.speed, enable_text_splitting=False, stream_chunk_size=0)
             try:
                 for chunk in stream:
                     if options.cancel.is_set():
@@ -205,6 +316,22 @@ class XttsEngine(BaseEngine):
                     yield chunk.detach().cpu().numpy().astype(np.float32).reshape(-1)
             finally:
                 stream.close()
+
+    def _conditioning(self, voice: VoiceInput) -> tuple[Any, Any]:
+        """(gpt_cond_latent, speaker_embedding) tensors of a preset, an upload or a studio speaker."""
+        import torch
+
+        if voice.latents is not None:
+            return (torch.from_numpy(np.asarray(voice.latents["gpt_cond_latent"], dtype=np.float32)),
+                    torch.from_numpy(np.asarray(voice.latents["speaker_embedding"], dtype=np.float32)))
+        if voice.builtin is not None:
+            speaker = self._speakers.speakers(self._active).get(voice.builtin)
+            if speaker is None:
+                raise NotFound(f"unknown voice 'xtts:{voice.builtin[:64]}': the checkpoint has no such studio speaker "
+                               f"({SPEAKERS_FILE})", code="unknown-voice")
+            return speaker.gpt_cond_latent, speaker.speaker_embedding
+        raise EngineUnavailable(self.name, "XTTS needs a voice: a studio speaker (xtts:NAME), a preset or reference "
+                                           "audio")
 
     def _require_model(self) -> Any:
         model = self._model
@@ -215,4 +342,5 @@ class XttsEngine(BaseEngine):
 
 @hookimpl(trylast=True)
 def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
-    register(XttsEngine(context.options.get("xtts_checkpoint"), device=context.device, threads=context.threads))
+    register(XttsEngine(context.options.get("xtts_checkpoint"), device=context.device, threads=context.threads,
+                        accept_licence=bool(context.options.get("accept_cpml"))))

@@ -332,7 +332,7 @@ app.add_typer(models_app, name="models")
 def models_pull(
     model: Annotated[str, typer.Argument(help="Model to fetch: xtts (XTTS v2, Hugging Face repo tts-hub/XTTS-v2).")],
     accept_license: Annotated[bool, typer.Option(
-        "--accept-license", help="Accept the Coqui Public Model License (https://coqui.ai/cpml); recorded as "
+        "--accept-license", help="Accept the Coqui Public Model License (https://tts-hub.github.io/cpml); recorded as "
                                  "coqui-tts's tos_agreed.txt, so the gateway may use the model later.")] = False,
 ) -> None:
     """Download a model into coqui-tts's cache (the Hugging Face cache: HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE

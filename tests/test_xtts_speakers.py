@@ -116,3 +116,12 @@ def test_speakers_are_those_of_the_checkpoint_in_use(tmp_path: Path, tiny_xtts: 
     assert [v.id for v in engine.voices()] == SLUGS
     with pytest.raises(Exception, match="not loaded"):
         list(engine.synthesize("Hi.", VoiceInput(builtin="ana-florence"), SynthesisOptions(language="en")))
+
+
+def test_a_speaker_of_an_engine_that_is_not_there_yet_is_503_not_404(make_settings: Any, tmp_path: Any) -> None:
+    """Before the model is present (not downloaded yet), xtts:<speaker> says why, instead of 'unknown voice'."""
+    settings = make_settings(engines=("piper", "xtts"), xtts_checkpoint=tmp_path / "not-yet")
+    with running_app(settings) as client:
+        problem = assert_problem(client.post("/v1/synthesize", json={"text": "hi", "voice": "xtts:ana-florence"}),
+                                 503, "does not exist")
+        assert problem["type"].endswith("engine-unavailable")

@@ -18,6 +18,7 @@ from tts_gateway.engines.base import (
     BlendingEngine,
     BuiltinVoice,
     CloningEngine,
+    EngineUnavailable,
     SpeechEngine,
     VoiceInput,
     match_language,
@@ -98,8 +99,12 @@ class VoiceCatalog:
             if engine_name not in self.engines.names:
                 raise NotFound(f"unknown voice {name[:80]!r}: no engine named {engine_name[:40]!r}",
                                code="unknown-voice")
-            builtin = {v.id: v for v in self.builtin_voices(self.engines.get(engine_name))}.get(voice_id)
+            engine = self.engines.get(engine_name)
+            builtin = {v.id: v for v in self.builtin_voices(engine)}.get(voice_id)
             if builtin is None:
+                ok, reason = engine.availability()
+                if not ok:  # its voices may exist once the model is there (e.g. XTTS still downloading)
+                    raise EngineUnavailable(engine_name, reason or "not available")
                 raise VoiceNotFound(name[:80])
             return ResolvedVoice(name, engine_name, VoiceInput(builtin=voice_id), builtin.language)
         if not valid_voice_name(name):

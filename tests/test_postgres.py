@@ -27,8 +27,9 @@ import soundfile as sf
 
 from tests.conftest import HANG_GUARD_S, ROOT, assert_problem, free_port, running_app
 from tests.fake_cloning_plugin import FakeCloningEngine
+from tests.fake_engine import FakePlugin
 from tests.pg import PASSWORD, PgServer, unavailable
-from tests.test_reliability import ClonePlugin, start_server, voice_audio, wait_up, wav
+from tests.test_reliability import start_server, voice_audio, wait_up, wav
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.errors import InvalidField
 from tts_gateway.voices import (
@@ -311,7 +312,7 @@ def test_database_outage_is_503_and_recovers(gateways: Gateways, postgres: PgSer
 # -- in process ---------------------------------------------------------------------------------------------
 def test_corrupt_local_cache_file_is_refetched_never_served(tmp_path: Path, pg_url: str) -> None:
     settings = Settings(data_dir=tmp_path / "node", engines=("piper",), canary=False, registry_url=pg_url)
-    with running_app(settings, ClonePlugin()) as client:
+    with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         files = {"audio": ("a.wav", wav(voice_audio(pitch=210)), "audio/wav")}
         created = client.post("/v1/voices", data={"name": "cached", "engine": "clone"}, files=files)
         assert created.status_code == 201, created.text

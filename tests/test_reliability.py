@@ -53,14 +53,6 @@ def voice_audio(seconds: float = 3.0, pitch: float = 220.0, rate: int = RATE) ->
     return (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
-class ClonePlugin:
-    from tts_gateway.engines.hookspecs import hookimpl
-
-    @hookimpl
-    def register_engines(self, register: Any) -> None:
-        register(FakeCloningEngine())
-
-
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file's content hash (SQLite's shared-memory file excepted: readers touch it)."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -72,7 +64,7 @@ def table_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
     data = tmp_path_factory.mktemp("table")
     settings = Settings(data_dir=data, engines=("piper",), max_upload_bytes=2_000_000, max_concurrency=2,
                         timeout_s=60)
-    with running_app(settings, ClonePlugin()) as client:
+    with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         files = {"audio": ("a.wav", wav(voice_audio()), "audio/wav")}
         assert client.post("/v1/voices", data={"name": "taken", "engine": "clone"}, files=files).status_code == 201
         yield client, data
@@ -256,7 +248,7 @@ def test_api_keys_and_scopes(make_settings: Any, caplog: pytest.LogCaptureFixtur
     keys = Settings.from_env({"TTS_GATEWAY_API_KEYS": "adm-secret-1:admin,syn-secret-2:synthesize,"
                                                      "voi-secret-3:voices"}).api_keys
     caplog.set_level(logging.DEBUG)
-    with running_app(make_settings(api_keys=keys), ClonePlugin()) as client:
+    with running_app(make_settings(api_keys=keys), FakePlugin(FakeCloningEngine())) as client:
         wait_for_warm_up(client)  # else the canary may still hold Piper when the admin unloads it (409 busy)
         assert_problem(client.post("/v1/synthesize", json={"text": "hi"}), 401, "api key")
         bad = client.post("/v1/synthesize", json={"text": "hi"}, headers={"Authorization": "Bearer nope"})

@@ -125,14 +125,6 @@ def register(client: Any, name: str, pitch: float) -> Any:
                        files={"audio": ("a.wav", wav(pitch), "audio/wav")})
 
 
-class ClonePlugin:
-    from tts_gateway.engines.hookspecs import hookimpl
-
-    @hookimpl
-    def register_engines(self, register: Any) -> None:
-        register(FakeCloningEngine())
-
-
 def damage(registry_root: Path) -> Path:
     """Overwrite the index file with junk (what a torn disk or a stray ``dd`` leaves)."""
     db = registry_root / "index" / "cache.db"
@@ -406,12 +398,12 @@ def test_the_gateway_starts_with_a_damaged_index_and_recovers_after_a_rebuild(
         make_settings: Callable[..., Settings], capfd: pytest.CaptureFixture[str]) -> None:
     """Piper and espeak-ng keep speaking; preset calls answer 503 naming the file and the command."""
     settings = make_settings()  # piper, espeak; default voice piper:joe
-    with running_app(settings, ClonePlugin()) as client:
+    with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         assert register(client, "alice", 240).status_code == 201
     db = damage(settings.data_dir / "voices")
     capfd.readouterr()
 
-    with running_app(settings, ClonePlugin()) as client:
+    with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         logged = capfd.readouterr().err.splitlines()  # the app logs to stderr with its own handlers
         [line] = [text for text in logged if "voice registry unavailable" in text]
         assert str(db) in line and REBUILD in line
@@ -625,7 +617,7 @@ def test_http_storage_failures_are_503_and_delete_is_idempotent(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(data_dir=tmp_path / "data", engines=(), default_voice="fake:one", max_concurrency=2,
                         timeout_s=60, canary=False)
-    with running_app(settings, FakePlugin(FakeEngine()), ClonePlugin()) as client:
+    with running_app(settings, FakePlugin(FakeEngine()), FakePlugin(FakeCloningEngine())) as client:
         assert register(client, "one", 300).status_code == 201
         assert register(client, "two", 310).status_code == 201
         blobs = settings.data_dir / "voices" / "blobs"

@@ -100,9 +100,9 @@ class FakeEngine(BaseEngine):
 
 
 class FakePlugin:
-    """Register with ``EngineManager(settings, extra_plugins=(FakePlugin(engine),))``."""
+    """Registers one engine object (a fake, or any engine): ``running_app(settings, FakePlugin(engine))``."""
 
-    def __init__(self, engine: FakeEngine) -> None:
+    def __init__(self, engine: BaseEngine) -> None:
         self.engine = engine
 
     @hookimpl

@@ -25,11 +25,11 @@ import psycopg.errors
 import pytest
 import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S, ROOT, assert_problem, free_port, running_app
+from tests.conftest import HANG_GUARD_S, ROOT, GatewayProcess, assert_problem, free_port, running_app
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakePlugin
 from tests.pg import PASSWORD, PgServer, unavailable
-from tests.test_reliability import start_server, voice_audio, wait_up, wav
+from tests.test_reliability import start_server, voice_audio, wav
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.errors import InvalidField
 from tts_gateway.voices import (
@@ -154,7 +154,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
 class Gateways:
     url: str
     bases: list[str]
-    processes: list[subprocess.Popen[bytes]]
+    processes: list[GatewayProcess]
     tmp: Path
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -175,7 +175,7 @@ class Gateways:
         for arrived in self.barrier.glob("arrived-*"):
             arrived.unlink()
 
-    def launch(self, data: Path) -> tuple[subprocess.Popen[bytes], str]:
+    def launch(self, data: Path) -> tuple[GatewayProcess, str]:
         port = free_port()
         process = start_server(data, port, TTS_GATEWAY_REGISTRY_URL=self.url,
                                FAKE_LATENT_BARRIER_DIR=str(self.barrier))
@@ -184,16 +184,10 @@ class Gateways:
     def restart(self, index: int, data: Path) -> None:
         self.stop(index)
         self.processes[index], self.bases[index] = self.launch(data)
-        wait_up(self.bases[index], self.processes[index])
+        self.processes[index].wait_up()
 
     def stop(self, index: int) -> None:
-        process = self.processes[index]
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        self.processes[index].stop()
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +201,8 @@ def gateways(postgres: PgServer, tmp_path_factory: pytest.TempPathFactory) -> It
             process, base = pair.launch(tmp / f"node{index}")
             pair.processes.append(process)
             pair.bases.append(base)
-        for process, base in zip(pair.processes, pair.bases, strict=True):
-            wait_up(base, process)
+        for server in pair.processes:
+            server.wait_up()
         yield pair
     finally:
         for index in range(len(pair.processes)):

@@ -5,13 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import random
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +22,7 @@ import soundfile as sf
 
 from tests.conftest import (
     HANG_GUARD_S,
-    ROOT,
+    GatewayProcess,
     app_state,
     assert_problem,
     free_port,
@@ -214,9 +211,10 @@ def test_upload_over_limit_is_rejected_before_buffering(tmp_path: Path) -> None:
     """A real server answers 413 from the headers alone, and stops a chunked body at the limit."""
     limit = 400_000
     port = free_port()
-    process = start_server(tmp_path, port, TTS_GATEWAY_MAX_UPLOAD_BYTES=str(limit))
+    server = start_server(tmp_path, port, TTS_GATEWAY_MAX_UPLOAD_BYTES=str(limit))
+    process = server.process
     try:
-        wait_up(f"http://127.0.0.1:{port}", process)
+        server.wait_up()
         with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S) as sock:
             sock.sendall(b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                          b"Content-Length: 100000000\r\n\r\n")
@@ -241,6 +239,7 @@ def test_upload_over_limit_is_rejected_before_buffering(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+        server.stop()  # closes its log
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -379,32 +378,10 @@ def test_concurrent_create_and_delete_of_one_name(tmp_path: Path) -> None:
 
 
 # -- processes: SIGTERM drain, SIGKILL crash safety --------------------------------------------------------
-def start_server(data: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), "TTS_GATEWAY_DATA_DIR": str(data),
-            "TTS_GATEWAY_ENGINES": "piper", "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin",
-            "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(port), "TTS_GATEWAY_CANARY": "0", **env}
-    return subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=full,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_up(base: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "server exited"
-        try:
-            if httpx.get(base + "/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise AssertionError("server did not start")
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S):
-            return False
-    except ConnectionRefusedError:
-        return True
+def start_server(data: Path, port: int, **env: str) -> GatewayProcess:
+    """A real server with Piper and the fake cloning engine (the suite's one launcher, preset for these tests)."""
+    return GatewayProcess({"TTS_GATEWAY_DATA_DIR": str(data), "TTS_GATEWAY_ENGINES": "piper",
+                           "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin", "TTS_GATEWAY_CANARY": "0", **env}, port)
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
@@ -417,9 +394,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     gates.mkdir()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    process = start_server(tmp_path / "data", port, FAKE_GATE_DIR=str(gates))
+    server = start_server(tmp_path / "data", port, FAKE_GATE_DIR=str(gates))
+    process = server.process
     try:
-        wait_up(base, process)
+        server.wait_up()
         files = {"audio": ("a.wav", GOOD, "audio/wav")}
         assert httpx.post(base + "/v1/voices", data={"name": "drain", "engine": "clone"}, files=files,
                           timeout=HANG_GUARD_S).status_code == 201
@@ -431,7 +409,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         wait_until(lambda: "tts_in_flight 1.0" in httpx.get(base + "/metrics", timeout=HANG_GUARD_S).text,
                    "the synthesis to start")
         process.send_signal(signal.SIGTERM)
-        wait_until(lambda: refuses_connections(port), "the server to stop accepting connections after SIGTERM")
+        wait_until(lambda: server.refuses_connections(), "the server to stop accepting connections after SIGTERM")
         assert process.poll() is None and not result  # draining: the request is still held at the gate
         (gates / "drain").touch()
         worker.join(HANG_GUARD_S)
@@ -443,6 +421,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+        server.stop()  # closes its log
 
 
 def register_voice(base: str, name: str, audio: bytes) -> httpx.Response:
@@ -483,10 +462,11 @@ def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path)
         lives += 1
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        process = start_server(tmp_path, port, FAKE_LATENT_DELAY=str(LATENT_S))
+        server = start_server(tmp_path, port, FAKE_LATENT_DELAY=str(LATENT_S))
+        process = server.process
         killer: threading.Timer | None = None
         try:
-            wait_up(base, process)
+            server.wait_up()
             for _ in range(rng.randint(1, 2)):  # run to the end: acknowledged, and the yardstick
                 name, audio = next_voice()
                 started = time.monotonic()
@@ -515,6 +495,7 @@ def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path)
             if process.poll() is None:
                 process.kill()
             process.wait()
+            server.stop()  # closes its log
     print(f"{lives} server lives: {cut_short} kills inside a registration, {after_ack} just after a 201; "
           f"{len(acknowledged)} voices acknowledged; a registration took {statistics.median(durations):.3f} s")
     assert len(acknowledged) >= KILLS  # something to lose: every life acknowledged one or two voices first
@@ -534,9 +515,10 @@ def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    process = start_server(tmp_path, port)
+    server = start_server(tmp_path, port)
+    process = server.process
     try:
-        wait_up(base, process)
+        server.wait_up()
         for name, sha in acknowledged.items():
             response = httpx.post(base + "/v1/synthesize", json={"text": "still here", "voice": name},
                                   timeout=HANG_GUARD_S)
@@ -545,3 +527,4 @@ def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path)
     finally:
         process.terminate()
         process.wait(HANG_GUARD_S)
+        server.stop()  # closes its log

@@ -13,12 +13,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -37,7 +33,7 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
-from tests.conftest import ROOT, free_port, uvicorn_server
+from tests.conftest import ROOT, GatewayProcess, free_port, uvicorn_server
 
 HANG_S = 120.0  # a bound on a hang, never a claim about speed
 CLONE_RATE = 16000  # the fake cloning engine: one 0.2 s tone per word
@@ -451,37 +447,22 @@ def test_sigterm_drains_wyoming_requests(tmp_path: Path) -> None:
     request once the gate opens, then exits."""
     gates = tmp_path / "gates"
     gates.mkdir()
-    port, wyoming_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"),
-           "TTS_GATEWAY_ENGINES": "piper", "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin",
-           "TTS_GATEWAY_HOST": "127.0.0.1", "TTS_GATEWAY_PORT": str(port), "TTS_GATEWAY_CANARY": "0",
-           "TTS_GATEWAY_TIMEOUT_S": "60", "TTS_GATEWAY_WYOMING_URI": f"tcp://127.0.0.1:{wyoming_port}",
-           "FAKE_GATE_DIR": str(gates)}
-    base = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "tts_gateway", "serve"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wyoming_port = free_port()
+    server = GatewayProcess({"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper",
+                             "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin", "TTS_GATEWAY_CANARY": "0",
+                             "TTS_GATEWAY_TIMEOUT_S": "60",
+                             "TTS_GATEWAY_WYOMING_URI": f"tcp://127.0.0.1:{wyoming_port}",
+                             "FAKE_GATE_DIR": str(gates)})
+    process, base = server.process, server.base
     gateway = Gateway(base, wyoming_port, gates)
-
-    def up() -> bool:
-        assert process.poll() is None, "the server exited"
-        try:
-            return httpx.get(base + "/health", timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def refuses_http() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=HANG_S):
-                return False
-        except ConnectionRefusedError:
-            return True
 
     async def scenario() -> Heard:
         client, held = await hold(gateway, "drain", "one two three.")
         try:
             await asyncio.to_thread(wait_until, lambda: metric(base, "tts_in_flight") == 1, "the synthesis to start")
             process.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(wait_until, refuses_http, "the server to stop accepting after SIGTERM")
+            await asyncio.to_thread(wait_until, server.refuses_connections,
+                                    "the server to stop accepting after SIGTERM")
             assert process.poll() is None and not held.events  # draining: still held at the gate
             (gates / "drain").touch()
             return await read_until(client, held, "audio-stop")
@@ -489,16 +470,14 @@ def test_sigterm_drains_wyoming_requests(tmp_path: Path) -> None:
             await client.disconnect()
 
     try:
-        wait_until(up, "the server to start")
+        server.wait_up()
         register(base, "wy-clone", tone_wav(), engine="clone")
         held = asyncio.run(scenario())
         assert_pcm_stream(held, CLONE_RATE)
         assert word_runs(held.pcm) == [4]
         assert process.wait(HANG_S) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 # -- in-process: the warning about a non-loopback address ------------------------------------------------

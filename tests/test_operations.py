@@ -252,3 +252,25 @@ def test_request_headers_are_bounded(tmp_path: Any) -> None:
         with socket.create_connection((host, int(port)), timeout=60) as conn:  # normal headers still work
             conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_mistakes_get_a_hint_that_goes_one_step_further(client: Any) -> None:
+    problem = assert_problem(client.post("/v1/synthesize", json={"text": "hi", "voice": "joe"}), 404)
+    assert "did you mean piper:joe?" in problem["detail"]
+    problem = assert_problem(client.post("/v1/synthesize", json={"text": "Guten Tag.", "language": "de"}), 422)
+    assert "voices that speak it:" in problem["detail"] and "espeak:de" in problem["detail"]
+
+
+def test_cli_errors_point_to_cli_commands_and_check_the_output_first(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tts_gateway.cli import app
+
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper,espeak"}
+    runner = CliRunner()
+    missing = runner.invoke(app, ["say", "hello", "--out", str(tmp_path / "no" / "such" / "x.wav")], env=env)
+    assert missing.exit_code == 2 and "its directory does not exist" in missing.output
+    assert not (tmp_path / "data").exists()  # refused before anything was built or synthesized
+    unknown = runner.invoke(app, ["say", "hello", "--voice", "joe", "--out", str(tmp_path / "x.wav")], env=env)
+    assert unknown.exit_code == 1
+    assert "tts-gateway voices list" in unknown.output and "did you mean piper:joe?" in unknown.output

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -57,9 +58,16 @@ def open_core(settings: Settings) -> Core:
         raise typer.Exit(2) from None
 
 
+# What the HTTP API's messages point to, said the way a CLI user does it.
+_CLI_POINTERS = {"GET /v1/voices lists the voices": "`tts-gateway voices list` lists the voices",
+                 "(see /docs)": "(see `tts-gateway --help`)"}
+
+
 def fail(exc: Exception) -> typer.Exit:
     detail = getattr(exc, "detail", None) or str(exc)
-    err.print(f"[red]error:[/red] {detail}")
+    for http, cli in _CLI_POINTERS.items():
+        detail = detail.replace(http, cli)
+    err.print(f"[red]error:[/red] {escape(detail)}")
     return typer.Exit(1)
 
 
@@ -167,6 +175,11 @@ def say(
 
     if text == "-":
         text = sys.stdin.read()
+    # Checked before any work: a synthesis must not be thrown away because the file cannot be written.
+    if out_file.is_dir() or not out_file.resolve().parent.is_dir():
+        err.print(f"[red]error:[/red] --out {escape(str(out_file))}: "
+                  + ("is a directory" if out_file.is_dir() else "its directory does not exist"))
+        raise typer.Exit(2)
     settings = load_settings()
     core = open_core(settings)
     service = core.service

@@ -7,6 +7,7 @@ through the registry, which stores the result once; nothing here knows of HTTP.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -105,11 +106,14 @@ class VoiceCatalog:
                 ok, reason = engine.availability()
                 if not ok:  # its voices may exist once the model is there (e.g. XTTS still downloading)
                     raise EngineUnavailable(engine_name, reason or "not available")
-                raise VoiceNotFound(name[:80])
+                raise self.unknown(name)
             return ResolvedVoice(name, engine_name, VoiceInput(builtin=voice_id), builtin.language)
         if not valid_voice_name(name):
-            raise VoiceNotFound(name[:80])
-        record = self.registry.get(name)
+            raise self.unknown(name)
+        try:
+            record = self.registry.get(name)
+        except VoiceNotFound:
+            raise self.unknown(name) from None
         if record.engine not in self.engines.names:
             raise Unavailable(f"voice {name!r} needs engine {record.engine!r}, which is not enabled",
                               code="engine-not-enabled")
@@ -125,6 +129,17 @@ class VoiceCatalog:
         latents = self.registry.latents(record)
         return ResolvedVoice(name, record.engine, VoiceInput(latents=latents), record.language,
                              record.voice_sha256, builtin=False)
+
+    def unknown(self, name: str) -> VoiceNotFound:
+        """`VoiceNotFound` for ``name``, with the nearest voice names as a hint (``joe`` → ``piper:joe``)."""
+        error = VoiceNotFound(name[:80])
+        names = [v["name"] for v in self.all()]
+        wanted = name[:80].lower()
+        close = [n for n in names if n.partition(":")[2].lower() == wanted]
+        close += [n for n in difflib.get_close_matches(wanted, names, n=3, cutoff=0.6) if n not in close]
+        if close:
+            error.detail = f"{error.detail}; did you mean {', '.join(close[:3])}?"
+        return error
 
     def builtin_voices(self, engine: SpeechEngine) -> list[BuiltinVoice]:
         try:

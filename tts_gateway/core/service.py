@@ -21,7 +21,13 @@ import numpy as np
 from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
 from tts_gateway.config import Settings
 from tts_gateway.core.metrics import Metrics
-from tts_gateway.engines.base import SpeechEngine, SynthesisCancelled, SynthesisOptions, match_language
+from tts_gateway.engines.base import (
+    SpeechEngine,
+    SynthesisCancelled,
+    SynthesisOptions,
+    UnsupportedLanguage,
+    match_language,
+)
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import InvalidField, TTSGatewayError, Unavailable
 from tts_gateway.text import (
@@ -242,7 +248,13 @@ class SynthesisService:
         audio_format = self.check_options(request.format, request.sample_rate, request.speed, request.seed)
         resolved = voice or self.voices.resolve(request.voice)
         engine = self.engines.check_available(resolved.engine)
-        language = match_language(engine, request.language or resolved.language or engine.languages[0])
+        try:
+            language = match_language(engine, request.language or resolved.language or engine.languages[0])
+        except UnsupportedLanguage as exc:
+            speakers = self._speakers_of(exc.language)
+            if speakers:
+                exc.detail = f"{exc.detail}; voices that speak it: {', '.join(speakers)}"
+            raise
         rate = request.sample_rate or audio_format.default_rate(engine.sample_rate)
         pieces = split_sentences(request.text, language, engine.max_chars(language))
         if not pieces:
@@ -253,6 +265,15 @@ class SynthesisService:
             seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
             repeatable=request.seed is not None, stream=request.stream, text=request.text, cache=request.cache,
         )
+
+    def _speakers_of(self, language: str) -> list[str]:
+        """A few voices that speak ``language`` (for a hint when the chosen one does not)."""
+        base = language.strip().lower().replace("_", "-").split("-")[0]
+        try:
+            voices = self.voices.all()
+        except TTSGatewayError:
+            return []
+        return [v["name"] for v in voices if str(v.get("language") or "").lower().split("-")[0] == base][:3]
 
     def run(self, plan: Plan, cancel: threading.Event,
             on_piece: Callable[[int], None] | None = None) -> Iterator[bytes]:

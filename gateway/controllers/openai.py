@@ -83,8 +83,7 @@ class OpenAIController(Controller):
             text=data.input, voice=voice, format=fmt, speed=data.speed, stream=True,
             sample_rate=24000 if fmt == "pcm" else None,  # OpenAI's pcm is 24 kHz s16le
         )
-        service.check_text(synthesis.text)
-        plan = await asyncio.to_thread(service.plan, synthesis)
+        plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
         ignored = {INSTRUCTIONS_HEADER: INSTRUCTIONS_NOTE} if data.instructions and data.instructions.strip() else None
         return await respond(dispatcher, plan, ignored)
 

@@ -37,8 +37,7 @@ class SynthesisController(Controller):
             text=data.text, voice=data.voice, language=data.language, format=data.format,
             sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream, cache=data.cache,
         )
-        service.check_text(synthesis.text)
-        plan = await asyncio.to_thread(service.plan, synthesis)
+        plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
         return await respond(dispatcher, plan)
 
     @post("/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["legacy"],
@@ -55,7 +54,7 @@ class SynthesisController(Controller):
         """Unchanged from the old service: the latents of an uploaded clip are cached by its audio hash."""
         if not hasattr(data.speaker_audio, "read"):
             raise InvalidField("speaker_audio", "must be an uploaded audio file")
-        service.check_text(data.text)
+        await asyncio.to_thread(service.check_text, data.text)  # before the upload is conditioned
         audio = await data.speaker_audio.read()
         label = data.speaker_audio.filename or "speaker_audio"
         voice: ResolvedVoice = await dispatcher.blocking(

@@ -16,6 +16,7 @@ from tts_gateway.errors import TTSGatewayError
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+MULTIPART_PART_LIMIT = 1000  # Litestar's default multipart_form_part_limit
 TYPE_BASE = "https://tts-gateway.dev/problems/"
 # 503s always tell the client when to come back, even if the error did not say.
 DEFAULT_RETRY_AFTER_S = 5
@@ -121,6 +122,10 @@ def _http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
         detail = f"method not allowed here; {detail}"
     elif exc.status_code == 413:
         detail = "request body is larger than the limit (TTS_GATEWAY_MAX_UPLOAD_BYTES)"
+    elif exc.status_code == 400 and detail == "Request Entity Too Large":
+        # Litestar's multipart parser says this when a form has more parts than it allows.
+        return problem(413, f"the form has too many parts: at most {MULTIPART_PART_LIMIT} fields and files "
+                            "are read", kind="too-many-parts", title="Too many form parts")
     elif exc.status_code == 400 and "out of range" in detail.lower():
         # msgspec refuses 1e999 and friends while parsing: a bad value, not bad JSON.
         return problem(422, f"invalid field: {detail}", kind="invalid-field", title="Invalid field")

@@ -37,10 +37,6 @@ def json_body(kind: type[Any]) -> Callable[[Request[Any, Any, Any]], Awaitable[N
         if mime != "application/json" and not mime.endswith("+json"):
             raise UnsupportedMedia(f"send the body as application/json, not {mime or 'no content type'}")
         body = await request.body()
-        # Python's json module writes NaN/Infinity, which JSON lacks: a bad value (422), not bad JSON.
-        non_finite = _NON_FINITE.search(body)
-        if non_finite:
-            raise InvalidField(non_finite.group(1).decode(errors="replace"), "must be a finite number")
         try:
             msgspec.json.decode(body, type=kind, strict=True)
         except msgspec.ValidationError as exc:
@@ -49,6 +45,11 @@ def json_body(kind: type[Any]) -> Callable[[Request[Any, Any, Any]], Awaitable[N
                 raise InvalidField(located["field"], located["message"]) from None
             raise Invalid(str(exc)) from None
         except (msgspec.DecodeError, RecursionError):
+            # Python's json module writes NaN/Infinity, which JSON lacks: a bad value (422), not bad
+            # JSON. Looked for only when the body does not parse, so text that merely says "NaN" is fine.
+            non_finite = _NON_FINITE.search(body)
+            if non_finite:
+                raise InvalidField(non_finite.group(1).decode(errors="replace"), "must be a finite number") from None
             return  # malformed: Litestar's parser reports it (400), as for any JSON route
 
     return check

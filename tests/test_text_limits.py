@@ -38,3 +38,15 @@ def test_invisible_only_text_has_nothing_to_speak(client: Any) -> None:
 def test_a_huge_language_code_is_not_echoed_back(client: Any) -> None:
     problem = assert_problem(client.post("/v1/synthesize", json={"text": "hi", "language": "x" * 10_000}), 422)
     assert len(problem["detail"]) < 1000
+
+
+def test_text_that_only_mentions_nan_is_fine_and_a_bare_nan_is_a_bad_value(client: Any) -> None:
+    assert client.post("/v1/synthesize", json={"text": ": NaN is not a number"}).status_code == 200
+    body = b'{"text": "hi", "speed": NaN}'
+    response = client.post("/v1/synthesize", content=body, headers={"content-type": "application/json"})
+    assert_problem(response, 422, "speed", "finite")
+
+
+def test_a_form_with_too_many_parts_names_the_limit(client: Any) -> None:
+    files = {f"field{i}": (None, "x") for i in range(1500)}
+    assert_problem(client.post("/v1/voices", files=files), 413, "too many parts", "1000")

@@ -2,29 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Mapping
+from contextlib import suppress
 from typing import Any
 
-from litestar import Response
+from litestar import Request, Response
 from litestar.response import Stream
 
-from tts_gateway.core.dispatch import Dispatcher
+from tts_gateway.core.dispatch import Dispatcher, Outcome
 from tts_gateway.core.service import Plan
-from tts_gateway.errors import TTSGatewayError
+from tts_gateway.errors import Cancelled, TTSGatewayError
 from tts_gateway.gateway.problems import status_of
 
 
-async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str] | None = None) -> Response[Any]:
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client goes away (the body has been read, so nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(work: Awaitable[Outcome], request: Request[Any, Any, Any]) -> Outcome:
+    """``work``, cancelled as soon as the client disconnects (the engine stops at its next chunk)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()  # the runner sets the request's cancel event and frees its slot when the worker stops
+        with suppress(asyncio.CancelledError, Exception):
+            await task
+        raise Cancelled("the client went away before the audio was ready; the synthesis was stopped")
+    finally:
+        watcher.cancel()
+
+
+async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str] | None = None,
+                  request: Request[Any, Any, Any] | None = None) -> Response[Any]:
     """Run ``plan`` and answer with audio; counts ``tts_requests_total{engine,status}``.
 
     Args:
         dispatcher: The phrase cache and runner.
         plan: A validated synthesis.
         headers: More response headers (e.g. a note that a request field was ignored).
+        request: The HTTP request: a whole-audio synthesis stops when its client disconnects (a stream
+            stops by itself when its body can no longer be sent).
     """
     metrics = dispatcher.core.metrics
     try:
-        outcome = await dispatcher.run(plan)
+        if request is not None and not plan.streams:
+            outcome = await _unless_client_leaves(dispatcher.run(plan), request)
+        else:
+            outcome = await dispatcher.run(plan)
     except TTSGatewayError as exc:
         metrics.requests.labels(plan.engine_name, str(status_of(exc))).inc()
         raise

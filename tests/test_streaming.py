@@ -136,6 +136,22 @@ def test_disconnect_cancels_remaining_work(server: str, gated_voice: str) -> Non
     wait_until(lambda: in_flight(server) == 0, "the abandoned synthesis to stop and free its slot")
 
 
+def test_a_whole_audio_client_that_leaves_stops_its_synthesis(server: str, gated_voice: str) -> None:
+    """Not streamed: the client sends its request and leaves while the synthesis is held at a gate that never
+    opens; only the cancellation its disconnect sets off can end the work and free the slot."""
+    import json
+    import socket
+
+    body = json.dumps({"text": "One. wait-for-never-whole two.", "voice": gated_voice, "cache": False}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HANG_GUARD_S) as conn:
+        conn.sendall(b"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_until(lambda: in_flight(server) == 1, "the synthesis to be held at the gate")
+    # The socket is closed: the client is gone before any audio exists.
+    wait_until(lambda: in_flight(server) == 0, "the abandoned synthesis to stop and free its slot")
+
+
 @pytest.mark.parametrize(
     ("fmt", "rate"),
     [("wav", None), ("wav", 8000), ("flac", 44100), ("mp3", 24000), ("opus", 48000), ("opus", None),

@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 
 from tts_gateway.config import Settings
@@ -69,7 +70,8 @@ class OpenAIController(Controller):
           **documented(*auth_problems("synthesize"), 404, 409, 503, 504, audio=SPEECH_FORMATS, body=True,
                        headers=INSTRUCTIONS_HEADERS))
     async def speech(self, data: SpeechBody, dispatcher: Dispatcher, service: SynthesisService,
-                     settings: Settings, engines: EngineManager, voices: VoiceCatalog) -> Response[bytes]:
+                     settings: Settings, engines: EngineManager, voices: VoiceCatalog,
+                     request: Request[Any, Any, Any]) -> Response[bytes]:
         """Works with the `openai` SDK: `client.audio.speech.create(model=..., voice=..., input=...)`.
 
         `instructions` are accepted but no engine here supports them: the response then carries
@@ -85,7 +87,7 @@ class OpenAIController(Controller):
         )
         plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
         ignored = {INSTRUCTIONS_HEADER: INSTRUCTIONS_NOTE} if data.instructions and data.instructions.strip() else None
-        return await respond(dispatcher, plan, ignored)
+        return await respond(dispatcher, plan, ignored, request=request)
 
     @get("/models", opt={"scope": "any"}, summary="Models (OpenAI list shape)",
          **documented(*auth_problems("any")))

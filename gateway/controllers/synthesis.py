@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, post
+from litestar import Controller, Request, Response, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
@@ -31,14 +31,14 @@ class SynthesisController(Controller):
           before_request=json_body(SynthesizeBody), summary="Synthesize speech",
           **documented(*auth_problems("synthesize"), 404, 409, 503, 504, audio=FORMATS, body=True))
     async def synthesize(self, data: SynthesizeBody, dispatcher: Dispatcher,
-                         service: SynthesisService) -> Response[bytes]:
+                         service: SynthesisService, request: Request[Any, Any, Any]) -> Response[bytes]:
         """Text → audio with a built-in voice (`engine:voice`) or a registered preset."""
         synthesis = SynthesisRequest(
             text=data.text, voice=data.voice, language=data.language, format=data.format,
             sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream, cache=data.cache,
         )
         plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
-        return await respond(dispatcher, plan)
+        return await respond(dispatcher, plan, request=request)
 
     @post("/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["legacy"],
           before_request=require_multipart,
@@ -50,6 +50,7 @@ class SynthesisController(Controller):
         dispatcher: Dispatcher,
         service: SynthesisService,
         voices: VoiceCatalog,
+        request: Request[Any, Any, Any],
     ) -> Response[bytes]:
         """Unchanged from the old service: the latents of an uploaded clip are cached by its audio hash."""
         if not hasattr(data.speaker_audio, "read"):
@@ -62,7 +63,7 @@ class SynthesisController(Controller):
         synthesis = SynthesisRequest(text=data.text, language=data.language or "en", format="wav",
                                      sample_rate=LEGACY_RATE)
         plan = await asyncio.to_thread(service.plan, synthesis, voice)
-        return await respond(dispatcher, plan)
+        return await respond(dispatcher, plan, request=request)
 
 
 __all__ = ["SynthesisController"]

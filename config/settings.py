@@ -75,7 +75,6 @@ class Settings:
     accept_cpml: bool = False  # the user accepts the Coqui Public Model License (XTTS v2 may be fetched)
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
-    require_consent: bool = True  # POST /v1/voices needs consent=true
     piper_voices_dir: Path | None = None  # every NAME.onnx + NAME.onnx.json here is a voice piper:NAME
     # TTS_GATEWAY_* variables that mean nothing here, each with the nearest known name (start-up warns).
     unknown_variables: tuple[tuple[str, str | None], ...] = field(default=(), compare=False)
@@ -210,7 +209,6 @@ class Settings:
             accept_cpml=flag("ACCEPT_CPML", False),
             kokoro_model=path("KOKORO_MODEL"),
             kokoro_voices=path("KOKORO_VOICES"),
-            require_consent=flag("REQUIRE_CONSENT", True),
             piper_voices_dir=path("PIPER_VOICES_DIR"),
         )
         return replace(parsed, unknown_variables=env.unknown())

@@ -63,7 +63,7 @@ class _OrderedPieces:
     """
 
     def __init__(self, make: Callable[[str], Iterator[np.ndarray]], pieces: list[str], window: int,
-                 cancel: threading.Event) -> None:
+                 cancel: threading.Event, first_alone: bool = False) -> None:
         self.make = make
         self.pieces = pieces
         self.window = max(1, window)
@@ -72,7 +72,9 @@ class _OrderedPieces:
         self.next_start = 0
         self.threads: list[threading.Thread] = []
         if self.window > 1:
-            while self.next_start < min(self.window, len(pieces)):
+            # A stream's first sentence runs alone, with the whole machine: it is what the listener
+            # waits for. The others then run side by side, ``window`` ahead of what is being sent.
+            while self.next_start < min(1 if first_alone else self.window, len(pieces)):
                 self._start()
 
     def _start(self) -> None:
@@ -107,7 +109,7 @@ class _OrderedPieces:
             if isinstance(item, BaseException):
                 raise item
             yield item
-        if self.next_start < len(self.pieces) and not self.cancel.is_set():
+        while self.next_start < min(index + 1 + self.window, len(self.pieces)) and not self.cancel.is_set():
             self._start()
 
     def close(self) -> None:
@@ -293,7 +295,7 @@ class SynthesisService:
                 resample = Resampler(engine.sample_rate, plan.rate)
                 window = PIECE_WINDOW if engine.capabilities.parallel_pieces else 1
                 pieces = _OrderedPieces(lambda text: engine.synthesize(text, plan.voice.input, options),
-                                        plan.pieces, window, cancel)
+                                        plan.pieces, window, cancel, first_alone=plan.streams)
                 for index in range(len(plan.pieces)):
                     if cancel.is_set():
                         raise SynthesisCancelled("cancelled")

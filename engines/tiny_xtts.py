@@ -66,7 +66,7 @@ def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 4
     args.gpt_n_heads = 4
     args.decoder_input_dim = 64  # the decoder reads GPT latents: must equal the GPT width
     args.gpt_use_perceiver_resampler = True  # as v2: latents [1, 32, dim]
-    args.gpt_max_audio_tokens = max_audio_tokens  # random weights never emit stop
+    args.gpt_max_audio_tokens = max_audio_tokens  # every generation runs to this cap (stop is masked below)
     args.gpt_number_text_tokens = tokenizer.get_number_tokens()
     args.gpt_start_text_token = vocab["[START]"]
     args.gpt_stop_text_token = vocab["[STOP]"]
@@ -76,6 +76,8 @@ def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 4
     model = Xtts(config)
     model.tokenizer = tokenizer
     model.init_models()
+    with torch.no_grad():  # random weights would stop early for ~5 % of seeds: lengths must not depend on the seed
+        model.gpt.mel_head.bias[args.gpt_stop_audio_token] = -1e4
     torch.save({"model": model.state_dict()}, directory / "model.pth")
     # As XTTS v2's speakers_xtts.pth: name → {gpt_cond_latent [1, 32, width], speaker_embedding [1, 512, 1]}.
     speakers = {

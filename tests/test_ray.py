@@ -142,6 +142,15 @@ def test_two_piper_replicas_serve(ray_env: RayEnv) -> None:
     assert all(s["loaded"] and s["rss"] > 50_000_000 for s in stats)
 
 
+async def _until_queued(backend: Any, engine: str, count: int) -> None:
+    """Wait until the handle's router holds ``count`` requests in its queue (Serve's own counter)."""
+    router = backend._handles[engine]._router._asyncio_router  # Serve 2.60: the queue bound is enforced here
+    deadline = time.monotonic() + HANG_GUARD_S
+    while router._metrics_manager.num_queued_requests < count:
+        assert time.monotonic() < deadline, "the request never reached Serve's queue"
+        await asyncio.sleep(0.01)
+
+
 def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
     # 20 pieces of 4 words; the second holds at a gate that never opens, so the stream keeps the only slot
     # until the client leaves, however slow the machine (it used to be ~4 s of chunks racing the test).
@@ -157,7 +166,7 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
         assert first
         # max_ongoing_requests=1 (the stream), max_queued_requests=1 (Serve 2.60's smallest bound; 0 is refused)
         queued = asyncio.create_task(ray_env.backend.call(quick))
-        await asyncio.sleep(0.3)
+        await _until_queued(ray_env.backend, "clone", 1)  # the one queue place is taken, however slow the machine
         assert not queued.done()
         with pytest.raises(Unavailable) as rejected:
             await ray_env.backend.call(quick)

@@ -44,7 +44,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8001
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "tts-gateway")
-    engines: tuple[str, ...] = ("piper", "xtts", "espeak")
+    engines: tuple[str, ...] = ("piper", "xtts", "espeak", "kokoro")  # kokoro costs nothing until used
     plugins: tuple[str, ...] = ()
     default_voice: str = "piper:joe"
     xtts_checkpoint: Path | None = None

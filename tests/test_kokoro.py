@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from litestar.testing import TestClient
 
-from tests.conftest import running_app, wait_for_warm_up
+from tests.conftest import HANG_GUARD_S, running_app, uvicorn_server, wait_for_warm_up
 from tts_gateway.config import Settings
 from tts_gateway.engines import kokoro_engine
 from tts_gateway.engines.base import (
@@ -402,6 +402,30 @@ def test_app_lists_the_engine_languages_and_voices(kokoro_client: TestClient[Any
     response = kokoro_client.post("/v1/synthesize", json={"text": "Hello.", "voice": "kokoro:jf_alpha",
                                                           "language": "en"})
     assert response.status_code == 422, response.text
+
+
+@needs_model
+def test_enabled_by_default_and_free_until_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server with the default TTS_GATEWAY_ENGINES lists kokoro, has not touched its model, and speaks with it."""
+    import httpx
+
+    for variable in ("TTS_GATEWAY_ENGINES", "KOKORO_JA_CACHE", "TTS_GATEWAY_KOKORO_MODEL", "TTS_GATEWAY_KOKORO_VOICES"):
+        monkeypatch.delenv(variable, raising=False)
+    assert "kokoro" in Settings.from_env({}).engines
+    data = tmp_path / "data"
+    with uvicorn_server({"TTS_GATEWAY_DATA_DIR": str(data)}) as base:
+        engines = {e["name"]: e for e in httpx.get(base + "/v1/engines", timeout=30).json()["engines"]}
+        assert {"piper", "xtts", "espeak", "kokoro"} <= set(engines)
+        assert engines["kokoro"]["available"] is True and engines["kokoro"]["loaded"] is False
+        assert not (data / "kokoro").exists()  # the model is reassembled on first use, not at start-up
+        languages = {entry["code"]: entry["engines"] for entry in httpx.get(base + "/v1/languages", timeout=30).json()}
+        assert "kokoro" in languages["ja"]
+        response = httpx.post(base + "/v1/synthesize", json={"text": SHORT, "voice": "kokoro:jf_alpha", "seed": 1},
+                              timeout=HANG_GUARD_S)
+        assert response.status_code == 200, response.text
+        audio, rate = sf.read(io.BytesIO(response.content))
+        assert rate == 24000 and audio.size / rate > 0.5 and _rms(audio) > 0.01
+        assert httpx.get(base + "/v1/engines/kokoro", timeout=30).json()["loaded"] is True
 
 
 def test_kokoro_is_a_builtin_plugin(tmp_path: Path) -> None:

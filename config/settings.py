@@ -52,6 +52,8 @@ class Settings:
     api_keys: tuple[ApiKey, ...] = ()
     max_text_chars: int = 5000
     max_upload_bytes: int = 20_000_000  # 20 MB
+    header_timeout_s: float = 10.0  # a request line and headers arrive within this, or 408
+    body_timeout_s: float = 30.0  # longest pause inside a request body before the connection closes
     max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_queue: int = 16
     timeout_s: float = 120.0
@@ -190,6 +192,8 @@ class Settings:
             api_keys=parse_api_keys(raw("API_KEYS")),
             max_text_chars=integer("MAX_TEXT_CHARS", base.max_text_chars, 1),
             max_upload_bytes=parse_size("MAX_UPLOAD_BYTES", raw("MAX_UPLOAD_BYTES"), base.max_upload_bytes),
+            header_timeout_s=number("HEADER_TIMEOUT_S", base.header_timeout_s, 0.001),
+            body_timeout_s=number("BODY_TIMEOUT_S", base.body_timeout_s, 0.001),
             max_concurrency=integer("MAX_CONCURRENCY", base.max_concurrency, 1),
             max_queue=integer("MAX_QUEUE", base.max_queue, 0),
             timeout_s=number("TIMEOUT_S", base.timeout_s, 0.001),

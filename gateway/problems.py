@@ -54,6 +54,7 @@ STATUS_OF_KIND: dict[str, int] = {
     "conflict": 409,
     "invalid": 422,
     "unsupported_media": 415,
+    "too_large": 413,
     "unavailable": 503,
     "timed_out": 504,
     "cancelled": 499,
@@ -72,7 +73,8 @@ PROBLEM_DESCRIPTIONS: dict[int, str] = {
     403: "The API key lacks the scope this route needs",
     404: "Unknown voice, engine or route",
     409: "Conflict: the name exists, the voice is broken or read-only, or the engine is busy",
-    413: "The body is larger than TTS_GATEWAY_MAX_UPLOAD_BYTES",
+    413: "The body is larger than its limit: TTS_GATEWAY_MAX_UPLOAD_BYTES for uploads, a size derived from "
+         "TTS_GATEWAY_MAX_TEXT_CHARS for JSON",
     415: "Wrong content type, or an upload that is not audio",
     422: "A field is invalid (empty or too long text, a language the engine lacks, bad format, speed, rate...)",
     500: "Internal error; the server log has the details",

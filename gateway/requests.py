@@ -10,12 +10,17 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import ClientException, SerializationException
 from litestar.status_codes import HTTP_204_NO_CONTENT
+from litestar.types import Empty
 
-from tts_gateway.errors import Invalid, InvalidField, UnsupportedMedia
+from tts_gateway.errors import Invalid, InvalidField, TooLarge, UnsupportedMedia
 
 
 def _mime(request: Request[Any, Any, Any]) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _is_json(mime: str) -> bool:
+    return mime == "application/json" or mime.endswith("+json")
 
 
 _NON_FINITE = re.compile(rb'"([^"\\]{1,64})"\s*:\s*-?(?:NaN|Infinity)\b')
@@ -34,7 +39,7 @@ def json_body(kind: type[Any]) -> Callable[[Request[Any, Any, Any]], Awaitable[N
 
     async def check(request: Request[Any, Any, Any]) -> None:
         mime = _mime(request)
-        if mime != "application/json" and not mime.endswith("+json"):
+        if not _is_json(mime):
             raise UnsupportedMedia(f"send the body as application/json, not {mime or 'no content type'}")
         body = await request.body()
         try:
@@ -80,8 +85,40 @@ async def answer_options(request: Request[Any, Any, Any]) -> Response[None] | No
     return Response(None, status_code=HTTP_204_NO_CONTENT, headers={"Allow": ", ".join(sorted(methods))})
 
 
+def json_body_limit(max_text_chars: int) -> int:
+    """Bytes a JSON request body may have: the longest allowed text with every character written as
+    an escaped surrogate pair (12 bytes), plus room for the other fields."""
+    return 12 * max_text_chars + JSON_OVERHEAD_BYTES
+
+
+JSON_OVERHEAD_BYTES = 16 * 1024
+
+
 class SafeJSONRequest(Request[Any, Any, Any]):
-    """Turns JSON decode failures Litestar does not catch into 400s instead of 500s."""
+    """JSON bodies bounded by a size made for text (not the upload limit), and JSON decode failures
+    Litestar does not catch as 400s instead of 500s."""
+
+    async def body(self) -> bytes:
+        if self._body is Empty and self._connection_state.body is Empty and _is_json(_mime(self)):
+            settings = getattr(self.app.state, "settings", None)
+            if settings is not None:
+                self._body = self._connection_state.body = await self._bounded_body(
+                    json_body_limit(settings.max_text_chars))
+        return await super().body()
+
+    async def _bounded_body(self, limit: int) -> bytes:
+        too_large = TooLarge(f"a JSON body is limited to {limit} bytes (room for TTS_GATEWAY_MAX_TEXT_CHARS characters "
+                             "of text); send audio as multipart/form-data", code="body-too-large")
+        if self.content_length is not None and self.content_length > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def json(self) -> Any:
         try:
@@ -92,4 +129,4 @@ class SafeJSONRequest(Request[Any, Any, Any]):
             raise SerializationException("JSON is malformed: nested too deeply") from None
 
 
-__all__ = ["SafeJSONRequest", "answer_options", "json_body", "require_multipart"]
+__all__ = ["SafeJSONRequest", "answer_options", "json_body", "json_body_limit", "require_multipart"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -252,6 +253,91 @@ def test_request_headers_are_bounded(tmp_path: Any) -> None:
         with socket.create_connection((host, int(port)), timeout=60) as conn:  # normal headers still work
             conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def _read_all(conn: Any) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout is the hang guard)."""
+    reply = b""
+    try:
+        while chunk := conn.recv(65536):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    return reply
+
+
+def test_slow_and_silent_clients_are_cut_off(tmp_path: Any) -> None:
+    """A connection that sends nothing, trickles its headers, or stalls in its body is closed; others are served.
+
+    The trickling client keeps sending (a byte every 0.2 s), so only a deadline on the whole head can
+    close it; without one, the socket's own timeout (the hang guard) would fail the test.
+    """
+    import socket
+    import time
+
+    from tests.conftest import HANG_GUARD_S, uvicorn_server
+
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "espeak",
+           "TTS_GATEWAY_DEFAULT_VOICE": "espeak:en", "TTS_GATEWAY_CANARY": "0",
+           "TTS_GATEWAY_HEADER_TIMEOUT_S": "1", "TTS_GATEWAY_BODY_TIMEOUT_S": "1"}
+    with uvicorn_server(env) as base:
+        address = base.removeprefix("http://").split(":")
+        where = (address[0], int(address[1]))
+        with socket.create_connection(where, timeout=HANG_GUARD_S) as silent:  # connects, says nothing
+            reply = _read_all(silent)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"application/problem+json" in reply and b"within 1 s" in reply
+
+        with socket.create_connection(where, timeout=HANG_GUARD_S) as trickle:
+            head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+            closed = False
+            for byte in head:  # bounded: 10 000 bytes at 0.2 s would be 33 min, the server closes long before
+                try:
+                    trickle.sendall(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                trickle.settimeout(0.2)
+                try:
+                    if trickle.recv(65536).startswith(b"HTTP/1.1 408"):
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+                trickle.settimeout(HANG_GUARD_S)
+            assert closed, "a client trickling its headers kept its connection"
+
+        with socket.create_connection(where, timeout=HANG_GUARD_S) as stalled:  # headers, then half a body
+            stalled.sendall(b"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"text\": \"hel")
+            started = time.monotonic()
+            reply = _read_all(stalled)  # the server closes: nothing is synthesized for half a request
+        assert not reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert time.monotonic() - started < HANG_GUARD_S
+
+        with socket.create_connection(where, timeout=HANG_GUARD_S) as normal:  # a prompt client is served
+            normal.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _read_all(normal).startswith(b"HTTP/1.1 200")
+
+
+def test_json_bodies_are_bounded_for_text_not_uploads(client: Any) -> None:
+    """A JSON body gets room for the longest text, escaped, and no more: not the 20 MB upload limit."""
+    from tts_gateway.gateway.requests import json_body_limit
+
+    limit = json_body_limit(5000)
+    assert limit < 100_000
+    longest = "\U0001F600" * 5000  # 5000 characters, each written as a 12-byte escaped surrogate pair
+    body = json.dumps({"text": longest, "voice": "no-such-voice"})
+    assert len(body) <= limit
+    response = client.post("/v1/synthesize", content=body, headers={"content-type": "application/json"})
+    assert_problem(response, 422, "would be spoken")  # the body was read whole and parsed: the text check spoke
+    padded = json.dumps({"text": "hi", "voice": "espeak:en", "pad": " " * limit})
+    problem = assert_problem(client.post("/v1/synthesize", content=padded, headers={"content-type": "application/json"}),
+                             413, str(limit))
+    assert "TTS_GATEWAY_MAX_TEXT_CHARS" in problem["detail"]
+    speech = client.post("/v1/audio/speech", content=json.dumps({"model": "tts-1", "input": "x" * (limit + 1)}),
+                         headers={"content-type": "application/json"})
+    assert_problem(speech, 413, "JSON body")
 
 
 def test_mistakes_get_a_hint_that_goes_one_step_further(client: Any) -> None:

@@ -89,7 +89,7 @@ TABLE: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      "application/json"),
     ("form-to-json", "POST", "/v1/synthesize", {"data": {"text": "hi"}}, 415, "application/json"),
     ("too-large", "POST", "/v1/synthesize", {"content": b'{"text": "' + b"a" * 2_100_000 + b'"}', "headers": J},
-     413, "larger than the limit"),
+     413, "JSON body is limited to"),
     ("unknown-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "nobody"}}, 404, "unknown voice"),
     ("unknown-engine-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "zzz:a"}}, 404, "no engine"),
     ("traversal-voice", "POST", "/v1/synthesize", {"json": {"text": "hi", "voice": "../etc/passwd"}}, 404,

@@ -86,6 +86,7 @@ def serve(
 
     from tts_gateway.config.settings import parse_wyoming_uri
     from tts_gateway.gateway import create_app
+    from tts_gateway.gateway.connections import bounded_h11
 
     settings = load_settings()
     try:
@@ -115,11 +116,12 @@ def serve(
         asgi = alongside(application, WyomingServer(application.state.tts, settings.wyoming_uri), grace_s=grace_s,
                          should_exit=lambda: server is not None and server.should_exit)
     # uvicorn drains in-flight requests on SIGTERM before the lifespan shutdown runs.
-    # Connections cost memory: request headers are bounded (h11 enforces a size; httptools does not),
-    # idle keep-alive connections close after 5 s, and past 512 open connections new ones get 503.
-    # Slow clients that trickle headers are a reverse proxy's job (see README, "Deployment").
+    # Connections cost memory: request headers are bounded in size (h11 enforces one; httptools does
+    # not) and in time, as are pauses inside a body; idle keep-alive connections close after 5 s, and
+    # past 512 open connections new ones get 503.
+    http = bounded_h11(settings.header_timeout_s, settings.body_timeout_s)
     server = uvicorn.Server(uvicorn.Config(asgi, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=grace_s, http="h11",
+                                           timeout_graceful_shutdown=grace_s, http=http,
                                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
                                            limit_concurrency=MAX_CONNECTIONS))
     backend = application.state.backend

@@ -88,6 +88,14 @@ class UnsupportedMedia(TTSGatewayError):
     default_title = "Unsupported media type"
 
 
+class TooLarge(TTSGatewayError):
+    """A body or a part of it is larger than its limit (the detail names the limit)."""
+
+    kind = "too_large"
+    default_code = "too-large"
+    default_title = "Request too large"
+
+
 class Unavailable(TTSGatewayError):
     """The work cannot be done now (engine unavailable, server busy, storage down); retry later."""
 
@@ -114,9 +122,9 @@ class Cancelled(TTSGatewayError):
 
 
 KINDS: dict[str, type[TTSGatewayError]] = {
-    cls.kind: cls for cls in (TTSGatewayError, NotFound, Conflict, Invalid, UnsupportedMedia, Unavailable,
-                              TimedOut, Cancelled)
+    cls.kind: cls for cls in (TTSGatewayError, NotFound, Conflict, Invalid, UnsupportedMedia, TooLarge,
+                              Unavailable, TimedOut, Cancelled)
 }
 
 __all__ = ["KINDS", "Cancelled", "Conflict", "Invalid", "InvalidField", "NotFound", "TTSGatewayError", "TimedOut",
-           "Unavailable", "UnsupportedMedia"]
+           "TooLarge", "Unavailable", "UnsupportedMedia"]

@@ -92,7 +92,7 @@ class BoundedH11Protocol(H11Protocol):
         what, self._read_timer, self._waiting_for = self._waiting_for, None, None
         if self.transport is None or self.transport.is_closing():
             return
-        client = "%s:%d" % self.client if self.client else "a client"
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         if what == "head":
             log.warning("%s sent no complete request head within %g s: closed (408)", client, self.head_timeout_s)
             self.transport.write(_timeout_response(

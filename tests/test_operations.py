@@ -332,8 +332,8 @@ def test_json_bodies_are_bounded_for_text_not_uploads(client: Any) -> None:
     response = client.post("/v1/synthesize", content=body, headers={"content-type": "application/json"})
     assert_problem(response, 422, "would be spoken")  # the body was read whole and parsed: the text check spoke
     padded = json.dumps({"text": "hi", "voice": "espeak:en", "pad": " " * limit})
-    problem = assert_problem(client.post("/v1/synthesize", content=padded, headers={"content-type": "application/json"}),
-                             413, str(limit))
+    response = client.post("/v1/synthesize", content=padded, headers={"content-type": "application/json"})
+    problem = assert_problem(response, 413, str(limit))
     assert "TTS_GATEWAY_MAX_TEXT_CHARS" in problem["detail"]
     speech = client.post("/v1/audio/speech", content=json.dumps({"model": "tts-1", "input": "x" * (limit + 1)}),
                          headers={"content-type": "application/json"})

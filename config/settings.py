@@ -71,7 +71,15 @@ class Settings:
     ray_replicas: int = 1
     ray_max_ongoing_requests: int = 2
     ray_max_queued_requests: int = 16  # Serve 2.60 accepts >= 1
-    ray_replica_cpus: float = 1.0
+    ray_replica_cpus: float = 0.0  # 0: each replica gets an even share of the free CPUs, at most 1
+    ray_num_cpus: int = 0  # CPUs of a local cluster started here; 0: all of this machine's
+    ray_start_timeout_s: float = 600.0  # a deployment not running by then stops start-up with the reason
+    # Per engine, from TTS_GATEWAY_RAY_<ENGINE>_CPUS / _GPUS: {"xtts": {"num_gpus": 1.0}, …}
+    ray_placement: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Serve autoscaling when ray_max_replicas > 0 (replicas between min and max, aiming at the target).
+    ray_min_replicas: int = 1
+    ray_max_replicas: int = 0
+    ray_target_ongoing_requests: float = 2.0
     # tcp://HOST:PORT: also serve the Wyoming protocol (Home Assistant); None keeps it off.
     wyoming_uri: str | None = None
     accept_cpml: bool = False  # the user accepts the Coqui Public Model License (XTTS v2 may be fetched)
@@ -171,6 +179,13 @@ class Settings:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", plugin):
                 raise SettingsError(f"{PREFIX}PLUGINS has a bad module name: {plugin!r}")
 
+        placement: dict[str, dict[str, float]] = {}
+        for engine in engines:
+            for kind, key in (("CPUS", "num_cpus"), ("GPUS", "num_gpus")):
+                variable = f"RAY_{engine.upper().replace('-', '_')}_{kind}"
+                if raw(variable) is not None:
+                    placement.setdefault(engine, {})[key] = number(variable, 0.0, 0.0)
+
         backend = (raw("BACKEND") or "local").lower()
         if backend not in ("local", "ray"):
             raise SettingsError(f"{PREFIX}BACKEND must be local or ray, got {backend!r}")
@@ -209,12 +224,21 @@ class Settings:
             ray_max_ongoing_requests=integer("RAY_MAX_ONGOING_REQUESTS", base.ray_max_ongoing_requests, 1),
             ray_max_queued_requests=integer("RAY_MAX_QUEUED_REQUESTS", base.ray_max_queued_requests, 1),
             ray_replica_cpus=number("RAY_REPLICA_CPUS", base.ray_replica_cpus, 0.0),
+            ray_num_cpus=integer("RAY_NUM_CPUS", base.ray_num_cpus, 0),
+            ray_start_timeout_s=number("RAY_START_TIMEOUT_S", base.ray_start_timeout_s, 1.0),
+            ray_placement=placement,
+            ray_min_replicas=integer("RAY_MIN_REPLICAS", base.ray_min_replicas, 0),
+            ray_max_replicas=integer("RAY_MAX_REPLICAS", base.ray_max_replicas, 0),
+            ray_target_ongoing_requests=number("RAY_TARGET_ONGOING_REQUESTS", base.ray_target_ongoing_requests, 0.01),
             wyoming_uri=parse_wyoming_uri(raw("WYOMING_URI")),
             accept_cpml=flag("ACCEPT_CPML", False),
             kokoro_model=path("KOKORO_MODEL"),
             kokoro_voices=path("KOKORO_VOICES"),
             piper_voices_dir=path("PIPER_VOICES_DIR"),
         )
+        if 0 < parsed.ray_max_replicas < parsed.ray_min_replicas:
+            raise SettingsError(f"{PREFIX}RAY_MAX_REPLICAS ({parsed.ray_max_replicas}) must be at least "
+                                f"{PREFIX}RAY_MIN_REPLICAS ({parsed.ray_min_replicas})")
         return replace(parsed, unknown_variables=env.unknown())
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S
+from tests.conftest import HANG_GUARD_S, GatewayProcess
 from tts_gateway.config import Settings
 from tts_gateway.core.compose import build_core
 from tts_gateway.core.service import SynthesisRequest
@@ -50,6 +53,44 @@ def _reference_wav() -> bytes:
     out = io.BytesIO()
     sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
     return out.getvalue()
+
+
+# -- `tts-gateway serve` in ray mode: ready, or a one-line error; never a wait without end -----------------
+# First in the module: each starts its own 2-CPU local cluster, before the module's cluster exists.
+def _ray_serve_env(tmp_path: Path, tiny_xtts: Path, **extra: str) -> dict[str, str]:
+    """The reported set-up: the default engines (xtts with a checkpoint), a 2-CPU cluster, ray mode."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("TTS_GATEWAY_") and key not in ("RAY_ADDRESS", "KOKORO_JA_CACHE")}
+    return {**env, "PYTHONPATH": str(ROOT), "TTS_GATEWAY_BACKEND": "ray", "TTS_GATEWAY_RAY_NUM_CPUS": "2",
+            "TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_XTTS_CHECKPOINT": str(tiny_xtts),
+            **extra}
+
+
+def test_serve_in_ray_mode_with_the_default_engines_gets_ready_on_two_cpus(tmp_path: Path, tiny_xtts: Path) -> None:
+    import httpx
+
+    server = GatewayProcess(_ray_serve_env(tmp_path, tiny_xtts), inherit=False)
+    try:
+        server.wait_up("/ready", timeout=3 * HANG_GUARD_S)
+        response = httpx.post(server.base + "/v1/synthesize", json={"text": "Four engines on two CPUs.", "seed": 1},
+                              timeout=HANG_GUARD_S)
+        assert response.status_code == 200 and response.headers["x-engine"] == "piper", response.text
+        log = server.output()
+        for engine in ("piper", "xtts", "espeak", "kokoro"):
+            assert f"deployed tts-{engine} (0.5 CPU a replica)" in log, log[-3000:]
+    finally:
+        server.stop()
+
+
+def test_serve_in_ray_mode_that_cannot_fit_says_so_in_one_line(tmp_path: Path, tiny_xtts: Path) -> None:
+    env = _ray_serve_env(tmp_path, tiny_xtts, TTS_GATEWAY_RAY_REPLICA_CPUS="1")
+    result = subprocess.run([sys.executable, "-m", "tts_gateway", "serve"], env=env, capture_output=True, text=True,
+                            timeout=2 * HANG_GUARD_S)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "cannot place the deployments" in errors[0] and "need 4 CPUs" in errors[0]
+    assert "2 free of 2" in errors[0], errors
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +253,87 @@ def test_through_the_app(ray_env: RayEnv) -> None:
         assert streamed.status_code == 200 and len(streamed.content) > 1000
         preset = client.post("/v1/synthesize", json={"text": "preset voice", "voice": ray_env.preset, "seed": 2})
         assert preset.status_code == 200 and preset.headers["x-voice-sha256"]
+
+
+# -- start-up that fits the cluster or says why it cannot ---------------------------------------------------
+def test_replica_cpus_are_shared_out_or_the_shortfall_is_named() -> None:
+    from tts_gateway.ray.serve import plan_replica_cpus
+
+    # Three engines on two free CPUs (the case that used to wait forever for a third CPU): two thirds each.
+    assert plan_replica_cpus({"piper": 1, "xtts": 1, "espeak": 1}, {}, 2.0, 2.0) == \
+        {"piper": 0.66, "xtts": 0.66, "espeak": 0.66}
+    assert plan_replica_cpus({"piper": 1, "espeak": 1}, {}, 8.0, 8.0) == {"piper": 1.0, "espeak": 1.0}  # at most 1
+    assert plan_replica_cpus({"piper": 2, "xtts": 1}, {"xtts": 1.0}, 2.0, 2.0) == {"piper": 0.5, "xtts": 1.0}
+    with pytest.raises(Unavailable) as short:
+        plan_replica_cpus({"piper": 1, "xtts": 1, "espeak": 1}, {"piper": 1.0, "xtts": 1.0, "espeak": 1.0}, 2.0, 2.0)
+    detail = short.value.detail
+    assert "tts-piper 1×1, tts-xtts 1×1, tts-espeak 1×1 CPU need 3 CPUs" in detail and "2 free of 2" in detail
+    assert "TTS_GATEWAY_RAY_REPLICA_CPUS" in detail and "\n" not in detail
+    with pytest.raises(Unavailable, match="0 free of 2"):  # nothing left to share
+        plan_replica_cpus({"espeak": 1}, {}, 0.0, 2.0)
+
+
+def _deployed(name: str) -> dict[str, Any]:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    (deployment,) = details["applications"][name]["deployments"].values()
+    return dict(deployment["deployment_config"])
+
+
+def test_a_deployment_that_does_not_fit_fails_start_up_at_once(ray_env: RayEnv) -> None:
+    """The module's cluster has 2 CPUs and its replicas hold 1.5: a 1-CPU replica cannot be placed."""
+    backend = RayBackend(ray_env.settings, engines=["espeak"], replica_cpus=1.0)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as short:
+        backend.start()
+    assert time.monotonic() - started < HANG_GUARD_S
+    assert "tts-espeak 1×1 CPU need 1 CPUs" in short.value.detail and "0.5 free of 2" in short.value.detail
+    from ray import serve
+
+    assert "tts-espeak" not in serve.status().applications  # nothing was deployed
+
+
+def test_placement_and_autoscaling_settings_reach_serve(ray_env: RayEnv) -> None:
+    from ray import serve
+
+    settings = ray_env.settings.with_(engines=("piper", "espeak"), ray_placement={"espeak": {"num_cpus": 0.25}},
+                                      ray_min_replicas=1,
+                                      ray_max_replicas=2, ray_target_ongoing_requests=3.0, ray_replica_cpus=0.0)
+    backend = RayBackend(settings, engines=["espeak"], warm=False)
+    try:
+        backend.start()
+        config = _deployed("tts-espeak")
+        assert config["ray_actor_options"]["num_cpus"] == 0.25
+        scaling = config["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"], scaling["target_ongoing_requests"]) == (1, 2, 3.0)
+        core = build_core(settings, phrase_cache=False)  # plans for espeak (the module's core has no espeak)
+        try:
+            plan = core.service.plan(SynthesisRequest(text="Placed.", voice="espeak:en", seed=1))
+            assert len(asyncio.run(backend.call(plan))) > 44
+        finally:
+            core.close()
+    finally:
+        serve.delete("tts-espeak")
+    # Auto: the free half CPU is shared out (at most 1 a replica), read back from Serve.
+    auto = RayBackend(settings.with_(ray_placement={}, ray_max_replicas=0), engines=["espeak"], warm=False)
+    try:
+        auto.start()
+        assert _deployed("tts-espeak")["ray_actor_options"]["num_cpus"] == 0.5
+    finally:
+        serve.delete("tts-espeak")
+
+
+def test_a_deployment_that_never_starts_is_a_bounded_error(ray_env: RayEnv) -> None:
+    """A replica waiting for a resource no node has: start-up gives up at the deadline and cleans up."""
+    from ray import serve
+
+    settings = ray_env.settings.with_(ray_start_timeout_s=3.0)
+    backend = RayBackend(settings, engines=["espeak"], warm=False, overrides={"espeak": {"resources": {"tpu-v9": 1}}})
+    with pytest.raises(Unavailable) as never:
+        backend.start()
+    assert "did not start tts-espeak within 3 s (TTS_GATEWAY_RAY_START_TIMEOUT_S)" in never.value.detail
+    deadline = time.monotonic() + HANG_GUARD_S
+    while "tts-espeak" in serve.status().applications:  # deleted: it holds nothing
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

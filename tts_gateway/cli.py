@@ -126,7 +126,12 @@ def serve(
                                            limit_concurrency=MAX_CONNECTIONS))
     backend = application.state.backend
     if backend is not None:
-        backend.start()  # ray.init on the main thread, before uvicorn: Ray dies with the thread that started it
+        try:  # ray.init on the main thread, before uvicorn: Ray dies with the thread that started it
+            backend.start()
+        except TTSGatewayError as exc:  # the cluster cannot place the engines, or a deployment failed
+            err.print(f"[red]error:[/red] {exc.detail}")
+            backend.close()
+            raise typer.Exit(2) from None
     try:
         server.run()
     except KeyboardInterrupt:

@@ -385,6 +385,50 @@ def _setting(settings: Settings, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def plan_replica_cpus(replicas: Mapping[str, int], explicit: Mapping[str, float], free: float,
+                      total: float) -> dict[str, float]:
+    """CPUs a replica of each engine reserves, so that every replica fits in ``free`` CPUs.
+
+    Engines in ``explicit`` keep their figure; the rest share what is left evenly, at most one CPU a
+    replica (fractions are fine: Ray packs them). When even that cannot fit, a one-line
+    `Unavailable` names each deployment's need and what the cluster has, instead of Serve waiting
+    forever for a CPU that never frees up.
+    """
+    chosen = {engine: explicit[engine] for engine in replicas if engine in explicit}
+    left = free - sum(replicas[e] * c for e, c in chosen.items())
+    auto = [engine for engine in replicas if engine not in chosen]
+    if auto:
+        share = math.floor(100 * left / sum(replicas[e] for e in auto)) / 100 if left > 0 else 0.0
+        for engine in auto:
+            chosen[engine] = min(1.0, share)
+    need = sum(replicas[e] * c for e, c in chosen.items())
+    if any(c <= 0 for c in chosen.values()) or need > free + 1e-9:
+        parts = ", ".join(f"{app_name(e)} {replicas[e]}×{chosen[e]:g}" for e in replicas)
+        raise Unavailable(
+            f"the Ray cluster cannot place the deployments: {parts} CPU need {need:g} CPUs (at least 0.01 a "
+            f"replica), the cluster has {free:g} free of {total:g}; set TTS_GATEWAY_RAY_REPLICA_CPUS lower (0 shares "
+            "the free CPUs out), deploy fewer engines (TTS_GATEWAY_ENGINES) or add nodes", retry_after=None)
+    return chosen
+
+
+def check_gpus(needs: Mapping[str, tuple[int, float]], free: float) -> None:
+    """A one-line error when the replicas ask for more GPUs than the cluster has free."""
+    need = sum(count * gpus for count, gpus in needs.values())
+    if need > free + 1e-9:
+        parts = ", ".join(f"{name} {count}×{gpus:g}" for name, (count, gpus) in needs.items() if gpus)
+        raise Unavailable(f"the Ray cluster cannot place the deployments: {parts} GPU need {need:g} GPUs, the cluster "
+                          f"has {free:g} free", retry_after=None)
+
+
+def _first_line(text: str) -> str:
+    """The gist of a Serve message on one line: its first line, and its last (a traceback's exception)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    gist = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return gist[:400]
+
+
 class RayBackend:
     """Calls the engines' Serve deployments; see the module docstring.
 
@@ -426,11 +470,21 @@ class RayBackend:
         self.replicas: int = pick(replicas, "ray_replicas", 1)
         self.max_ongoing: int = pick(max_ongoing_requests, "ray_max_ongoing_requests", 2)
         self.max_queued: int = pick(max_queued_requests, "ray_max_queued_requests", 16)
-        self.replica_cpus: float = pick(replica_cpus, "ray_replica_cpus", 1.0)
+        self.replica_cpus: float = pick(replica_cpus, "ray_replica_cpus", 0.0)  # 0: share the free CPUs out
+        self.start_timeout_s: float = float(pick(None, "ray_start_timeout_s", 600.0))
+        self._cpus: dict[str, float] = {}  # per engine, chosen at start()
         self.num_cpus: int | None = pick(num_cpus, "ray_num_cpus", 0) or None
         self.timeout_s = settings.timeout_s
         self._engines = engines
         self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+        for engine, placement in (_setting(settings, "ray_placement", {}) or {}).items():
+            for key, value in placement.items():  # TTS_GATEWAY_RAY_<ENGINE>_CPUS / _GPUS
+                self.overrides.setdefault(engine, {}).setdefault(key, value)
+        self.autoscaling: dict[str, Any] | None = None
+        if (_setting(settings, "ray_max_replicas", 0) or 0) > 0:
+            self.autoscaling = {"min_replicas": _setting(settings, "ray_min_replicas", 1),
+                                "max_replicas": _setting(settings, "ray_max_replicas", 0),
+                                "target_ongoing_requests": _setting(settings, "ray_target_ongoing_requests", 2.0)}
         self.runtime_env = dict(runtime_env or {})
         self.warm = warm
         self.max_voices = max_voices
@@ -475,11 +529,73 @@ class RayBackend:
             if name in running:  # another gateway deployed it: share it, do not redeploy (it would restart)
                 log.info("using the running Serve application %s", name)
                 self._handles[engine] = serve.get_app_handle(name)
-            else:
+        new = [engine for engine in self.engines if engine not in self._handles]
+        free = ray.available_resources()
+        self._cpus = plan_replica_cpus({e: self._replica_count(e) for e in new}, self._explicit_cpus(new),
+                                       float(free.get("CPU", 0.0)), float(ray.cluster_resources().get("CPU", 0.0)))
+        check_gpus({app_name(e): (self._replica_count(e), float(self.overrides.get(e, {}).get("num_gpus", 0) or 0))
+                    for e in new}, float(free.get("GPU", 0.0)))
+        deployed: list[str] = []
+        try:
+            for engine in new:
+                name = app_name(engine)
                 started = time.perf_counter()
-                self._handles[engine] = serve.run(self._application(engine), name=name, route_prefix=None)
-                log.info("deployed %s in %.1fs", name, time.perf_counter() - started)
+                serve._run(self._application(engine), _blocking=False, name=name, route_prefix=None)
+                deployed.append(name)
+                self._wait_running(name, time.monotonic() + self.start_timeout_s)
+                self._handles[engine] = serve.get_app_handle(name)
+                log.info("deployed %s (%g CPU a replica) in %.1fs", name, self._cpus[engine],
+                         time.perf_counter() - started)
+        except BaseException:
+            for name in deployed:  # nothing half-deployed stays behind, holding CPUs
+                try:
+                    serve.delete(name, _blocking=False)
+                except Exception:
+                    log.exception("could not delete %s", name)
+            self._handles.clear()
+            raise
         self.started = True
+
+    def _replica_count(self, engine: str) -> int:
+        """Replicas that must fit at start: the fixed count, or autoscaling's minimum (at least one)."""
+        extra = self.overrides.get(engine, {})
+        scaling = extra.get("autoscaling_config") or (self.autoscaling if "num_replicas" not in extra else None)
+        if scaling:
+            return max(1, int(scaling.get("initial_replicas") or scaling.get("min_replicas") or 1))
+        return int(extra.get("num_replicas", self.replicas))
+
+    def _explicit_cpus(self, engines: list[str]) -> dict[str, float]:
+        """Engines whose replicas' CPUs were set (per engine, or TTS_GATEWAY_RAY_REPLICA_CPUS > 0)."""
+        chosen: dict[str, float] = {}
+        for engine in engines:
+            given = self.overrides.get(engine, {}).get("num_cpus")
+            if given is None and self.replica_cpus > 0:
+                given = self.replica_cpus
+            if given is not None:
+                chosen[engine] = float(given)
+        return chosen
+
+    def _wait_running(self, name: str, deadline: float) -> None:
+        """Until Serve says ``name`` is running; a failed deployment or the deadline is a one-line error."""
+        from ray import serve
+
+        while True:
+            app = serve.status().applications.get(name)
+            status = str(app.status).rsplit(".", 1)[-1] if app is not None else "NOT_STARTED"
+            if status == "RUNNING":
+                return
+            messages = [app.message] if app is not None else []
+            if app is not None:  # the deployments' messages say why (the application's only that they failed)
+                messages = [d.message for d in app.deployments.values() if d.message] or messages
+            message = " ".join(_first_line(m) for m in messages if m)
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise Unavailable(f"Ray Serve could not start {name}: {status}: {_first_line(message)}",
+                                  retry_after=None)
+            if time.monotonic() > deadline:
+                raise Unavailable(f"Ray Serve did not start {name} within {self.start_timeout_s:g} s "
+                                  f"(TTS_GATEWAY_RAY_START_TIMEOUT_S); it is {status}: "
+                                  f"{_first_line(message) or 'no message'}", retry_after=None)
+            time.sleep(0.5)
 
     def _init_options(self) -> dict[str, Any]:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -524,9 +640,19 @@ class RayBackend:
             env.setdefault("PYTHONPATH", os.environ["PYTHONPATH"])
         env.update({str(k): str(v) for k, v in (extra.pop("env", None) or {}).items()})
         runtime_env = {**self.runtime_env, "env_vars": env}
-        actor = {"num_cpus": extra.pop("num_cpus", self.replica_cpus), "runtime_env": runtime_env}
+        cpus = extra.pop("num_cpus", None)
+        cpus = self._cpus.get(engine, cpus if cpus is not None else (self.replica_cpus or 1.0))
+        actor = {"num_cpus": cpus, "runtime_env": runtime_env}
+        for key in ("num_gpus", "resources", "accelerator_type"):  # placement, as Ray's actor options name it
+            if key in extra:
+                actor[key] = extra.pop(key)
+        replicas: dict[str, Any] = {"num_replicas": self.replicas}
+        if "autoscaling_config" in extra:
+            replicas = {}
+        elif self.autoscaling and "num_replicas" not in extra:
+            replicas = {"autoscaling_config": dict(self.autoscaling)}
         return {
-            "name": app_name(engine), "num_replicas": self.replicas, "max_ongoing_requests": self.max_ongoing,
+            "name": app_name(engine), **replicas, "max_ongoing_requests": self.max_ongoing,
             "max_queued_requests": self.max_queued, "ray_actor_options": actor,
             "graceful_shutdown_timeout_s": 5, **extra,
         }

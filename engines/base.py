@@ -44,9 +44,10 @@ class BuiltinVoice:
     """A read-only voice an engine ships, exposed as ``<engine>:<id>``."""
 
     id: str
-    language: str
+    language: str  # its own language, the default when a request names none
     description: str = ""
     licence: str = "unknown"
+    languages: tuple[str, ...] = ()  # every language it speaks, when more than its own (XTTS studio speakers)
 
 
 @dataclass(frozen=True)

@@ -222,13 +222,14 @@ class XttsEngine(BaseEngine):
 
     def voices(self) -> list[BuiltinVoice]:
         """The checkpoint's studio speakers (``speakers_xtts.pth``), read once and cached; each speaks every
-        language of the engine (an empty ``language``: the engine's first is the default)."""
+        language of the engine, English by default (XTTS v2's speakers were recorded in English)."""
         if not self.availability()[0] and self._active is None:
             return []
         speakers = self._speakers.speakers(self.checkpoint)
-        count = len(self.languages)
-        return [BuiltinVoice(s.slug, "", f"XTTS v2 studio speaker {s.name}; speaks all {count} XTTS languages",
-                             licence=LICENCE) for s in speakers.by_slug.values()]
+        languages = tuple(self.languages)
+        own = "en" if "en" in languages else (languages[0] if languages else "")
+        return [BuiltinVoice(s.slug, own, f"XTTS v2 studio speaker {s.name}; speaks all {len(languages)} XTTS "
+                             "languages", licence=LICENCE, languages=languages) for s in speakers.by_slug.values()]
 
     def max_chars(self, language: str) -> int:
         return _CHAR_LIMITS.get(language.split("-")[0], 250)

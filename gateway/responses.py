@@ -18,6 +18,7 @@ class BuiltinVoice(msgspec.Struct, tag_field="kind", tag="builtin"):
     name: str
     engine: str
     language: str
+    languages: list[str]  # every language it speaks; its own (``language``) first
     description: str
     licence: str
     read_only: bool

@@ -57,7 +57,8 @@ def test_listing_is_cheap_and_cached(tiny_xtts: Path) -> None:
     assert [v.id for v in first] == SLUGS and len(TINY_SPEAKERS) == 3
     assert not engine.loaded  # listing never loads the model
     voice = first[0]
-    assert voice.language == "" and "Claribel Dervla" in voice.description and "16" in voice.description
+    assert voice.language == "en" and "Claribel Dervla" in voice.description and "16" in voice.description
+    assert len(voice.languages) == 16 and {"en", "de", "ja", "zh-cn"} <= set(voice.languages)
     assert voice.licence.startswith("CPML")
     cache = engine._speakers
     assert cache.speakers(tiny_xtts) is cache.speakers(tiny_xtts)  # read once per file version
@@ -77,6 +78,7 @@ def test_studio_speakers_are_builtin_voices(speaker_client: Any) -> None:
         voice = voices[f"xtts:{slug}"]
         assert voice["kind"] == "builtin" and voice["engine"] == "xtts" and voice["read_only"] is True
         assert voice["status"] == "ok" and voice["licence"].startswith("CPML")
+        assert voice["language"] == "en" and len(voice["languages"]) == 16 and "de" in voice["languages"]
     one = speaker_client.get("/v1/voices/xtts:ana-florence").json()
     assert one["name"] == "xtts:ana-florence" and "Ana Florence" in one["description"]
     engine = speaker_client.get("/v1/engines/xtts").json()

@@ -168,7 +168,8 @@ class VoiceCatalog:
             for v in self.builtin_voices(engine):
                 voices.append({
                     "name": f"{engine_name}:{v.id}", "engine": engine_name, "kind": "builtin",
-                    "language": v.language, "description": v.description, "licence": v.licence,
+                    "language": v.language, "languages": list(v.languages) or ([v.language] if v.language else []),
+                    "description": v.description, "licence": v.licence,
                     "read_only": True, "status": "ok",
                 })
         try:

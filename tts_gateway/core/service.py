@@ -275,7 +275,12 @@ class SynthesisService:
             voices = self.voices.all()
         except TTSGatewayError:
             return []
-        return [v["name"] for v in voices if str(v.get("language") or "").lower().split("-")[0] == base][:3]
+        def speaks(codes: list[str]) -> bool:
+            return any(str(code).lower().split("-")[0] == base for code in codes)
+
+        own = [v["name"] for v in voices if speaks([v.get("language") or ""])]  # its own language first
+        also = [v["name"] for v in voices if v["name"] not in own and speaks(v.get("languages") or [])]
+        return (own + also)[:3]
 
     def run(self, plan: Plan, cancel: threading.Event,
             on_piece: Callable[[int], None] | None = None) -> Iterator[bytes]:

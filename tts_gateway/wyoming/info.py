@@ -27,7 +27,7 @@ def voice_languages(core: Core, voice: dict[str, Any]) -> list[str]:
     """A built-in voice speaks its own language; a preset its own first, then every other of its engine's."""
     own = voice.get("language")
     if voice["kind"] == "builtin":
-        return [own] if own else list(core.engines.get(voice["engine"]).languages)
+        return list(voice.get("languages") or []) or list(core.engines.get(voice["engine"]).languages)
     languages = [own] if own else []
     languages += [code for code in core.engines.get(voice["engine"]).languages if code != own]
     return languages

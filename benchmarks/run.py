@@ -32,6 +32,7 @@ BENCHMARKS = {
     "phrase_cache": "benchmarks.phrase_cache",
     "kokoro": "benchmarks.kokoro_bench",
     "xtts_streaming": "benchmarks.xtts_streaming",
+    "xtts_real_size": "benchmarks.xtts_real_size",
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
 

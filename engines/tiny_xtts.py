@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 # Three of XTTS v2's 58 studio speakers (names only: their latents here are random).
 TINY_SPEAKERS = ("Claribel Dervla", "Ana Florence", "Viktor Eka")
@@ -40,9 +41,11 @@ def build_vocab() -> str:
     return str(tokenizer.to_str())
 
 
-def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 48) -> Path:
+def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 48, layers: int = 2, width: int = 64,
+                    heads: int = 4, **model_args: Any) -> Path:
     """Write config.json, vocab.json, model.pth (``{"model": state_dict}``) and speakers_xtts.pth to
-    ``directory``."""
+    ``directory``. ``layers``/``width``/``heads`` size the GPT (XTTS v2: 30, 1024, 16; the benchmarks
+    build that size to measure real costs); ``model_args`` set further XttsArgs fields."""
     import torch
 
     from tts_gateway.engines.torch_compat import import_torchaudio
@@ -61,16 +64,20 @@ def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 4
     config = XttsConfig()
     config.languages = list(XTTS_LANGUAGES)
     args = config.model_args
-    args.gpt_layers = 2
-    args.gpt_n_model_channels = 64
-    args.gpt_n_heads = 4
-    args.decoder_input_dim = 64  # the decoder reads GPT latents: must equal the GPT width
+    args.gpt_layers = layers
+    args.gpt_n_model_channels = width
+    args.gpt_n_heads = heads
+    args.decoder_input_dim = width  # the decoder reads GPT latents: must equal the GPT width
     args.gpt_use_perceiver_resampler = True  # as v2: latents [1, 32, dim]
     args.gpt_max_audio_tokens = max_audio_tokens  # every generation runs to this cap (stop is masked below)
     args.gpt_number_text_tokens = tokenizer.get_number_tokens()
     args.gpt_start_text_token = vocab["[START]"]
     args.gpt_stop_text_token = vocab["[STOP]"]
     args.tokenizer_file = ""
+    for key, value in model_args.items():
+        if not hasattr(args, key):
+            raise TypeError(f"XttsArgs has no field {key!r}")
+        setattr(args, key, value)
 
     torch.manual_seed(seed)
     model = Xtts(config)

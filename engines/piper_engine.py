@@ -57,6 +57,11 @@ def _bundled_voices() -> list[PiperVoiceFiles]:
     ]
 
 
+def default_voices_dir(data_dir: Path | str) -> Path:
+    """Where extra Piper voices live when TTS_GATEWAY_PIPER_VOICES_DIR is unset."""
+    return Path(data_dir) / "piper-voices"
+
+
 def directory_voices(directory: Path | None) -> list[PiperVoiceFiles]:
     """Every ``NAME.onnx`` with its ``NAME.onnx.json`` in ``directory`` (TTS_GATEWAY_PIPER_VOICES_DIR)."""
     if directory is None:
@@ -222,6 +227,10 @@ def _session(model_path: Path, threads: int) -> Any:
 @hookimpl(trylast=True)
 def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
     voices = {v.id: v for v in _bundled_voices()}
-    voices.update((v.id, v) for v in directory_voices(context.options.get("piper_voices_dir")))
+    directory = context.options.get("piper_voices_dir")
+    if directory is None:  # where `tts-gateway voices pull piper NAME` puts voices; fine if absent
+        directory = default_voices_dir(context.data_dir)
+        directory = directory if directory.is_dir() else None
+    voices.update((v.id, v) for v in directory_voices(directory))
     register(PiperEngine(list(voices.values()), threads=context.threads, sessions=min(context.concurrency, 4),
                          budget=CoreBudget()))

@@ -266,6 +266,34 @@ def voices_add(
     out.print_json(json.dumps(voice))
 
 
+@voices_app.command("pull")
+def voices_pull(
+    engine: Annotated[str, typer.Argument(help="Engine whose voice to fetch: piper.")],
+    name: Annotated[str, typer.Argument(help="Voice name, e.g. en_GB-alan-medium (the rhasspy/piper-voices list).")],
+) -> None:
+    """Fetch a voice with its engine's own downloader into TTS_GATEWAY_PIPER_VOICES_DIR (default: the data
+    dir's engines/piper-voices); HF_ENDPOINT picks a mirror. It is `piper:NAME` once the server (re)starts."""
+    from tts_gateway.engines.manager import engine_context
+    from tts_gateway.engines.piper_engine import default_voices_dir
+    from tts_gateway.engines.piper_voices import hub_endpoint, pull_voice
+
+    if engine.strip().lower() != "piper":
+        err.print(f"[red]error:[/red] voices can be pulled for piper only, not {engine[:40]!r} (XTTS: "
+                  "`tts-gateway models pull xtts`; presets: `tts-gateway voices add`)")
+        raise typer.Exit(2)
+    settings = load_settings()
+    directory = settings.piper_voices_dir or default_voices_dir(engine_context(settings).data_dir)
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                      transient=True) as progress:
+            progress.add_task(f"downloading Piper voice {name} from {hub_endpoint()}…", total=None)
+            model = pull_voice(name, directory)
+    except Exception as exc:
+        raise fail(exc) from None
+    out.print(str(model))
+    err.print(f"Piper voice piper:{model.name.removesuffix('.onnx')} is in {directory}; restart the server to use it")
+
+
 @voices_app.command("rm")
 def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) -> None:
     """Delete a preset."""

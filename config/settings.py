@@ -82,6 +82,7 @@ class Settings:
     ray_target_ongoing_requests: float = 2.0
     # tcp://HOST:PORT: also serve the Wyoming protocol (Home Assistant); None keeps it off.
     wyoming_uri: str | None = None
+    require_consent: bool = True  # registering a clone needs consent=true (the speaker agreed)
     accept_cpml: bool = False  # the user accepts the Coqui Public Model License (XTTS v2 may be fetched)
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
@@ -232,6 +233,7 @@ class Settings:
             ray_target_ongoing_requests=number("RAY_TARGET_ONGOING_REQUESTS", base.ray_target_ongoing_requests, 0.01),
             wyoming_uri=parse_wyoming_uri(raw("WYOMING_URI")),
             accept_cpml=flag("ACCEPT_CPML", False),
+            require_consent=flag("REQUIRE_CONSENT", True),
             kokoro_model=path("KOKORO_MODEL"),
             kokoro_voices=path("KOKORO_VOICES"),
             piper_voices_dir=path("PIPER_VOICES_DIR"),

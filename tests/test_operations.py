@@ -177,8 +177,10 @@ def test_cli_voices_add_list_rm(tmp_path: Path) -> None:
     added = cli("voices", "add", "me", str(clip), "--engine", "clone", "--consent")
     assert added.returncode == 0, added.stderr
     assert '"name": "me"' in added.stdout
-    again = cli("voices", "add", "me", str(clip), "--engine", "clone")
+    again = cli("voices", "add", "me", str(clip), "--engine", "clone", "--consent")
     assert again.returncode == 1 and "already exists" in again.stderr
+    unconsented = cli("voices", "add", "you", str(clip), "--engine", "clone")
+    assert unconsented.returncode == 1 and "--consent is needed" in unconsented.stderr, unconsented.stderr
     assert "me" in cli("voices", "list").stdout
     out = tmp_path / "me.wav.out.wav"
     said = cli("say", "hello there", "--voice", "me", "--out", str(out))

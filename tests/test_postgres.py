@@ -72,7 +72,7 @@ def conditioning(base: str) -> float:
 
 def register(base: str, name: str, pitch: float) -> httpx.Response:
     files = {"audio": ("a.wav", wav(voice_audio(pitch=pitch)), "audio/wav")}
-    return httpx.post(base + "/v1/voices", data={"name": name, "engine": "clone"}, files=files, timeout=HANG_GUARD_S)
+    return httpx.post(base + "/v1/voices", data={"consent": "true", "name": name, "engine": "clone"}, files=files, timeout=HANG_GUARD_S)
 
 
 def speak(base: str, voice: str) -> httpx.Response:
@@ -308,7 +308,7 @@ def test_corrupt_local_cache_file_is_refetched_never_served(tmp_path: Path, pg_u
     settings = Settings(data_dir=tmp_path / "node", engines=("piper",), canary=False, registry_url=pg_url)
     with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         files = {"audio": ("a.wav", wav(voice_audio(pitch=210)), "audio/wav")}
-        created = client.post("/v1/voices", data={"name": "cached", "engine": "clone"}, files=files)
+        created = client.post("/v1/voices", data={"consent": "true", "name": "cached", "engine": "clone"}, files=files)
         assert created.status_code == 201, created.text
         sha = created.json()["voice_sha256"]
         registry = client.app.state.tts.core.registry

@@ -121,7 +121,7 @@ def wav(pitch: float = 220.0, seconds: float = 3.0) -> bytes:
 
 
 def register(client: Any, name: str, pitch: float) -> Any:
-    return client.post("/v1/voices", data={"name": name, "engine": "clone"},
+    return client.post("/v1/voices", data={"consent": "true", "name": name, "engine": "clone"},
                        files={"audio": ("a.wav", wav(pitch), "audio/wav")})
 
 

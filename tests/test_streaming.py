@@ -44,7 +44,7 @@ def gated_voice(server: str) -> str:
     tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     clip = io.BytesIO()
     sf.write(clip, tone, rate, format="WAV", subtype="PCM_16")
-    created = httpx.post(server + "/v1/voices", data={"name": "gated", "engine": "clone"},
+    created = httpx.post(server + "/v1/voices", data={"consent": "true", "name": "gated", "engine": "clone"},
                          files={"audio": ("a.wav", clip.getvalue(), "audio/wav")}, timeout=HANG_GUARD_S)
     assert created.status_code == 201, created.text
     return "gated"
@@ -110,7 +110,7 @@ def test_first_bytes_leave_while_the_synthesis_is_still_running(server: str, gat
 
 
 def test_xtts_streams_within_a_sentence(server: str, speech_wav: bytes) -> None:
-    created = httpx.post(server + "/v1/voices", data={"name": "streamer"},
+    created = httpx.post(server + "/v1/voices", data={"consent": "true", "name": "streamer"},
                          files={"audio": ("a.wav", speech_wav, "audio/wav")}, timeout=300)
     assert created.status_code in (201, 409), created.text
     body = {"text": "One sentence only.", "voice": "streamer", "seed": 3, "stream": True, "format": "pcm"}

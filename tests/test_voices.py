@@ -36,7 +36,7 @@ def wav_bytes(samples: np.ndarray, rate: int, channels: int = 1) -> bytes:
 
 def register(client: Any, name: str, *clips: bytes, **fields: str) -> Any:
     files = [("audio", (f"clip{i}.wav", clip, "audio/wav")) for i, clip in enumerate(clips)]
-    return client.post("/v1/voices", data={"name": name, **fields}, files=files)
+    return client.post("/v1/voices", data={"consent": "true", "name": name, **fields}, files=files)
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +262,27 @@ def test_every_piper_voice_in_the_voices_dir_is_a_builtin(make_settings: Any, tm
         assert response.status_code == 200 and response.headers["x-voice"] == "piper:en_GB-copy-medium"
         audio, rate = decode(response.content)
         assert rate == 22050 and audio.size > 22050 * 0.3
+
+
+def test_registration_needs_consent_unless_relaxed(xtts_client: Any, xtts_settings: Settings,
+                                                   speech_wav: bytes) -> None:
+    """A clone needs consent=true by default: without it, 422 naming the field, and nothing is computed or stored."""
+    assert Settings.from_env({}).require_consent is True
+    assert Settings.from_env({"TTS_GATEWAY_REQUIRE_CONSENT": "0"}).require_consent is False
+    before = metric(xtts_client, "tts_conditioning_computations_total")
+    for consent in ("false", ""):
+        refused = register(xtts_client, "no-yes", speech_wav, consent=consent)
+        problem = assert_problem(refused, 422, "consent", "TTS_GATEWAY_REQUIRE_CONSENT=0")
+        assert problem["type"].endswith("consent-required")
+    assert metric(xtts_client, "tts_conditioning_computations_total") == before
+    assert xtts_client.get("/v1/voices/no-yes").status_code == 404
+    # The old call uploads a clip for one synthesis, registers nothing: it needs no consent field.
+    legacy = xtts_client.post("/synthesize", data={"text": "Still works.", "language": "en"},
+                              files={"speaker_audio": ("ref.wav", speech_wav, "audio/wav")})
+    assert legacy.status_code == 200, legacy.text
+
+    relaxed = xtts_settings.with_(data_dir=xtts_settings.data_dir.parent / "relaxed", require_consent=False)
+    with running_app(relaxed) as client:
+        created = register(client, "no-yes", speech_wav, consent="false")
+        assert created.status_code == 201, created.text
+        assert created.json()["consent"] is False  # recorded as given

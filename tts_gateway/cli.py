@@ -60,7 +60,8 @@ def open_core(settings: Settings) -> Core:
 
 # What the HTTP API's messages point to, said the way a CLI user does it.
 _CLI_POINTERS = {"GET /v1/voices lists the voices": "`tts-gateway voices list` lists the voices",
-                 "(see /docs)": "(see `tts-gateway --help`)"}
+                 "(see /docs)": "(see `tts-gateway --help`)",
+                 "consent: must be true:": "--consent is needed:"}
 
 
 def fail(exc: Exception) -> typer.Exit:

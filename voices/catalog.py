@@ -86,10 +86,12 @@ class VoiceCatalog:
         default_voice: The voice used when a request names none.
     """
 
-    def __init__(self, engines: EngineManager, registry: VoiceRegistry, default_voice: str) -> None:
+    def __init__(self, engines: EngineManager, registry: VoiceRegistry, default_voice: str, *,
+                 require_consent: bool = True) -> None:
         self.engines = engines
         self.registry = registry
         self.default_voice = default_voice
+        self.require_consent = require_consent
 
     # -- resolving --------------------------------------------------------------------------------
     def resolve(self, name: str | None) -> ResolvedVoice:
@@ -218,6 +220,9 @@ class VoiceCatalog:
         """Register a preset from reference clips: latents computed once and stored."""
         if not valid_voice_name(name):
             raise InvalidField("name", NAME_RULE)
+        if self.require_consent and not consent:  # as hosted cloning services do: no clone without a yes
+            raise InvalidField("consent", "must be true: confirm that the speaker agreed to have their voice cloned "
+                                          "(TTS_GATEWAY_REQUIRE_CONSENT=0 turns this check off)", code="consent-required")
         if self.registry.exists(name):
             raise VoiceExists(name)
         if has_control_chars(description) or (language and has_control_chars(language)):

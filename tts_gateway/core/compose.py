@@ -71,7 +71,7 @@ def build_core(
         on_conditioning=lambda engine: metrics.conditioning.labels(engine).inc(),
         on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc(),
     )
-    voices = VoiceCatalog(manager, registry, settings.default_voice)
+    voices = VoiceCatalog(manager, registry, settings.default_voice, require_consent=settings.require_consent)
     cache = PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics) if phrase_cache else None
     return Core(settings=settings, engines=manager, registry=registry, voices=voices, metrics=metrics,
                 service=SynthesisService(settings, manager, voices, metrics), cache=cache)

@@ -61,7 +61,7 @@ def test_json_routes_answer_their_declared_types(client: Any) -> None:
 
 def test_preset_voice_json_is_typed(cloning_client: Any, speech_wav: bytes) -> None:
     client = cloning_client
-    created = client.post("/v1/voices", data={"consent": "true", "name": "typed", "engine": "clone", "consent": "true"},
+    created = client.post("/v1/voices", data={"name": "typed", "engine": "clone", "consent": "true"},
                           files=[("audio", ("a.wav", speech_wav, "audio/wav"))])
     assert created.status_code == 201, created.text
     assert created.headers["location"] == "/v1/voices/typed"

@@ -72,7 +72,8 @@ def conditioning(base: str) -> float:
 
 def register(base: str, name: str, pitch: float) -> httpx.Response:
     files = {"audio": ("a.wav", wav(voice_audio(pitch=pitch)), "audio/wav")}
-    return httpx.post(base + "/v1/voices", data={"consent": "true", "name": name, "engine": "clone"}, files=files, timeout=HANG_GUARD_S)
+    return httpx.post(base + "/v1/voices", data={"consent": "true", "name": name, "engine": "clone"}, files=files,
+                      timeout=HANG_GUARD_S)
 
 
 def speak(base: str, voice: str) -> httpx.Response:

@@ -175,7 +175,7 @@ def word_runs(pcm: bytes) -> list[int]:
 
 
 def register(base: str, name: str, audio: bytes, engine: str = "xtts") -> None:
-    response = httpx.post(base + "/v1/voices", data={"consent": "true", "name": name, "engine": engine, "language": "en",
+    response = httpx.post(base + "/v1/voices", data={"name": name, "engine": engine, "language": "en",
                                                      "consent": "true", "description": f"the {name} voice"},
                           files={"audio": ("reference.wav", audio, "audio/wav")}, timeout=HANG_S * 3)
     assert response.status_code == 201, response.text

@@ -222,7 +222,8 @@ class VoiceCatalog:
             raise InvalidField("name", NAME_RULE)
         if self.require_consent and not consent:  # as hosted cloning services do: no clone without a yes
             raise InvalidField("consent", "must be true: confirm that the speaker agreed to have their voice cloned "
-                                          "(TTS_GATEWAY_REQUIRE_CONSENT=0 turns this check off)", code="consent-required")
+                                          "(TTS_GATEWAY_REQUIRE_CONSENT=0 turns this check off)",
+                               code="consent-required")
         if self.registry.exists(name):
             raise VoiceExists(name)
         if has_control_chars(description) or (language and has_control_chars(language)):

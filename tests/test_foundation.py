@@ -130,7 +130,7 @@ def test_duplicate_engine_names_fail(make_settings: Any) -> None:
 def test_settings_from_env_defaults_and_errors() -> None:
     settings = Settings.from_env({})
     assert (settings.host, settings.port, settings.default_voice) == ("127.0.0.1", 8001, "piper:joe")
-    assert settings.engines == ("piper", "xtts", "espeak")
+    assert settings.engines == ("piper", "xtts", "espeak", "kokoro")
     assert settings.max_upload_bytes == 20_000_000
     parsed = Settings.from_env({"TTS_GATEWAY_API_KEYS": "a:admin,b:synthesize+voices",
                                 "TTS_GATEWAY_MAX_UPLOAD_BYTES": "1MiB", "TTS_GATEWAY_PLUGINS": "x.y, z"})

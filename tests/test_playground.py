@@ -91,3 +91,107 @@ def test_playground_speaks_and_reports_errors(tmp_path: Path) -> None:
             assert page.locator("#player").get_attribute("src") == src  # the last good audio stays
         finally:
             browser.close()
+
+
+def _clip(path: Path, seconds: float = 3.0, rate: int = 22050) -> Path:
+    """A voiced-sounding test clip (a gliding tone with a syllable-rate envelope) as WAV."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 150 + 30 * np.sin(2 * np.pi * 0.8 * t)
+    tone = np.sin(2 * np.pi * np.cumsum(pitch) / rate) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)
+    sf.write(str(path), (0.3 * tone).astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.browser
+def test_playground_finds_voices_shows_engines_downloads_and_registers(tmp_path: Path) -> None:
+    """Search and language filter, engine status, download, and registration from a file and from the
+    microphone (Chromium's fake capture device), consent first — against a real server."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (playwright cannot download its own browsers here)")
+    import re
+
+    expect = sync_api.expect
+    expect.set_options(timeout=HANG_GUARD_MS)
+    clip = _clip(tmp_path / "me.wav")
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper,espeak",
+           "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin"}
+    args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required"]
+    with uvicorn_server(env) as base, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            context = browser.new_context(accept_downloads=True)
+            context.grant_permissions(["microphone"], origin=base)
+            page = context.new_page()
+            page.set_default_timeout(HANG_GUARD_MS)
+            page.goto(base + "/")
+            voice = page.locator("#voice")
+            expect(voice.locator("option[value='piper:joe']")).to_have_count(1)
+            total = voice.locator("option").count()
+            assert total > 50  # every espeak-ng language is a voice
+
+            # Search narrows the list; the count says how far.
+            page.fill("#voice-filter", "joe")
+            expect(voice.locator("option")).to_have_count(1)
+            expect(page.locator("#voice-count")).to_have_text(f"(1 of {total})")
+            page.fill("#voice-filter", "")
+            expect(voice.locator("option")).to_have_count(total)
+            # The language filter keeps only voices that speak it.
+            page.select_option("#voice-lang", "de")
+            names = voice.locator("option").evaluate_all("els => els.map(e => e.value)")
+            assert names and "espeak:de" in names and "piper:joe" not in names, names
+            assert all(n.startswith("espeak:de") for n in names), names
+            page.select_option("#voice-lang", "")
+
+            # Engine status, from /v1/engines.
+            engines = page.locator("#engines")
+            expect(engines.locator("li[data-engine='piper']")).to_contain_text("available")
+            expect(engines.locator("li[data-engine='espeak']")).to_contain_text("available")
+            expect(engines.locator("li[data-engine='clone']")).to_contain_text("clones voices")
+
+            # Speak, then download what was heard.
+            voice.select_option("piper:joe")
+            page.fill("#text", "Download me.")
+            page.click("#speak")
+            expect(page.locator("#status")).to_have_class("ok")
+            expect(page.locator("#download")).to_be_visible()
+            with page.expect_download() as caught:
+                page.click("#download")
+            saved = Path(caught.value.path())
+            assert caught.value.suggested_filename == "speech.wav"
+            assert saved.read_bytes()[:4] == b"RIFF" and saved.stat().st_size > 10_000
+
+            # Register from an uploaded clip: refused without consent, accepted with it, then selected.
+            expect(page.locator("#reg-engine option[value='clone']")).to_have_count(1)
+            page.fill("#reg-name", "from-file")
+            page.set_input_files("#reg-file", str(clip))
+            page.click("#reg-submit")
+            reg_status = page.locator("#reg-status")
+            expect(reg_status).to_have_class(re.compile("error"))
+            expect(reg_status).to_contain_text("consent")
+            page.check("#reg-consent")
+            page.click("#reg-submit")
+            expect(reg_status).to_have_class(re.compile("ok"))
+            expect(reg_status).to_contain_text("Registered from-file")
+            expect(voice).to_have_value("from-file")
+            page.fill("#text", "Now in my own voice.")
+            page.click("#speak")
+            expect(page.locator("#status")).to_contain_text("voice from-file")
+
+            # Register from the microphone: record until the page has counted 2.5 s, stop, register.
+            page.click("#rec-start")
+            expect(page.locator("#rec-status")).to_have_text(re.compile(r"Recording… ([3-9]|2\.[5-9]|\d\d)"))
+            page.click("#rec-stop")
+            expect(page.locator("#rec-status")).to_contain_text("Recorded")
+            page.fill("#reg-name", "from-mic")
+            page.click("#reg-submit")
+            expect(reg_status).to_contain_text("Registered from-mic")
+            expect(voice).to_have_value("from-mic")
+            described = page.evaluate("fetch('/v1/voices/from-mic').then(r => r.json())")
+            assert described["consent"] is True and described["duration"] >= 2.0, described
+        finally:
+            browser.close()

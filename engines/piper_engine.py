@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -25,6 +24,7 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
+from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import CoreBudget
@@ -80,14 +80,6 @@ def directory_voices(directory: Path | None) -> list[PiperVoiceFiles]:
     return found
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class PiperEngine(BaseEngine):
     """Piper voices; ``speed`` maps to Piper's native length scale."""
 
@@ -133,7 +125,7 @@ class PiperEngine(BaseEngine):
         if first is None:
             return ModelInfo(id="piper", licence="unknown")
         if first.id not in self._sha:
-            self._sha[first.id] = _sha256_file(first.model_path)
+            self._sha[first.id] = file_sha256(first.model_path)
         return ModelInfo(id=f"piper/{first.model_path.stem}", sha256=self._sha[first.id], licence=first.licence)
 
     def availability(self) -> tuple[bool, str | None]:
@@ -163,7 +155,9 @@ class PiperEngine(BaseEngine):
             if not voice.model_path.is_file():
                 raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
             base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
-            pool: queue.Queue[Any] = queue.Queue()
+            # Last in, first out: a lone request always gets the session used last, whose weights and
+            # buffers are still in the CPU caches (a FIFO pool would rotate through cold ones).
+            pool: queue.Queue[Any] = queue.LifoQueue()
             if self._budget is None:
                 for _ in range(self._sessions):
                     pool.put(replace(base, session=_session(voice.model_path, self._threads)))

@@ -9,7 +9,6 @@ voices ``xtts:<slug>`` (`tts_gateway.engines.xtts_speakers`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
+from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.xtts_models import (
@@ -51,26 +51,6 @@ LICENCE = "CPML (Coqui Public Model License)"
 DEFAULT_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
 _CHAR_LIMITS = {"en": 250, "de": 253, "fr": 273, "es": 239, "it": 213, "pt": 203, "pl": 224, "zh": 82,
                 "ar": 166, "cs": 186, "ru": 182, "nl": 251, "tr": 226, "ja": 71, "hu": 224, "ko": 95, "hi": 150}
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-_SHA_LOCK = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a (large) file, memoised by path, size and mtime."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _SHA_LOCK:
-        if key in _SHA_CACHE:
-            return _SHA_CACHE[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    with _SHA_LOCK:
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def resolve_device(setting: str, engine: str = "xtts") -> str:
     """The torch device for ``TTS_GATEWAY_DEVICE``; `EngineUnavailable` (one line, with the fix) when the
     installed torch cannot use it, e.g. ``cuda`` with a CPU-only build."""

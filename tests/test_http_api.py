@@ -19,7 +19,8 @@ from tests.conftest import assert_problem, running_app, uvicorn_server
 from tts_gateway.gateway import responses
 
 # -- typed JSON responses ---------------------------------------------------------------------------------
-BUILTIN_VOICE_KEYS = {"name", "engine", "kind", "language", "languages", "description", "licence", "read_only", "status"}
+BUILTIN_VOICE_KEYS = {"name", "engine", "kind", "language", "languages", "description", "licence", "read_only",
+                      "status"}
 ENGINE_KEYS = {"name", "available", "reason", "loaded", "languages", "capabilities", "sample_rate", "model", "voices"}
 
 

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "preset_vs_raw": "benchmarks.preset_vs_raw",
     "streaming_ttfa": "benchmarks.streaming_ttfa",
     "wyoming_ttfa": "benchmarks.wyoming_ttfa",
+    "piper_load": "benchmarks.piper_load",
     "scaling": "benchmarks.scaling",
     "memory": "benchmarks.memory",
     "intelligibility": "benchmarks.intelligibility",

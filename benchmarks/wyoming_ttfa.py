@@ -193,5 +193,6 @@ def run(ctx: Context, result: Result) -> None:
             result.figures.append(paired(
                 f"Wyoming time to first audio, gateway / wyoming-piper ({SENTENCES} sentences, {form})",
                 ttfa["gateway"], ttfa["wyoming-piper"],
-                {"gateway": median(ttfa["gateway"]), "wyoming-piper": median(ttfa["wyoming-piper"])}, **detail))
+                {"gateway": median(ttfa["gateway"]), "wyoming-piper": median(ttfa["wyoming-piper"])},
+                target=("<=", 1.0), **detail))
     server.stop()

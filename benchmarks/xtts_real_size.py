@@ -8,7 +8,7 @@ own loading path. Random weights never emit the stop token (it is masked), so ea
 exactly the capped number of audio tokens: costs per token and per second of audio are real, the
 audio is noise.
 
-Figures (the gateway's defaults: torch's own thread count):
+Figures (torch threads as ``--threads`` says, like every benchmark here; 0: torch's default):
 * GPT milliseconds per audio token: the slope of GPT time over two capped lengths (fixed costs cancel);
   GPT time is a call's wall time minus the time inside the HiFi-GAN decoder (timed by a wrapper);
 * decoder real-time factor: decoder seconds per second of audio;
@@ -80,7 +80,7 @@ def run(ctx: Context, result: Result) -> None:
     from tts_gateway.engines.xtts_streaming import stream_inference
 
     checkpoint = real_size_checkpoint(ctx)
-    engine = XttsEngine(checkpoint, device="cpu", threads=0)
+    engine = XttsEngine(checkpoint, device="cpu", threads=ctx.threads)
     started = time.perf_counter()
     engine.load()
     load_s = time.perf_counter() - started

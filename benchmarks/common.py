@@ -198,10 +198,19 @@ def wav_seconds(data: bytes) -> float:
 
 
 # -- processes -----------------------------------------------------------------------------------
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port, never one this process handed out before: the OS may offer a just-closed
+    port again, and a server given the same port for HTTP and Wyoming cannot start."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def machine() -> dict[str, Any]:

@@ -420,7 +420,7 @@ def check_gpus(needs: Mapping[str, tuple[int, float]], free: float) -> None:
                           f"has {free:g} free", retry_after=None)
 
 
-def _first_line(text: str) -> str:
+def _gist(text: str) -> str:
     """The gist of a Serve message on one line: its first line, and its last (a traceback's exception)."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     if not lines:
@@ -587,14 +587,14 @@ class RayBackend:
             messages = [app.message] if app is not None else []
             if app is not None:  # the deployments' messages say why (the application's only that they failed)
                 messages = [d.message for d in app.deployments.values() if d.message] or messages
-            message = " ".join(_first_line(m) for m in messages if m)
+            message = " ".join(_gist(m) for m in messages if m)  # already one line each
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise Unavailable(f"Ray Serve could not start {name}: {status}: {_first_line(message)}",
+                raise Unavailable(f"Ray Serve could not start {name}: {status}: {message}",
                                   retry_after=None)
             if time.monotonic() > deadline:
                 raise Unavailable(f"Ray Serve did not start {name} within {self.start_timeout_s:g} s "
                                   f"(TTS_GATEWAY_RAY_START_TIMEOUT_S); it is {status}: "
-                                  f"{_first_line(message) or 'no message'}", retry_after=None)
+                                  f"{message or 'no message'}", retry_after=None)
             time.sleep(0.5)
 
     def _init_options(self) -> dict[str, Any]:

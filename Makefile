@@ -24,7 +24,7 @@ test: install-dev test-system-deps
 	$(BIN)/python -m pytest --ignore=tests/test_ray.py $(PYTEST_ARGS)
 
 # The Ray Serve backend: its own bounded step (one local cluster, never in parallel).
-test-ray: install-dev
+test-ray: install-dev test-system-deps
 	$(BIN)/pip install -e ".[dev,ray]"
 	timeout 1200 $(BIN)/python -m pytest tests/test_ray.py -m ray $(PYTEST_ARGS)
 

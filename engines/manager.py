@@ -209,6 +209,8 @@ class EngineManager:
         now = time.monotonic() if now is None else now
         reaped = []
         for name, slot in self._slots.items():
+            if getattr(slot.engine, "remote", False):  # its model lives elsewhere, which reaps it
+                continue
             with slot.lock:
                 if slot.engine.loaded and not slot.in_use and now - slot.last_used > ttl_s:
                     slot.engine.unload()
@@ -236,4 +238,5 @@ class EngineManager:
             self._reaper.join(timeout=5)
             self._reaper = None
         for name in self.names:
-            self.unload(name, force=True)
+            if not getattr(self.get(name), "remote", False):  # a remote model outlives this process
+                self.unload(name, force=True)

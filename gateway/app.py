@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from litestar import Litestar
 
@@ -25,17 +26,31 @@ from tts_gateway.gateway.openapi import FormSchemaPlugin, StrictStructSchemaPlug
 from tts_gateway.gateway.problems import EXCEPTION_HANDLERS
 from tts_gateway.gateway.requests import SafeJSONRequest, answer_options
 
+if TYPE_CHECKING:
+    from tts_gateway.ray.serve import RayBackend
+
 
 def create_app(settings: Settings, engine_manager: EngineManager | None = None, *,
-               core: Core | None = None) -> Litestar:
-    """Build the app from settings (and, for tests, a ready engine manager or core).
+               core: Core | None = None, backend: RayBackend | None = None) -> Litestar:
+    """Build the app from settings (and, for tests, a ready engine manager, core or Ray backend).
 
-    Resources are created here and released at shutdown.
+    Resources are created here and released at shutdown (a given backend stays with its owner).
     """
     from tts_gateway.ray import make_backend  # None for TTS_GATEWAY_BACKEND=local
 
-    core = core or build_core(settings, engines=engine_manager)
-    backend = make_backend(settings, core.registry)
+    backend = backend or make_backend(settings)
+    if core is None:
+        if backend is not None and engine_manager is None:
+            # Ray mode: the engines here are stand-ins answering from what the replicas report; the
+            # replicas hold the models and count the engine metrics (shown with a ``replica`` label).
+            engine_manager = backend.engine_manager()
+        core = build_core(settings, engines=engine_manager, engine_metrics=backend is None)
+    if backend is not None:
+        from tts_gateway.ray.board import REPLICA_METRICS
+
+        if backend.registry is None:
+            backend.registry = core.registry
+        core.metrics.add_remote(backend.metric_texts, REPLICA_METRICS, label="replica")
     dispatcher = Dispatcher(core, runner=backend)
 
     @asynccontextmanager

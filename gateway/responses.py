@@ -69,7 +69,21 @@ class EngineModel(msgspec.Struct):
     licence: str
 
 
-class Engine(msgspec.Struct):
+class EngineReplica(msgspec.Struct):
+    """One Ray Serve replica of an engine (ray mode), as it last reported."""
+
+    id: str
+    node: str
+    pid: int
+    loaded: bool
+    in_flight: int
+    completed: int
+    failed: int
+    rss_bytes: int
+    last_report_s: float
+
+
+class Engine(msgspec.Struct, omit_defaults=True):
     name: str
     available: bool
     reason: str | None
@@ -79,6 +93,8 @@ class Engine(msgspec.Struct):
     sample_rate: int
     model: EngineModel | None
     voices: list[str]
+    # Ray mode only (absent otherwise): the live replicas; ``loaded`` is then true when any of them is
+    replicas: list[EngineReplica] | None = None
 
 
 class EngineList(msgspec.Struct):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,11 +24,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S, GatewayProcess
+from tests.conftest import HANG_GUARD_S, GatewayProcess, wait_until
 from tts_gateway.config import Settings
 from tts_gateway.core.compose import build_core
 from tts_gateway.core.service import SynthesisRequest
-from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Unavailable
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
@@ -34,6 +35,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 from tts_gateway.ray.serve import RayBackend, SynthesisJob
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytest_plugins = ["tests.pg_fixtures"]  # the postgres fixture
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_WORD_S = 0.05  # the clone replica's FAKE_CHUNK_DELAY: one 0.2 s chunk per word
 
@@ -46,10 +48,10 @@ class RayEnv:
     preset: str
 
 
-def _reference_wav() -> bytes:
+def _reference_wav(pitch: float = 220) -> bytes:
     rate = 16000
     t = np.arange(rate * 3) / rate
-    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    audio = (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     out = io.BytesIO()
     sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
     return out.getvalue()
@@ -66,7 +68,16 @@ def _ray_serve_env(tmp_path: Path, tiny_xtts: Path, **extra: str) -> dict[str, s
             **extra}
 
 
+def _mapped_libraries(pid: int) -> set[str]:
+    """Shared libraries mapped into process ``pid`` (importing torch maps libtorch, onnxruntime its own)."""
+    return {Path(line.split()[-1]).name for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if ".so" in line}
+
+
 def test_serve_in_ray_mode_with_the_default_engines_gets_ready_on_two_cpus(tmp_path: Path, tiny_xtts: Path) -> None:
+    """The reported set-up reaches /ready; and the gateway process holds no model: registration and the
+    old /synthesize upload are conditioned on the XTTS replica, and neither torch nor onnxruntime is
+    ever loaded into the gateway (a module in ``sys.modules`` has its shared library mapped)."""
     import httpx
 
     server = GatewayProcess(_ray_serve_env(tmp_path, tiny_xtts), inherit=False)
@@ -78,6 +89,33 @@ def test_serve_in_ray_mode_with_the_default_engines_gets_ready_on_two_cpus(tmp_p
         log = server.output()
         for engine in ("piper", "xtts", "espeak", "kokoro"):
             assert f"deployed tts-{engine} (0.5 CPU a replica)" in log, log[-3000:]
+
+        xtts = httpx.get(server.base + "/v1/engines/xtts", timeout=HANG_GUARD_S).json()
+        assert xtts["available"] and xtts["sample_rate"] == 24000 and "en" in xtts["languages"]
+        assert xtts["model"]["sha256"] and any(v.startswith("xtts:") for v in xtts["voices"])  # studio speakers
+        (replica,) = xtts["replicas"]
+        assert replica["pid"] != server.process.pid and replica["loaded"]
+        created = httpx.post(server.base + "/v1/voices", data={"name": "remote", "engine": "xtts", "consent": "true"},
+                             files={"audio": ("ref.wav", _reference_wav(), "audio/wav")}, timeout=HANG_GUARD_S)
+        assert created.status_code == 201, created.text
+        assert created.json()["model"]["sha256"] == xtts["model"]["sha256"]
+        spoken = httpx.post(server.base + "/v1/synthesize", json={"text": "A preset.", "voice": "remote", "seed": 2},
+                            timeout=HANG_GUARD_S)
+        assert spoken.status_code == 200 and spoken.headers["x-voice-sha256"] == created.json()["voice_sha256"]
+        legacy = httpx.post(server.base + "/synthesize", data={"text": "The old call.", "language": "en"},
+                            files={"speaker_audio": ("s.wav", _reference_wav(330), "audio/wav")}, timeout=HANG_GUARD_S)
+        assert legacy.status_code == 200, legacy.text
+        audio, rate = sf.read(io.BytesIO(legacy.content))
+        assert rate == 16000 and audio.ndim == 1 and audio.size > 0
+
+        def conditioned() -> dict[str, float]:
+            text = httpx.get(server.base + "/metrics", timeout=HANG_GUARD_S).text
+            return _metric(text, "tts_conditioning_computations_total", engine="xtts")
+
+        wait_until(lambda: conditioned() == {replica["id"]: 2.0}, "two conditionings counted on the xtts replica",
+                   interval=0.2)
+        libraries = _mapped_libraries(server.process.pid)
+        assert not [lib for lib in libraries if "torch" in lib or "onnxruntime" in lib], sorted(libraries)
     finally:
         server.stop()
 
@@ -91,6 +129,61 @@ def test_serve_in_ray_mode_that_cannot_fit_says_so_in_one_line(tmp_path: Path, t
     assert len(errors) == 1, result.stderr[-3000:]
     assert "cannot place the deployments" in errors[0] and "need 4 CPUs" in errors[0]
     assert "2 free of 2" in errors[0], errors
+
+
+def test_two_gateway_nodes_on_one_cluster_share_presets_through_postgresql(tmp_path: Path, postgres: Any) -> None:
+    """An operator's set-up: a Ray cluster (`ray start --head`), two gateway nodes joined to it with one
+    PostgreSQL registry. A voice registered through node A is spoken through node B on the same replicas."""
+    import httpx
+
+    from tests.conftest import free_port
+
+    ray_dir = tempfile.mkdtemp(prefix="tts-ray-")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("TTS_GATEWAY_", "RAY_"))} | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    head_log = tmp_path / "ray-head.log"
+    with head_log.open("wb") as out:
+        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                                 f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                                 "--object-store-memory=134217728", f"--temp-dir={ray_dir}",
+                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = postgres.new_database()
+    nodes: list[GatewayProcess] = []
+    try:
+        for name in ("a", "b"):  # A deploys the engines; B finds them running and shares them
+            node_env = {**env, "TTS_GATEWAY_BACKEND": "ray", "TTS_GATEWAY_RAY_ADDRESS": f"127.0.0.1:{port}",
+                        "TTS_GATEWAY_REGISTRY_URL": url, "TTS_GATEWAY_ENGINES": "piper",
+                        "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin",
+                        "TTS_GATEWAY_DATA_DIR": str(tmp_path / f"node-{name}")}
+            nodes.append(GatewayProcess(node_env, inherit=False))
+            nodes[-1].wait_up("/ready", timeout=3 * HANG_GUARD_S)
+        a, b = (node.base for node in nodes)
+        assert "using the running Serve application tts-clone" in nodes[1].output()
+        created = httpx.post(a + "/v1/voices", data={"name": "shared", "engine": "clone", "consent": "true"},
+                             files={"audio": ("ref.wav", _reference_wav(250), "audio/wav")}, timeout=HANG_GUARD_S)
+        assert created.status_code == 201, created.text
+        sha = created.json()["voice_sha256"]
+        assert httpx.get(b + "/v1/voices/shared", timeout=HANG_GUARD_S).json()["voice_sha256"] == sha
+        spoken = httpx.post(b + "/v1/synthesize", json={"text": "spoken on node b", "voice": "shared", "seed": 4},
+                            timeout=HANG_GUARD_S)
+        assert spoken.status_code == 200 and spoken.headers["x-voice-sha256"] == sha, spoken.text
+        replicas = [httpx.get(base + "/v1/engines/clone", timeout=HANG_GUARD_S).json()["replicas"] for base in (a, b)]
+        assert [r["id"] for r in replicas[0]] == [r["id"] for r in replicas[1]]  # one board, seen from both nodes
+        for node in nodes:
+            libraries = _mapped_libraries(node.process.pid)
+            assert not [lib for lib in libraries if "onnxruntime" in lib], sorted(libraries)
+    finally:
+        for node in nodes:
+            node.stop()
+        head.terminate()  # `ray start --block` stops the cluster's processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -233,18 +326,33 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
     assert len(asyncio.run(ray_env.backend.call(quick))) > 44
 
 
+def _metric(text: str, name: str, **labels: str) -> dict[str, float]:
+    """Samples of ``name`` whose labels include ``labels``, by their ``replica`` label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                found[sample.labels.get("replica", "")] = found.get(sample.labels.get("replica", ""), 0) + sample.value
+    return found
+
+
 def test_through_the_app(ray_env: RayEnv) -> None:
-    """End to end: Litestar in front, the plan executed on the cluster."""
+    """End to end: Litestar in front, engines as stand-ins that know what the replicas report."""
     from litestar.testing import TestClient
 
+    from tests.conftest import wait_for_warm_up
     from tts_gateway.gateway import create_app
+    from tts_gateway.ray.engines import RemoteEngine
 
     settings = ray_env.settings.with_(data_dir=ray_env.settings.data_dir)  # same registry, same presets
-    app = create_app(settings, EngineManager(settings))
-    # What TTS_GATEWAY_BACKEND=ray does, on the shared cluster:
-    app.state.tts.runner = ray_env.backend
+    app = create_app(settings, backend=ray_env.backend)  # what TTS_GATEWAY_BACKEND=ray builds, on the shared cluster
+    assert all(isinstance(app.state.tts.core.engines.get(n), RemoteEngine) for n in ("piper", "clone"))
     body = {"text": "Through the front door.", "voice": "piper:joe", "seed": 11, "cache": False}
     with TestClient(app, timeout=120) as client:
+        wait_for_warm_up(client)
+        assert client.get("/ready").status_code == 200
         response = client.post("/v1/synthesize", json=body)
         assert response.status_code == 200, response.text
         plan = ray_env.service.plan(SynthesisRequest(text=body["text"], voice="piper:joe", seed=11))
@@ -253,6 +361,39 @@ def test_through_the_app(ray_env: RayEnv) -> None:
         assert streamed.status_code == 200 and len(streamed.content) > 1000
         preset = client.post("/v1/synthesize", json={"text": "preset voice", "voice": ray_env.preset, "seed": 2})
         assert preset.status_code == 200 and preset.headers["x-voice-sha256"]
+
+        # what the gateway knows about each engine comes from its replicas, one entry per replica
+        piper = client.get("/v1/engines/piper").json()
+        assert piper["available"] and piper["languages"] and piper["model"]["sha256"]
+        assert "piper:joe" in piper["voices"] and piper["sample_rate"] == 22050
+        assert len(piper["replicas"]) == 2 and len({r["pid"] for r in piper["replicas"]}) == 2
+        assert all(r["loaded"] and r["last_report_s"] < 10 for r in piper["replicas"])
+        clone = client.get("/v1/engines/clone").json()
+        assert clone["capabilities"]["cloning"] and len(clone["replicas"]) == 1
+
+        # registration: the latents are computed on the clone replica and counted there
+        before = _metric(client.get("/metrics").text, "tts_conditioning_computations_total", engine="clone")
+        created = client.post("/v1/voices", data={"name": "ray-app-clone", "engine": "clone", "consent": "true"},
+                              files={"audio": ("ref.wav", _reference_wav(330), "audio/wav")})
+        assert created.status_code == 201, created.text
+        spoken = client.post("/v1/synthesize", json={"text": "new preset", "voice": "ray-app-clone", "seed": 3})
+        assert spoken.status_code == 200 and spoken.headers["x-voice-sha256"] == created.json()["voice_sha256"]
+        replica = clone["replicas"][0]["id"]
+
+        def counted() -> bool:
+            after = _metric(client.get("/metrics").text, "tts_conditioning_computations_total", engine="clone")
+            return after.get(replica, 0) == before.get(replica, 0) + 1
+        wait_until(counted, "the clone replica reports its conditioning", interval=0.2)
+        assert "" not in _metric(client.get("/metrics").text, "tts_conditioning_computations_total")  # none here
+        assert _metric(client.get("/metrics").text, "tts_synthesis_seconds_count", engine="piper")
+
+        # load/unload act on every replica
+        unloaded = client.post("/v1/engines/piper/unload")
+        assert unloaded.status_code == 200, unloaded.text
+        assert not unloaded.json()["loaded"] and not any(r["loaded"] for r in unloaded.json()["replicas"])
+        loaded = client.post("/v1/engines/piper/load")
+        assert loaded.status_code == 200 and all(r["loaded"] for r in loaded.json()["replicas"])
+        assert client.post("/v1/synthesize", json=body).content == response.content
 
 
 # -- start-up that fits the cluster or says why it cannot ---------------------------------------------------
@@ -313,8 +454,13 @@ def test_placement_and_autoscaling_settings_reach_serve(ray_env: RayEnv) -> None
             assert len(asyncio.run(backend.call(plan))) > 44
         finally:
             core.close()
+        assert backend.health() is None  # /ready: every engine has a live replica
     finally:
         serve.delete("tts-espeak")
+    # The replica left the board when Serve stopped it: /ready names the engine without a replica.
+    wait_until(lambda: backend.health() is not None, "the gateway sees that tts-espeak has no replica")
+    assert backend.health() == "no live replica of tts-espeak on the Ray cluster"
+    backend.view.close()
     # Auto: the free half CPU is shared out (at most 1 a replica), read back from Serve.
     auto = RayBackend(settings.with_(ray_placement={}, ray_max_replicas=0), engines=["espeak"], warm=False)
     try:

@@ -13,7 +13,14 @@ from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Conflict
 from tts_gateway.gateway.auth import auth_problems
 from tts_gateway.gateway.openapi import documented
-from tts_gateway.gateway.responses import Engine, EngineCapabilities, EngineList, EngineModel, Language
+from tts_gateway.gateway.responses import (
+    Engine,
+    EngineCapabilities,
+    EngineList,
+    EngineModel,
+    EngineReplica,
+    Language,
+)
 from tts_gateway.languages import language_name
 
 BUSY_RETRY_AFTER_S = 5
@@ -38,6 +45,7 @@ def describe_engine(engines: EngineManager, name: str) -> Engine:
         sample_rate=engine.sample_rate,
         model=EngineModel(id=model.id, sha256=model.sha256, licence=model.licence) if model else None,
         voices=[f"{name}:{v.id}" for v in engine.voices()] if available else [],
+        replicas=[EngineReplica(**r) for r in replicas()] if (replicas := getattr(engine, "replicas", None)) else None,
     )
 
 
@@ -75,7 +83,10 @@ class EnginesController(Controller):
           summary="Load an engine's model now", **documented(*auth_problems("admin"), 404, 503, 504))
     async def load_engine(self, name: str, engines: EngineManager, dispatcher: Dispatcher,
                           metrics: Metrics) -> Engine:
-        engines.get(name)
+        engine = engines.get(name)
+        if getattr(engine, "remote", False):  # every replica loads; they report tts_engine_loaded themselves
+            await dispatcher.blocking(engine.load)
+            return await asyncio.to_thread(describe_engine, engines, name)
         await dispatcher.blocking(lambda: engines.ensure_loaded(name))
         metrics.engine_loaded.labels(name).set(1)
         return describe_engine(engines, name)
@@ -83,7 +94,10 @@ class EnginesController(Controller):
     @post("/engines/{name:str}/unload", status_code=200, opt={"scope": "admin"},
           summary="Unload an engine's model and free its memory", **documented(*auth_problems("admin"), 404, 409))
     async def unload_engine(self, name: str, engines: EngineManager, metrics: Metrics) -> Engine:
-        engines.get(name)
+        engine = engines.get(name)
+        if getattr(engine, "remote", False):  # every replica unloads, or 409 when one is synthesizing
+            await asyncio.to_thread(engine.unload)
+            return await asyncio.to_thread(describe_engine, engines, name)
         if not await asyncio.to_thread(engines.unload, name):
             raise Conflict(f"engine {name!r} is busy synthesizing; try again when it is idle", code="busy",
                            retry_after=BUSY_RETRY_AFTER_S)

@@ -47,6 +47,7 @@ def build_core(
     load_entry_points: bool = True,
     phrase_cache: bool = True,
     metrics: Metrics | None = None,
+    engine_metrics: bool = True,
 ) -> Core:
     """Build the core for ``settings``.
 
@@ -57,6 +58,8 @@ def build_core(
         load_entry_points: Also load plugins of the ``tts_gateway`` entry-point group.
         phrase_cache: Open the on-disk phrase cache (the HTTP app does; the CLI and replicas do not).
         metrics: A metrics registry to share; a fresh one by default.
+        engine_metrics: Count conditioning and latents cache hits here; off when the engines run
+            elsewhere (Ray replicas count their own).
 
     Raises:
         SettingsError / RegistryConnectError: a setting names an unknown engine or plugin, or the
@@ -66,10 +69,11 @@ def build_core(
     manager = engines or EngineManager(settings, extra_plugins=tuple(extra_plugins),
                                        load_entry_points=load_entry_points)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    counted = metrics if engine_metrics else Metrics()  # a registry nobody reads: the replicas count
     registry = open_registry(
         settings,
-        on_conditioning=lambda engine: metrics.conditioning.labels(engine).inc(),
-        on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc(),
+        on_conditioning=lambda engine: counted.conditioning.labels(engine).inc(),
+        on_cache_hit=lambda engine: counted.voice_cache_hits.labels(engine).inc(),
     )
     voices = VoiceCatalog(manager, registry, settings.default_voice, require_consent=settings.require_consent)
     cache = PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics) if phrase_cache else None

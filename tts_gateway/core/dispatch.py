@@ -173,6 +173,10 @@ class Dispatcher:
         problem = self.core.registry.health()
         if problem is not None:
             return False, problem
+        remote = getattr(self.runner, "health", None)  # engines elsewhere (Ray): each needs a live replica
+        problem = remote() if remote is not None else None
+        if problem is not None:
+            return False, problem
         return True, self.readiness.detail
 
     def summary(self) -> list[str]:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+# (source id, Prometheus text) pairs from other processes, e.g. Ray replicas
+RemoteTexts = Callable[[], Iterable[tuple[str, str]]]
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -32,6 +40,12 @@ class Metrics:
         self.phrase_hits = Counter("tts_phrase_cache_hits", "Phrase cache hits", registry=r)
         self.phrase_misses = Counter("tts_phrase_cache_misses", "Phrase cache misses", registry=r)
         self.phrase_bytes = Gauge("tts_phrase_cache_bytes", "Bytes held by the phrase cache", registry=r)
+        self._remote: list[tuple[RemoteTexts, frozenset[str], str]] = []
+
+    def add_remote(self, texts: RemoteTexts, names: Iterable[str], label: str) -> None:
+        """Also expose the families ``names`` that ``texts()`` returns, each sample labelled ``label=<source id>``
+        (Ray replicas' engine metrics, under the same names as this process's own)."""
+        self._remote.append((texts, frozenset(names), label))
 
     def conditioning_total(self, engine: str | None = None) -> float:
         return self._sum("tts_conditioning_computations_total", engine)
@@ -45,4 +59,27 @@ class Metrics:
         return total
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self._remote:
+            return generate_latest(self.registry)
+        families: dict[str, Metric] = {family.name: family for family in self.registry.collect()}
+        for texts, names, label in self._remote:
+            for source, text in texts():
+                for remote in text_string_to_metric_families(text):
+                    if remote.name not in names:
+                        continue
+                    family = families.get(remote.name)
+                    if family is None:
+                        family = families[remote.name] = Metric(remote.name, remote.documentation, remote.type)
+                    family.samples.extend(Sample(s.name, {**s.labels, label: source}, s.value, s.timestamp, s.exemplar)
+                                          for s in remote.samples)
+        return generate_latest(_Families(list(families.values())))
+
+
+class _Families:
+    """Ready-made metric families, in the shape `generate_latest` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families

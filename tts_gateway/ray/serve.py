@@ -245,9 +245,11 @@ class EngineReplica:
         self._counts = {"running": 0, "completed": 0, "cancelled": 0, "failed": 0, "voice_loads": 0}
         self._loaded_voices: set[str] = set()
         self._model_sha: str | None = None
-        if warm:
+        self.reporter: Any = None
+        engine = self.engines.get(engine_name)
+        if warm and engine.availability()[0]:  # an unavailable engine's replica still reports why
             self.engines.ensure_loaded(engine_name)
-            self._model_sha = self.engines.get(engine_name).model.sha256
+            self._model_sha = engine.model.sha256
 
     # multiplexed in the Serve subclass; plain here so the class is usable (and testable) without Ray
     async def voice(self, sha256: str) -> LoadedVoice:
@@ -298,6 +300,8 @@ class EngineReplica:
             voice_input = VoiceInput(latents=dict(st_load(job.latents_blob)))
         elif job.latents_key and job.latents_sha256:
             self._keys[job.latents_sha256] = job.latents_key
+            if job.latents_sha256 in self._loaded_voices:  # held by this replica: no registry read
+                self.core.metrics.voice_cache_hits.labels(self.engine_name).inc()
             loaded = await self.voice(job.latents_sha256)
             voice_input = VoiceInput(latents=loaded.latents)
         else:
@@ -352,6 +356,90 @@ class EngineReplica:
             self._counts["running"] -= 1
             self._counts[outcome] += 1
 
+    # -- what the gateway asks of a replica besides synthesis ----------------------------------------
+    async def condition(self, audio: bytes, rate: int) -> bytes:
+        """Latents (safetensors bytes) for reference audio: float32 mono samples at ``rate``."""
+        import numpy as np
+        from safetensors.numpy import save as st_save
+
+        try:
+            engine = self.engines.check_available(self.engine_name)
+            wanted = getattr(engine, "reference_sample_rate", None)
+            if wanted is None:
+                raise Conflict(f"engine {self.engine_name!r} cannot clone voices")
+            if int(wanted) != int(rate):
+                raise Conflict(f"reference audio at {rate} Hz reached a replica that wants {wanted} Hz")
+            samples = np.frombuffer(audio, dtype=np.float32)
+
+            def compute() -> dict[str, Any]:
+                with self.engines.use(self.engine_name) as loaded:
+                    return loaded.compute_latents(samples)  # type: ignore[attr-defined]
+
+            latents = await asyncio.to_thread(compute)
+        except TTSGatewayError as exc:
+            raise ReplicaError.of(exc) from None
+        self.core.metrics.conditioning.labels(self.engine_name).inc()
+        return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()})
+
+    async def blend(self, weights: dict[str, float]) -> bytes:
+        """A blended voice's latents (safetensors bytes) from weighted built-in voices."""
+        import numpy as np
+        from safetensors.numpy import save as st_save
+
+        try:
+            engine = self.engines.check_available(self.engine_name)
+            blend = getattr(engine, "blend_latents", None)
+            if blend is None:
+                raise Conflict(f"engine {self.engine_name!r} cannot blend voices")
+
+            def compute() -> dict[str, Any]:
+                with self.engines.use(self.engine_name):
+                    return blend(dict(weights))
+
+            latents = await asyncio.to_thread(compute)
+        except TTSGatewayError as exc:
+            raise ReplicaError.of(exc) from None
+        return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()})
+
+    def state(self) -> dict[str, Any]:
+        """What this replica reports to the board at each beat (cheap: no model access)."""
+        import psutil
+
+        return {"engine": self.engine_name, "loaded": self.engines.get(self.engine_name).loaded,
+                "rss": psutil.Process().memory_info().rss, "voices": len(self._loaded_voices), **self._counts}
+
+    def description(self) -> dict[str, Any]:
+        from tts_gateway.ray.board import describe
+
+        return describe(self.engines.get(self.engine_name))
+
+    def metrics_text(self) -> str:
+        metrics = self.core.metrics
+        metrics.engine_loaded.labels(self.engine_name).set(1 if self.engines.get(self.engine_name).loaded else 0)
+        return metrics.render().decode()
+
+    def carry_out(self, action: str) -> str:
+        """A load/unload order from the gateway: ``ok``, or ``refused`` while a synthesis uses the model."""
+        if action == "load":
+            self.engines.ensure_loaded(self.engine_name)
+            return "ok"
+        if action == "unload":
+            return "ok" if self.engines.unload(self.engine_name) else "refused"
+        raise ValueError(f"unknown order {action!r}")
+
+    def start_reporting(self, replica: str) -> None:
+        """Report to the cluster's board (Serve replicas only) and unload idle models on this replica."""
+        from tts_gateway.ray.board import Reporter
+
+        self.reporter = Reporter(replica, self.state, self.description, self.metrics_text, self.carry_out)
+        self.reporter.start()
+        self.engines.start_reaper()
+
+    def stop_reporting(self) -> None:
+        reporter, self.reporter = self.reporter, None
+        if reporter is not None:
+            reporter.stop()
+
     async def stats(self) -> dict[str, Any]:
         """This replica's process, memory and counters (benchmarks and tests read it)."""
         import psutil
@@ -371,6 +459,13 @@ def deployment_class(max_voices: int = MAX_VOICES_PER_REPLICA) -> type:
         from ray import serve
 
         class TTSEngine(EngineReplica):
+            def __init__(self, engine_name: str, settings: Mapping[str, Any], warm: bool = True) -> None:
+                super().__init__(engine_name, settings, warm)
+                self.start_reporting(serve.get_replica_context().replica_id.unique_id)
+
+            def __del__(self) -> None:  # Serve calls it when the replica stops: leave the board at once
+                self.stop_reporting()
+
             @serve.multiplexed(max_num_models_per_replica=max_voices)
             async def voice(self, sha256: str) -> LoadedVoice:
                 return await self._load_voice(sha256)
@@ -493,6 +588,7 @@ class RayBackend:
         self._tmp: str | None = None
         self._started_cluster = False
         self.started = False
+        self.view: Any = None  # the `ClusterView` of the replicas' board, from start()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -500,9 +596,22 @@ class RayBackend:
         if self._engines is None:
             from tts_gateway.engines.manager import EngineManager
 
-            manager = EngineManager(self.settings)
-            self._engines = [n for n in manager.names if manager.get(n).availability()[0]]
+            # Every enabled engine gets a deployment: whether it can run is for its replicas to say
+            # (the model may be on the GPU nodes only), never checked here.
+            self._engines = EngineManager(self.settings).names
         return list(self._engines)
+
+    def engine_manager(self) -> Any:
+        """An `EngineManager` of stand-ins (`RemoteEngine`) for the gateway process: no model, no torch."""
+        from tts_gateway.engines.manager import EngineManager
+        from tts_gateway.ray.engines import RemotePlugin, remote_engine
+
+        local = EngineManager(self.settings)  # engine objects only tell their kind (cloning, blending)
+        wanted = set(self.engines)
+        remote = [remote_engine(local.get(name), self) for name in local.names if name in wanted]
+        self._engines = [engine.name for engine in remote]
+        return EngineManager(self.settings.with_(engines=(), plugins=()), extra_plugins=(RemotePlugin(remote),),
+                             load_entry_points=False)
 
     def start(self) -> None:
         """Join or start the cluster and deploy one application per engine. Call it on the main
@@ -523,6 +632,9 @@ class RayBackend:
                     self._tmp, self._started_cluster = None, False
                 raise
         serve.start(proxy_location="Disabled")  # Litestar is the only HTTP front door
+        from tts_gateway.ray.board import ClusterView, board_handle
+
+        self.view = ClusterView(board_handle(create=True))  # before the replicas, which report to it
         running = self._running_apps() if self.address else set()
         for engine in self.engines:
             name = app_name(engine)
@@ -554,6 +666,13 @@ class RayBackend:
                     log.exception("could not delete %s", name)
             self._handles.clear()
             raise
+        self.view.start()
+        # The gateway plans with what replicas report: have every engine's description before serving.
+        deadline = time.monotonic() + self.start_timeout_s
+        missing = lambda: [e for e in self.engines if self.view.description(e) is None]  # noqa: E731
+        if not self.view.wait(lambda: not missing(), max(0.0, deadline - time.monotonic())):
+            log.warning("no report yet from the replicas of %s; they are listed unavailable until one arrives",
+                        ", ".join(missing()))
         self.started = True
 
     def _replica_count(self, engine: str) -> int:
@@ -673,6 +792,9 @@ class RayBackend:
 
         self._handles.clear()
         self.started = False
+        if self.view is not None:
+            self.view.close()
+            self.view = None
         if self._started_cluster:
             try:
                 serve.shutdown()
@@ -770,8 +892,100 @@ class RayBackend:
         return first, _RemoteChunks(generator, next_chunk, finished, on_complete, job.engine, self.timeout_s)
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
-        """Registration and conditioning still run in the gateway process (in a thread)."""
+        """Registration in a thread of the gateway process; its conditioning is a call to a replica."""
         return await asyncio.to_thread(fn)
+
+    # -- what the gateway's engine stand-ins ask (worker threads, never the event loop) ----------------
+    def description(self, engine: str) -> dict[str, Any] | None:
+        return self.view.description(engine) if self.view is not None else None
+
+    def live_replicas(self, engine: str) -> list[dict[str, Any]]:
+        return self.view.replicas(engine) if self.view is not None else []
+
+    def missing_replicas(self, engine: str) -> str | None:
+        """Why ``engine`` has no live replica, or None when it has one."""
+        if self.view is None:
+            return "the Ray backend is not started"
+        if self.view.error:
+            return self.view.error
+        if not self.view.replicas(engine):
+            return f"no live replica of {app_name(engine)} on the Ray cluster"
+        return None
+
+    def health(self) -> str | None:
+        """Readiness: every deployed engine has a live replica (None), or which ones do not."""
+        problems = [problem for problem in map(self.missing_replicas, self.engines) if problem]
+        return "; ".join(dict.fromkeys(problems)) or None
+
+    def metric_texts(self) -> list[tuple[str, str]]:
+        """(replica id, Prometheus text) of each live replica's engine metrics."""
+        return self.view.metrics() if self.view is not None else []
+
+    def _remote_result(self, engine: str, call: Callable[[Any], Any]) -> Any:
+        handle = self._handles.get(engine)
+        if handle is None:
+            raise Unavailable(f"engine {engine!r} is not deployed on the Ray cluster", retry_after=30)
+        response = call(handle)
+        try:
+            return response.result(timeout_s=self.timeout_s)
+        except TimeoutError:
+            _cancel(response)
+            raise TimedOut(f"engine {engine!r} took longer than {self.timeout_s:g} s (TTS_GATEWAY_TIMEOUT_S)") from None
+        except Exception as exc:
+            raise _translate(exc, engine) from None
+
+    def condition(self, engine: str, audio: Any, rate: int) -> dict[str, Any]:
+        """Latents computed by a replica of ``engine`` for float32 mono ``audio`` at ``rate``."""
+        import numpy as np
+        from safetensors.numpy import load as st_load
+
+        samples = np.ascontiguousarray(audio, dtype=np.float32).tobytes()
+        blob = self._remote_result(engine, lambda handle: handle.condition.remote(samples, int(rate)))
+        return dict(st_load(blob))
+
+    def blend(self, engine: str, weights: Mapping[str, float]) -> dict[str, Any]:
+        from safetensors.numpy import load as st_load
+
+        blob = self._remote_result(engine, lambda handle: handle.blend.remote(dict(weights)))
+        return dict(st_load(blob))
+
+    def order(self, engine: str, action: str) -> None:
+        """Have every live replica of ``engine`` load or unload its model, and wait until each has.
+
+        Raises `Conflict` when a replica refuses to unload (it is synthesizing), `EngineUnavailable`
+        when one fails to load, `TimedOut` when they do not answer in time.
+        """
+        import ray
+
+        from tts_gateway.engines.base import EngineUnavailable
+
+        if self.view is None:
+            raise Unavailable("the Ray backend is not started", retry_after=5)
+        live = {str(state["replica"]) for state in self.view.replicas(engine)}
+        if not live:
+            raise EngineUnavailable(engine, f"no live replica of {app_name(engine)} on the Ray cluster")
+        seq = int(ray.get(self.view.board.order.remote(engine, action), timeout=10))
+
+        def answers() -> dict[str, dict[str, Any]]:
+            return {str(s["replica"]): s.get("order") or {} for s in self.view.replicas(engine)
+                    if str(s["replica"]) in live}
+
+        def done() -> bool:
+            return all(int(o.get("seq", 0)) >= seq and o.get("state") != "running" for o in answers().values())
+
+        timeout = self.start_timeout_s if action == "load" else self.timeout_s
+        if not self.view.wait(done, timeout):
+            waiting = sorted(r for r, o in answers().items()
+                             if int(o.get("seq", 0)) < seq or o.get("state") == "running")
+            raise TimedOut(f"{action} of engine {engine!r}: replicas {', '.join(waiting)} did not finish "
+                           f"within {timeout:g} s")
+        outcomes = {replica: order for replica, order in answers().items() if int(order.get("seq", 0)) == seq}
+        failed = [f"{replica}: {o.get('detail')}" for replica, o in outcomes.items() if o.get("state") == "failed"]
+        if failed:
+            raise EngineUnavailable(engine, f"{action} failed on replica " + "; ".join(failed))
+        if any(o.get("state") == "refused" for o in outcomes.values()):
+            raise Conflict(f"engine {engine!r} is busy synthesizing on a replica; try again when it is idle",
+                           code="busy", retry_after=5)
 
     async def stream(self, plan: Any) -> AsyncIterator[bytes]:
         """Encoded chunks as the replica makes them (errors before the first chunk are raised)."""

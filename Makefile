@@ -34,6 +34,7 @@ lint: install-dev
 	$(BIN)/lint-imports
 
 bench: install system-deps
+	$(BIN)/pip install -e ".[ray]"  # the ray_memory benchmark
 	$(BIN)/python -m benchmarks.run
 
 fuzz: install-dev

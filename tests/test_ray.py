@@ -396,6 +396,47 @@ def test_through_the_app(ray_env: RayEnv) -> None:
         assert client.post("/v1/synthesize", json=body).content == response.content
 
 
+_GATEWAY_SCRIPT = """
+import io, json, sys
+from litestar.testing import TestClient
+from tts_gateway.config import Settings
+from tts_gateway.gateway import create_app
+
+app = create_app(Settings.from_env())
+app.state.backend.start()  # joins the cluster; the applications are running: shared, not redeployed
+try:
+    with TestClient(app, timeout=120) as client:
+        created = client.post("/v1/voices", data={"name": "no-torch-here", "engine": "clone", "consent": "true"},
+                              files={"audio": ("ref.wav", sys.stdin.buffer.read(), "audio/wav")})
+        spoken = client.post("/v1/synthesize", json={"text": "No model here.", "voice": "no-torch-here"})
+        builtin = client.post("/v1/synthesize", json={"text": "Nor here.", "voice": "piper:joe"})
+        statuses = [created.status_code, spoken.status_code, builtin.status_code]
+finally:
+    app.state.backend.close()
+heavy = ("torch", "torchaudio", "TTS", "onnxruntime", "piper", "kokoro_onnx")
+print(json.dumps({"statuses": statuses, "imported": sorted(m for m in heavy if m in sys.modules)}))
+"""
+
+
+def test_a_gateway_process_in_ray_mode_imports_no_engine_library(ray_env: RayEnv, tmp_path: Path) -> None:
+    """A fresh gateway process joined to the cluster registers a voice and synthesizes; afterwards
+    neither torch nor onnxruntime (nor any engine library) is in its ``sys.modules``."""
+    import json
+
+    import ray
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TTS_GATEWAY_")} | {
+        "PYTHONPATH": str(ROOT), "TTS_GATEWAY_BACKEND": "ray",
+        "TTS_GATEWAY_RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # RAY_AUTH_TOKEN: inherited
+        "TTS_GATEWAY_ENGINES": "piper", "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin",
+        "TTS_GATEWAY_DATA_DIR": str(ray_env.settings.data_dir), "TTS_GATEWAY_CANARY": "0"}
+    result = subprocess.run([sys.executable, "-c", _GATEWAY_SCRIPT], env=env, input=_reference_wav(440),
+                            capture_output=True, timeout=2 * HANG_GUARD_S)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    report = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert report == {"statuses": [201, 200, 200], "imported": []}, report
+
+
 # -- start-up that fits the cluster or says why it cannot ---------------------------------------------------
 def test_replica_cpus_are_shared_out_or_the_shortfall_is_named() -> None:
     from tts_gateway.ray.serve import plan_replica_cpus

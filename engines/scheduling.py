@@ -5,7 +5,9 @@ fastest way to run a lone request, while several requests at once go fastest on 
 sessions side by side; sessions that each use every core oversubscribe the machine and lose. A
 `CoreBudget` hands out "wide" (all cores) or "narrow" (one core) slots so that the threads of the
 running calls never exceed the cores: a call alone gets a wide slot, calls that overlap get narrow
-ones, in the order they asked (first come, first served, so no stream starves).
+ones, in the order they asked (first come, first served, so no stream starves). A call that had to
+wait is evidence of load: it runs narrow even when its turn finds the machine idle, so that under a
+steady stream of requests the calls run side by side instead of one wide call after another.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class CoreBudget:
             self._queue.append(ticket)
             try:
                 while (threads := self._grant(ticket, wide)) is None:
+                    wide = False  # it waited: there is load, the next call will overlap this one
                     self._cond.wait()
             finally:
                 self._queue.remove(ticket)

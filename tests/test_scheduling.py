@@ -38,6 +38,25 @@ def test_a_call_alone_gets_every_core_and_overlapping_calls_one_each() -> None:
     assert budget.in_use == 0
 
 
+def test_a_call_that_waited_runs_narrow_even_when_its_turn_finds_the_machine_idle() -> None:
+    budget = CoreBudget(cores=2)
+    grants: list[int] = []
+
+    def call() -> None:
+        with budget.slot() as threads:
+            grants.append(threads)
+
+    with budget.slot() as first:  # a wide call, then another asks meanwhile
+        assert first == 2
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_until(lambda: len(budget._queue) == 1, "the second call to queue")
+    caller.join(HANG_GUARD_S)
+    assert grants == [1]  # alone by then, but it waited: load, so one thread (the next call will overlap it)
+    with budget.slot() as later:  # no wait: the machine again
+        assert later == 2
+
+
 def test_threads_in_use_never_exceed_the_cores_and_everyone_is_served_in_order() -> None:
     budget = CoreBudget(cores=2)
     peak = 0

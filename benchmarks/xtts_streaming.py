@@ -1,12 +1,12 @@
-"""XTTS streaming: the gateway's windowed decoder vs coqui-tts's ``inference_stream`` vs one decode.
+"""XTTS streaming: the gateway's incremental decoder vs coqui-tts's ``inference_stream`` vs one decode.
 
 For sentences of N GPT tokens (about 21.5 tokens per second of audio) on a tiny random-weight checkpoint
 built with room for long sentences (random weights never emit the stop token, so generation is capped
 at exactly N), three ways to make the same audio with the same seed, interleaved:
 
 * ``one_shot``: coqui's ``inference_stream(stream_chunk_size=0)`` — one decode at the end (unstreamed);
-* ``ours``: `tts_gateway.engines.xtts_streaming.stream_inference` — each frame decoded once from a window
-  with bounded context, crossfaded;
+* ``ours``: `tts_gateway.engines.xtts_streaming.stream_inference` — the decoder run incrementally, each
+  layer computing each sample once;
 * ``coqui``: ``inference_stream(stream_chunk_size=20)`` — re-decodes every latent so far at each chunk.
 
 Compute is the process's CPU time (``time.process_time``: every thread, but not the time other processes

@@ -284,7 +284,7 @@ class XttsEngine(BaseEngine):
         gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
         with self._lock:
             torch.manual_seed(options.seed or 0)
-            if options.streaming:  # each frame decoded once, from a bounded window (linear cost)
+            if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
                 stream = stream_inference(model, text, options.language, gpt_cond_latent, speaker_embedding,
                                           speed=options.speed)
             else:  # one decode at the end

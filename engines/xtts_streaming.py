@@ -133,6 +133,8 @@ class _Conv:
         if conv.stride[0] != 1 or conv.groups != 1 or 2 * pad != dilation * (kernel - 1):
             raise ValueError(f"cannot stream {conv}")
         self.conv, self.pad = conv, pad
+        # Weight norm recomputes ``conv.weight`` at every access: once per stream, not once per chunk.
+        self.weight, self.bias = conv.weight.detach(), conv.bias
         self.kept = like.new_zeros(1, conv.in_channels, pad)  # the left zero padding
 
     def __call__(self, x: Any, final: bool, slope: float | None = None) -> Any:
@@ -152,7 +154,7 @@ class _Conv:
             self.kept = buffer
             return buffer.new_zeros(1, self.conv.out_channels, 0)
         self.kept = buffer[..., ready:].clone()  # not a view: the buffer is large
-        return torch.nn.functional.conv1d(buffer, self.conv.weight, self.conv.bias, dilation=self.conv.dilation)
+        return torch.nn.functional.conv1d(buffer, self.weight, self.bias, dilation=self.conv.dilation)
 
 
 class _Upsample:
@@ -164,6 +166,7 @@ class _Upsample:
         if conv.groups != 1 or conv.dilation[0] != 1 or conv.output_padding[0] != 0 or 2 * pad != kernel - stride:
             raise ValueError(f"cannot stream {conv}")
         self.conv, self.stride, self.pad = conv, stride, pad
+        self.weight, self.bias = conv.weight.detach(), conv.bias  # once per stream (weight norm)
         self.history = (kernel - 1) // stride
         self.buffer = like.new_zeros(1, conv.in_channels, self.history)  # zero inputs add nothing
         self.crop = pad  # leading outputs the padding removes
@@ -174,7 +177,7 @@ class _Upsample:
 
         buffer = torch.cat([self.buffer, x], dim=-1)
         self.buffer = buffer[..., buffer.shape[-1] - self.history:].clone()  # not a view of the large input
-        y = F.conv_transpose1d(buffer, self.conv.weight, self.conv.bias, stride=self.stride)
+        y = F.conv_transpose1d(buffer, self.weight, self.bias, stride=self.stride)
         start = self.history * self.stride  # outputs before it were complete already
         # the last outputs wait for the next input, unless there is none (then the padding crops them)
         stop = y.shape[-1] - self.pad if final else start + x.shape[-1] * self.stride

@@ -437,6 +437,41 @@ def test_a_gateway_process_in_ray_mode_imports_no_engine_library(ray_env: RayEnv
     assert report == {"statuses": [201, 200, 200], "imported": []}, report
 
 
+def test_replicas_carry_out_orders_given_after_they_joined_and_leave_the_board(ray_env: RayEnv) -> None:
+    """The board's protocol with a plain `Board` in this process (calls go through Ray's object store)."""
+    import ray
+
+    from tts_gateway.ray.board import Board, Reporter
+
+    board = Board()
+
+    class Method:  # an actor method's shape: ``.remote(...)`` gives something ``ray.get`` resolves
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def remote(self, *args: Any) -> Any:
+            return ray.put(self.fn(*args))
+
+    board.order("piper", "unload")  # before the replica exists: not for it
+    done: list[str] = []
+    reporter = Reporter("r1", lambda: {"engine": "piper", "loaded": True}, lambda: {"name": "piper"}, lambda: "",
+                        lambda action: done.append(action) or "ok")
+    reporter._board = type("Handle", (), {"report": Method(board.report), "leave": Method(board.leave)})()
+    reporter.start()
+    try:
+        def order() -> dict[str, Any]:
+            return dict(board.snapshot()["replicas"].get("r1", {}).get("order") or {})
+
+        wait_until(lambda: order().get("seq") == 1, "the replica's first report")
+        assert done == [] and board.snapshot()["replicas"]["r1"]["description"] == {"name": "piper"}
+        board.order("piper", "load")
+        wait_until(lambda: order().get("seq") == 2 and order().get("state") == "ok", "the load order done")
+        assert done == ["load"]
+    finally:
+        reporter.stop()
+    assert "r1" not in board.snapshot()["replicas"]  # it left at once: the gateway does not wait for it to go stale
+
+
 # -- start-up that fits the cluster or says why it cannot ---------------------------------------------------
 def test_replica_cpus_are_shared_out_or_the_shortfall_is_named() -> None:
     from tts_gateway.ray.serve import plan_replica_cpus

@@ -129,6 +129,7 @@ class Reporter:
         self._described_at = 0.0
         self._order: dict[str, Any] = {"seq": 0, "state": "done", "detail": None}
         self._board: Any = None
+        self._joined = False  # reported once: orders from then on are for this replica
         self._thread = threading.Thread(target=self._loop, name="board-reporter", daemon=True)
 
     def start(self) -> None:
@@ -163,8 +164,13 @@ class Reporter:
                 state = {**self._state(), "replica": self.replica, "pid": os.getpid(), "node": socket.gethostname(),
                          "description": self._described, "metrics": self._metrics(), "order": dict(self._order)}
                 order = ray.get(self._board.report.remote(self.replica, state), timeout=10)
-                if order and int(order["seq"]) > int(self._order["seq"]) and self._order["state"] != "running":
+                if order and self._joined is False:
+                    # An order given before this replica existed is not for it (an autoscaled or
+                    # restarted replica must not unload itself): it starts as its settings say.
+                    self._order = {"seq": int(order["seq"]), "state": "ok", "detail": None, "action": None}
+                elif order and int(order["seq"]) > int(self._order["seq"]) and self._order["state"] != "running":
                     self._start_order(int(order["seq"]), str(order["action"]))
+                self._joined = True
             except Exception as exc:  # the board restarting, a slow cluster: try again at the next beat
                 log.debug("board report failed: %s", exc)
                 self._board = None if "not found" in str(exc).lower() else self._board

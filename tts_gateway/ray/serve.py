@@ -97,11 +97,9 @@ def job_from_plan(plan: Any, latents_key: Callable[[str, str], str | None] = lam
         sha = voice.voice_sha256
         key = latents_key(voice.name, sha) if sha else None
         if key is None:  # not in the registry: send the latents themselves
-            import numpy as np
-            from safetensors.numpy import save as st_save
+            from tts_gateway.voices.blobs import encode
 
-            latents = voice.input.latents or {}
-            blob = st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()})
+            blob = encode(voice.input.latents or {})
             sha = hashlib.sha256(blob).hexdigest()
     return SynthesisJob(
         engine=plan.engine_name, voice_name=voice.name, language=plan.language, pieces=tuple(plan.pieces),
@@ -357,49 +355,45 @@ class EngineReplica:
             self._counts[outcome] += 1
 
     # -- what the gateway asks of a replica besides synthesis ----------------------------------------
+    async def _latents_blob(self, check: Callable[[Any], None], compute: Callable[[Any], Mapping[str, Any]]) -> bytes:
+        """``compute(engine)`` on this replica's loaded engine, in a thread, once ``check(engine)`` passed on
+        the available engine; the latents as blob bytes (`voices.blobs.encode`)."""
+        from tts_gateway.voices.blobs import encode
+
+        def run() -> Mapping[str, Any]:
+            with self.engines.use(self.engine_name) as engine:
+                return compute(engine)
+
+        try:
+            check(self.engines.check_available(self.engine_name))
+            return encode(await asyncio.to_thread(run))
+        except TTSGatewayError as exc:
+            raise ReplicaError.of(exc) from None
+
     async def condition(self, audio: bytes, rate: int) -> bytes:
         """Latents (safetensors bytes) for reference audio: float32 mono samples at ``rate``."""
         import numpy as np
-        from safetensors.numpy import save as st_save
 
-        try:
-            engine = self.engines.check_available(self.engine_name)
+        def check(engine: Any) -> None:
             wanted = getattr(engine, "reference_sample_rate", None)
             if wanted is None:
                 raise Conflict(f"engine {self.engine_name!r} cannot clone voices")
             if int(wanted) != int(rate):
                 raise Conflict(f"reference audio at {rate} Hz reached a replica that wants {wanted} Hz")
-            samples = np.frombuffer(audio, dtype=np.float32)
 
-            def compute() -> dict[str, Any]:
-                with self.engines.use(self.engine_name) as loaded:
-                    return loaded.compute_latents(samples)  # type: ignore[attr-defined]
-
-            latents = await asyncio.to_thread(compute)
-        except TTSGatewayError as exc:
-            raise ReplicaError.of(exc) from None
+        samples = np.frombuffer(audio, dtype=np.float32)
+        blob = await self._latents_blob(check, lambda engine: engine.compute_latents(samples))
         self.core.metrics.conditioning.labels(self.engine_name).inc()
-        return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()})
+        return blob
 
     async def blend(self, weights: dict[str, float]) -> bytes:
         """A blended voice's latents (safetensors bytes) from weighted built-in voices."""
-        import numpy as np
-        from safetensors.numpy import save as st_save
 
-        try:
-            engine = self.engines.check_available(self.engine_name)
-            blend = getattr(engine, "blend_latents", None)
-            if blend is None:
+        def check(engine: Any) -> None:
+            if getattr(engine, "blend_latents", None) is None:
                 raise Conflict(f"engine {self.engine_name!r} cannot blend voices")
 
-            def compute() -> dict[str, Any]:
-                with self.engines.use(self.engine_name):
-                    return blend(dict(weights))
-
-            latents = await asyncio.to_thread(compute)
-        except TTSGatewayError as exc:
-            raise ReplicaError.of(exc) from None
-        return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in latents.items()})
+        return await self._latents_blob(check, lambda engine: engine.blend_latents(dict(weights)))
 
     def state(self) -> dict[str, Any]:
         """What this replica reports to the board at each beat (cheap: no model access)."""
@@ -442,12 +436,7 @@ class EngineReplica:
 
     async def stats(self) -> dict[str, Any]:
         """This replica's process, memory and counters (benchmarks and tests read it)."""
-        import psutil
-
-        process = psutil.Process()
-        return {"pid": os.getpid(), "rss": process.memory_info().rss,
-                "engine": self.engine_name, "loaded": self.engines.get(self.engine_name).loaded,
-                "voices": sorted(self._loaded_voices), **self._counts}
+        return {**self.state(), "pid": os.getpid(), "voices": sorted(self._loaded_voices)}
 
 
 _CLASSES: dict[int, type] = {}
@@ -607,7 +596,7 @@ class RayBackend:
         from tts_gateway.ray.engines import RemotePlugin, remote_engine
 
         local = EngineManager(self.settings)  # engine objects only tell their kind (cloning, blending)
-        wanted = set(self.engines)
+        wanted = set(local.names if self._engines is None else self._engines)
         remote = [remote_engine(local.get(name), self) for name in local.names if name in wanted]
         self._engines = [engine.name for engine in remote]
         return EngineManager(self.settings.with_(engines=(), plugins=()), extra_plugins=(RemotePlugin(remote),),
@@ -921,13 +910,16 @@ class RayBackend:
         """(replica id, Prometheus text) of each live replica's engine metrics."""
         return self.view.metrics() if self.view is not None else []
 
-    def _remote_result(self, engine: str, call: Callable[[Any], Any]) -> Any:
+    def _remote_latents(self, engine: str, call: Callable[[Any], Any]) -> dict[str, Any]:
+        """The latents a replica returns as blob bytes for ``call(handle)``, errors as their own kinds."""
+        from safetensors.numpy import load as st_load
+
         handle = self._handles.get(engine)
         if handle is None:
             raise Unavailable(f"engine {engine!r} is not deployed on the Ray cluster", retry_after=30)
         response = call(handle)
         try:
-            return response.result(timeout_s=self.timeout_s)
+            return dict(st_load(response.result(timeout_s=self.timeout_s)))
         except TimeoutError:
             _cancel(response)
             raise TimedOut(f"engine {engine!r} took longer than {self.timeout_s:g} s (TTS_GATEWAY_TIMEOUT_S)") from None
@@ -937,17 +929,12 @@ class RayBackend:
     def condition(self, engine: str, audio: Any, rate: int) -> dict[str, Any]:
         """Latents computed by a replica of ``engine`` for float32 mono ``audio`` at ``rate``."""
         import numpy as np
-        from safetensors.numpy import load as st_load
 
         samples = np.ascontiguousarray(audio, dtype=np.float32).tobytes()
-        blob = self._remote_result(engine, lambda handle: handle.condition.remote(samples, int(rate)))
-        return dict(st_load(blob))
+        return self._remote_latents(engine, lambda handle: handle.condition.remote(samples, int(rate)))
 
     def blend(self, engine: str, weights: Mapping[str, float]) -> dict[str, Any]:
-        from safetensors.numpy import load as st_load
-
-        blob = self._remote_result(engine, lambda handle: handle.blend.remote(dict(weights)))
-        return dict(st_load(blob))
+        return self._remote_latents(engine, lambda handle: handle.blend.remote(dict(weights)))
 
     def order(self, engine: str, action: str) -> None:
         """Have every live replica of ``engine`` load or unload its model, and wait until each has.
@@ -961,9 +948,10 @@ class RayBackend:
 
         if self.view is None:
             raise Unavailable("the Ray backend is not started", retry_after=5)
+        missing = self.missing_replicas(engine)
+        if missing:
+            raise EngineUnavailable(engine, missing)
         live = {str(state["replica"]) for state in self.view.replicas(engine)}
-        if not live:
-            raise EngineUnavailable(engine, f"no live replica of {app_name(engine)} on the Ray cluster")
         seq = int(ray.get(self.view.board.order.remote(engine, action), timeout=10))
 
         def answers() -> dict[str, dict[str, Any]]:

@@ -165,7 +165,7 @@ class PiperEngine(BaseEngine):
                 for _ in range(self._budget.cores):
                     pool.put(replace(base, session=_session(voice.model_path, 1)))
                 wide[voice.id] = queue.Queue()
-                wide[voice.id].put(replace(base, session=_session(voice.model_path, self._budget.cores)))
+                wide[voice.id].put(replace(base, session=_session(voice.model_path, self._budget.cores, spin=True)))
             loaded[voice.id] = pool
         self._voices = loaded
         self._wide = wide
@@ -190,8 +190,10 @@ class PiperEngine(BaseEngine):
             # sampling noise: the same text then always gives the same samples.
             config.noise_scale = 0.0
             config.noise_w_scale = 0.0
-        # A seeded request must give the same bytes alone or under load: always one thread then.
-        slot = self._budget.slot(wide=not options.repeatable) if self._budget is not None else nullcontext(0)
+        # A seeded request must give the same bytes alone or under load: always one thread then. A
+        # sentence whose neighbours run at the same time takes one core, as they do.
+        wide = not (options.repeatable or options.side_by_side)
+        slot = self._budget.slot(wide=wide) if self._budget is not None else nullcontext(0)
         with slot as threads:
             if threads > 1:
                 pool = self._wide[voice.builtin or ""]
@@ -205,15 +207,20 @@ class PiperEngine(BaseEngine):
                 pool.put(piper_voice)
 
 
-def _session(model_path: Path, threads: int) -> Any:
-    """A session with ``threads`` intra-op threads (0: onnxruntime's default, one per core)."""
+def _session(model_path: Path, threads: int, spin: bool = False) -> Any:
+    """A session with ``threads`` intra-op threads (0: onnxruntime's default, one per core).
+
+    ``spin``: let idle intra-op threads spin between parallel sections. Only for the wide session,
+    which runs alone (the budget sees to it): spinning makes it ~7 % faster there, while in sessions
+    that run side by side spinning threads would steal the cores the others are using.
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # Idle threads must not spin: they would steal the cores another session is using.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(model_path), sess_options=options,
                                         providers=["CPUExecutionProvider"])
 

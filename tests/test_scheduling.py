@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.conftest import HANG_GUARD_S, decode, running_app, wait_until
+from tests.fake_engine import FakeEngine, FakePlugin
+from tts_gateway.engines.base import Capabilities, SynthesisOptions, VoiceInput
 from tts_gateway.engines.scheduling import CoreBudget
 
 
@@ -91,3 +94,74 @@ def test_parallel_sentences_come_out_in_order_and_byte_identical(make_settings: 
             assert response.status_code == 200, response.text
             results.append(decode(response.content)[0])
     assert results[0].size > 0 and np.array_equal(results[0], results[1])
+
+
+class _Recording(FakeEngine):
+    """Records each sentence it is asked for, in order, with whether it was to run side by side."""
+
+    def __init__(self, parallel: bool = False) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, bool]] = []
+        if parallel:
+            self.capabilities = Capabilities(streaming=True, deterministic=True, parallel_pieces=True)
+
+    def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        self.calls.append((text, options.side_by_side))
+        return super().synthesize(text, voice, options)
+
+
+def _two_requests_on_one_slot(make_settings: Any, first_streams: bool) -> list[str]:
+    """A 3-sentence request holds the only slot at its first sentence while a 2-sentence stream queues;
+    the order in which the engine is then asked for sentences."""
+    from tests.conftest import app_state
+
+    engine = _Recording()
+    settings = make_settings(engines=(), default_voice="fake:one", max_concurrency=1, max_queue=4, canary=False,
+                             cache_bytes=0)
+    results: list[int] = []
+    with running_app(settings, FakePlugin(engine)) as client:
+        gateway = app_state(client)
+        engine.gate = threading.Event()
+        first = threading.Thread(target=lambda: results.append(client.post("/v1/synthesize", json={
+            "text": "Alpha one. Alpha two. Alpha three.", "stream": first_streams}).status_code))
+        first.start()
+        assert engine.started.wait(HANG_GUARD_S)
+        second = threading.Thread(target=lambda: results.append(client.post("/v1/synthesize", json={
+            "text": "Bravo one. Bravo two.", "stream": True}).status_code))
+        second.start()
+        wait_until(lambda: gateway.admission.waiting == 1, "the stream to queue for the slot")
+        engine.gate.set()
+        first.join(HANG_GUARD_S)
+        second.join(HANG_GUARD_S)
+        assert gateway.admission.running == 0 and gateway.admission.waiting == 0
+    assert results == [200, 200]
+    assert engine.max_active == 1  # one slot: never two sentences at once
+    return [text for text, _ in engine.calls]
+
+
+def test_streams_take_turns_sentence_by_sentence_under_load(make_settings: Any) -> None:
+    """Round-robin per sentence: the queued stream's first sentence comes before the running one's second."""
+    assert _two_requests_on_one_slot(make_settings, first_streams=True) == [
+        "Alpha one.", "Bravo one.", "Alpha two.", "Bravo two.", "Alpha three."]
+
+
+def test_a_whole_response_keeps_its_slot_to_the_end(make_settings: Any) -> None:
+    """Taking turns would delay every whole response for nobody's benefit: only streams give way."""
+    assert _two_requests_on_one_slot(make_settings, first_streams=False) == [
+        "Alpha one.", "Alpha two.", "Alpha three.", "Bravo one.", "Bravo two."]
+
+
+def test_sentences_side_by_side_only_in_whole_responses(make_settings: Any) -> None:
+    """A whole multi-sentence response runs its sentences side by side (one core each); a stream runs
+    them one after the other, each with every core; a single sentence always has every core."""
+    engine = _Recording(parallel=True)
+    settings = make_settings(engines=(), default_voice="fake:one", canary=False, cache_bytes=0)
+    text = "Alpha one. Alpha two. Alpha three."
+    with running_app(settings, FakePlugin(engine)) as client:
+        for body, expected in (({"text": text}, True), ({"text": text, "stream": True}, False),
+                               ({"text": "Alpha one."}, False)):
+            engine.calls.clear()
+            response = client.post("/v1/synthesize", json=body)
+            assert response.status_code == 200, response.text
+            assert len(engine.calls) == (1 if body["text"] == "Alpha one." else 3)
+            assert {flag for _, flag in engine.calls} == {expected}, (body, engine.calls)

@@ -2,7 +2,10 @@
 
 Synthesis never runs on the event loop. ``Admission`` bounds running work (MAX_CONCURRENCY) and
 waiting work (MAX_QUEUE); a slot is released only when the worker thread has really stopped, so
-a timed-out or abandoned synthesis cannot let more work in than there are slots.
+a timed-out or abandoned synthesis cannot let more work in than there are slots. Slots go first
+come, first served, and a streamed request passes its slot on between sentences when others
+wait, so under load every stream gets its sentences in turn (round-robin) instead of waiting
+behind whole requests.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -25,60 +29,122 @@ T = TypeVar("T")
 DONE = object()  # the end of a `ThreadStream`
 
 
+class _Waiter:
+    """A place in the admission queue; ``grant`` hands it a slot (called under the admission lock)."""
+
+    __slots__ = ("grant",)
+
+    def __init__(self, grant: Callable[[], object]) -> None:
+        self.grant = grant
+
+
+class Turn:
+    """One request's admission slot. ``release`` is idempotent and may be called from any thread."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.held = True
+
+    def release(self) -> None:
+        self._admission._release(self)
+
+    def pass_on(self, cancel: threading.Event) -> None:
+        """Between two sentences of a stream (worker thread): when others wait, give them this slot
+        and queue again at the back, so every stream hears its next sentence in turn."""
+        self._admission._pass_on(self, cancel)
+
+
 class Admission:
+    """A FIFO of slots shared by the event loop (requests wait for one) and worker threads (a
+    stream passes its slot on between sentences). Thread-safe: one lock guards the counts."""
+
     def __init__(self, max_concurrency: int, max_queue: int, metrics: Metrics) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.metrics = metrics
-        self.running = 0
-        self.waiting = 0
-        self._sem: asyncio.Semaphore | None = None
+        self.running = 0  # slots held
+        self.waiting = 0  # requests queued for a slot, new or passed on
+        self._waiters: deque[_Waiter] = deque()
+        self._lock = threading.Lock()
 
-    def _semaphore(self) -> asyncio.Semaphore:
-        if self._sem is None:  # bound to the running loop on first use
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-        return self._sem
-
-    async def acquire(self) -> Callable[[], None]:
-        """Wait for a slot; 503 at once when the queue is full. Returns an idempotent release."""
-        sem = self._semaphore()
-        if self.running >= self.max_concurrency and self.waiting >= self.max_queue:
-            raise Unavailable(
-                f"server busy: {self.running} syntheses running and {self.waiting} waiting; retry shortly",
-                retry_after=2,
-            )
-        self.waiting += 1
-        self.metrics.queue_depth.set(self.waiting)
-        try:
-            await sem.acquire()
-        finally:
-            self.waiting -= 1
-            self.metrics.queue_depth.set(self.waiting)
-        self.running += 1
+    def _publish(self) -> None:
         self.metrics.in_flight.set(self.running)
-        released = False
+        self.metrics.queue_depth.set(self.waiting)
+
+    async def acquire(self) -> Turn:
+        """Wait for a slot; 503 at once when the queue is full."""
         loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.running < self.max_concurrency and not self._waiters:
+                self.running += 1
+                self._publish()
+                return Turn(self)
+            if self.waiting >= self.max_queue:
+                raise Unavailable(
+                    f"server busy: {self.running} syntheses running and {self.waiting} waiting; retry shortly",
+                    retry_after=2,
+                )
+            granted: asyncio.Future[None] = loop.create_future()
+            waiter = _Waiter(lambda: loop.call_soon_threadsafe(_resolve, granted))
+            self._waiters.append(waiter)
+            self.waiting += 1
+            self._publish()
+        try:
+            await granted
+        except asyncio.CancelledError:  # the client went away while queued
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    self.waiting -= 1
+                    self._publish()
+                    raise
+            Turn(self).release()  # the slot was granted meanwhile: hand it on
+            raise
+        return Turn(self)
 
-        def release() -> None:
-            nonlocal released
-            if released:
+    def _hand_over(self) -> bool:
+        """Give a slot to the head of the queue (under the lock); False when nobody waits."""
+        if not self._waiters:
+            return False
+        self._waiters.popleft().grant()
+        self.waiting -= 1
+        return True
+
+    def _release(self, turn: Turn) -> None:
+        with self._lock:
+            if not turn.held:
                 return
-            released = True
-            self.running -= 1
-            self.metrics.in_flight.set(self.running)
-            sem.release()
+            turn.held = False
+            if not self._hand_over():
+                self.running -= 1
+            self._publish()
 
-        def release_threadsafe() -> None:
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is loop:
-                release()
-            else:
-                loop.call_soon_threadsafe(release)
+    def _pass_on(self, turn: Turn, cancel: threading.Event) -> None:
+        back = threading.Event()
+        waiter = _Waiter(back.set)
+        with self._lock:
+            if not turn.held or not self._waiters:
+                return
+            self._hand_over()
+            turn.held = False
+            self._waiters.append(waiter)
+            self.waiting += 1
+            self._publish()
+        while not back.wait(0.05):
+            if cancel.is_set():
+                with self._lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+                        self.waiting -= 1
+                        self._publish()
+                        return  # no slot held; the request stops at its next check of ``cancel``
+                break  # granted just now
+        turn.held = True
 
-        return release_threadsafe
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class ThreadStream:
@@ -264,17 +330,18 @@ class LocalRunner:
         self.worker = worker
 
     async def call(self, plan: Plan) -> bytes:
-        release = await self.admission.acquire()
+        turn = await self.admission.acquire()
         cancel = threading.Event()
-        return await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, release)
+        return await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, turn.release)
 
     async def open_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
                           ) -> tuple[bytes, AsyncIterator[bytes]]:
-        release = await self.admission.acquire()
+        turn = await self.admission.acquire()
         cancel = threading.Event()
-        return await self.worker.stream(lambda: self.service.run(plan, cancel), cancel, release,
+        # A stream passes its slot on between sentences when others wait: first audio for everyone.
+        return await self.worker.stream(lambda: self.service.run(plan, cancel, turn=turn), cancel, turn.release,
                                         on_complete=on_complete)
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
-        release = await self.admission.acquire()
-        return await self.worker.call(fn, threading.Event(), release)
+        turn = await self.admission.acquire()
+        return await self.worker.call(fn, threading.Event(), turn.release)

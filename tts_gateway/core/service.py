@@ -13,8 +13,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,26 +56,32 @@ PIECE_WINDOW = min(os.cpu_count() or 1, 4)
 _END = object()
 
 
+class Turn(Protocol):
+    """A streamed request's admission slot, which it passes on between sentences when others wait."""
+
+    def pass_on(self, cancel: threading.Event) -> None: ...
+
+
 class _OrderedPieces:
     """Runs up to ``window`` pieces ahead in threads and hands their chunks over in order.
 
-    With a window of 1 the pieces run inline, one after the other, in the caller's thread.
+    With a window of 1 the pieces run inline, one after the other, in the caller's thread; with a
+    ``turn`` too, the request gives way between sentences while others wait: it passes its slot on
+    and queues again (round-robin per sentence).
     """
 
-    def __init__(self, make: Callable[[str], Iterator[np.ndarray]], pieces: list[str], window: int,
-                 cancel: threading.Event, first_alone: bool = False) -> None:
+    def __init__(self, make: Callable[[int], Iterator[np.ndarray]], pieces: list[str], window: int,
+                 cancel: threading.Event, turn: Turn | None = None) -> None:
         self.make = make
         self.pieces = pieces
         self.window = max(1, window)
         self.cancel = cancel
+        self.turn = turn
         self.queues: dict[int, queue.Queue[Any]] = {}
         self.next_start = 0
         self.threads: list[threading.Thread] = []
-        if self.window > 1:
-            # A stream's first sentence runs alone, with the whole machine: it is what the listener
-            # waits for. The others then run side by side, ``window`` ahead of what is being sent.
-            while self.next_start < min(1 if first_alone else self.window, len(pieces)):
-                self._start()
+        while self.window > 1 and self.next_start < min(self.window, len(pieces)):
+            self._start()
 
     def _start(self) -> None:
         index = self.next_start
@@ -85,7 +91,7 @@ class _OrderedPieces:
 
         def produce() -> None:
             try:
-                for chunk in self.make(self.pieces[index]):
+                for chunk in self.make(index):
                     out.put(chunk)
                     if self.cancel.is_set():
                         break
@@ -99,7 +105,9 @@ class _OrderedPieces:
 
     def chunks(self, index: int) -> Iterator[np.ndarray]:
         if self.window == 1:
-            yield from self.make(self.pieces[index])
+            yield from self.make(index)
+            if self.turn is not None and index + 1 < len(self.pieces):
+                self.turn.pass_on(self.cancel)
             return
         out = self.queues.pop(index)
         while True:
@@ -282,9 +290,13 @@ class SynthesisService:
         also = [v["name"] for v in voices if v["name"] not in own and speaks(v.get("languages") or [])]
         return (own + also)[:3]
 
-    def run(self, plan: Plan, cancel: threading.Event,
-            on_piece: Callable[[int], None] | None = None) -> Iterator[bytes]:
-        """Synthesize piece by piece, yielding encoded bytes as they are ready (worker thread)."""
+    def run(self, plan: Plan, cancel: threading.Event, on_piece: Callable[[int], None] | None = None,
+            turn: Turn | None = None) -> Iterator[bytes]:
+        """Synthesize piece by piece, yielding encoded bytes as they are ready (worker thread).
+
+        ``turn``: the request's admission slot; a streamed request passes it on between sentences
+        when others wait for one.
+        """
         encoder = Encoder(plan.fmt, plan.rate, streaming=plan.stream)
         pieces: _OrderedPieces | None = None
         started = time.perf_counter()
@@ -298,9 +310,17 @@ class SynthesisService:
                     cancel=cancel, repeatable=plan.repeatable, streaming=plan.stream,
                 )
                 resample = Resampler(engine.sample_rate, plan.rate)
-                window = PIECE_WINDOW if engine.capabilities.parallel_pieces else 1
-                pieces = _OrderedPieces(lambda text: engine.synthesize(text, plan.voice.input, options),
-                                        plan.pieces, window, cancel, first_alone=plan.streams)
+                # A whole response comes soonest with its sentences side by side, one core each. A
+                # stream's listener waits for each sentence in turn: alone, it gets every core and the
+                # engine's one warm session; under load, streams take turns sentence by sentence.
+                parallel = engine.capabilities.parallel_pieces and not plan.streams and len(plan.pieces) > 1
+                window = PIECE_WINDOW if parallel else 1
+                piece_options = replace(options, side_by_side=True) if window > 1 else options
+
+                def make(index: int) -> Iterator[np.ndarray]:
+                    return engine.synthesize(plan.pieces[index], plan.voice.input, piece_options)
+
+                pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
                 for index in range(len(plan.pieces)):
                     if cancel.is_set():
                         raise SynthesisCancelled("cancelled")

@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -478,17 +477,8 @@ class GatewayHandler(AsyncEventHandler):
             request.engine = voice.resolved.engine
             return self.core.service.plan(self._synthesis(request.text, voice), voice.resolved)
 
-        plan = await asyncio.to_thread(prepare)
-        if len(plan.pieces) < 2 or not plan.engine.capabilities.parallel_pieces:
-            await self._play(plan, audio)
-            return
-        # An engine that runs a request's sentences side by side would share the cores between the first
-        # sentence and the next ones; alone, the first has them all and is heard sooner. The rest follow as
-        # one synthesis (side by side again) while the first sentence plays.
-        first, rest = plan.pieces[0], plan.pieces[1:]
-        await self._play(replace(plan, pieces=[first], text=first, started=time.perf_counter()), audio)
-        rest_text = " ".join(rest)
-        await self._play(replace(plan, pieces=rest, text=rest_text, started=time.perf_counter()), audio, pause=True)
+        # A streamed plan: its sentences run one after the other, the first one heard as soon as it is made.
+        await self._play(await asyncio.to_thread(prepare), audio)
 
     async def _speak_stream(self, stream: TextStream, audio: AudioOut) -> None:
         spoken = False

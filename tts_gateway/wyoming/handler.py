@@ -470,15 +470,19 @@ class GatewayHandler(AsyncEventHandler):
         return info.event()
 
     async def _speak_once(self, request: OneShot, audio: AudioOut) -> None:
-        self.core.service.check_text(request.text)  # cheap, before anything is resolved
-
-        def prepare() -> Plan:  # one thread hop: resolving may read the registry
+        def prepare() -> Plan:
             voice = self._resolve(request.choice)
             request.engine = voice.resolved.engine
             return self.core.service.plan(self._synthesis(request.text, voice), voice.resolved)
 
+        name = request.choice.name
+        if name is not None and ":" in name:  # a built-in voice resolves without the registry: no thread hop
+            plan = prepare()
+        else:  # a preset or a language: resolving reads the registry, in a thread
+            self.core.service.check_text(request.text)  # cheap, before anything is resolved
+            plan = await asyncio.to_thread(prepare)
         # A streamed plan: its sentences run one after the other, the first one heard as soon as it is made.
-        await self._play(await asyncio.to_thread(prepare), audio)
+        await self._play(plan, audio)
 
     async def _speak_stream(self, stream: TextStream, audio: AudioOut) -> None:
         spoken = False

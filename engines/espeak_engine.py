@@ -23,6 +23,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.scheduling import CoreBudget, shared_budget
 
 BASE_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450
@@ -53,9 +54,10 @@ class EspeakEngine(BaseEngine):
     name = "espeak"
     capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, budget: CoreBudget | None = None) -> None:
         super().__init__()
         self.binary = binary or shutil.which("espeak-ng")
+        self._budget = budget or shared_budget()
 
     @property
     def sample_rate(self) -> int:
@@ -131,16 +133,17 @@ class EspeakEngine(BaseEngine):
         wanted = BASE_WPM * options.speed
         wpm = int(min(max(wanted, MIN_WPM), MAX_WPM))
         assert self.binary is not None
-        # Text goes through stdin, never argv, so nothing in it is parsed as an option.
-        process = subprocess.Popen(
-            [self.binary, "-v", str(language), "-s", str(wpm), "--stdout", "-b", "1", "--stdin"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        try:
-            out, err = process.communicate(text.encode("utf-8"), timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise RuntimeError("espeak-ng timed out") from None
+        with self._budget.slot(threads=1):  # espeak-ng uses one core; it waits for one like any engine call
+            # Text goes through stdin, never argv, so nothing in it is parsed as an option.
+            process = subprocess.Popen(
+                [self.binary, "-v", str(language), "-s", str(wpm), "--stdout", "-b", "1", "--stdin"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            try:
+                out, err = process.communicate(text.encode("utf-8"), timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise RuntimeError("espeak-ng timed out") from None
         if options.cancel.is_set():
             raise SynthesisCancelled("cancelled")
         if process.returncode != 0:

@@ -27,7 +27,7 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
-from tts_gateway.engines.scheduling import CoreBudget
+from tts_gateway.engines.scheduling import CoreBudget, shared_budget
 
 log = logging.getLogger(__name__)
 
@@ -234,4 +234,4 @@ def register_engines(register: Callable[[Any], None], context: EngineContext) ->
         directory = directory if directory.is_dir() else None
     voices.update((v.id, v) for v in directory_voices(directory))
     register(PiperEngine(list(voices.values()), threads=context.threads, sessions=min(context.concurrency, 4),
-                         budget=CoreBudget()))
+                         budget=shared_budget()))

@@ -8,6 +8,10 @@ running calls never exceed the cores: a call alone gets a wide slot, calls that 
 ones, in the order they asked (first come, first served, so no stream starves). A call that had to
 wait is evidence of load: it runs narrow even when its turn finds the machine idle, so that under a
 steady stream of requests the calls run side by side instead of one wide call after another.
+
+Engines that cannot change their thread count per call (torch: XTTS) or use one core (espeak-ng)
+ask for an exact number of threads instead, in the same queue. One budget serves the whole process
+(`shared_budget`), so Piper, XTTS and espeak-ng calls together never use more threads than cores.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ class CoreBudget:
     def in_use(self) -> int:
         return self._used
 
-    def _grant(self, ticket: int, wide: bool) -> int | None:
+    def _grant(self, ticket: int, wide: bool, exactly: int | None = None) -> int | None:
         """Threads for the head of the queue, or None when it must wait (called under the lock)."""
         if self._queue[0] != ticket:
             return None
+        if exactly is not None:
+            return exactly if self._used + exactly <= self.cores and not self._wide else None
         if wide and self._used == 0 and len(self._queue) == 1:
             return self.cores  # alone: the whole machine
         if not self._wide and self._used < self.cores:
@@ -50,17 +56,19 @@ class CoreBudget:
         return None
 
     @contextmanager
-    def slot(self, wide: bool = True) -> Iterator[int]:
+    def slot(self, wide: bool = True, threads: int | None = None) -> Iterator[int]:
         """Wait for a slot; yields how many intra-op threads the call may use (``cores`` or 1).
 
         ``wide=False`` always asks for one thread: for output that must not depend on the load
         (floating-point sums split across a different number of threads may round differently).
+        ``threads=N`` asks for exactly N (at most ``cores``), for a call whose thread count is fixed.
         """
+        exactly = None if threads is None else min(max(1, threads), self.cores)
         with self._cond:
             ticket = next(self._tickets)
             self._queue.append(ticket)
             try:
-                while (threads := self._grant(ticket, wide)) is None:
+                while (threads := self._grant(ticket, wide, exactly)) is None:
                     wide = False  # it waited: there is load, the next call will overlap this one
                     self._cond.wait()
             finally:
@@ -76,3 +84,16 @@ class CoreBudget:
                 if self._wide and threads == self.cores:
                     self._wide = False
                 self._cond.notify_all()
+
+
+_shared: CoreBudget | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_budget() -> CoreBudget:
+    """The process's one budget, shared by every engine that runs here."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = CoreBudget()
+        return _shared

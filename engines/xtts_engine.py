@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
+from tts_gateway.engines.scheduling import CoreBudget, shared_budget
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
@@ -129,8 +131,9 @@ class XttsEngine(BaseEngine):
     reference_sample_rate = 22050
 
     def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0, *,
-                 accept_licence: bool = False, hub: HubModel | None = None) -> None:
+                 accept_licence: bool = False, hub: HubModel | None = None, budget: CoreBudget | None = None) -> None:
         super().__init__()
+        self._budget = budget or shared_budget()
         self.configured = checkpoint
         self.device_setting = device
         self.threads = threads
@@ -261,7 +264,7 @@ class XttsEngine(BaseEngine):
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, :]
         wav16 = torch.from_numpy(soxr.resample(audio, self.reference_sample_rate, 16000).astype(np.float32))[None, :]
         config = model.config
-        with self._lock, torch.inference_mode():
+        with self._lock, self._cores(), torch.inference_mode():
             gpt_cond_latent = model.get_gpt_cond_latents(
                 wav, self.reference_sample_rate,
                 length=int(getattr(config, "gpt_cond_len", 30)),
@@ -282,7 +285,7 @@ class XttsEngine(BaseEngine):
         device = next(model.parameters()).device
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
-        with self._lock:
+        with self._lock, self._cores():
             torch.manual_seed(options.seed or 0)
             if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
                 stream = stream_inference(model, text, options.language, gpt_cond_latent, speaker_embedding,
@@ -313,6 +316,15 @@ class XttsEngine(BaseEngine):
             return speaker.gpt_cond_latent, speaker.speaker_embedding
         raise EngineUnavailable(self.name, "XTTS needs a voice: a studio speaker (xtts:NAME), a preset or reference "
                                            "audio")
+
+    def _cores(self) -> AbstractContextManager[int]:
+        """A slot in the process's core budget for torch's threads (its count is fixed per process, so
+        the bytes of a seeded request do not depend on the load); on a GPU the cores stay free."""
+        import torch
+
+        if next(self._require_model().parameters()).device.type != "cpu":
+            return nullcontext(0)
+        return self._budget.slot(threads=torch.get_num_threads())
 
     def _require_model(self) -> Any:
         model = self._model

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from tests.conftest import HANG_GUARD_S, decode, running_app, wait_until
 from tests.fake_engine import FakeEngine, FakePlugin
 from tts_gateway.engines.base import Capabilities, SynthesisOptions, VoiceInput
-from tts_gateway.engines.scheduling import CoreBudget
+from tts_gateway.engines.scheduling import CoreBudget, shared_budget
 
 
 def test_a_call_alone_gets_every_core_and_overlapping_calls_one_each() -> None:
@@ -166,3 +167,62 @@ def test_sentences_side_by_side_only_in_whole_responses(make_settings: Any) -> N
             assert response.status_code == 200, response.text
             assert len(engine.calls) == (1 if body["text"] == "Alpha one." else 3)
             assert {flag for _, flag in engine.calls} == {expected}, (body, engine.calls)
+
+
+def test_a_call_of_fixed_threads_waits_for_them_in_turn() -> None:
+    """``threads=N`` (torch's fixed pool, espeak-ng's one core) waits until N are free, first come first served."""
+    budget = CoreBudget(cores=2)
+    order: list[str] = []
+
+    def call(name: str, **ask: Any) -> None:
+        with budget.slot(**ask) as threads:
+            order.append(f"{name}:{threads}")
+
+    with budget.slot(wide=False):  # one core busy: a 2-thread call cannot start
+        fixed = threading.Thread(target=call, args=("fixed",), kwargs={"threads": 2})
+        fixed.start()
+        wait_until(lambda: len(budget._queue) == 1, "the 2-thread call to queue")
+        later = threading.Thread(target=call, args=("later",), kwargs={"wide": False})
+        later.start()  # a free core, but it came after the 2-thread call: it waits its turn
+        wait_until(lambda: len(budget._queue) == 2, "the later call to queue behind it")
+        assert order == []
+    fixed.join(HANG_GUARD_S)
+    later.join(HANG_GUARD_S)
+    assert order == ["fixed:2", "later:1"] and budget.in_use == 0
+
+
+def _held_engine_call(run: Callable[[], Any]) -> Any:
+    """Run an engine call while the process's budget is taken by another call: it must queue for a core
+    and finish once the cores are free."""
+    budget = shared_budget()
+    out: list[Any] = []
+    with budget.slot():  # alone: the whole machine
+        caller = threading.Thread(target=lambda: out.append(run()))
+        caller.start()
+        wait_until(lambda: len(budget._queue) == 1, "the engine call to queue for a core")
+        assert out == []
+    caller.join(HANG_GUARD_S)
+    assert budget.in_use == 0
+    return out[0]
+
+
+def test_espeak_waits_for_a_core_in_the_shared_budget() -> None:
+    from tts_gateway.engines.espeak_engine import EspeakEngine
+
+    engine = EspeakEngine()
+    engine.load()
+    audio = _held_engine_call(lambda: np.concatenate(list(engine.synthesize(
+        "Waiting for a core.", VoiceInput(builtin="en"), SynthesisOptions(language="en")))))
+    assert audio.size > 0 and np.abs(audio).max() > 0
+
+
+def test_xtts_waits_for_its_threads_in_the_shared_budget(tiny_xtts: Path) -> None:
+    """The real XTTS code on the tiny checkpoint: its torch threads count against the same cores as Piper's."""
+    from tts_gateway.engines.xtts_engine import XttsEngine
+
+    engine = XttsEngine(tiny_xtts, device="cpu")
+    engine.load()
+    speaker = engine.voices()[0].id
+    audio = _held_engine_call(lambda: np.concatenate(list(engine.synthesize(
+        "Waiting for the cores.", VoiceInput(builtin=speaker), SynthesisOptions(language="en", seed=3)))))
+    assert audio.size > 0

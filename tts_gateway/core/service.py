@@ -50,9 +50,11 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MAX_SEED = 2**32 - 1
 
 
-# Sentences of one request that may be synthesized at once, for engines that share the cores
-# themselves (`Capabilities.parallel_pieces`); the audio still comes out in order.
-PIECE_WINDOW = min(os.cpu_count() or 1, 4)
+# Sentences of one request started ahead, for engines that share the cores themselves
+# (`Capabilities.parallel_pieces`); the audio still comes out in order. Twice the cores: the engine's
+# budget runs as many as there are cores, and when a later sentence finishes before an earlier one,
+# the next is already queued for the core it frees instead of waiting for the earlier one to be sent.
+PIECE_WINDOW = min(2 * (os.cpu_count() or 1), 8)
 _END = object()
 
 
@@ -315,10 +317,14 @@ class SynthesisService:
                 # engine's one warm session; under load, streams take turns sentence by sentence.
                 parallel = engine.capabilities.parallel_pieces and not plan.streams and len(plan.pieces) > 1
                 window = PIECE_WINDOW if parallel else 1
-                piece_options = replace(options, side_by_side=True) if window > 1 else options
+                together = replace(options, side_by_side=True) if window > 1 else options
+                last = len(plan.pieces) - 1
 
                 def make(index: int) -> Iterator[np.ndarray]:
-                    return engine.synthesize(plan.pieces[index], plan.voice.input, piece_options)
+                    # The last sentence has no later one to share the cores with: if the others are done
+                    # when its turn comes, it may have them all.
+                    return engine.synthesize(plan.pieces[index], plan.voice.input,
+                                             options if index == last else together)
 
                 pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
                 for index in range(len(plan.pieces)):

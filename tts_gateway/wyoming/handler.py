@@ -210,9 +210,9 @@ class TextStream(Request):
     async def next_batch(self, first: bool = False) -> list[str] | None:
         """The complete sentences not yet spoken (waiting for one), or None at the end; raises its error.
 
-        The ``first`` batch is the first sentence alone, so it has the engine to itself and its audio
-        comes soonest; later batches take every sentence that is ready (the engine may run them side by
-        side while the audio before them plays).
+        The ``first`` batch is the first sentence alone, so its audio comes soonest; later batches take
+        every sentence that is ready, spoken in order as one streamed plan while the audio before them
+        plays.
         """
         while True:
             if self.error is not None:

@@ -23,7 +23,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.hookspecs import hookimpl
-from tts_gateway.engines.scheduling import CoreBudget, shared_budget
+from tts_gateway.engines.scheduling import shared_budget
 
 BASE_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450
@@ -54,10 +54,10 @@ class EspeakEngine(BaseEngine):
     name = "espeak"
     capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
 
-    def __init__(self, binary: str | None = None, budget: CoreBudget | None = None) -> None:
+    def __init__(self, binary: str | None = None) -> None:
         super().__init__()
         self.binary = binary or shutil.which("espeak-ng")
-        self._budget = budget or shared_budget()
+        self._budget = shared_budget()
 
     @property
     def sample_rate(self) -> int:

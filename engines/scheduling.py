@@ -68,20 +68,20 @@ class CoreBudget:
             ticket = next(self._tickets)
             self._queue.append(ticket)
             try:
-                while (threads := self._grant(ticket, wide, exactly)) is None:
+                while (granted := self._grant(ticket, wide, exactly)) is None:
                     wide = False  # it waited: there is load, the next call will overlap this one
                     self._cond.wait()
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-            self._used += threads
-            self._wide = threads == self.cores and self.cores > 1
+            self._used += granted
+            self._wide = granted == self.cores and self.cores > 1
         try:
-            yield threads
+            yield granted
         finally:
             with self._cond:
-                self._used -= threads
-                if self._wide and threads == self.cores:
+                self._used -= granted
+                if self._wide and granted == self.cores:
                     self._wide = False
                 self._cond.notify_all()
 

@@ -32,7 +32,7 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
-from tts_gateway.engines.scheduling import CoreBudget, shared_budget
+from tts_gateway.engines.scheduling import shared_budget
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
@@ -131,9 +131,9 @@ class XttsEngine(BaseEngine):
     reference_sample_rate = 22050
 
     def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0, *,
-                 accept_licence: bool = False, hub: HubModel | None = None, budget: CoreBudget | None = None) -> None:
+                 accept_licence: bool = False, hub: HubModel | None = None) -> None:
         super().__init__()
-        self._budget = budget or shared_budget()
+        self._budget = shared_budget()
         self.configured = checkpoint
         self.device_setting = device
         self.threads = threads

@@ -92,15 +92,20 @@ class Admission:
         try:
             await granted
         except asyncio.CancelledError:  # the client went away while queued
-            with self._lock:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                    self.waiting -= 1
-                    self._publish()
-                    raise
-            Turn(self).release()  # the slot was granted meanwhile: hand it on
+            if not self._withdraw(waiter):
+                Turn(self).release()  # the slot was granted meanwhile: hand it on
             raise
         return Turn(self)
+
+    def _withdraw(self, waiter: _Waiter) -> bool:
+        """Take ``waiter`` out of the queue; False when it was granted a slot already."""
+        with self._lock:
+            if waiter not in self._waiters:
+                return False
+            self._waiters.remove(waiter)
+            self.waiting -= 1
+            self._publish()
+            return True
 
     def _hand_over(self) -> bool:
         """Give a slot to the head of the queue (under the lock); False when nobody waits."""
@@ -132,12 +137,8 @@ class Admission:
             self._publish()
         while not back.wait(0.05):
             if cancel.is_set():
-                with self._lock:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                        self.waiting -= 1
-                        self._publish()
-                        return  # no slot held; the request stops at its next check of ``cancel``
+                if self._withdraw(waiter):
+                    return  # no slot held; the request stops at its next check of ``cancel``
                 break  # granted just now
         turn.held = True
 

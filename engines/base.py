@@ -70,8 +70,8 @@ class SynthesisOptions:
     # The caller sends audio as it comes: engines that decode in chunks should yield early;
     # otherwise they may decode once at the end (faster for XTTS).
     streaming: bool = False
-    # Other sentences of the same request are synthesized at the same time (parallel pieces): an
-    # engine that shares the cores should give this one a single core, as it does the others.
+    # Other work runs at the same time (this request's other sentences, or other requests): an engine
+    # that shares the cores should give this call a single core, as it does the others.
     side_by_side: bool = False
 
 

@@ -228,3 +228,33 @@ def test_xtts_waits_for_its_threads_in_the_shared_budget(tiny_xtts: Path) -> Non
     audio = _held_engine_call(lambda: np.concatenate(list(engine.synthesize(
         "Waiting for the cores.", VoiceInput(builtin=speaker), SynthesisOptions(language="en", seed=3)))))
     assert audio.size > 0
+
+
+def test_a_request_takes_one_core_while_others_are_in_flight(make_settings: Any) -> None:
+    """The engines' budget sees only calls inside an engine; admission knows a second request is in
+    flight, so both run on one core each instead of the first taking every core (and a lone request
+    still gets them all)."""
+    from tests.conftest import app_state
+
+    engine = _Recording()
+    settings = make_settings(engines=(), default_voice="fake:one", max_concurrency=2, canary=False, cache_bytes=0)
+    results: list[int] = []
+    with running_app(settings, FakePlugin(engine)) as client:
+        gateway = app_state(client)
+        assert client.post("/v1/synthesize", json={"text": "Alone."}).status_code == 200
+        engine.started.clear()
+        engine.gate = threading.Event()
+        first = threading.Thread(target=lambda: results.append(
+            client.post("/v1/synthesize", json={"text": "First."}).status_code))
+        first.start()
+        assert engine.started.wait(HANG_GUARD_S)
+        second = threading.Thread(target=lambda: results.append(
+            client.post("/v1/synthesize", json={"text": "Second."}).status_code))
+        second.start()
+        wait_until(lambda: len(engine.calls) == 3, "the second request to reach the engine")
+        engine.gate.set()
+        first.join(HANG_GUARD_S)
+        second.join(HANG_GUARD_S)
+        wait_until(lambda: gateway.admission.running == 0, "the slots to return")
+    assert results == [200, 200]
+    assert engine.calls == [("Alone.", False), ("First.", False), ("Second.", True)]

@@ -48,6 +48,12 @@ class Turn:
     def release(self) -> None:
         self._admission._release(self)
 
+    def crowded(self) -> bool:
+        """Whether other requests hold or wait for a slot right now (a hint: read without the lock).
+        The engines' core budget sees only calls inside an engine; a request that knows others are
+        about to start takes one core, so that they run side by side instead of after it."""
+        return self._admission.waiting > 0 or self._admission.running > 1
+
     def pass_on(self, cancel: threading.Event) -> None:
         """Between two sentences of a stream (worker thread): when others wait, give them this slot
         and queue again at the back, so every stream hears its next sentence in turn."""
@@ -333,7 +339,7 @@ class LocalRunner:
     async def call(self, plan: Plan) -> bytes:
         turn = await self.admission.acquire()
         cancel = threading.Event()
-        return await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel), cancel, turn.release)
+        return await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel, turn), cancel, turn.release)
 
     async def open_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
                           ) -> tuple[bytes, AsyncIterator[bytes]]:

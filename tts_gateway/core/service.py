@@ -59,7 +59,9 @@ _END = object()
 
 
 class Turn(Protocol):
-    """A streamed request's admission slot, which it passes on between sentences when others wait."""
+    """A request's admission slot: a stream passes it on between sentences when others wait."""
+
+    def crowded(self) -> bool: ...
 
     def pass_on(self, cancel: threading.Event) -> None: ...
 
@@ -297,7 +299,7 @@ class SynthesisService:
         """Synthesize piece by piece, yielding encoded bytes as they are ready (worker thread).
 
         ``turn``: the request's admission slot; a streamed request passes it on between sentences
-        when others wait for one.
+        when others wait for one, and while other requests are in flight each sentence takes one core.
         """
         encoder = Encoder(plan.fmt, plan.rate, streaming=plan.stream)
         pieces: _OrderedPieces | None = None
@@ -317,14 +319,15 @@ class SynthesisService:
                 # engine's one warm session; under load, streams take turns sentence by sentence.
                 parallel = engine.capabilities.parallel_pieces and not plan.streams and len(plan.pieces) > 1
                 window = PIECE_WINDOW if parallel else 1
-                together = replace(options, side_by_side=True) if window > 1 else options
                 last = len(plan.pieces) - 1
 
                 def make(index: int) -> Iterator[np.ndarray]:
                     # The last sentence has no later one to share the cores with: if the others are done
-                    # when its turn comes, it may have them all.
+                    # when its turn comes, it may have them all, unless other requests are about to.
+                    alone = index == last or window == 1
+                    crowded = turn is not None and turn.crowded()
                     return engine.synthesize(plan.pieces[index], plan.voice.input,
-                                             options if index == last else together)
+                                             options if alone and not crowded else replace(options, side_by_side=True))
 
                 pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
                 for index in range(len(plan.pieces)):
@@ -385,5 +388,5 @@ class SynthesisService:
             if pieces is not None:
                 pieces.close()
 
-    def synthesize_bytes(self, plan: Plan, cancel: threading.Event) -> bytes:
-        return b"".join(self.run(plan, cancel))
+    def synthesize_bytes(self, plan: Plan, cancel: threading.Event, turn: Turn | None = None) -> bytes:
+        return b"".join(self.run(plan, cancel, turn=turn))

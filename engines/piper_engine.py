@@ -27,7 +27,7 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
-from tts_gateway.engines.piper_graph import rewrite
+from tts_gateway.engines.piper_graph import SplitGraph, rewrite, split
 from tts_gateway.engines.scheduling import CoreBudget, shared_budget
 
 log = logging.getLogger(__name__)
@@ -160,22 +160,32 @@ class PiperEngine(BaseEngine):
             # Last in, first out: a lone request always gets the session used last, whose weights and
             # buffers are still in the CPU caches (a FIFO pool would rotate through cold ones).
             pool: queue.Queue[Any] = queue.LifoQueue()
-            if self._budget is None:
-                model = _narrow_model(base, voice.model_path) if self._threads == 1 else voice.model_path
-                for _ in range(self._sessions):
-                    pool.put(replace(base, session=_session(model, self._threads)))
-            else:
-                narrow = _narrow_model(base, voice.model_path)
-                for _ in range(self._budget.cores):
-                    pool.put(replace(base, session=_session(narrow, 1)))
+            # One-core sessions run the 2-D graph once it is proven to speak like the original.
+            threads = self._threads if self._budget is None else 1
+            model: Path | bytes = voice.model_path
+            checked = None
+            reference = _speak(base) if threads == 1 else None
+            if reference is not None:
+                model, checked = _narrow_model(base, voice.model_path, reference)
+            if checked is not None:
+                pool.put(checked)
+            while pool.qsize() < (self._sessions if self._budget is None else self._budget.cores):
+                pool.put(replace(base, session=_session(model, threads)))
+            if self._budget is not None and reference is not None:
                 wide[voice.id] = queue.Queue()
-                wide[voice.id].put(replace(base, session=_session(voice.model_path, self._budget.cores, spin=True)))
+                wide[voice.id].put(replace(base, session=_wide_session(base, voice.model_path, self._budget.cores,
+                                                                       reference)))
             loaded[voice.id] = pool
         self._voices = loaded
         self._wide = wide
         self._loaded = True
 
     def unload(self) -> None:
+        for pool in self._wide.values():
+            while not pool.empty():
+                session = pool.get_nowait().session
+                if isinstance(session, SplitSession):
+                    session.close()
         self._voices = {}
         self._wide = {}
         self._loaded = False
@@ -211,36 +221,137 @@ class PiperEngine(BaseEngine):
                 pool.put(piper_voice)
 
 
-def _narrow_model(base: Any, model_path: Path) -> Path | bytes:
-    """The graph for one-core sessions: `piper_graph.rewrite`'s when it speaks like the original.
+class SplitSession:
+    """A stand-in for a Piper voice's onnxruntime session that decodes a sentence on every core.
 
-    ``base``: the voice as loaded by Piper, its session running the original graph.
+    The encoder runs first (every core); then the latent frames are cut into one slice per core,
+    each with ``pad`` frames of context on both sides (the decoder's receptive field, measured at
+    load by `fit_pad`), and the slices are decoded side by side on one-core sessions. A sentence
+    too short to gain from slices is decoded whole with every core. Piper's own code around ``run``
+    (phonemes, scales, loudness normalisation) is unchanged.
     """
+
+    PADS = (8, 12, 16, 24, 32)
+
+    def __init__(self, graph: SplitGraph, cores: int, hop: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.latent = graph.latent
+        self.hop = hop
+        self.pad = self.PADS[-1]
+        # Its threads spin while it runs (faster) and stop when it ends, leaving the cores to the decoders.
+        self.encoder = _session(graph.encoder, cores, spin=True, stop_spinning=True)
+        self.whole = _session(graph.whole_decoder, cores)
+        self.decoders = [_session(graph.decoder, 1) for _ in range(cores)]
+        self._helpers = ThreadPoolExecutor(max_workers=max(1, cores - 1), thread_name_prefix="piper-decode")
+
+    def close(self) -> None:
+        self._helpers.shutdown(wait=False, cancel_futures=True)
+
+    def fit_pad(self, inputs: dict[str, np.ndarray]) -> bool:
+        """Use the least padding whose slices decode ``inputs`` exactly as the whole does (float
+        rounding aside); False when none does."""
+        (frames,) = self.encoder.run(None, inputs)
+        whole = self.decoders[0].run(None, {self.latent: frames})[0]
+        for pad in self.PADS:
+            if 2 * (pad + 1) > frames.shape[-1]:
+                break
+            self.pad = pad
+            sliced = self._decode(frames, max(2, len(self.decoders)))
+            if sliced.shape == whole.shape and float(np.max(np.abs(sliced - whole))) <= 1e-5:
+                return True
+        return False
+
+    def run(self, output_names: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (frames,) = self.encoder.run(None, inputs)
+        # A slice costs its frames plus the padding, on one core at ~1.5x the per-frame time of the
+        # whole decoder on every core: below ~6 pads of frames per slice, slicing does not pay.
+        slices = min(len(self.decoders), frames.shape[-1] // (6 * self.pad))
+        if slices < 2:
+            return [self.whole.run(None, {self.latent: frames})[0]]
+        return [self._decode(frames, slices)]
+
+    def _decode(self, frames: np.ndarray, slices: int) -> np.ndarray:
+        count = frames.shape[-1]
+        bounds = [round(count * index / slices) for index in range(slices + 1)]
+
+        def decode(index: int) -> np.ndarray:
+            start, end = bounds[index], bounds[index + 1]
+            low, high = max(0, start - self.pad), min(count, end + self.pad)
+            audio = self.decoders[index % len(self.decoders)].run(None, {self.latent: frames[..., low:high]})[0]
+            return audio[..., (start - low) * self.hop:(end - low) * self.hop]
+
+        later = [self._helpers.submit(decode, index) for index in range(1, slices)]
+        parts = [decode(0)] + [future.result() for future in later]
+        return np.concatenate(parts, axis=-1)
+
+
+CHECK_TEXT = "The birch canoe slid on the smooth planks."  # long enough to decode in two slices
+
+
+def _speak(voice: Any) -> np.ndarray:
+    """``CHECK_TEXT`` without sampling noise: every graph of a voice must give these samples."""
     from piper import SynthesisConfig
 
+    config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    return np.concatenate([chunk.audio_float_array for chunk in voice.synthesize(CHECK_TEXT, config)])
+
+
+def _sounds_the_same(voice: Any, reference: np.ndarray) -> bool:
+    heard = _speak(voice)
+    # Different kernels round differently (~1e-5); a decoder slice with too little context is off by
+    # more (~4e-4 with half the padding needed).
+    return heard.shape == reference.shape and float(np.max(np.abs(heard - reference))) <= 1e-4
+
+
+def _narrow_model(base: Any, model_path: Path, reference: np.ndarray) -> tuple[Path | bytes, Any | None]:
+    """The graph for one-core sessions, `piper_graph.rewrite`'s when it speaks like the original, and
+    the one-core voice that proved it (None when it is the original).
+
+    ``base``: the voice as loaded by Piper; ``reference``: its `_speak` on the original graph.
+    """
     try:
         rewritten = rewrite(model_path)
         if rewritten is None:
-            return model_path
-        # Without sampling noise both graphs must give the same samples, up to float rounding.
-        config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-        heard = [np.concatenate([chunk.audio_float_array for chunk in voice.synthesize("Hello there.", config)])
-                 for voice in (base, replace(base, session=_session(rewritten, 1)))]
-        if heard[0].shape == heard[1].shape and float(np.max(np.abs(heard[0] - heard[1]))) <= 1e-3:
-            return rewritten
+            return model_path, None
+        checked = replace(base, session=_session(rewritten, 1))
+        if _sounds_the_same(checked, reference):
+            return rewritten, checked
         log.warning("Piper voice %s: the 2-D convolution graph sounds different; using the original", model_path)
     except Exception:  # an unusual graph: the original always works
         log.warning("Piper voice %s: could not rewrite its graph; using the original", model_path, exc_info=True)
-    return model_path
+    return model_path, None
 
 
-def _session(model: Path | bytes, threads: int, spin: bool = False) -> Any:
+def _wide_session(base: Any, model_path: Path, cores: int, reference: np.ndarray) -> Any:
+    """The session for a call alone: a `SplitSession` when it speaks like the original, else the
+    original graph with ``cores`` intra-op threads."""
+    try:
+        graph = split(model_path)
+        if graph is not None:
+            session = SplitSession(graph, cores, base.config.hop_length)
+            ids = base.phonemes_to_ids(base.phonemize(CHECK_TEXT)[0])
+            inputs: dict[str, np.ndarray] = {
+                "input": np.array([ids], dtype=np.int64), "input_lengths": np.array([len(ids)], dtype=np.int64),
+                "scales": np.array([0.0, 1.0, 0.0], dtype=np.float32)}
+            if session.fit_pad(inputs) and _sounds_the_same(replace(base, session=session), reference):
+                log.debug("Piper voice %s: decoder slices padded by %d frames", model_path, session.pad)
+                return session
+            session.close()
+            log.warning("Piper voice %s: the split graph sounds different; using the original", model_path)
+    except Exception:
+        log.warning("Piper voice %s: could not split its graph; using the original", model_path, exc_info=True)
+    return _session(model_path, cores, spin=True)
+
+
+def _session(model: Path | bytes, threads: int, spin: bool = False, stop_spinning: bool = False) -> Any:
     """A session of ``model`` (a file or serialized graph) with ``threads`` intra-op threads (0:
     onnxruntime's default, one per core).
 
     ``spin``: let idle intra-op threads spin between parallel sections. Only for the wide session,
     which runs alone (the budget sees to it): spinning makes it ~7 % faster there, while in sessions
     that run side by side spinning threads would steal the cores the others are using.
+    ``stop_spinning``: stop them as soon as a run ends (for a session whose runs other work follows).
     """
     import onnxruntime
 
@@ -249,6 +360,8 @@ def _session(model: Path | bytes, threads: int, spin: bool = False) -> Any:
     options.inter_op_num_threads = 1
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
                                         providers=["CPUExecutionProvider"])
 

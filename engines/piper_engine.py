@@ -348,9 +348,9 @@ def _session(model: Path | bytes, threads: int, spin: bool = False, stop_spinnin
     """A session of ``model`` (a file or serialized graph) with ``threads`` intra-op threads (0:
     onnxruntime's default, one per core).
 
-    ``spin``: let idle intra-op threads spin between parallel sections. Only for the wide session,
-    which runs alone (the budget sees to it): spinning makes it ~7 % faster there, while in sessions
-    that run side by side spinning threads would steal the cores the others are using.
+    ``spin``: let idle intra-op threads spin between parallel sections. Only for sessions of a call
+    alone (the budget sees to it): spinning makes them ~7 % faster there, while in sessions that run
+    side by side spinning threads would steal the cores the others are using.
     ``stop_spinning``: stop them as soon as a run ends (for a session whose runs other work follows).
     """
     import onnxruntime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -362,8 +363,14 @@ def _session(model: Path | bytes, threads: int, spin: bool = False, stop_spinnin
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if stop_spinning:
         options.add_session_config_entry("session.force_spinning_stop", "1")
-    return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
-                                        providers=["CPUExecutionProvider"])
+    if isinstance(model, Path):
+        return onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    # onnxruntime keeps the bytes a session was made from for as long as it lives (tens of MB per
+    # graph): read a serialized graph from a temporary file instead, so it is freed at once.
+    with tempfile.TemporaryDirectory(prefix="tts-gateway-piper-") as directory:
+        path = Path(directory) / "graph.onnx"
+        path.write_bytes(model)
+        return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 @hookimpl(trylast=True)

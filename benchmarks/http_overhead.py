@@ -61,7 +61,7 @@ def run(ctx: Context, result: Result) -> None:
         outputs: dict[str, bytes] = {}
         rounds = 4 if ctx.quick else 30
         samples = interleave(sides, rounds, Budget(30 if ctx.quick else 150), warmup=1 if ctx.quick else 2,
-                             on_value=outputs.setdefault, quiet=True)
+                             on_value=outputs.setdefault)
         same = outputs["http"] == outputs["direct"]
         result.figures.append(ratio_figure(
             "HTTP round trip / in-process Piper (1 sentence)", {k: samples[k] for k in ("http", "direct")}, "http",

@@ -154,29 +154,33 @@ class PiperEngine(BaseEngine):
 
         loaded: dict[str, queue.Queue[Any]] = {}
         wide: dict[str, queue.Queue[Any]] = {}
-        for voice in self._files.values():
-            if not voice.model_path.is_file():
-                raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
-            base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
-            # Last in, first out: a lone request always gets the session used last, whose weights and
-            # buffers are still in the CPU caches (a FIFO pool would rotate through cold ones).
-            pool: queue.Queue[Any] = queue.LifoQueue()
-            # One-core sessions run the 2-D graph once it is proven to speak like the original.
-            threads = self._threads if self._budget is None else 1
-            model: Path | bytes = voice.model_path
-            checked = None
-            reference = _speak(base) if threads == 1 else None
-            if reference is not None:
-                model, checked = _narrow_model(base, voice.model_path, reference)
-            if checked is not None:
-                pool.put(checked)
-            while pool.qsize() < (self._sessions if self._budget is None else self._budget.cores):
-                pool.put(replace(base, session=_session(model, threads)))
-            if self._budget is not None and reference is not None:
-                wide[voice.id] = queue.Queue()
-                wide[voice.id].put(replace(base, session=_wide_session(base, voice.model_path, self._budget.cores,
-                                                                       reference)))
-            loaded[voice.id] = pool
+        # Rewritten graphs are written here once, read by every session made of them, then deleted.
+        with tempfile.TemporaryDirectory(prefix="tts-gateway-piper-") as directory:
+            for voice in self._files.values():
+                scratch = Path(directory) / voice.id
+                scratch.mkdir()
+                if not voice.model_path.is_file():
+                    raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
+                base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
+                # Last in, first out: a lone request always gets the session used last, whose weights and
+                # buffers are still in the CPU caches (a FIFO pool would rotate through cold ones).
+                pool: queue.Queue[Any] = queue.LifoQueue()
+                # One-core sessions run the 2-D graph once it is proven to speak like the original.
+                threads = self._threads if self._budget is None else 1
+                model = voice.model_path
+                checked = None
+                reference = _speak(base) if threads == 1 else None
+                if reference is not None:
+                    model, checked = _narrow_model(base, voice.model_path, reference, scratch)
+                if checked is not None:
+                    pool.put(checked)
+                while pool.qsize() < (self._sessions if self._budget is None else self._budget.cores):
+                    pool.put(replace(base, session=_session(model, threads)))
+                if self._budget is not None and reference is not None:
+                    wide[voice.id] = queue.Queue()
+                    wide[voice.id].put(replace(base, session=_wide_session(
+                        base, voice.model_path, self._budget.cores, reference, scratch)))
+                loaded[voice.id] = pool
         self._voices = loaded
         self._wide = wide
         self._loaded = True
@@ -305,14 +309,15 @@ def _sounds_the_same(voice: Any, reference: np.ndarray) -> bool:
     return heard.shape == reference.shape and float(np.max(np.abs(heard - reference))) <= 1e-4
 
 
-def _narrow_model(base: Any, model_path: Path, reference: np.ndarray) -> tuple[Path | bytes, Any | None]:
+def _narrow_model(base: Any, model_path: Path, reference: np.ndarray, scratch: Path) -> tuple[Path, Any | None]:
     """The graph for one-core sessions, `piper_graph.rewrite`'s when it speaks like the original, and
     the one-core voice that proved it (None when it is the original).
 
-    ``base``: the voice as loaded by Piper; ``reference``: its `_speak` on the original graph.
+    ``base``: the voice as loaded by Piper; ``reference``: its `_speak` on the original graph;
+    ``scratch``: where the rewritten graph is written.
     """
     try:
-        rewritten = rewrite(model_path)
+        rewritten = rewrite(model_path, scratch)
         if rewritten is None:
             return model_path, None
         checked = replace(base, session=_session(rewritten, 1))
@@ -324,11 +329,11 @@ def _narrow_model(base: Any, model_path: Path, reference: np.ndarray) -> tuple[P
     return model_path, None
 
 
-def _wide_session(base: Any, model_path: Path, cores: int, reference: np.ndarray) -> Any:
+def _wide_session(base: Any, model_path: Path, cores: int, reference: np.ndarray, scratch: Path) -> Any:
     """The session for a call alone: a `SplitSession` when it speaks like the original, else the
-    original graph with ``cores`` intra-op threads."""
+    original graph with ``cores`` intra-op threads. ``scratch``: where the split graphs are written."""
     try:
-        graph = split(model_path)
+        graph = split(model_path, scratch)
         if graph is not None:
             session = SplitSession(graph, cores, base.config.hop_length)
             ids = base.phonemes_to_ids(base.phonemize(CHECK_TEXT)[0])
@@ -345,9 +350,9 @@ def _wide_session(base: Any, model_path: Path, cores: int, reference: np.ndarray
     return _session(model_path, cores, spin=True)
 
 
-def _session(model: Path | bytes, threads: int, spin: bool = False, stop_spinning: bool = False) -> Any:
-    """A session of ``model`` (a file or serialized graph) with ``threads`` intra-op threads (0:
-    onnxruntime's default, one per core).
+def _session(model: Path, threads: int, spin: bool = False, stop_spinning: bool = False) -> Any:
+    """A session of the graph in ``model`` with ``threads`` intra-op threads (0: onnxruntime's
+    default, one per core).
 
     ``spin``: let idle intra-op threads spin between parallel sections. Only for sessions of a call
     alone (the budget sees to it): spinning makes them ~7 % faster there, while in sessions that run
@@ -363,14 +368,7 @@ def _session(model: Path | bytes, threads: int, spin: bool = False, stop_spinnin
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if stop_spinning:
         options.add_session_config_entry("session.force_spinning_stop", "1")
-    if isinstance(model, Path):
-        return onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-    # onnxruntime keeps the bytes a session was made from for as long as it lives (tens of MB per
-    # graph): read a serialized graph from a temporary file instead, so it is freed at once.
-    with tempfile.TemporaryDirectory(prefix="tts-gateway-piper-") as directory:
-        path = Path(directory) / "graph.onnx"
-        path.write_bytes(model)
-        return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 @hookimpl(trylast=True)

@@ -9,8 +9,10 @@ kernels split a height-1 image poorly across threads), so only the one-core sess
 The rewrite is exact up to float rounding: each ``Conv``/``ConvTranspose`` whose weight is a 3-D
 initializer gets a 4-D weight and 2-D attributes, wrapped in ``Unsqueeze``/``Squeeze``; element-wise
 ops between such convolutions run on the 4-D tensors directly, so the decoder stays 4-D from one
-convolution to the next. `rewrite` returns None when ``onnx`` is missing or the graph has nothing to
-rewrite; the engine also compares the two graphs' audio before it trusts the result.
+convolution to the next. `rewrite` and `split` write their graphs to files in a directory the engine
+gives (sessions are made from files: onnxruntime keeps the bytes a session was made from for as long
+as it lives) and return None when ``onnx`` is missing or the graph is not one they know; the engine
+also compares the graphs' audio with the original's before it trusts them.
 """
 
 from __future__ import annotations
@@ -27,15 +29,23 @@ BINARY = frozenset({"Add", "Mul", "Sub", "Div"})
 _AXES = "tts_gateway_unsqueeze_axes"
 
 
-def rewrite(model_path: Path) -> bytes | None:
-    """The serialized model with its 1-D convolutions as 2-D ones, or None (see the module docstring)."""
+def rewrite(model_path: Path, directory: Path) -> Path | None:
+    """The model with its 1-D convolutions as 2-D ones, written to ``directory``, or None (see the
+    module docstring)."""
     try:
         import onnx
     except ImportError:
         log.info("onnx is not installed: Piper's one-core sessions run the original graph")
         return None
     model = onnx.load(str(model_path))
-    return model.SerializeToString() if _to_2d(model) else None
+    return _save(model, directory / f"{model_path.stem}.2d.onnx") if _to_2d(model) else None
+
+
+def _save(model: Any, path: Path) -> Path:
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
 
 
 def _to_2d(model: Any) -> bool:
@@ -124,14 +134,15 @@ class SplitGraph:
     alone can be decoded on every core at once with one-core kernels. ``whole_decoder`` is the
     decoder as exported, for sentences too short to slice (its 1-D kernels share threads better)."""
 
-    encoder: bytes
-    decoder: bytes
-    whole_decoder: bytes
+    encoder: Path
+    decoder: Path
+    whole_decoder: Path
     latent: str  # the decoder's input
 
 
-def split(model_path: Path) -> SplitGraph | None:
-    """The voice as a `SplitGraph`, or None (no onnx; not a single-speaker Piper VITS graph)."""
+def split(model_path: Path, directory: Path) -> SplitGraph | None:
+    """The voice as a `SplitGraph` of files in ``directory``, or None (no onnx; not a single-speaker
+    Piper VITS graph)."""
     try:
         import onnx
         from onnx.utils import Extractor
@@ -149,8 +160,9 @@ def split(model_path: Path) -> SplitGraph | None:
     # A multi-speaker decoder also reads the speaker embedding: such voices run whole.
     if [value.name for value in decoder.graph.input] != [latent]:
         return None
-    whole = decoder.SerializeToString()
+    whole = _save(decoder, directory / f"{model_path.stem}.decoder-1d.onnx")
     if not _to_2d(decoder):
         return None
     _to_2d(encoder)  # its flow's convolutions gain too (with masks between them they stay 3-D there)
-    return SplitGraph(encoder.SerializeToString(), decoder.SerializeToString(), whole, latent)
+    return SplitGraph(_save(encoder, directory / f"{model_path.stem}.encoder.onnx"),
+                      _save(decoder, directory / f"{model_path.stem}.decoder.onnx"), whole, latent)

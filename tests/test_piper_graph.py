@@ -24,7 +24,7 @@ def _joe() -> piper_engine.PiperVoiceFiles:
     return voices[0]
 
 
-def _speak(model: Path | bytes, threads: int = 1) -> np.ndarray:
+def _speak(model: Path, threads: int = 1) -> np.ndarray:
     from piper import PiperVoice, SynthesisConfig
 
     joe = _joe()
@@ -34,13 +34,13 @@ def _speak(model: Path | bytes, threads: int = 1) -> np.ndarray:
     return np.concatenate([chunk.audio_float_array for chunk in voice.synthesize(TEXT, config)])
 
 
-def test_the_rewritten_graph_speaks_the_same_samples() -> None:
+def test_the_rewritten_graph_speaks_the_same_samples(tmp_path: Path) -> None:
     import onnx
 
     joe = _joe()
-    rewritten = rewrite(joe.model_path)
-    assert rewritten is not None
-    graph = onnx.load_from_string(rewritten).graph
+    rewritten = rewrite(joe.model_path, tmp_path)
+    assert rewritten is not None and rewritten.parent == tmp_path
+    graph = onnx.load(str(rewritten)).graph
     ops = [node.op_type for node in graph.node]
     convolutions = [node for node in graph.node if node.op_type in ("Conv", "ConvTranspose")]
     assert convolutions and all(len(a.ints) == 2 for node in convolutions for a in node.attribute
@@ -63,7 +63,7 @@ def test_graphs_it_cannot_rewrite_are_left_alone(tmp_path: Path) -> None:
                                   opset_imports=[helper.make_opsetid("", opset)])
         path = tmp_path / f"relu{opset}.onnx"
         onnx.save(model, str(path))
-        assert rewrite(path) is None
+        assert rewrite(path, tmp_path) is None
 
 
 def _base() -> object:
@@ -74,42 +74,44 @@ def _base() -> object:
 
 
 def test_the_engine_keeps_the_original_graph_when_the_rewrite_sounds_different(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """A rewrite that does not speak like the original (here: a graph with its last convolution's
     weights scaled) is refused at load; the one-core sessions run the original file."""
     import onnx
     from onnx import numpy_helper
 
     joe = _joe()
-    good = rewrite(joe.model_path)
+    good = rewrite(joe.model_path, tmp_path)
     assert good is not None
-    model = onnx.load_from_string(good)
+    model = onnx.load(str(good))
     post = next(i for i in model.graph.initializer if i.name == "dec.conv_post.weight")
     post.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(post) * 0.5, post.name))
-    monkeypatch.setattr(piper_engine, "rewrite", lambda path: model.SerializeToString())
+    onnx.save(model, str(good))
+    monkeypatch.setattr(piper_engine, "rewrite", lambda path, directory: good)
     base = _base()
     with caplog.at_level(logging.WARNING):
-        assert piper_engine._narrow_model(base, joe.model_path, piper_engine._speak(base)) == (joe.model_path, None)
+        assert piper_engine._narrow_model(base, joe.model_path, piper_engine._speak(base), tmp_path) == (
+            joe.model_path, None)
     assert "sounds different" in caplog.text
 
 
-def test_without_onnx_the_engine_runs_the_original_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_onnx_the_engine_runs_the_original_graph(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     joe = _joe()
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx → ImportError
-    assert rewrite(joe.model_path) is None and split(joe.model_path) is None
+    assert rewrite(joe.model_path, tmp_path) is None and split(joe.model_path, tmp_path) is None
     base = _base()
     reference = piper_engine._speak(base)
-    assert piper_engine._narrow_model(base, joe.model_path, reference) == (joe.model_path, None)
-    wide = piper_engine._wide_session(base, joe.model_path, 2, reference)
+    assert piper_engine._narrow_model(base, joe.model_path, reference, tmp_path) == (joe.model_path, None)
+    wide = piper_engine._wide_session(base, joe.model_path, 2, reference, tmp_path)
     assert not isinstance(wide, piper_engine.SplitSession)
 
 
-def test_a_sentence_alone_is_decoded_in_slices_that_join_exactly() -> None:
+def test_a_sentence_alone_is_decoded_in_slices_that_join_exactly(tmp_path: Path) -> None:
     """The split session measures the decoder's reach (the least padding whose slices decode exactly
     as the whole), then speaks like the original graph: long sentences in slices, short ones whole."""
     joe = _joe()
     base = _base()
-    session = piper_engine._wide_session(base, joe.model_path, 2, piper_engine._speak(base))
+    session = piper_engine._wide_session(base, joe.model_path, 2, piper_engine._speak(base), tmp_path)
     assert isinstance(session, piper_engine.SplitSession)
     assert session.pad in session.PADS[1:]  # 8 frames is too little for this decoder: the fit found out
     sliced: list[int] = []
@@ -129,14 +131,14 @@ def test_a_sentence_alone_is_decoded_in_slices_that_join_exactly() -> None:
 
 
 def test_a_split_that_sounds_different_is_refused(monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+                                                  caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """Slices without enough context would click at the joins: with only 2 frames of padding allowed,
     no fit is found and the call alone runs the original graph on every core."""
     joe = _joe()
     monkeypatch.setattr(piper_engine.SplitSession, "PADS", (2,))
     base = _base()
     with caplog.at_level(logging.WARNING):
-        wide = piper_engine._wide_session(base, joe.model_path, 2, piper_engine._speak(base))
+        wide = piper_engine._wide_session(base, joe.model_path, 2, piper_engine._speak(base), tmp_path)
     assert not isinstance(wide, piper_engine.SplitSession)
     assert "split graph sounds different" in caplog.text
 
@@ -148,8 +150,8 @@ def test_the_engine_runs_the_rewritten_graph_on_its_one_core_sessions(monkeypatc
     made: list[tuple[str, int]] = []
     real = piper_engine._session
 
-    def recording(model: Path | bytes, threads: int, spin: bool = False, stop_spinning: bool = False) -> object:
-        made.append(("original" if isinstance(model, Path) else "rewritten", threads))
+    def recording(model: Path, threads: int, spin: bool = False, stop_spinning: bool = False) -> object:
+        made.append(("original" if model == joe.model_path else "rewritten", threads))
         return real(model, threads, spin, stop_spinning)
 
     monkeypatch.setattr(piper_engine, "_session", recording)

@@ -218,3 +218,34 @@ def test_splitter_knows_cjk_and_keeps_pieces_under_the_limit() -> None:
     english = split_sentences("Dr. Smith went home. " + "word, " * 100 + "end.", "en", 250)
     assert english[0] == "Dr. Smith went home." and all(len(p) <= 250 for p in english)
     assert split_sentences("Olá. Tudo bem? Sim!", "pt", 203) == ["Olá.", "Tudo bem?", "Sim!"]
+
+
+def test_a_streams_worker_lets_the_event_loop_take_its_first_audio_before_going_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first chunk is handed over before the next sentence starts: the worker waits for the loop
+    (here without a time limit, so the order cannot depend on the machine's speed)."""
+    import asyncio
+    import threading
+
+    from tts_gateway.core import runner
+
+    monkeypatch.setattr(runner, "HANDOFF_S", HANG_GUARD_S)
+    seen: list[str] = []
+    taken = threading.Event()
+
+    def make() -> Iterator[bytes]:
+        yield b"first sentence"
+        seen.append("taken before the next sentence" if taken.is_set() else "went on before the loop took it")
+        yield b"second sentence"
+
+    async def consume() -> list[Any]:
+        stream = runner.ThreadStream(make, threading.Event())
+        await asyncio.sleep(0.2)  # the loop is busy elsewhere for a while: the worker must wait for it
+        items = [await stream.next(HANG_GUARD_S)]
+        taken.set()
+        items += [await stream.next(HANG_GUARD_S), await stream.next(HANG_GUARD_S)]
+        await stream.finished
+        return items
+
+    assert asyncio.run(consume()) == [b"first sentence", b"second sentence", runner.DONE]
+    assert seen == ["taken before the next sentence"]

@@ -94,11 +94,11 @@ class PiperEngine(BaseEngine):
         super().__init__()
         self._files = {voice.id: voice for voice in voices}
         self._threads = threads
-        # One onnxruntime session runs one synthesis at a time. By default each voice has one wide
-        # session (every core) for a call alone and one single-threaded session per core for calls
-        # that overlap; the budget decides which a call gets, so threads never exceed cores. One-core
-        # sessions run the 2-D convolution graph (`piper_graph`), faster on one thread.
-        # TTS_GATEWAY_ENGINE_THREADS=N instead gives a fixed pool of N-thread sessions.
+        # By default each voice has a wide session (every core) for a call alone and one
+        # single-threaded session that runs the calls that overlap, one per core at once; the budget
+        # decides which a call gets, so threads never exceed cores. The single-threaded session runs
+        # the 2-D convolution graph (`piper_graph`), faster on one thread.
+        # TTS_GATEWAY_ENGINE_THREADS=N instead gives a fixed pool of N-thread sessions (one shared if N is 1).
         self._budget = budget if not threads else None
         self._sessions = max(1, sessions)
         self._voices: dict[str, queue.Queue[Any]] = {}
@@ -162,8 +162,9 @@ class PiperEngine(BaseEngine):
                 if not voice.model_path.is_file():
                     raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
                 base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
-                # Last in, first out: a lone request always gets the session used last, whose weights and
-                # buffers are still in the CPU caches (a FIFO pool would rotate through cold ones).
+                # One entry per call that may run at once. With several sessions (N threads each), last in,
+                # first out: a lone request gets the session used last, whose weights are still in the CPU
+                # caches (a FIFO pool would rotate through cold ones).
                 pool: queue.Queue[Any] = queue.LifoQueue()
                 # One-core sessions run the 2-D graph once it is proven to speak like the original.
                 threads = self._threads if self._budget is None else 1
@@ -172,9 +173,15 @@ class PiperEngine(BaseEngine):
                 reference = _speak(base) if threads == 1 else None
                 if reference is not None:
                     model, checked = _narrow_model(base, voice.model_path, reference, scratch)
-                if checked is not None:
-                    pool.put(checked)
-                while pool.qsize() < (self._sessions if self._budget is None else self._budget.cores):
+                size = self._sessions if self._budget is None else self._budget.cores
+                if threads == 1:
+                    # One single-threaded session serves every core: onnxruntime runs a session from
+                    # several threads at once, each run on its caller's thread, as fast as separate
+                    # sessions, which would only hold more copies of the weights (~70 MB each).
+                    shared = checked or replace(base, session=_session(model, 1))
+                    for _ in range(size):
+                        pool.put(shared)
+                while pool.qsize() < size:
                     pool.put(replace(base, session=_session(model, threads)))
                 if self._budget is not None and reference is not None:
                     wide[voice.id] = queue.Queue()
@@ -231,9 +238,9 @@ class SplitSession:
 
     The encoder runs first (every core); then the latent frames are cut into one slice per core,
     each with ``pad`` frames of context on both sides (the decoder's receptive field, measured at
-    load by `fit_pad`), and the slices are decoded side by side on one-core sessions. A sentence
-    too short to gain from slices is decoded whole with every core. Piper's own code around ``run``
-    (phonemes, scales, loudness normalisation) is unchanged.
+    load by `fit_pad`), and the slices are decoded side by side, one thread each, by one
+    single-threaded session. A sentence too short to gain from slices is decoded whole with every
+    core. Piper's own code around ``run`` (phonemes, scales, loudness normalisation) is unchanged.
     """
 
     PADS = (8, 12, 16, 24, 32)
@@ -244,10 +251,12 @@ class SplitSession:
         self.latent = graph.latent
         self.hop = hop
         self.pad = self.PADS[-1]
-        # Its threads spin while it runs (faster) and stop when it ends, leaving the cores to the decoders.
+        # Its threads spin while it runs (faster) and stop when it ends, leaving the cores to the slices.
         self.encoder = _session(graph.encoder, cores, spin=True, stop_spinning=True)
         self.whole = _session(graph.whole_decoder, cores)
-        self.decoders = [_session(graph.decoder, 1) for _ in range(cores)]
+        # One single-threaded session decodes every slice, each run on its own thread (see `load`).
+        self.decoder = _session(graph.decoder, 1)
+        self.cores = cores
         self._helpers = ThreadPoolExecutor(max_workers=max(1, cores - 1), thread_name_prefix="piper-decode")
 
     def close(self) -> None:
@@ -257,12 +266,12 @@ class SplitSession:
         """Use the least padding whose slices decode ``inputs`` exactly as the whole does (float
         rounding aside); False when none does."""
         (frames,) = self.encoder.run(None, inputs)
-        whole = self.decoders[0].run(None, {self.latent: frames})[0]
+        whole = self.decoder.run(None, {self.latent: frames})[0]
         for pad in self.PADS:
             if 2 * (pad + 1) > frames.shape[-1]:
                 break
             self.pad = pad
-            sliced = self._decode(frames, max(2, len(self.decoders)))
+            sliced = self._decode(frames, max(2, self.cores))
             if sliced.shape == whole.shape and float(np.max(np.abs(sliced - whole))) <= 1e-5:
                 return True
         return False
@@ -271,7 +280,7 @@ class SplitSession:
         (frames,) = self.encoder.run(None, inputs)
         # A slice costs its frames plus the padding, on one core at ~1.5x the per-frame time of the
         # whole decoder on every core: below ~6 pads of frames per slice, slicing does not pay.
-        slices = min(len(self.decoders), frames.shape[-1] // (6 * self.pad))
+        slices = min(self.cores, frames.shape[-1] // (6 * self.pad))
         if slices < 2:
             return [self.whole.run(None, {self.latent: frames})[0]]
         return [self._decode(frames, slices)]
@@ -283,7 +292,7 @@ class SplitSession:
         def decode(index: int) -> np.ndarray:
             start, end = bounds[index], bounds[index + 1]
             low, high = max(0, start - self.pad), min(count, end + self.pad)
-            audio = self.decoders[index % len(self.decoders)].run(None, {self.latent: frames[..., low:high]})[0]
+            audio = self.decoder.run(None, {self.latent: frames[..., low:high]})[0]
             return audio[..., (start - low) * self.hop:(end - low) * self.hop]
 
         later = [self._helpers.submit(decode, index) for index in range(1, slices)]

@@ -144,8 +144,9 @@ def test_a_split_that_sounds_different_is_refused(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_engine_runs_the_rewritten_graph_on_its_one_core_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One-core sessions (and TTS_GATEWAY_ENGINE_THREADS=1) get the rewrite, the call alone the split
-    graph; with more threads per session, the original file."""
+    """The single-threaded session (also with TTS_GATEWAY_ENGINE_THREADS=1) runs the rewrite, the call
+    alone the split graph; with more threads per session, the original file. Single-threaded
+    sessions are made once and shared by every core."""
     joe = _joe()
     made: list[tuple[str, int]] = []
     real = piper_engine._session
@@ -157,15 +158,16 @@ def test_the_engine_runs_the_rewritten_graph_on_its_one_core_sessions(monkeypatc
     monkeypatch.setattr(piper_engine, "_session", recording)
     engine = piper_engine.PiperEngine([joe], budget=CoreBudget(cores=2))
     engine.load()
-    # two one-core sessions (the first is the one that proved the rewrite), then the split graph:
-    # encoder on both cores, the whole decoder on both, one decoder per core
-    assert made == [("rewritten", 1), ("rewritten", 1), ("rewritten", 2), ("rewritten", 2), ("rewritten", 1),
-                    ("rewritten", 1)]
+    # the one-core session (the one that proved the rewrite), then the split graph: encoder on both
+    # cores, the whole decoder on both, and one single-threaded decoder for the slices
+    assert made == [("rewritten", 1), ("rewritten", 2), ("rewritten", 2), ("rewritten", 1)]
+    one_core = list(engine._voices["joe"].queue)
+    assert len(one_core) == 2 and one_core[0] is one_core[1]  # two calls at once, one session
     assert isinstance(engine._wide["joe"].queue[0].session, piper_engine.SplitSession)
     engine.unload()
     made.clear()
     piper_engine.PiperEngine([joe], threads=1, sessions=2).load()
-    assert made == [("rewritten", 1)] * 2
+    assert made == [("rewritten", 1)]
     made.clear()
     piper_engine.PiperEngine([joe], threads=2, sessions=2).load()
     assert made == [("original", 2)] * 2

@@ -157,10 +157,10 @@ class PiperEngine(BaseEngine):
         # Rewritten graphs are written here once, read by every session made of them, then deleted.
         with tempfile.TemporaryDirectory(prefix="tts-gateway-piper-") as directory:
             for voice in self._files.values():
-                scratch = Path(directory) / voice.id
-                scratch.mkdir()
                 if not voice.model_path.is_file():
                     raise EngineUnavailable(self.name, f"voice model missing: {voice.model_path}")
+                scratch = Path(directory) / voice.id
+                scratch.mkdir()
                 base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
                 # One entry per call that may run at once. With several sessions (N threads each), last in,
                 # first out: a lone request gets the session used last, whose weights are still in the CPU
@@ -181,8 +181,9 @@ class PiperEngine(BaseEngine):
                     shared = checked or replace(base, session=_session(model, 1))
                     for _ in range(size):
                         pool.put(shared)
-                while pool.qsize() < size:
-                    pool.put(replace(base, session=_session(model, threads)))
+                else:
+                    for _ in range(size):
+                        pool.put(replace(base, session=_session(model, threads)))
                 if self._budget is not None and reference is not None:
                     wide[voice.id] = queue.Queue()
                     wide[voice.id].put(replace(base, session=_wide_session(

@@ -25,7 +25,19 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.common import Budget, Context, Figure, Result, Server, Skip, median, paired, settle, wav_seconds
+from benchmarks.common import (
+    Budget,
+    Context,
+    Figure,
+    Result,
+    Server,
+    Skip,
+    interleave,
+    median,
+    paired,
+    settle,
+    wav_seconds,
+)
 from benchmarks.texts import sentences
 
 WAV_HEADER = 44
@@ -100,14 +112,9 @@ def run(ctx: Context, result: Result) -> None:
         together(fn, one, 1)
 
     # -- 1 sentence, 1 client: latency ---------------------------------------------------------
-    lat: dict[str, list[float]] = {"gateway": [], "direct": []}
-    for index in range(3 if quick else 12):
-        for name in ("gateway", "direct") if index % 2 == 0 else ("direct", "gateway"):
-            fn = gateway if name == "gateway" else direct
-            settle()
-            started = time.perf_counter()
-            fn(one)
-            lat[name].append(time.perf_counter() - started)
+    rounds = 3 if quick else 12
+    lat = interleave({"gateway": lambda: gateway(one), "direct": lambda: direct(one)}, rounds, budget, warmup=0,
+                     min_rounds=rounds, quiet=True)
     result.figures.append(paired("1 sentence, 1 client: latency, gateway / in-process Piper", lat["gateway"],
                                  lat["direct"], {"gateway": median(lat["gateway"]), "direct": median(lat["direct"])},
                                  target=("<=", 1.05)))
@@ -128,13 +135,9 @@ def run(ctx: Context, result: Result) -> None:
             target=(">=", 1.15)))
 
     # -- 10 sentences, 1 client, whole response: latency -------------------------------------------
-    long: dict[str, list[float]] = {"gateway": [], "direct": []}
-    for index in range(2 if quick else 4):
-        for name in ("gateway", "direct") if index % 2 == 0 else ("direct", "gateway"):
-            settle()
-            started = time.perf_counter()
-            (gateway if name == "gateway" else direct)(ten)
-            long[name].append(time.perf_counter() - started)
+    rounds = 2 if quick else 4
+    long = interleave({"gateway": lambda: gateway(ten), "direct": lambda: direct(ten)}, rounds, budget, warmup=0,
+                      min_rounds=rounds, quiet=True)
     result.figures.append(paired("10 sentences, 1 client, not streamed: latency, gateway / in-process Piper",
                                  long["gateway"], long["direct"],
                                  {"gateway": median(long["gateway"]), "direct": median(long["direct"])},

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,20 +14,52 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-import soundfile as sf
-from litestar.testing import TestClient
+# The suite never reads the user's home: whatever it holds (an accepted XTTS licence, model caches, presets in
+# the default data dir, TTS_GATEWAY_* settings in the shell) must not change a result. This runs before
+# anything below imports huggingface_hub or coqui (which read their folders once, at import); `sealed_home`
+# then gives every test a home of its own.
+_SEALED_ROOT = Path(tempfile.mkdtemp(prefix="tts-gateway-tests-"))
+atexit.register(shutil.rmtree, _SEALED_ROOT, ignore_errors=True)
+# Variables that point a library at the user's models, caches or acceptances.
+_LEAKY = ("COQUI_TOS_AGREED", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+          "TRANSFORMERS_CACHE", "HF_HUB_DISABLE_TELEMETRY", "RAY_ADDRESS")
 
-from tests.fake_engine import FakeEngine, FakePlugin
-from tts_gateway.config import Settings
-from tts_gateway.engines.manager import EngineManager
-from tts_gateway.gateway import create_app
+
+def _home_variables(home: Path) -> dict[str, str]:
+    return {"HOME": str(home), "XDG_DATA_HOME": str(home / ".local/share"), "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_CONFIG_HOME": str(home / ".config"), "XDG_STATE_HOME": str(home / ".local/state"),
+            "TTS_HOME": str(home / ".local/share/tts"), "HF_HOME": str(home / ".cache/huggingface")}
+
+
+for _variable in [v for v in os.environ if v.startswith("TTS_GATEWAY_") or v in _LEAKY]:
+    del os.environ[_variable]
+os.environ.update(_home_variables(_SEALED_ROOT / "home"))
+# Kokoro's model is reassembled once per run (seconds of work), not per test: one folder for the run.
+os.environ["KOKORO_JA_CACHE"] = str(_SEALED_ROOT / "kokoro")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+from litestar.testing import TestClient  # noqa: E402
+
+from tests.fake_engine import FakeEngine, FakePlugin  # noqa: E402
+from tts_gateway.config import Settings  # noqa: E402
+from tts_gateway.engines.manager import EngineManager  # noqa: E402
+from tts_gateway.gateway import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # How long a test waits for something that must happen before it calls it a hang. Generous on purpose:
 # a bound on a hang, never a claim about how fast a machine is (a loaded 2-core box must pass too).
 HANG_GUARD_S = 120.0
+
+
+@pytest.fixture(autouse=True)
+def sealed_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets a home of its own (HOME, XDG_*, TTS_HOME, HF_HOME); servers it starts inherit it."""
+    home = tmp_path_factory.mktemp("home")
+    for variable, value in _home_variables(home).items():
+        monkeypatch.setenv(variable, value)
+    return home
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = HANG_GUARD_S,

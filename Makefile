@@ -15,7 +15,7 @@ APT_PACKAGES ?= espeak-ng
 TEST_APT_PACKAGES ?= espeak-ng chromium postgresql
 PYTEST_ARGS ?=
 
-.PHONY: run test test-ray lint bench fuzz install install-dev system-deps test-system-deps tiny-xtts clean
+.PHONY: run test test-ray lint bench fuzz install install-dev system-deps test-system-deps apt-install tiny-xtts clean
 
 run: install system-deps
 	$(BIN)/tts-gateway serve
@@ -66,7 +66,10 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# System packages: installed when root (apt); otherwise the engine reports itself unavailable.
+# System packages: installed when root (apt); otherwise the engine reports itself unavailable. They are
+# optional: apt waits up to APT_LOCK_WAIT seconds for another apt to finish, and when it still fails (lock
+# held, mirror down) make goes on without them and says so.
+APT_LOCK_WAIT ?= 120
 system-deps:
 	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_PACKAGES)"
 
@@ -78,7 +81,10 @@ apt-install:
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing system packages:$$missing"; \
-		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		lock="-o DPkg::Lock::Timeout=$(APT_LOCK_WAIT)"; \
+		apt-get $$lock update -qq || echo "warning: apt-get update failed; trying the package lists at hand"; \
+		DEBIAN_FRONTEND=noninteractive apt-get $$lock install -y -qq $$missing >/dev/null \
+		|| echo "warning: could not install$$missing (apt failed, see above); going on without them: engines that need them report unavailable"; \
 	else \
 		echo "note: missing system packages:$$missing (not root: engines that need them report unavailable)"; \
 	fi

@@ -64,3 +64,30 @@ def test_the_wheel_ships_only_the_tts_gateway_package(tmp_path: Path) -> None:
     for module in ("tts_gateway/engines/base.py", "tts_gateway/voices/registry.py", "tts_gateway/config/settings.py",
                    "tts_gateway/gateway/app.py", "tts_gateway/gateway/static/index.html"):
         assert module in names, module
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def test_make_goes_on_without_optional_system_packages_when_apt_fails(tmp_path: Path) -> None:
+    """`make run`'s system-deps step, as root, with apt failing (its lock held past the wait, or a mirror
+    down): it waits for the lock, then goes on without the package and says so instead of stopping."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "apt-calls"
+    _stub(stubs, "id", 'echo 0')  # root, as in CI
+    _stub(stubs, "dpkg", "exit 1")  # nothing installed
+    _stub(stubs, "apt-get", f'echo "$@" >> {calls}; echo "E: Could not get lock /var/lib/dpkg/lock-frontend" >&2; '
+                            "exit 100")
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "system-deps",
+                             "APT_PACKAGES=espeak-ng", "APT_LOCK_WAIT=7"],
+                            env={"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "could not install espeak-ng" in result.stdout and "going on without" in result.stdout
+    invocations = calls.read_text().splitlines()
+    assert any("install" in line and "espeak-ng" in line for line in invocations), invocations
+    assert all("DPkg::Lock::Timeout=7" in line for line in invocations), invocations

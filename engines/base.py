@@ -78,9 +78,9 @@ class SynthesisOptions:
 class EngineUnavailable(Unavailable):
     """The engine cannot load or run (missing model, missing system package, failed load)."""
 
-    def __init__(self, engine: str, reason: str) -> None:
+    def __init__(self, engine: str, reason: str, *, retry_after: int | None = 30) -> None:
         super().__init__(f"engine {engine!r} is unavailable: {reason}", code="engine-unavailable",
-                         title="Engine unavailable", retry_after=30)
+                         title="Engine unavailable", retry_after=retry_after)
         self.engine = engine
         self.reason = reason
 
@@ -146,6 +146,15 @@ class CloningEngine(SpeechEngine, Protocol):
     reference_sample_rate: int
 
     def compute_latents(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class RetryHinting(Protocol):
+    """An engine that knows when being unavailable may end (a download's backoff, a hub checked again)."""
+
+    def retry_after(self) -> int | None:
+        """Seconds until asking again makes sense, as the last ``availability()`` said; None: no estimate."""
+        ...
 
 
 @dataclass(frozen=True)

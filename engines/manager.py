@@ -16,7 +16,13 @@ import pluggy
 
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.engines import hookspecs
-from tts_gateway.engines.base import CloningEngine, EngineContext, EngineUnavailable, SpeechEngine
+from tts_gateway.engines.base import (
+    CloningEngine,
+    EngineContext,
+    EngineUnavailable,
+    RetryHinting,
+    SpeechEngine,
+)
 from tts_gateway.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,12 @@ def engine_context(settings: Settings) -> EngineContext:
                  "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices,
                  "piper_voices_dir": settings.piper_voices_dir},
     )
+
+
+def unavailable(engine: SpeechEngine, reason: str | None) -> EngineUnavailable:
+    """The 503 for an engine that said it is unavailable; Retry-After as the engine estimates it."""
+    retry_after = engine.retry_after() if isinstance(engine, RetryHinting) else None
+    return EngineUnavailable(engine.name, reason or "not available", retry_after=retry_after or 30)
 
 
 class UnknownEngine(NotFound):
@@ -130,7 +142,7 @@ class EngineManager:
         engine = self.get(name)
         ok, reason = engine.availability()
         if not ok:
-            raise EngineUnavailable(name, reason or "not available")
+            raise unavailable(engine, reason)
         return engine
 
     def is_cloning(self, name: str) -> bool:
@@ -156,7 +168,7 @@ class EngineManager:
             return
         ok, reason = engine.availability()
         if not ok:
-            raise EngineUnavailable(name, reason or "not available")
+            raise unavailable(engine, reason)
         started = time.perf_counter()
         try:
             engine.load()

@@ -10,6 +10,7 @@ voices ``xtts:<slug>`` (`tts_gateway.engines.xtts_speakers`).
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -36,6 +37,7 @@ from tts_gateway.engines.scheduling import shared_budget
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
+    HubProbe,
     ModelDownload,
     cached_checkpoint,
     coqui_model,
@@ -50,6 +52,8 @@ from tts_gateway.engines.xtts_streaming import stream_inference
 from tts_gateway.errors import NotFound
 
 LICENCE = "CPML (Coqui Public Model License)"
+# Retry-After while XTTS v2 downloads: often enough to notice the end, rarely enough not to matter.
+DOWNLOAD_POLL_S = 10
 DEFAULT_LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "ja", "hu", "ko"]
 _CHAR_LIMITS = {"en": 250, "de": 253, "fr": 273, "es": 239, "it": 213, "pt": 203, "pl": 224, "zh": 82,
                 "ar": 166, "cs": 186, "ru": 182, "nl": 251, "tr": 226, "ja": 71, "hu": 224, "ko": 95, "hi": 150}
@@ -82,6 +86,8 @@ class HubModel:
         self.model = model or coqui_model()
         self.accept = accept
         self.download = ModelDownload(self.model)
+        self.probe = HubProbe(self.model)
+        self.retry_after_s: int | None = None  # what the last availability() said about asking again
         self._found: Path | None = None
 
     def checkpoint(self) -> Path | None:
@@ -96,21 +102,35 @@ class HubModel:
         return licence_accepted(self.model, self.accept)
 
     def availability(self) -> tuple[bool, str | None]:
-        """(ok, reason): ok when a load can work now: the model is cached, or a download may start."""
-        if self.download.running:
-            return False, self.download.describe()
+        """(ok, reason): ok when the model is here or can be fetched now (licence accepted, hub answering,
+        no failed download waiting out its backoff). `retry_after` then says when asking again makes sense."""
+        ok, reason, self.retry_after_s = self._status()
+        return ok, reason
+
+    def _status(self) -> tuple[bool, str | None, int | None]:
+        download = self.download
+        if download.running:
+            return False, download.describe(), DOWNLOAD_POLL_S
         if self.checkpoint() is not None:
-            return True, None
+            return True, None, None
         if not self.accepted():
-            return False, not_accepted_reason(self.model)
+            return False, not_accepted_reason(self.model), None
         if hub_offline():
             return False, (f"XTTS v2 ({self.model.repo_id}) is not in the Hugging Face cache {hub_cache_dir()} and "
                            "HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE (HF_ENDPOINT may name a "
-                           "mirror), or point HF_HOME at a cache that has it")
-        if self.download.state == "failed":
-            return self.download.retry_in() == 0, self.download.describe()
+                           "mirror), or point HF_HOME at a cache that has it"), None
+        if download.state == "failed" and download.retry_in() > 0:
+            return False, download.describe(), max(1, math.ceil(download.retry_in()))
+        reach = self.probe.reach()
+        if not reach.ok:
+            wait = max(1, math.ceil(reach.recheck_in()))
+            return False, (f"XTTS v2 is not downloaded and {hub_endpoint()} cannot be reached now "
+                           f"({reach.error or 'no answer yet'}); checked again in {wait} s (HF_ENDPOINT may name "
+                           "a mirror)"), wait
+        if download.state == "failed":
+            return True, download.describe(), None
         return True, (f"XTTS v2 is not downloaded yet: the first load fetches {self.model.repo_id} (about 1.9 GB) "
-                      f"from {hub_endpoint()} into {hub_cache_dir()} in the background")
+                      f"from {hub_endpoint()} into {hub_cache_dir()} in the background"), None
 
     def start(self) -> str:
         """Start the download (when it may start) and say where it stands."""
@@ -203,6 +223,11 @@ class XttsEngine(BaseEngine):
             return False, f"checkpoint {self.configured} lacks {', '.join(missing)}"
         return True, None
 
+    def retry_after(self) -> int | None:
+        if self.configured is None and self._active is None and self.hub is not None:
+            return self.hub.retry_after_s
+        return None
+
     def voices(self) -> list[BuiltinVoice]:
         """The checkpoint's studio speakers (``speakers_xtts.pth``), read once and cached; each speaks every
         language of the engine, English by default (XTTS v2's speakers were recorded in English)."""
@@ -221,11 +246,13 @@ class XttsEngine(BaseEngine):
     def load(self) -> None:
         ok, reason = self.availability()
         if not ok:
-            raise EngineUnavailable(self.name, reason or "unavailable")
+            raise EngineUnavailable(self.name, reason or "unavailable", retry_after=self.retry_after() or 30)
         checkpoint = self.checkpoint
         if checkpoint is None:  # coqui's model manager has not fetched it: do so in the background
             assert self.hub is not None
-            raise EngineUnavailable(self.name, self.hub.start())
+            reason = self.hub.start()
+            self.hub.availability()  # what the start led to (running, or failed at once), for Retry-After
+            raise EngineUnavailable(self.name, reason, retry_after=self.retry_after() or DOWNLOAD_POLL_S)
         import torch
 
         from tts_gateway.engines.torch_compat import import_torchaudio

@@ -28,6 +28,7 @@ import atexit
 import importlib.util
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -445,11 +446,94 @@ class ModelDownload:
         if self._state == "running":
             return f"downloading XTTS v2 ({self.model.repo_id} from {hub_endpoint()}): {self.progress().describe()}"
         if self._state == "failed":
-            wait = self.retry_in()
-            when = f"the next load retries in {wait:.0f} s" if wait > 0 else "the next load retries"
+            wait = math.ceil(self.retry_in())
+            when = f"the next load retries in {wait} s" if wait > 0 else "the next load retries"
             return (f"downloading XTTS v2 ({self.model.repo_id} from {hub_endpoint()}) failed: {self.error}; "
                     f"{when} (or run `{PULL_COMMAND}`)")
         return "XTTS v2 is not downloaded"
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What the last look at the hub found: ``ok`` (None before the first look), why not, when it looks again."""
+
+    ok: bool | None
+    error: str | None = None
+    next_check: float = 0.0
+
+    def recheck_in(self) -> float:
+        return max(0.0, self.next_check - time.monotonic())
+
+
+class HubProbe:
+    """Whether the Hugging Face endpoint answers for the model now: "can fetch one now" for availability.
+
+    Looks in a background thread and remembers the answer (a success for ``ok_ttl_s``, a failure for a
+    backoff that doubles up to ``retry_max_s``), so asking never blocks a caller for longer than the first
+    look's ``timeout_s``; a look that is due runs in the background while the last answer stands.
+    """
+
+    def __init__(self, model: CoquiModel, *, timeout_s: float = 3.0, ok_ttl_s: float = 60.0,
+                 retry_s: float = 5.0, retry_max_s: float = 300.0) -> None:
+        self.model = model
+        self.timeout_s = timeout_s
+        self.ok_ttl_s = ok_ttl_s
+        self.retry_s = retry_s
+        self.retry_max_s = retry_max_s
+        self._lock = threading.Lock()
+        self._reach = Reach(ok=None)
+        self._failures = 0
+        self._looking: threading.Thread | None = None
+
+    def url(self) -> str:
+        return f"{hub_endpoint().rstrip('/')}/api/models/{self.model.repo_id}/revision/main"
+
+    def reach(self) -> Reach:
+        """The last answer, starting a look when one is due (and waiting for the very first one)."""
+        with self._lock:
+            reach, looking = self._reach, self._looking
+            if looking is None and (reach.ok is None or reach.recheck_in() == 0):
+                looking = self._looking = threading.Thread(target=self._look, name="xtts-hub-probe", daemon=True)
+                looking.start()
+        if reach.ok is None and looking is not None:
+            looking.join(self.timeout_s + 1.0)
+            with self._lock:
+                reach = self._reach
+        return reach
+
+    def forget(self) -> None:
+        """Look again at the next question (a download just failed, or just succeeded)."""
+        with self._lock:
+            self._reach = Reach(ok=self._reach.ok, error=self._reach.error, next_check=0.0)
+
+    def _look(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        error: str | None = None
+        try:
+            url = self.url()
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"HF_ENDPOINT {hub_endpoint()!r} is not an http(s) address")
+            request = urllib.request.Request(url, headers={"user-agent": "tts-gateway"})  # noqa: S310 - checked above
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
+                response.read(1)
+        except urllib.error.HTTPError as exc:
+            error = f"it answered {exc.code}"
+        except urllib.error.URLError as exc:
+            error = one_line(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
+        except (OSError, ValueError) as exc:
+            error = one_line(exc)
+        now = time.monotonic()
+        with self._lock:
+            if error is None:
+                self._failures = 0
+                self._reach = Reach(ok=True, next_check=now + self.ok_ttl_s)
+            else:
+                self._failures += 1
+                wait = min(self.retry_s * 2 ** (self._failures - 1), self.retry_max_s)
+                self._reach = Reach(ok=False, error=error, next_check=now + wait)
+            self._looking = None
 
 
 if __name__ == "__main__":

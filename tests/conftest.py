@@ -202,7 +202,7 @@ class GatewayProcess:
         return Path(self._log.name).read_text(errors="replace")
 
     def wait_up(self, path: str = "/health", timeout: float = HANG_GUARD_S) -> None:
-        """Until ``path`` answers 200 (``/ready``: engines loaded, canary passed); fails if the server exits."""
+        """Until ``path`` answers 200 (``/ready``: default voice servable, canary passed); fails if the server exits."""
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -239,7 +239,7 @@ class GatewayProcess:
 
 @contextmanager
 def uvicorn_server(env: dict[str, str]) -> Iterator[str]:
-    """A real server, ready (default engine loaded, canary passed), stopped afterwards."""
+    """A real server, ready (default voice servable, canary passed), stopped afterwards."""
     server = GatewayProcess(env)
     try:
         server.wait_up("/ready", timeout=2 * HANG_GUARD_S)  # start-up loads engines and runs the canary

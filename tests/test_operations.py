@@ -91,6 +91,32 @@ def test_ready_after_canary_and_metrics(client: Any) -> None:
     assert 'tts_requests_total{engine="piper",status="200"}' in text
 
 
+def test_ready_says_where_the_default_engine_stands_after_an_unload(client: Any) -> None:
+    """Ready means the default voice can be served now: after an unload its engine loads again on the next
+    request, so /ready stays 200 and its body says the engine is not loaded, never that it is."""
+    wait_for_warm_up(client)
+    before = client.get("/ready").json()["detail"]
+    assert "engine piper loaded" in before and "piper loaded" in before.split("engines:")[1]
+    assert client.post("/v1/engines/piper/unload").status_code == 200
+    after = client.get("/ready")
+    assert after.status_code == 200, after.text
+    detail = after.json()["detail"]
+    assert "engine piper is not loaded" in detail and "engine piper loaded" not in detail, detail
+    assert client.post("/v1/synthesize", json={"text": "Back."}).status_code == 200
+    assert "engine piper loaded" in client.get("/ready").json()["detail"]
+
+
+def test_not_ready_when_the_default_engine_becomes_unavailable(make_settings: Any, fake_engine: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(engines=(), default_voice="fake:one")
+    with running_app(settings, FakePlugin(fake_engine)) as client:
+        wait_for_warm_up(client)
+        assert client.get("/ready").status_code == 200
+        client.post("/v1/engines/fake/unload")
+        monkeypatch.setattr(fake_engine, "availability", lambda: (False, "its model file was removed"))
+        assert_problem(client.get("/ready"), 503, "engine fake is unavailable now: its model file was removed")
+
+
 def test_not_ready_when_default_voice_is_unusable(make_settings: Any) -> None:
     with running_app(make_settings(default_voice="xtts:nobody", engines=("piper", "xtts"))) as client:
         wait_for_warm_up(client)  # its outcome, whenever it comes (it used to be "within 10 s")

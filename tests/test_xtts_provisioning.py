@@ -26,8 +26,19 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HANG_GUARD_S, assert_problem, decode, running_app, uvicorn_server, wait_until
+from tests.conftest import (
+    HANG_GUARD_S,
+    app_state,
+    assert_problem,
+    decode,
+    free_port,
+    running_app,
+    uvicorn_server,
+    wait_for_warm_up,
+    wait_until,
+)
 from tts_gateway.engines import xtts_models
+from tts_gateway.engines.base import EngineUnavailable
 from tts_gateway.engines.xtts_engine import XttsEngine
 
 pytestmark = pytest.mark.xtts
@@ -287,7 +298,33 @@ def test_without_the_licence_xtts_says_exactly_what_to_set(isolated_hub_cache: P
     (isolated_hub_cache / "tts-home" / "tts" / TOS).parent.mkdir(parents=True)
     (isolated_hub_cache / "tts-home" / "tts" / TOS).write_text(xtts_models.TOS_TEXT)
     ok, reason = XttsEngine(None).availability()
-    assert ok and reason and "first load fetches" in reason
+    assert "Coqui Public Model License" not in (reason or "")
+
+
+def test_accepted_but_unreachable_hub_is_unavailable_and_every_place_says_so(
+        isolated_hub_cache: Path, make_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No model and no hub (a failed pull, no network): unavailable with the reason and when it is checked
+    again — in /v1/engines, the start-up summary and /ready's body — and the 503's Retry-After says the same."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    settings = make_settings(engines=("piper", "xtts"), accept_cpml=True)
+    with running_app(settings) as client:
+        wait_for_warm_up(client)
+        described = client.get("/v1/engines/xtts").json()
+        assert described["available"] is False, described
+        assert "cannot be reached" in described["reason"] and "Connection refused" in described["reason"]
+        problem = client.post("/v1/engines/xtts/load")
+        body = assert_problem(problem, 503, "cannot be reached")
+        seconds = re.search(r"checked again in (\d+) s", body["detail"])
+        assert seconds and problem.headers["retry-after"] == seconds.group(1), (problem.headers, body["detail"])
+        assert_problem(client.post("/v1/synthesize", json={"text": "Hi.", "voice": "xtts:ana-florence"}), 503,
+                       "cannot be reached")
+        ready = client.get("/ready")
+        assert ready.status_code == 200  # the default voice (Piper) is served
+        assert "xtts unavailable (XTTS v2 is not downloaded and" in ready.json()["detail"]
+        summary = app_state(client).summary()
+        assert any(line.startswith("engine xtts: unavailable:") and "cannot be reached" in line for line in summary)
 
 
 def test_offline_without_a_cached_model_says_so(isolated_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,6 +335,29 @@ def test_offline_without_a_cached_model_says_so(isolated_hub_cache: Path, monkey
     assert not ok and reason and "HF_HUB_OFFLINE=1" in reason
 
 
+def test_a_failed_download_is_unavailable_until_its_retry_and_the_503_says_when(
+        isolated_hub_cache: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the download's child process
+    monkeypatch.setenv("HF_HOME", str(isolated_hub_cache / "hf"))
+    hub.refuse.add("model.pth")
+    engine = XttsEngine(None, accept_licence=True)
+    assert engine.availability()[0] is True  # accepted, the hub answers: a load can fetch it now
+    assert engine.hub is not None
+    engine.hub.download.retry_s = 600.0  # the backoff outlasts the test, however slow the machine
+    with pytest.raises(EngineUnavailable, match="downloading XTTS v2"):
+        engine.load()
+    assert engine.hub.download.wait(timeout=HANG_GUARD_S) == "failed"
+    ok, reason = engine.availability()
+    assert not ok and reason and "failed" in reason and "retries in" in reason
+    with pytest.raises(EngineUnavailable) as refused:
+        engine.load()
+    wait = re.search(r"the next load retries in (\d+) s", refused.value.detail)
+    assert wait and refused.value.retry_after == int(wait.group(1)) > 30, refused.value.detail
+
+
 # -- end to end: a gateway process and the CLI against the fake endpoint ------------------------------------
 def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, hub_env: dict[str, str],
                                                                  tmp_path: Path) -> None:
@@ -305,7 +365,8 @@ def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, h
     with uvicorn_server({**hub_env, "TTS_GATEWAY_ACCEPT_CPML": "1"}) as base:
         before = httpx.get(base + "/v1/engines/xtts", timeout=30).json()
         assert before["available"] is True and before["loaded"] is False
-        assert "first load fetches" in before["reason"] and not hub.requests  # nothing fetched before a load
+        assert "first load fetches" in before["reason"]
+        assert not [r for r in hub.requests if "/resolve/" in r[1]]  # nothing downloaded before a load
         started = time.monotonic()
         problem = assert_problem(httpx.post(base + "/v1/engines/xtts/load", timeout=60), 503, "downloading XTTS v2")
         assert time.monotonic() - started < 30  # the request does not wait for the download
@@ -348,6 +409,8 @@ def test_interrupted_download_is_unavailable_then_recovers(hub: FakeHub, hub_env
         failed = poll_engine(base, lambda s: "failed" in (s.get("reason") or ""), what="the download to fail")
         assert failed["available"] is False and failed["loaded"] is False
         assert "retries" in failed["reason"] and "models pull xtts" in failed["reason"]
+        ready = httpx.get(base + "/ready", timeout=30).json()["detail"]
+        assert "xtts " in ready and "downloading XTTS v2" in ready and "failed" in ready, ready
         assert not (snapshot(tmp_path) / "model.pth").exists()  # never a partial file in the snapshot
         assert not list((snapshot(tmp_path).parent.parent / "blobs").glob("*.incomplete"))
         assert_problem(httpx.post(base + "/v1/engines/xtts/load", timeout=60), 503, "failed")

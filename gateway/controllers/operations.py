@@ -28,8 +28,9 @@ class OperationsController(Controller):
     async def health(self) -> Health:
         return Health(status="ok", version=__version__)
 
-    @get("/ready", summary="200 once the default engine is loaded, a canary passed and the voice registry "
-                           "can be read", **documented(503))
+    @get("/ready", summary="200 when the default voice can be served now (canary passed at start, its engine "
+                           "available) and the voice registry can be read; the detail says where each engine "
+                           "stands", **documented(503))
     async def ready(self, dispatcher: Dispatcher) -> Ready:
         ok, detail = await asyncio.to_thread(dispatcher.check_ready)
         if not ok:

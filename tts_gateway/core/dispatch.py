@@ -62,6 +62,7 @@ class Outcome:
 class Readiness:
     ready: bool = False
     detail: str = "starting: the default engine is loading"
+    engine: str | None = None  # the default voice's engine, once the warm-up found it
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -149,6 +150,7 @@ class Dispatcher:
                 if core.settings.canary and len(await self.runner.call(plan)) <= 44:
                     raise RuntimeError("canary synthesis returned no audio")
                 readiness.detail = f"default voice {default} served remotely; canary passed"
+                readiness.engine = plan.engine_name
                 readiness.ready = True
                 return
             loop = asyncio.get_running_loop()
@@ -157,7 +159,8 @@ class Dispatcher:
             # The canary counts against MAX_CONCURRENCY and TIMEOUT_S like any synthesis.
             if core.settings.canary and len(await self.runner.call(plan)) <= 44:
                 raise RuntimeError("canary synthesis returned no audio")
-            readiness.detail = f"default voice {default} loaded; canary passed"
+            readiness.detail = f"default voice {default}: canary passed"
+            readiness.engine = plan.engine_name
             readiness.ready = True
         except TTSGatewayError as exc:
             readiness.detail = f"default voice {default} is not usable: {exc.detail}"
@@ -167,9 +170,26 @@ class Dispatcher:
             log.exception("not ready")
 
     def check_ready(self) -> tuple[bool, str]:
-        """(ready, detail): the default voice passed its canary and the voice registry can be read."""
+        """(ready, detail). Ready: the default voice can be served now — its canary passed at start and its
+        engine is available (loaded, or loaded again by the next request after an unload) — and the voice
+        registry can be read. The detail says which part is not, and where each engine stands."""
+        engines = "; ".join(f"{name} {state}" for name, state in self.engine_states().items())
         if not self.readiness.ready:
-            return False, self.readiness.detail
+            return False, f"{self.readiness.detail}; engines: {engines}"
+        name = self.readiness.engine
+        default = self.core.settings.default_voice
+        if name is not None and name in self.core.engines.names:
+            engine = self.core.engines.get(name)
+            ok, reason = engine.availability()
+            if not ok:
+                return False, f"default voice {default}: engine {name} is unavailable now: {reason}"
+            if not engine.loaded:
+                detail = (f"default voice {default}: engine {name} is not loaded (unloaded; the next request "
+                          f"loads it again); canary passed at start")
+            else:
+                detail = f"{self.readiness.detail}; engine {name} loaded"
+        else:
+            detail = self.readiness.detail
         problem = self.core.registry.health()
         if problem is not None:
             return False, problem
@@ -177,7 +197,20 @@ class Dispatcher:
         problem = remote() if remote is not None else None
         if problem is not None:
             return False, problem
-        return True, self.readiness.detail
+        return True, f"{detail}; engines: {engines}"
+
+    def engine_states(self) -> dict[str, str]:
+        """Each engine as one phrase: loaded, available, or unavailable with the reason (and its retry time)."""
+        states = {}
+        for name in self.core.engines.names:
+            engine = self.core.engines.get(name)
+            try:
+                ok, reason = engine.availability()
+            except Exception as exc:  # a plugin's check must not break readiness
+                ok, reason = False, f"availability check failed: {exc}"
+            state = ("loaded" if engine.loaded else "available") if ok else "unavailable"
+            states[name] = f"{state} ({reason})" if reason else state
+        return states
 
     def summary(self) -> list[str]:
         """What an operator wants to see at start: where things are, which engines work (or why not)."""

@@ -1,0 +1,123 @@
+"""Issue 29: what a hostile or sloppy client can send — ambiguous framing, unknown HTTP versions — gets a
+problem, never another request's answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import HANG_GUARD_S, uvicorn_server
+
+
+def clip() -> bytes:
+    t = np.arange(16000 * 3) / 16000
+    out = io.BytesIO()
+    sf.write(out, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def register(base_or_client: Any, name: str, description: str = "") -> Any:
+    data = {"name": name, "engine": "clone", "consent": "true", "description": description}
+    files = {"audio": ("me.wav", clip(), "audio/wav")}
+    if isinstance(base_or_client, str):
+        return httpx.post(base_or_client + "/v1/voices", data=data, files=files, timeout=HANG_GUARD_S)
+    return base_or_client.post("/v1/voices", data=data, files=files)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """A real `tts-gateway serve` (uvicorn) with espeak-ng and the cheap cloning engine, and one preset."""
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path_factory.mktemp("data")), "TTS_GATEWAY_ENGINES": "espeak",
+           "TTS_GATEWAY_DEFAULT_VOICE": "espeak:en", "TTS_GATEWAY_CANARY": "0",
+           "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin"}
+    with uvicorn_server(env) as base:
+        assert register(base, "anna").status_code == 201
+        host, port = base.removeprefix("http://").split(":")
+        yield host, int(port)
+
+
+def exchange(where: tuple[str, int], request: bytes) -> bytes:
+    """Send raw bytes, then read everything until the server closes (the socket timeout is the hang guard)."""
+    reply = b""
+    with socket.create_connection(where, timeout=HANG_GUARD_S) as conn:
+        conn.sendall(request)
+        try:
+            while chunk := conn.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    return reply
+
+
+def problem_of(reply: bytes) -> dict[str, Any]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in head.lower(), head
+    problem: dict[str, Any] = json.loads(body)
+    return problem
+
+
+# -- framing (RFC 9112) ------------------------------------------------------------------------------
+SMUGGLED = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+@pytest.mark.parametrize("order", ["length-first", "chunked-first"])
+def test_content_length_with_chunked_is_refused_and_the_smuggled_request_never_answered(
+        server: tuple[str, int], version: bytes, order: str) -> None:
+    """Both framings on one request (RFC 9112 §6.1): 400, the connection closes, and the request hidden
+    in its body (which the chunked framing would read as the next one) gets no answer."""
+    body = b"0\r\n\r\n" + SMUGGLED
+    framings = [b"Content-Length: %d\r\n" % len(body), b"Transfer-Encoding: chunked\r\n"]
+    if order == "chunked-first":
+        framings.reverse()
+    reply = exchange(server, b"POST /v1/synthesize HTTP/" + version + b"\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n" + b"".join(framings) + b"\r\n" + body)
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply  # one answer: nothing for the smuggled GET
+    assert b"connection: close" in reply.lower()
+    detail = problem_of(reply)["detail"]
+    assert "Content-Length" in detail and "Transfer-Encoding" in detail
+
+
+def test_transfer_encoding_on_http_1_0_is_refused(server: tuple[str, int]) -> None:
+    """HTTP/1.0 has no chunked framing (RFC 9112 §6.1: the framing is faulty): 400 and close."""
+    body = b"0\r\n\r\n" + SMUGGLED
+    reply = exchange(server, b"POST /v1/synthesize HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
+    assert "HTTP/1.0" in problem_of(reply)["detail"]
+
+
+@pytest.mark.parametrize("version", [b"9.9", b"2.0", b"0.9", b"1.2"])
+def test_http_versions_other_than_1_0_and_1_1_get_505(server: tuple[str, int], version: bytes) -> None:
+    reply = exchange(server, b"GET /health HTTP/" + version + b"\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 505"), reply[:300]
+    problem = problem_of(reply)
+    assert problem["status"] == 505 and "HTTP/" + version.decode() in problem["detail"]
+
+
+def test_http_1_0_and_1_1_are_still_served(server: tuple[str, int]) -> None:
+    assert exchange(server, b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
+    keep_alive = exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert keep_alive.startswith(b"HTTP/1.1 200") and keep_alive.count(b"HTTP/1.1 200") == 2, keep_alive
+    body = b'{"text": "hi"}'
+    chunked = exchange(server, b"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                       + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    assert chunked.startswith(b"HTTP/1.1 200"), chunked[:300]
+
+
+def test_a_malformed_request_is_a_problem(server: tuple[str, int]) -> None:
+    reply = exchange(server, b"GARBAGE\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert problem_of(reply)["status"] == 400

@@ -1,5 +1,5 @@
-"""Issue 29: what a hostile or sloppy client can send — ambiguous framing, unknown HTTP versions — gets a
-problem, never another request's answer."""
+"""Issue 29: what a hostile or sloppy client can send — ambiguous framing, unknown HTTP versions, paths that
+alias another resource — gets a problem, never another request's answer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S, uvicorn_server
+from tests import fake_cloning_plugin
+from tests.conftest import HANG_GUARD_S, running_app, uvicorn_server, wait_for_warm_up
 
 
 def clip() -> bytes:
@@ -121,3 +122,45 @@ def test_a_malformed_request_is_a_problem(server: tuple[str, int]) -> None:
     reply = exchange(server, b"GARBAGE\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
     assert problem_of(reply)["status"] == 400
+
+
+# -- paths that alias another one ----------------------------------------------------------------------
+ALIASES = [
+    ("GET", "/v1/voices/anna%2F"), ("GET", "/v1/voices/anna%2f"), ("GET", "/v1/voices/anna/"),
+    ("DELETE", "/v1/voices/anna%2F"), ("DELETE", "/v1/voices/anna/"), ("GET", "/v1//voices/anna"),
+    ("GET", "/v1/engines/espeak%2F"), ("GET", "/v1/engines/espeak/"), ("POST", "/v1/engines/espeak%2Fload"),
+    ("POST", "/v1/engines/espeak%2Funload"), ("POST", "/v1/engines/espeak/load/"),
+]
+
+
+@pytest.fixture
+def cloning_client(make_settings: Any) -> Iterator[Any]:
+    with running_app(make_settings(engines=("espeak",), default_voice="espeak:en"), fake_cloning_plugin) as client:
+        wait_for_warm_up(client)
+        assert register(client, "anna").status_code == 201
+        yield client
+
+
+def test_an_encoded_or_trailing_slash_addresses_nothing(cloning_client: Any) -> None:
+    """``anna%2F`` or ``anna/`` is not the voice ``anna``: 404 like any unknown name, and nothing changes."""
+    assert cloning_client.get("/v1/engines/espeak").json()["loaded"] is True  # the default voice's engine
+    for method, path in ALIASES:
+        response = cloning_client.request(method, path)
+        assert response.status_code == 404, (method, path, response.status_code, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json"), (method, path)
+    assert cloning_client.get("/v1/voices/anna").status_code == 200
+    assert cloning_client.get("/v1/engines/espeak").json()["loaded"] is True  # not unloaded by `espeak%2Funload`
+    assert cloning_client.get("/v1/voices/").status_code == 200  # a fixed path keeps its lenient slash
+
+
+def test_an_encoded_or_trailing_slash_addresses_nothing_over_a_real_server(server: tuple[str, int]) -> None:
+    """The same over uvicorn, whose URL decoding differs from the test client's."""
+    base = f"http://{server[0]}:{server[1]}"
+    assert httpx.get(base + "/v1/engines/espeak", timeout=HANG_GUARD_S).json()["loaded"] is True
+    for method, path in ALIASES:
+        reply = exchange(server, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                 "Connection: close\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 404"), (method, path, reply[:300])
+        problem_of(reply)
+    assert httpx.get(base + "/v1/voices/anna", timeout=HANG_GUARD_S).status_code == 200
+    assert httpx.get(base + "/v1/engines/espeak", timeout=HANG_GUARD_S).json()["loaded"] is True

@@ -1,12 +1,16 @@
 """Issue 29: what a hostile or sloppy client can send — ambiguous framing, unknown HTTP versions, paths that
-alias another resource — gets a problem, never another request's answer."""
+alias another resource, descriptions of any size — gets a problem, never another request's answer."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +19,8 @@ import pytest
 import soundfile as sf
 
 from tests import fake_cloning_plugin
-from tests.conftest import HANG_GUARD_S, running_app, uvicorn_server, wait_for_warm_up
+from tests.conftest import HANG_GUARD_S, ROOT, assert_problem, running_app, uvicorn_server, wait_for_warm_up
+from tts_gateway.voices.catalog import MAX_DESCRIPTION_CHARS
 
 
 def clip() -> bytes:
@@ -164,3 +169,29 @@ def test_an_encoded_or_trailing_slash_addresses_nothing_over_a_real_server(serve
         problem_of(reply)
     assert httpx.get(base + "/v1/voices/anna", timeout=HANG_GUARD_S).status_code == 200
     assert httpx.get(base + "/v1/engines/espeak", timeout=HANG_GUARD_S).json()["loaded"] is True
+
+
+# -- descriptions --------------------------------------------------------------------------------------
+def test_a_description_is_bounded(cloning_client: Any) -> None:
+    longest = "d" * MAX_DESCRIPTION_CHARS
+    assert register(cloning_client, "longest", longest).json()["description"] == longest
+    body = assert_problem(register(cloning_client, "huge", "d" * 1_000_000), 422, "description",
+                          str(MAX_DESCRIPTION_CHARS))
+    assert body.get("field") == "description" or "description" in body["detail"]
+    assert_problem(register(cloning_client, "over", "d" * (MAX_DESCRIPTION_CHARS + 1)), 422, "description")
+    names = {v["name"] for v in cloning_client.get("/v1/voices").json()["voices"]}
+    assert "longest" in names and "huge" not in names and "over" not in names
+
+
+def test_the_cli_bounds_a_description_too(tmp_path: Path) -> None:
+    audio = tmp_path / "me.wav"
+    audio.write_bytes(clip())
+    env = {**os.environ, "TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "espeak",
+           "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin", "PYTHONPATH": str(ROOT)}
+    added = subprocess.run([sys.executable, "-m", "tts_gateway", "voices", "add", "me", str(audio), "--engine", "clone",
+                            "--consent", "--description", "d" * (MAX_DESCRIPTION_CHARS + 1)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert added.returncode == 1 and str(MAX_DESCRIPTION_CHARS) in added.stderr, added.stderr
+    helped = subprocess.run([sys.executable, "-m", "tts_gateway", "voices", "add", "--help"], capture_output=True,
+                            text=True, env={**env, "COLUMNS": "200"}, timeout=300)
+    assert f"at most {MAX_DESCRIPTION_CHARS} characters" in helped.stdout, helped.stdout

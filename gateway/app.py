@@ -24,7 +24,7 @@ from tts_gateway.gateway.controllers import CONTROLLERS
 from tts_gateway.gateway.dependencies import DEPENDENCIES
 from tts_gateway.gateway.openapi import FormSchemaPlugin, StrictStructSchemaPlugin, openapi_config
 from tts_gateway.gateway.problems import EXCEPTION_HANDLERS
-from tts_gateway.gateway.requests import SafeJSONRequest, answer_options
+from tts_gateway.gateway.requests import SafeJSONRequest, answer_options, exact_path_guard
 
 if TYPE_CHECKING:
     from tts_gateway.ray.serve import RayBackend
@@ -64,7 +64,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None, 
     app = Litestar(
         route_handlers=CONTROLLERS,
         dependencies=DEPENDENCIES,
-        guards=[scope_guard],
+        guards=[scope_guard, exact_path_guard],
         before_request=answer_options,
         request_class=SafeJSONRequest,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,18 +1,44 @@
-"""Request-side hooks: content-type checks before a body is parsed, and JSON decoding that never 500s."""
+"""Request-side hooks: paths matched as sent, content-type checks before a body is parsed, and JSON
+decoding that never 500s."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 from litestar import Request, Response
+from litestar.connection import ASGIConnection
 from litestar.exceptions import ClientException, SerializationException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.status_codes import HTTP_204_NO_CONTENT
 from litestar.types import Empty
 
-from tts_gateway.errors import Invalid, InvalidField, TooLarge, UnsupportedMedia
+from tts_gateway.errors import Invalid, InvalidField, NotFound, TooLarge, UnsupportedMedia
+
+
+def exact_path_guard(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
+    """App guard: a path with a ``{name}`` in it matches only as sent.
+
+    Litestar routes on the decoded path with trailing and doubled slashes dropped, so
+    ``/v1/voices/anna%2F``, ``/v1/voices/anna/`` and ``/v1//voices/anna`` would all reach the voice
+    ``anna``, and ``POST /v1/engines/piper%2Fload`` the load route. No name holds a slash: such a path
+    is a 404 like any other that names nothing. Fixed paths keep Litestar's lenient trailing slash.
+    """
+    template = str(connection.scope.get("path_template", ""))
+    raw_path = connection.scope.get("raw_path")
+    if "{" not in template or ":path}" in template or not raw_path:
+        return
+    raw = raw_path.decode("latin-1").partition("?")[0]  # a test client's raw path may carry the query
+    root = str(connection.scope.get("root_path", ""))
+    if root and raw.startswith(root):
+        raw = raw[len(root):]
+    sent = [unquote(segment) for segment in raw.split("/")]
+    if len(sent) != template.count("/") + 1 or any("/" in segment for segment in sent):
+        raise NotFound("nothing here: no route matches this path (a name cannot hold '/', and a path does not "
+                       "end with one)")
 
 
 def _mime(request: Request[Any, Any, Any]) -> str:
@@ -129,4 +155,4 @@ class SafeJSONRequest(Request[Any, Any, Any]):
             raise SerializationException("JSON is malformed: nested too deeply") from None
 
 
-__all__ = ["SafeJSONRequest", "answer_options", "json_body", "json_body_limit", "require_multipart"]
+__all__ = ["SafeJSONRequest", "answer_options", "exact_path_guard", "json_body", "json_body_limit", "require_multipart"]

@@ -16,6 +16,7 @@ from litestar.datastructures import UploadFile
 from tts_gateway.audio import FORMATS
 from tts_gateway.core.service import MAX_RATE, MAX_SEED, MAX_SPEED, MIN_RATE, MIN_SPEED
 from tts_gateway.gateway.openapi import OPENAPI_METADATA
+from tts_gateway.voices.catalog import MAX_DESCRIPTION_CHARS
 from tts_gateway.voices.names import VOICE_NAME_RE
 
 # Not empty or blank, and no control characters other than tab and newlines (what `check_text` refuses).
@@ -91,7 +92,8 @@ class VoiceForm:
     blend: str | None = field(default=None, metadata=_form(
         description="Instead of audio, for an engine whose voices mix (kokoro): `jf_alpha:0.6,jf_nezumi:0.4`"))
     language: str | None = field(default=None, metadata=_form(description="A language the engine speaks"))
-    description: str = field(default="", metadata=_form(pattern=NO_CONTROL_PATTERN))
+    description: str = field(default="", metadata=_form(
+        pattern=NO_CONTROL_PATTERN, max_length=MAX_DESCRIPTION_CHARS, description="Shown in every voice listing"))
     consent: str = field(default="false", metadata=_form(
         description="`true`, `1`, `yes` or `on`: the speaker consented to cloning"))
 

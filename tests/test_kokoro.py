@@ -220,6 +220,17 @@ def test_native_speed(engine: KokoroEngine) -> None:
 
 
 @needs_model
+def test_speech_is_as_fast_as_asked(engine: KokoroEngine) -> None:
+    """Duration at speed 1 over duration at speed s is s within 15 %, inside and past the model's 0.5–2×."""
+    def length(speed: float) -> int:
+        return int(_audio(engine, SHORT, VoiceInput(builtin="jf_nezumi"), speed=speed)[1].size)
+
+    normal = length(1.0)
+    ratios = {speed: normal / length(speed) for speed in (0.25, 0.5, 2.0, 4.0)}
+    assert all(abs(ratio / speed - 1) <= 0.15 for speed, ratio in ratios.items()), ratios
+
+
+@needs_model
 def test_a_piece_over_the_token_limit_is_split(engine: KokoroEngine) -> None:
     assert len(engine.phonemize(OVER_LIMIT, "ja")) > kokoro_engine.MAX_PHONEMES
     # At twice the speed the model makes half the audio: the same split, half the work.

@@ -194,7 +194,7 @@ class Resampler:
 
 
 def time_stretch(samples: np.ndarray, rate: int, speed: float) -> np.ndarray:
-    """Change tempo without changing pitch, for engines with no native speed control."""
+    """Change tempo without changing pitch: the part of a speed an engine's own control does not reach."""
     if abs(speed - 1.0) < 1e-6 or samples.size < 2048:
         return samples
     import librosa

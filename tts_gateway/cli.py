@@ -250,7 +250,7 @@ def voices_add(
     audio: Annotated[list[Path], typer.Argument(help="One or more reference clips (2–60 s in total).")],
     engine: Annotated[str, typer.Option(help="Cloning engine.")] = "xtts",
     language: Annotated[str | None, typer.Option(help="Default language of the preset.")] = None,
-    description: Annotated[str, typer.Option()] = "",
+    description: Annotated[str, typer.Option(help="Shown in voice listings (at most 1000 characters).")] = "",
     consent: Annotated[bool, typer.Option(help="The speaker consented to being cloned.")] = False,
 ) -> None:
     """Register a preset: its latents are computed once and stored."""

@@ -33,6 +33,18 @@ from tts_gateway.voices.registry import VoiceBroken, VoiceExists, VoiceNotFound,
 
 log = logging.getLogger(__name__)
 
+# A description is returned in every listing of every voice: bounded so one preset cannot make them large.
+MAX_DESCRIPTION_CHARS = 1000
+
+
+def check_description(description: str) -> None:
+    """`InvalidField` ("description") for one too long or holding control characters."""
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidField("description", f"must be at most {MAX_DESCRIPTION_CHARS} characters, "
+                                          f"not {len(description)}")
+    if has_control_chars(description):
+        raise InvalidField("description", "contains control characters")
+
 
 @dataclass
 class ResolvedVoice:
@@ -220,14 +232,15 @@ class VoiceCatalog:
         """Register a preset from reference clips: latents computed once and stored."""
         if not valid_voice_name(name):
             raise InvalidField("name", NAME_RULE)
+        check_description(description)
         if self.require_consent and not consent:  # as hosted cloning services do: no clone without a yes
             raise InvalidField("consent", "must be true: confirm that the speaker agreed to have their voice cloned "
                                           "(TTS_GATEWAY_REQUIRE_CONSENT=0 turns this check off)",
                                code="consent-required")
         if self.registry.exists(name):
             raise VoiceExists(name)
-        if has_control_chars(description) or (language and has_control_chars(language)):
-            raise InvalidField("description", "contains control characters")
+        if language and has_control_chars(language):
+            raise InvalidField("language", "contains control characters")
         engine = self.cloning_engine(engine_name, field_name="engine")
         if language is not None:
             language = match_language(engine, language)
@@ -258,6 +271,7 @@ class VoiceCatalog:
         """
         if not valid_voice_name(name):
             raise InvalidField("name", NAME_RULE)
+        check_description(description)
         if self.registry.exists(name):
             raise VoiceExists(name)
         engine = self.engines.get(engine_name)
@@ -267,8 +281,6 @@ class VoiceCatalog:
         weights = parse_blend(blend, engine_name, {v.id for v in self.builtin_voices(engine)})
         if language is not None:
             language = match_language(engine, language)
-        if has_control_chars(description):
-            raise InvalidField("description", "contains control characters")
         total = sum(weights.values())
         weights = {voice: round(weight / total, 6) for voice, weight in sorted(weights.items())}  # one recipe
         recipe = ",".join(f"{voice}:{weight:g}" for voice, weight in weights.items())

@@ -1,6 +1,7 @@
-"""Issue 29: what the command line says is true and readable — help that names every built-in engine and
-shows the preset-name pattern whole, an engines table that fits an 80-column terminal (the reasons whole in
-``--json``), and a ``voices add`` whose error is the real one, not a download's in-progress line."""
+"""Issue 29: what the command line and the README say is true and readable — help that names every built-in
+engine and shows the preset-name pattern whole, an engines table that fits an 80-column terminal (the reasons
+whole in ``--json``), a ``voices add`` whose error is the real one, not a download's in-progress line, and a
+README whose opening names every engine enabled by default."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from tests.conftest import HANG_GUARD_S, ROOT, free_port
+from tts_gateway.config import Settings
 from tts_gateway.voices.names import VOICE_NAME_RE
 
 # Settings and caches that would let the user's machine answer instead of the test's folders.
@@ -75,3 +77,13 @@ def test_voices_add_reports_the_download_that_failed_not_its_progress_line(tmp_p
     error = next(line for line in added.stderr.splitlines() if line.startswith("error:"))
     assert "failed" in error and "tts-gateway models pull xtts" in error, added.stderr
     assert "listing files" not in error, added.stderr
+
+
+ENGINE_WORDS = {"piper": "**Piper**", "xtts": "**XTTS v2**", "espeak": "**espeak-ng**", "kokoro": "**Kokoro**"}
+
+
+def test_the_readme_opening_names_every_engine_enabled_by_default() -> None:
+    readme = (ROOT / "README.md").read_text()
+    opening = readme.split("\n\n")[1]  # the paragraph under the title
+    for engine in Settings().engines:
+        assert ENGINE_WORDS[engine] in opening, (engine, opening)

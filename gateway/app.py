@@ -22,7 +22,7 @@ from tts_gateway.engines.manager import EngineManager
 from tts_gateway.gateway.auth import scope_guard
 from tts_gateway.gateway.controllers import CONTROLLERS
 from tts_gateway.gateway.dependencies import DEPENDENCIES
-from tts_gateway.gateway.openapi import FormSchemaPlugin, StrictStructSchemaPlugin, openapi_config
+from tts_gateway.gateway.openapi import FormSchemaPlugin, StrictStructSchemaPlugin, openapi_config, openapi_document
 from tts_gateway.gateway.problems import EXCEPTION_HANDLERS
 from tts_gateway.gateway.requests import SafeJSONRequest, answer_options, exact_path_guard
 
@@ -62,7 +62,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None, 
             await dispatcher.close()
 
     app = Litestar(
-        route_handlers=CONTROLLERS,
+        route_handlers=[*CONTROLLERS, openapi_document],
         dependencies=DEPENDENCIES,
         guards=[scope_guard, exact_path_guard],
         before_request=answer_options,

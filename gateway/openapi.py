@@ -11,6 +11,8 @@
   extend Litestar's own schema plugins (``litestar._openapi...``: private, pinned by ``litestar<3``).
 * ``/docs`` is Swagger UI served from the ``swagger-ui-py`` package's copy of the Swagger UI dist
   files under ``/docs/assets/``: the page loads nothing from another host.
+* The document is at ``/docs/openapi.json`` and, the same bytes, at ``/openapi.json`` (FastAPI's path,
+  which clients and tools probe).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, Router
+from litestar import Request, Response, Router, get
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar._openapi.schema_generation.plugins.dataclass import DataclassSchemaPlugin
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema, Tag
 from litestar.openapi.spec.header import OpenAPIHeader
 from litestar.static_files import create_static_files_router
@@ -246,6 +249,15 @@ class OfflineSwaggerRenderPlugin(SwaggerRenderPlugin):
         return super().render(request, openapi_schema)
 
 
+_JSON_DOCUMENT = JsonRenderPlugin()  # what Litestar serves at /docs/openapi.json
+
+
+@get("/openapi.json", media_type=_JSON_DOCUMENT.media_type, include_in_schema=False, sync_to_thread=False)
+def openapi_document(request: Request[Any, Any, Any]) -> bytes:
+    """The document of ``/docs/openapi.json`` (Litestar's cached copy) at FastAPI's path."""
+    return _JSON_DOCUMENT.render(request, request.app.plugins.get(OpenAPIPlugin).provide_openapi_schema())
+
+
 TAGS = [
     Tag(name="synthesis", description="Text to speech"),
     Tag(name="openai", description="OpenAI-compatible speech and client discovery"),
@@ -263,8 +275,9 @@ def openapi_config() -> OpenAPIConfig:
         log.error("the swagger-ui-py package is missing: /docs shows a link to the OpenAPI document only")
     return OpenAPIConfig(
         title="tts-gateway", version=__version__, path=DOCS_PATH,
-        description="Multi-engine text-to-speech gateway: XTTS v2, Piper, espeak-ng. Every error is "
-                    "`application/problem+json` `{type, title, status, detail}`.",
+        description="Multi-engine text-to-speech gateway: XTTS v2, Piper, espeak-ng and Kokoro (and engines "
+                    "added by plugins; `GET /v1/engines` lists them). Every error is `application/problem+json` "
+                    "`{type, title, status, detail}`. This document is also at `/openapi.json`.",
         tags=TAGS,
         render_plugins=[OfflineSwaggerRenderPlugin(assets)],
         openapi_router=Router(DOCS_PATH, route_handlers=[], include_in_schema=False,
@@ -284,5 +297,6 @@ __all__ = [
     "documented",
     "gateway_operation",
     "openapi_config",
+    "openapi_document",
     "swagger_ui_dir",
 ]

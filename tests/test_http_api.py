@@ -122,6 +122,22 @@ def test_openapi_declares_problem_responses_on_every_route(client: Any) -> None:
     assert "400" not in schema["paths"]["/v1/engines/{name}"]["get"]["responses"]  # no body: never malformed
 
 
+def test_the_openapi_document_is_also_at_fastapis_path(client: Any) -> None:
+    """Clients and tools probe /openapi.json: the same document as /docs/openapi.json, not a 404."""
+    docs = client.get("/docs/openapi.json")
+    probed = client.get("/openapi.json")
+    assert probed.status_code == 200, probed.text
+    assert probed.headers["content-type"] == docs.headers["content-type"]
+    assert probed.content == docs.content
+    assert "/v1/synthesize" in probed.json()["paths"] and "/openapi.json" not in probed.json()["paths"]
+
+
+def test_openapi_description_names_every_built_in_engine(client: Any) -> None:
+    description = client.get("/docs/openapi.json").json()["info"]["description"]
+    for engine in ("XTTS v2", "Piper", "espeak-ng", "Kokoro"):
+        assert engine in description, description
+
+
 def test_unknown_docs_path_is_a_problem(client: Any) -> None:
     assert_problem(client.get("/docs/nothing-here"), 404)
 

@@ -315,6 +315,7 @@ async def bad_requests(gateway: Gateway) -> list[tuple[str, Heard]]:
     one_shots = {
         "unknown voice": Synthesize(text="Hello.", voice=SynthesizeVoice(name="no-such-voice")),
         "unknown built-in": Synthesize(text="Hello.", voice=SynthesizeVoice(name="piper:nobody")),
+        "misspelt engine": Synthesize(text="Hello.", voice=SynthesizeVoice(name="espek:de")),
         "empty text": Synthesize(text="   "),
         "text over the limit": Synthesize(text="word " * 2000),
         "speaker": Synthesize(text="Hello.", voice=SynthesizeVoice(name="piper:joe", speaker="alice")),
@@ -346,6 +347,7 @@ async def bad_requests(gateway: Gateway) -> list[tuple[str, Heard]]:
 def test_bad_input_gets_an_error_event_not_a_dropped_connection(gateway: Gateway) -> None:
     expected = {
         "unknown voice": ("unknown-voice", "no-such-voice"), "unknown built-in": ("unknown-voice", "piper:nobody"),
+        "misspelt engine": ("unknown-voice", "did you mean espeak:de?"),
         "empty text": ("invalid-field", "must not be empty"), "text over the limit": ("invalid-field", "limit"),
         "speaker": ("unknown-speaker", "speaker"), "language nobody speaks": ("unsupported-language", "zz"),
         "chunk without start": ("no-stream", "synthesize-start"),
@@ -371,7 +373,7 @@ def test_bad_input_gets_an_error_event_not_a_dropped_connection(gateway: Gateway
         if heard.chunks:
             ending = ["error", "audio-stop", "synthesize-stopped"]
         assert heard.types[-len(ending):] == ending and heard.types.count("error") == 1, (label, heard.types)
-    assert metric(gateway.base, "tts_wyoming_requests_total", outcome="not_found") == before + 3
+    assert metric(gateway.base, "tts_wyoming_requests_total", outcome="not_found") == before + 4
 
 
 async def hold(gateway: Gateway, token: str, text: str) -> tuple[AsyncTcpClient, Heard]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -19,15 +22,18 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.errors import TTSGatewayError
 
 if TYPE_CHECKING:
     from tts_gateway.core.compose import Core
+    from tts_gateway.engines.xtts_models import ModelDownload
 
-app = typer.Typer(help="tts-gateway: a multi-engine text-to-speech gateway (XTTS v2, Piper, espeak-ng).",
+T = TypeVar("T")
+
+app = typer.Typer(help="tts-gateway: a multi-engine text-to-speech gateway (XTTS v2, Piper, espeak-ng, Kokoro).",
                   no_args_is_help=True, add_completion=False)
 voices_app = typer.Typer(help="List, register and remove voice presets (works on the data dir directly).",
                          no_args_is_help=True)
@@ -72,6 +78,44 @@ def fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def model_download(core: Core, engine_name: str) -> ModelDownload | None:
+    """The engine's model download when it has one running (XTTS v2 fetched on first use), else None."""
+    from tts_gateway.engines.xtts_engine import XttsEngine
+
+    engine = core.engines.get(engine_name)
+    hub = engine.hub if isinstance(engine, XttsEngine) else None
+    return hub.download if hub is not None and hub.download.running else None
+
+
+def with_model(core: Core, engine_name: str, doing: str, call: Callable[[], T]) -> T:
+    """``call()`` under a spinner saying ``doing``. When it fails because the engine has only just started
+    fetching its model (XTTS v2 with the licence accepted), the download runs to its end here, with its
+    progress, and ``call`` runs again: a short-lived command must not exit with the download's in-progress
+    line as its error (and so end the download); a download that fails is reported with its own error."""
+    from tts_gateway.engines.base import EngineUnavailable
+    from tts_gateway.engines.xtts_models import PULL_COMMAND
+
+    waited = False
+    while True:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                      transient=True) as progress:
+            task = progress.add_task(doing, total=None)
+            try:
+                return call()
+            except EngineUnavailable:
+                download = None if waited else model_download(core, engine_name)
+                if download is None:
+                    raise
+                waited = True
+                while download.running:
+                    progress.update(task, description=escape(download.describe()))
+                    time.sleep(0.25)
+                if download.state != "done":
+                    error = (download.error or "no reason given").rstrip(".")
+                    raise EngineUnavailable(engine_name, f"downloading its model ({download.model.repo_id}) failed: "
+                                                         f"{error}; `{PULL_COMMAND}` retries it") from None
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (TTS_GATEWAY_HOST).")] = None,
@@ -81,8 +125,6 @@ def serve(
 ) -> None:
     """Start the HTTP server, and the Wyoming server when a Wyoming URI is set (the default voice loads in
     the background; /ready says when)."""
-    from typing import Any
-
     import uvicorn
 
     from tts_gateway.config.settings import parse_wyoming_uri
@@ -196,10 +238,8 @@ def say(
     try:
         plan = service.plan(SynthesisRequest(text=text, voice=voice, language=language, format=fmt,
                                              speed=speed, seed=seed))
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err, transient=True) as progress:
-            progress.add_task(f"loading {plan.engine_name} model…", total=None)
-            service.engines.ensure_loaded(plan.engine_name)
+        with_model(core, plan.engine_name, f"loading {plan.engine_name} model…",
+                   lambda: service.engines.ensure_loaded(plan.engine_name))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, disable=len(plan.pieces) < 3) as progress:
             task = progress.add_task("synthesizing", total=len(plan.pieces))
@@ -212,21 +252,51 @@ def say(
               f"seed {plan.seed})")
 
 
+REASON_CHARS = 48  # a reason in the engines table; --json gives it whole
+
+
+def short_reason(reason: str, most: int = REASON_CHARS) -> str:
+    """The head of a reason, for a table cell: up to its first clause, at most ``most`` characters."""
+    cuts = [at for at in (reason.find(mark) for mark in (". ", "; ", ", ", " (")) if at > 0]
+    head = reason[:min(cuts)] if cuts else reason
+    if len(head) > most:
+        head = head[:most].rsplit(" ", 1)[0]
+    return head if head == reason else head.rstrip(" .,;:") + "…"
+
+
 @app.command()
-def engines() -> None:
+def engines(as_json: Annotated[bool, typer.Option("--json", help="Print JSON, with each reason whole.")] = False,
+            ) -> None:
     """List engines: availability (with the reason), languages, capabilities and model."""
     from tts_gateway.engines.base import CloningEngine
 
     core = open_core(load_settings())
-    table = Table("engine", "available", "languages", "cloning", "rate", "model", "reason")
+    rows: list[dict[str, Any]] = []
     for name in core.engines.names:
         engine = core.engines.get(name)
         ok, reason = engine.availability()
-        languages = list(engine.languages) if ok else []
-        table.add_row(name, "yes" if ok else "no", f"{len(languages)}: {', '.join(languages[:8])}"
-                      + (" …" if len(languages) > 8 else ""), "yes" if isinstance(engine, CloningEngine) else "no",
-                      str(engine.sample_rate), engine.model.id if ok else "", reason or "")
+        model = engine.model if ok else None
+        rows.append({"name": name, "available": ok, "reason": reason, "languages": list(engine.languages) if ok else [],
+                     "cloning": isinstance(engine, CloningEngine), "sample_rate": engine.sample_rate,
+                     "model": {"id": model.id, "sha256": model.sha256, "licence": model.licence} if model else None})
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    # In 80 columns every row stays a line or three high: no inner borders, the model id cut, the reason short.
+    table = Table("engine", "available", Column("languages", max_width=10), "cloning", "rate",
+                  Column("model", max_width=12, no_wrap=True, overflow="ellipsis"), Column("reason", min_width=12),
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    shortened = False
+    for row in rows:
+        languages: list[str] = row["languages"]
+        reason = row["reason"] or ""
+        shortened = shortened or short_reason(reason) != reason
+        table.add_row(row["name"], "yes" if row["available"] else "no", f"{len(languages)}: {', '.join(languages[:2])}"
+                      + (" …" if len(languages) > 2 else ""), "yes" if row["cloning"] else "no",
+                      str(row["sample_rate"]), row["model"]["id"] if row["model"] else "", escape(short_reason(reason)))
     out.print(table)
+    if shortened:
+        err.print("reasons are shortened here: `tts-gateway engines --json` gives them whole")
 
 
 @voices_app.command("list")
@@ -244,9 +314,15 @@ def voices_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
     out.print(table)
 
 
+# voices/names.py's VOICE_NAME_RE, written out: the CLI starts without importing the registry. The help
+# formatter reads rich markup, so the text is escaped or "[a-z0-9]" would vanish as a tag.
+PRESET_NAME_PATTERN = "^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
 @voices_app.command("add")
 def voices_add(
-    name: Annotated[str, typer.Argument(help="Preset name: ^[a-z0-9][a-z0-9_-]{0,63}$")],
+    name: Annotated[str, typer.Argument(help=escape(f"Preset name: {PRESET_NAME_PATTERN} (lower-case letters, "
+                                                    "digits, - and _; up to 64 characters)."))],
     audio: Annotated[list[Path], typer.Argument(help="One or more reference clips (2–60 s in total).")],
     engine: Annotated[str, typer.Option(help="Cloning engine.")] = "xtts",
     language: Annotated[str | None, typer.Option(help="Default language of the preset.")] = None,
@@ -257,11 +333,9 @@ def voices_add(
     core = open_core(load_settings())
     try:
         files = [(p.name, p.read_bytes()) for p in audio]
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                      transient=True) as progress:
-            progress.add_task(f"loading {engine} and computing latents…", total=None)
-            voice = core.voices.register(name, files, engine_name=engine, language=language,
-                                         description=description, consent=consent)
+        voice = with_model(core, engine, f"loading {engine} and computing latents…",
+                           lambda: core.voices.register(name, files, engine_name=engine, language=language,
+                                                        description=description, consent=consent))
     except Exception as exc:
         raise fail(exc) from None
     out.print_json(json.dumps(voice))
@@ -386,8 +460,6 @@ def models_pull(
 ) -> None:
     """Download a model into coqui-tts's cache (the Hugging Face cache: HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE
     apply), with a progress bar. Run it again after an interruption: finished files are kept."""
-    import time
-
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
     from tts_gateway.engines import xtts_models

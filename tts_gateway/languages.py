@@ -27,3 +27,9 @@ def language_name(code: str) -> str:
     if base in NAMES:
         return f"{NAMES[base]} ({region.upper()})" if region else NAMES[base]
     return code
+
+
+def codes_named(name: str) -> list[str]:
+    """Codes whose name is ``name``, in any case (``german`` → ``["de"]``): for hints to people who type names."""
+    wanted = " ".join(name.replace("_", " ").split()).casefold()
+    return [code for code, label in NAMES.items() if label.casefold() == wanted] if wanted else []

@@ -21,11 +21,13 @@ from tts_gateway.engines.base import (
     CloningEngine,
     EngineUnavailable,
     SpeechEngine,
+    VoiceHintingEngine,
     VoiceInput,
     match_language,
 )
 from tts_gateway.engines.manager import EngineManager
-from tts_gateway.errors import Conflict, InvalidField, NotFound, Unavailable
+from tts_gateway.errors import Conflict, InvalidField, Unavailable
+from tts_gateway.languages import codes_named
 from tts_gateway.text import has_control_chars
 from tts_gateway.voices.audio import ReferenceAudio, prepare_reference
 from tts_gateway.voices.names import NAME_RULE, valid_voice_name
@@ -89,6 +91,24 @@ def parse_blend(text: str, engine_name: str, known: set[str]) -> dict[str, float
     return weights
 
 
+def suggest_voices(typed: str, voices: list[dict[str, Any]], *, fuzzy: bool = True, most: int = 3) -> list[str]:
+    """Names among ``voices`` that ``typed`` (lower-case, without an engine) probably meant, best first:
+    the same name in any case, then voices of the language it names (``german`` → ``espeak:de``); close
+    spellings only when neither matched (and ``fuzzy``)."""
+    def own(voice: dict[str, Any]) -> str:
+        return str(voice["name"]).partition(":")[2] or str(voice["name"])
+
+    found = [v["name"] for v in voices if own(v).lower() == typed or str(v["name"]).lower() == typed]
+    codes = codes_named(typed)
+    speakers = [v for v in voices if any(str(v.get("language") or "").split("-")[0] == code
+                                         or v.get("language") == code for code in codes)]
+    found += [v["name"] for v in sorted(speakers, key=lambda v: own(v) not in codes)]  # espeak:de before others
+    if fuzzy and not found:
+        by_own = {own(v).lower(): v["name"] for v in voices}
+        found += [by_own[n] for n in difflib.get_close_matches(typed, list(by_own), n=most, cutoff=0.6)]
+    return list(dict.fromkeys(found))[:most]
+
+
 class VoiceCatalog:
     """Built-in voices (``engine:voice``) and presets (plain names, one engine each).
 
@@ -112,8 +132,7 @@ class VoiceCatalog:
         if ":" in name:
             engine_name, _, voice_id = name.partition(":")
             if engine_name not in self.engines.names:
-                raise NotFound(f"unknown voice {name[:80]!r}: no engine named {engine_name[:40]!r}",
-                               code="unknown-voice")
+                raise self.unknown(name)
             engine = self.engines.get(engine_name)
             builtin = {v.id: v for v in self.builtin_voices(engine)}.get(voice_id)
             if builtin is None:
@@ -145,15 +164,42 @@ class VoiceCatalog:
                              record.voice_sha256, builtin=False)
 
     def unknown(self, name: str) -> VoiceNotFound:
-        """`VoiceNotFound` for ``name``, with the nearest voice names as a hint (``joe`` → ``piper:joe``)."""
-        error = VoiceNotFound(name[:80])
-        names = [v["name"] for v in self.all()]
-        wanted = name[:80].lower()
-        close = [n for n in names if n.partition(":")[2].lower() == wanted]
-        close += [n for n in difflib.get_close_matches(wanted, names, n=3, cutoff=0.6) if n not in close]
+        """`VoiceNotFound` for ``name`` with what the caller probably meant: ``joe`` → ``piper:joe``,
+        ``Piper:Joe`` → ``piper:joe``, ``espek:de`` → ``espeak:de``, ``espeak:german`` → ``espeak:de``,
+        and the engine's own word on a voice it lacks (``kokoro:af_heart``: which files bring it)."""
+        name = name[:80]
+        error = VoiceNotFound(name)
+        engine_part, colon, voice_part = name.lower().partition(":")
+        if not colon:
+            engine_part, voice_part = "", engine_part
+        voices = self.all()
+        engine_name: str | None = None
+        if colon:
+            engine_name = self.nearest_engine(engine_part)
+            typed_engine = name.partition(":")[0]
+            if typed_engine not in self.engines.names:
+                engines = ", ".join(self.engines.names) or "none"
+                error.detail = f"unknown voice {name!r}: no engine named {typed_engine[:40]!r} (engines: {engines})"
+            voices = [v for v in voices if v["engine"] == engine_name]
+        note = None
+        if engine_name is not None:
+            engine = self.engines.get(engine_name)
+            if isinstance(engine, VoiceHintingEngine):
+                note = engine.missing_voice_hint(voice_part)
+        close = suggest_voices(voice_part, voices, fuzzy=note is None)
+        if name.lower() in close:
+            error.detail = f"unknown voice {name!r}: voice and engine names are lower-case"
+        if note:
+            error.detail = f"{error.detail}; {note}"
         if close:
-            error.detail = f"{error.detail}; did you mean {', '.join(close[:3])}?"
+            error.detail = f"{error.detail}; did you mean {', '.join(close)}?"
         return error
+
+    def nearest_engine(self, typed: str) -> str | None:
+        """The enabled engine ``typed`` most likely names: itself in any case, else the closest spelling."""
+        names = list(self.engines.names)
+        found = [n for n in names if n.lower() == typed] or difflib.get_close_matches(typed, names, n=1, cutoff=0.6)
+        return found[0] if found else None
 
     def builtin_voices(self, engine: SpeechEngine) -> list[BuiltinVoice]:
         try:

@@ -56,7 +56,8 @@ def openai_voice(settings: Settings, engines: EngineManager, voices: VoiceCatalo
         return voice
     if engine_name:
         resolved_engine = voice.split(":")[0] if ":" in voice else voices.preset_engine(voice)
-        if resolved_engine is not None and resolved_engine != engine_name:
+        # A misspelt engine ("Piper:joe") is left to the catalog, whose 404 says what was meant.
+        if resolved_engine in engines.names and resolved_engine != engine_name:
             raise InvalidField("voice", f"voice {voice!r} belongs to engine {resolved_engine!r}, not {engine_name!r}")
     return voice
 

@@ -19,13 +19,12 @@ from tts_gateway.engines.base import (
     BlendingEngine,
     BuiltinVoice,
     CloningEngine,
-    EngineUnavailable,
     SpeechEngine,
     VoiceHintingEngine,
     VoiceInput,
     match_language,
 )
-from tts_gateway.engines.manager import EngineManager
+from tts_gateway.engines.manager import EngineManager, unavailable
 from tts_gateway.errors import Conflict, InvalidField, Unavailable
 from tts_gateway.languages import codes_named
 from tts_gateway.text import has_control_chars
@@ -138,7 +137,7 @@ class VoiceCatalog:
             if builtin is None:
                 ok, reason = engine.availability()
                 if not ok:  # its voices may exist once the model is there (e.g. XTTS still downloading)
-                    raise EngineUnavailable(engine_name, reason or "not available")
+                    raise unavailable(engine, reason)
                 raise self.unknown(name)
             return ResolvedVoice(name, engine_name, VoiceInput(builtin=voice_id), builtin.language)
         if not valid_voice_name(name):

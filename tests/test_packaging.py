@@ -91,3 +91,32 @@ def test_make_goes_on_without_optional_system_packages_when_apt_fails(tmp_path: 
     invocations = calls.read_text().splitlines()
     assert any("install" in line and "espeak-ng" in line for line in invocations), invocations
     assert all("DPkg::Lock::Timeout=7" in line for line in invocations), invocations
+
+
+BARE_NAMES_SCRIPT = textwrap.dedent("""
+    import importlib, pathlib, pkgutil, sys
+    import tts_gateway
+
+    for module in pkgutil.walk_packages(tts_gateway.__path__, "tts_gateway."):
+        if module.name.endswith("__main__"):  # runs the CLI
+            continue
+        try:
+            importlib.import_module(module.name)
+        except ImportError as exc:  # an optional extra (ray, psycopg) that is not installed
+            print("skipped", module.name, exc, file=sys.stderr)
+    loaded = sorted(n for n in ("config", "engines", "voices", "gateway") if n in sys.modules)
+    files = [pathlib.Path(m.__file__) for n, m in sys.modules.items()
+             if n.startswith("tts_gateway") and getattr(m, "__file__", None)]
+    print(loaded, [str(f) for f in files if f.resolve() != f.absolute()])
+""")
+
+
+def test_with_the_repository_on_sys_path_no_bare_name_is_loaded_and_no_module_comes_through_a_link() -> None:
+    """The repository root first on sys.path (as pytest's rootdir or an IDE's source root puts it): importing
+    every module of the package loads no bare config/engines/voices/gateway, and each module is its real file
+    (tracebacks, coverage and linters name the same path)."""
+    result = subprocess.run([sys.executable, "-c", BARE_NAMES_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT / ".cache"), "PYTHONPATH": str(ROOT)},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[] []", result.stdout

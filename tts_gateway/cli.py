@@ -315,7 +315,7 @@ def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and te
 
     settings = load_settings()
     try:
-        registry = open_registry(settings)
+        registry = open_registry(settings, rebuild_damaged=False)  # a check reports; it repairs nothing unasked
     except TTSGatewayError as exc:
         err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None

@@ -233,7 +233,10 @@ def engines() -> None:
 def voices_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List built-in voices and presets."""
     core = open_core(load_settings())
-    voices = core.voices.all()
+    try:
+        voices = core.voices.all()
+    except TTSGatewayError as exc:  # presets unreadable: a list of built-ins alone would hide them
+        raise fail(exc) from None
     if as_json:
         out.print_json(json.dumps(voices))
         return

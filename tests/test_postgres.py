@@ -292,13 +292,17 @@ def test_database_outage_is_503_and_recovers(gateways: Gateways, postgres: PgSer
         try:
             with pytest.raises(RegistryUnavailable):
                 registry.get("shared")
-            response = httpx.get(b + "/v1/voices/shared", timeout=HANG_GUARD_S)
-            assert_problem(response, 503, "registry database")
-            assert response.headers["retry-after"]
+            # The listing too: a 200 with the built-ins alone would read as if the presets had been deleted.
+            for path in ("/v1/voices/shared", "/v1/voices"):
+                response = httpx.get(b + path, timeout=HANG_GUARD_S)
+                assert_problem(response, 503, "registry database")
+                assert response.headers["retry-after"]
         finally:
             postgres.start()
         assert registry.get("shared").voice_sha256 == gateways.results["shared"]  # a stale connection is replaced
         assert httpx.get(b + "/v1/voices/shared", timeout=HANG_GUARD_S).status_code == 200
+        listed = httpx.get(b + "/v1/voices", timeout=HANG_GUARD_S)
+        assert listed.status_code == 200 and "shared" in {v["name"] for v in listed.json()["voices"]}
         assert speak(b, "race").status_code == 200
     finally:
         registry.close()

@@ -22,7 +22,7 @@ import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from tests.conftest import assert_problem, running_app, wait_for_warm_up
+from tests.conftest import assert_problem, running_app, wait_for_warm_up, wait_until
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakeEngine, FakePlugin
 from tests.test_registry import MODEL, Compute, create, never, reference
@@ -394,44 +394,165 @@ def test_check_fix_never_deletes_what_a_rebuild_could_recover(tmp_path: Path) ->
     recovered.close()
 
 
-def test_the_gateway_starts_with_a_damaged_index_and_recovers_after_a_rebuild(
-        make_settings: Callable[..., Settings], capfd: pytest.CaptureFixture[str]) -> None:
-    """Piper and espeak-ng keep speaking; preset calls answer 503 naming the file and the command."""
+class Stderr:
+    """What the app has written to stderr so far. Its log handler (Litestar's logging config) writes from a
+    queue-listener thread, so a line logged during start-up reaches stderr some time later, later still on a
+    loaded machine: wait for the line, never read once and assume it is there."""
+
+    def __init__(self, capfd: pytest.CaptureFixture[str]) -> None:
+        self.capfd = capfd
+        self.text = ""
+
+    def lines(self) -> list[str]:
+        self.text += self.capfd.readouterr().err
+        return self.text.splitlines()
+
+    def wait_for(self, *words: str) -> str:
+        """The first line holding every one of ``words``, once it has been written."""
+        found: list[str] = []
+
+        def written() -> bool:
+            found[:] = [line for line in self.lines() if all(word in line for word in words)]
+            return bool(found)
+
+        wait_until(written, f"a log line with {words}")
+        return found[0]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def records_of(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Every record logger ``name`` emits, as it emits it: a handler on that logger itself is synchronous and
+    stays put when an app's logging config replaces the root logger's handlers (and caplog's with them)."""
+    handler = _Collect()
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+
+
+def metric(client: Any, name: str, engine: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith(name + "{") and f'engine="{engine}"' in line)
+
+
+DAMAGES: dict[str, Callable[[Path], Any]] = {
+    "overwritten": lambda db: damage(db.parent.parent),
+    "truncated": lambda db: db.write_bytes(db.read_bytes()[:db.stat().st_size // 2]),
+    "emptied": lambda db: db.write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGES))
+def test_the_gateway_rebuilds_a_damaged_index_at_start_and_its_presets_speak(
+        how: str, make_settings: Callable[..., Settings], capfd: pytest.CaptureFixture[str]) -> None:
+    """The index is derived from the record files and verified blobs: a start rebuilds it by itself (the
+    damaged file moved aside, what was recovered logged), and the presets are listed and speak with their
+    stored latents, none computed again."""
     settings = make_settings()  # piper, espeak; default voice piper:joe
+    speech = {"text": "Still here after a rebuild.", "seed": 1, "cache": False}  # no phrase cache: the latents speak
+    with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
+        shas = {}
+        for name, pitch in (("alice", 240), ("bob", 250)):
+            created = register(client, name, pitch)
+            assert created.status_code == 201, created.text
+            shas[name] = created.json()["voice_sha256"]
+        before = client.post("/v1/synthesize", json={**speech, "voice": "alice"})
+        assert before.status_code == 200, before.text
+    db = settings.data_dir / "voices" / "index" / "cache.db"
+    DAMAGES[how](db)
+    damaged = db.read_bytes()
+    log = Stderr(capfd)
+
+    with records_of("tts_gateway.voices.local_registry") as logged, \
+            running_app(settings, FakePlugin(FakeCloningEngine())) as client:
+        listed = client.get("/v1/voices")  # at once: the start itself repaired the index
+        assert listed.status_code == 200, listed.text
+        presets = {v["name"]: v for v in listed.json()["voices"] if v["kind"] == "preset"}
+        assert {name: (v["voice_sha256"], v["status"]) for name, v in presets.items()} == {
+            name: (sha, "ok") for name, sha in shas.items()}
+        assert any(v["name"] == "piper:joe" for v in listed.json()["voices"])
+        spoken = client.post("/v1/synthesize", json={**speech, "voice": "alice"})
+        assert spoken.status_code == 200, spoken.text
+        assert spoken.headers["x-voice-sha256"] == shas["alice"] and spoken.content == before.content
+        assert metric(client, "tts_conditioning_computations_total", "clone") == 0  # stored latents, verified
+
+        [aside] = (settings.data_dir / "voices").glob("index.damaged-*")
+        assert (aside / "cache.db").read_bytes() == damaged  # moved aside for inspection, never deleted
+        log.wait_for(str(db), "rebuilding it from the record files")  # what was wrong
+        recovered = log.wait_for("rebuilt", "2 preset(s) recovered (alice, bob)")  # and what came back
+        assert str(aside) in recovered
+        wait_for_warm_up(client)
+        ready = client.get("/ready")
+        assert ready.status_code == 200, ready.text
+        assert [r.getMessage() for r in logged if r.levelno >= logging.ERROR] == []  # repaired, not reported
+
+
+def test_a_registry_that_cannot_be_rebuilt_makes_the_listing_a_503(
+        make_settings: Callable[..., Settings], capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged index on a read-only disk cannot be rebuilt at start. Listing the voices answers 503 naming
+    the file and the cause (a 200 without the presets would read as if they had been deleted); built-in voices
+    speak; /ready says what is wrong. Once the disk is writable, the rebuild command brings the presets back
+    with no restart."""
+    settings = make_settings()
     with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         assert register(client, "alice", 240).status_code == 201
-    db = damage(settings.data_dir / "voices")
-    capfd.readouterr()
+    voices = settings.data_dir / "voices"
+    db = damage(voices)
+    before = snapshot(voices)
+    log = Stderr(capfd)
+    read_only = ExitStack()
+    try:
+        if not read_only.enter_context(read_only_dir(voices)):
+            real_makedirs = os.makedirs
 
-    with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
-        logged = capfd.readouterr().err.splitlines()  # the app logs to stderr with its own handlers
-        [line] = [text for text in logged if "voice registry unavailable" in text]
-        assert str(db) in line and REBUILD in line
-        assert not any("Traceback" in text for text in logged)
-        assert REBUILD in str(client.app.state.tts.core.registry.health())
-        assert client.get("/health").status_code == 200
-        wait_for_warm_up(client)
-        assert_problem(client.get("/ready"), 503, "rebuild")  # not ready: presets cannot be used
-        listed = client.get("/v1/voices")
-        assert listed.status_code == 200
-        names = [v["name"] for v in listed.json()["voices"]]
-        espeak = next(name for name in names if name.startswith("espeak:"))
-        for voice in ("piper:joe", espeak):
-            spoken = client.post("/v1/synthesize", json={"text": "Still speaking.", "voice": voice})
-            assert spoken.status_code == 200, spoken.text
-            assert spoken.headers["x-engine"] == voice.split(":")[0]
-        for response in (client.get("/v1/voices/alice"),
-                         client.post("/v1/synthesize", json={"text": "hi", "voice": "alice"}),
-                         register(client, "bob", 250),
-                         client.delete("/v1/voices/alice")):
-            body = assert_problem(response, 503, "rebuild")
-            assert str(db) in body["detail"] and response.headers["retry-after"]
+            def refuse(path: Any, *args: Any, **kwargs: Any) -> None:
+                if str(path).startswith(str(voices)):
+                    raise OSError(errno.EROFS, "Read-only file system")
+                real_makedirs(path, *args, **kwargs)
 
-        result = cli(settings.data_dir, "registry", "rebuild")
-        assert result.exit_code == 0, result.output
-        assert client.get("/v1/voices/alice").status_code == 200  # no restart needed
-        assert client.get("/ready").status_code == 200
-        assert client.post("/v1/synthesize", json={"text": "hi", "voice": "alice"}).status_code == 200
+            monkeypatch.setattr(os, "makedirs", refuse)
+        with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
+            for path in ("/v1/voices", "/v1/audio/voices"):
+                listing = client.get(path)
+                body = assert_problem(listing, 503, "rebuild", "read-only")
+                assert str(db) in body["detail"] and listing.headers["retry-after"]
+            for response in (client.get("/v1/voices/alice"),
+                             client.post("/v1/synthesize", json={"text": "hi", "voice": "alice"})):
+                assert str(db) in assert_problem(response, 503, "rebuild")["detail"]
+            assert client.get("/v1/voices/piper:joe").status_code == 200
+            for voice in ("piper:joe", "espeak:en"):
+                spoken = client.post("/v1/synthesize", json={"text": "Still speaking.", "voice": voice})
+                assert spoken.status_code == 200, spoken.text
+            wait_for_warm_up(client)
+            assert str(db) in assert_problem(client.get("/ready"), 503, "rebuild")["detail"]
+            log.wait_for("voice registry unavailable", str(db), "rebuilding it at start failed", "read-only")
+            result = cli(settings.data_dir, "voices", "list")  # the CLI's listing says so too
+            assert result.exit_code == 1 and str(db) in said(result), result.output
+            assert snapshot(voices) == before
+
+            read_only.close()  # the disk is writable again
+            monkeypatch.undo()
+            result = cli(settings.data_dir, "registry", "rebuild")
+            assert result.exit_code == 0, result.output
+            listed = client.get("/v1/voices")
+            assert listed.status_code == 200, listed.text
+            assert [v["name"] for v in listed.json()["voices"] if v["kind"] == "preset"] == ["alice"]
+            assert client.post("/v1/synthesize", json={"text": "hi", "voice": "alice"}).status_code == 200
+            assert client.get("/ready").status_code == 200
+    finally:
+        read_only.close()
 
 
 # -- 2. a read-only or full data directory --------------------------------------------------------------------------

@@ -303,7 +303,10 @@ def engines(as_json: Annotated[bool, typer.Option("--json", help="Print JSON, wi
 def voices_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List built-in voices and presets."""
     core = open_core(load_settings())
-    voices = core.voices.all()
+    try:
+        voices = core.voices.all()
+    except TTSGatewayError as exc:  # presets unreadable: a list of built-ins alone would hide them
+        raise fail(exc) from None
     if as_json:
         out.print_json(json.dumps(voices))
         return
@@ -389,7 +392,7 @@ def registry_check(fix: Annotated[bool, typer.Option(help="Remove orphans and te
 
     settings = load_settings()
     try:
-        registry = open_registry(settings)
+        registry = open_registry(settings, rebuild_damaged=False)  # a check reports; it repairs nothing unasked
     except TTSGatewayError as exc:
         err.print(f"[red]error:[/red] {exc.detail}")
         raise typer.Exit(2) from None

@@ -69,9 +69,11 @@ def build_core(
     manager = engines or EngineManager(settings, extra_plugins=tuple(extra_plugins),
                                        load_entry_points=load_entry_points)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    counters = {"on_conditioning": lambda engine: metrics.conditioning.labels(engine).inc(),
-                "on_cache_hit": lambda engine: metrics.voice_cache_hits.labels(engine).inc()}
-    registry = open_registry(settings, **(counters if engine_metrics else {}))  # else: the replicas count
+    if engine_metrics:
+        registry = open_registry(settings, on_conditioning=lambda engine: metrics.conditioning.labels(engine).inc(),
+                                 on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc())
+    else:  # the replicas count
+        registry = open_registry(settings)
     voices = VoiceCatalog(manager, registry, settings.default_voice, require_consent=settings.require_consent)
     cache = PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics) if phrase_cache else None
     return Core(settings=settings, engines=manager, registry=registry, voices=voices, metrics=metrics,

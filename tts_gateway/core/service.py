@@ -284,7 +284,7 @@ class SynthesisService:
         """A few voices that speak ``language`` (for a hint when the chosen one does not)."""
         base = language.strip().lower().replace("_", "-").split("-")[0]
         try:
-            voices = self.voices.all()
+            voices = self.voices.all(partial=True)
         except TTSGatewayError:
             return []
         def speaks(codes: list[str]) -> bool:

@@ -31,18 +31,22 @@ def open_registry(
     *,
     on_conditioning: Callable[[str], None] = lambda engine: None,
     on_cache_hit: Callable[[str], None] = lambda engine: None,
+    rebuild_damaged: bool = True,
 ) -> VoiceRegistry:
     """The registry the settings ask for: PostgreSQL when ``registry_url`` is set, else the local one.
 
-    Raises `RegistryConnectError` when the database cannot be reached or set up. A local registry whose index
-    is damaged or missing, or whose data directory cannot be used, does not raise: it logs one line (the file
-    and ``tts-gateway registry rebuild``) and reports itself unavailable (``health()``, 503 from every call),
-    so that the built-in voices keep working.
+    Raises `RegistryConnectError` when the database cannot be reached or set up. A local index that is
+    damaged, missing or replaced is rebuilt from the record files and blobs (the damaged one moved aside,
+    what was recovered logged) unless ``rebuild_damaged`` is off (``registry check`` only reports). A local
+    registry that still cannot serve (the rebuild failed, the data directory cannot be used) does not raise:
+    it logs one line (the cause and ``tts-gateway registry rebuild``) and reports itself unavailable
+    (``health()``, 503 from every call), so that the built-in voices keep working.
     """
     if settings.registry_url:
         return PostgresVoiceRegistry(settings.data_dir, url=settings.registry_url,
                                      on_conditioning=on_conditioning, on_cache_hit=on_cache_hit)
-    return LocalVoiceRegistry(settings.data_dir, on_conditioning=on_conditioning, on_cache_hit=on_cache_hit)
+    return LocalVoiceRegistry(settings.data_dir, on_conditioning=on_conditioning, on_cache_hit=on_cache_hit,
+                              rebuild_damaged=rebuild_damaged)
 
 
 __all__ = [

@@ -171,7 +171,7 @@ class VoiceCatalog:
         engine_part, colon, voice_part = name.lower().partition(":")
         if not colon:
             engine_part, voice_part = "", engine_part
-        voices = self.all()
+        voices = self.all(partial=True)
         engine_name: str | None = None
         if colon:
             engine_name = self.nearest_engine(engine_part)
@@ -215,10 +215,13 @@ class VoiceCatalog:
             return None
 
     # -- describing -------------------------------------------------------------------------------
-    def all(self) -> list[dict[str, Any]]:
-        """Built-in voices of available engines, then presets. While the registry is unavailable (see its
-        ``health()``) the presets are left out and the built-ins still listed; every call that needs a preset
-        answers the registry's `Unavailable` (503)."""
+    def all(self, *, partial: bool = False) -> list[dict[str, Any]]:
+        """Built-in voices of available engines, then presets.
+
+        While the registry is unavailable (see its ``health()``) this raises the registry's `Unavailable`
+        (503): a list without the presets would read as if they had been deleted. ``partial=True`` lists the
+        built-ins alone instead, for hints and for front doors that can only offer those meanwhile.
+        """
         voices: list[dict[str, Any]] = []
         for engine_name in self.engines.names:
             engine = self.engines.get(engine_name)
@@ -234,7 +237,9 @@ class VoiceCatalog:
         try:
             presets = self.registry.records()
         except Unavailable as exc:  # a damaged index or an unreachable database: the built-ins still work
-            log.warning("voices listed without presets: %s", exc.detail)
+            if not partial:
+                raise
+            log.debug("voices listed without presets: %s", exc.detail)  # the registry has said why, once
             presets = []
         voices.extend(self.preset_json(r) for r in presets)
         return voices
@@ -242,7 +247,7 @@ class VoiceCatalog:
     def describe(self, name: str) -> dict[str, Any]:
         if ":" in name:
             resolved = self.resolve(name)
-            return next(v for v in self.all() if v["name"] == resolved.name)
+            return next(v for v in self.all(partial=True) if v["name"] == resolved.name)
         return self.preset_json(self.registry.get(name))
 
     @staticmethod

@@ -23,9 +23,11 @@ file the index lacks, which ``check(fix=True)`` removes (the index decides while
 record file is written again at the next open).
 
 The index is the one file a rebuild replaces: `rebuild_index` (``tts-gateway registry rebuild``) makes a new
-one from the record files and the blobs, verifying every blob's sha256. A damaged or missing index does not
-raise at construction: the registry reports itself unavailable (`health`, and `RegistryUnavailable` from
-every call, HTTP 503) until it is rebuilt, and reopens by itself once it has been.
+one from the record files and the blobs, verifying every blob's sha256. An index found damaged, missing or
+replaced when the registry opens is rebuilt right there with ``rebuild_damaged`` (the gateway's start), the
+damaged one moved aside. Otherwise (``rebuild_damaged`` off, a rebuild that failed, damage found while
+running) nothing raises at construction: the registry reports itself unavailable (`health`, and
+`RegistryUnavailable` from every call, HTTP 503) until it is rebuilt, and reopens by itself once it has been.
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ class LocalVoiceRegistry:
         memory_entries: How many verified latent sets to keep in memory.
         upload_cache_entries: How many upload-cache entries (latents no preset uses) to keep on disk; past
             that, the least recently used go with their blobs.
+        rebuild_damaged: Rebuild an index found damaged, missing or replaced here, at construction (what
+            ``tts-gateway registry rebuild`` does, under the same lock), so that a start recovers the presets by
+            itself. Off, such an index is only reported (``health``, 503) until it is rebuilt.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class LocalVoiceRegistry:
         on_cache_hit: Callable[[str], None] = lambda engine: None,
         memory_entries: int = 64,
         upload_cache_entries: int = UPLOAD_CACHE_ENTRIES,
+        rebuild_damaged: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "voices"
@@ -190,11 +196,16 @@ class LocalVoiceRegistry:
         self._problem: str | None = None  # why the registry cannot serve, while it cannot
         self._problem_code = "registry-damaged"
         self._damaged = False  # the index's content is bad: it is opened again only once the file is replaced
+        self._damage = ""  # what is wrong with the index's content, while it is damaged
         self._damaged_identity: tuple[int, int] | None = None
         self._retry_at = 0.0
         try:
             with self._commit, self._state:
-                self._open_index()
+                self._open_index(announce=False)
+                if self._damaged and rebuild_damaged:
+                    self._rebuild_at_start()
+                elif self._problem is not None:
+                    log.error("voice registry unavailable: %s", self._problem)
         except OSError as exc:  # not even the lock file can be made: the data directory is unusable
             with self._state:
                 self._set_problem(*self._cannot_open(exc), damaged=False)
@@ -271,17 +282,24 @@ class LocalVoiceRegistry:
             return f"the voice index {db} cannot be opened: {exc}", "storage-error"
         return f"{translated.detail} (the voice index {db} cannot be opened)", translated.code
 
-    def _set_problem(self, detail: str, code: str = "registry-damaged", *, damaged: bool) -> None:
+    def _set_problem(self, detail: str, code: str = "registry-damaged", *, damaged: bool,
+                     announce: bool = True) -> None:
         """Record why the registry cannot serve; logged once per change (one line: the file and what to do)."""
-        if detail != self._problem:
+        if detail != self._problem and announce:
             log.error("voice registry unavailable: %s", detail)
         self._problem, self._problem_code = detail, code
         self._damaged, self._damaged_identity = damaged, self._file_identity()
         self._retry_at = float("inf") if damaged else time.monotonic() + _RETRY_S
 
-    def _open_index(self) -> None:
+    def _set_damaged(self, why: str, *, announce: bool = True) -> None:
+        why = " ".join(why.split())  # one line: SQLite's integrity report spans several
+        self._set_problem(_damaged(self._db(), why), damaged=True, announce=announce)
+        self._damage = why
+
+    def _open_index(self, *, announce: bool = True) -> None:
         """Open the index (create it for a new data directory). Caller holds the commit lock and ``_state``.
-        On failure the registry is unavailable, with the reason; nothing on disk is changed."""
+        On failure the registry is unavailable, with the reason (logged when ``announce``); nothing on disk is
+        changed."""
         if self._index is not None:
             old, self._index = self._index, None
             try:
@@ -293,7 +311,7 @@ class LocalVoiceRegistry:
         try:
             missing = identity is None or db.stat().st_size == 0
             if missing and self._holds_data():
-                self._set_problem(_damaged(db, "missing" if identity is None else "empty"), damaged=True)
+                self._set_damaged("missing" if identity is None else "empty", announce=announce)
                 return
             if not missing:
                 self._quick_check(db)
@@ -305,17 +323,37 @@ class LocalVoiceRegistry:
                 raise
             if belongs is not None:
                 index.close()
-                self._set_problem(_damaged(db, belongs), damaged=True)
+                self._set_damaged(belongs, announce=announce)
                 return
         except _STORAGE_ERRORS as exc:
             if _is_damage(exc):
-                self._set_problem(_damaged(db, f"damaged ({exc})"), damaged=True)
+                self._set_damaged(f"damaged ({exc})", announce=announce)
                 return
-            self._set_problem(*self._cannot_open(exc), damaged=False)
+            self._set_problem(*self._cannot_open(exc), damaged=False, announce=announce)
             return
         if self._problem is not None:
             log.warning("voice registry available again (%s)", db)
         self._index, self._identity, self._problem, self._damaged = index, self._file_identity(), None, False
+
+    def _rebuild_at_start(self) -> None:
+        """Replace the damaged index by one rebuilt from the record files and blobs, as `rebuild_index` does
+        (under this registry's commit lock, which the caller holds with ``_state``). The index is derived
+        data, so nothing waits for an operator; if the rebuild fails (a read-only or full disk), the registry
+        stays unavailable and says why."""
+        db = self._db()
+        log.warning("voice index %s is %s: rebuilding it from the record files and latent blobs", db, self._damage)
+        try:
+            _rebuild(self.data_dir, self._commit)
+        except Exception as exc:  # the built-in voices must keep working whatever went wrong
+            storage = isinstance(exc, _STORAGE_ERRORS)
+            translated = storage_error(exc, self.data_dir) if storage else None
+            reason = translated.detail if translated is not None else f"{type(exc).__name__}: {exc}"
+            if not storage:
+                log.exception("voice index rebuild at start failed")
+            self._set_damaged(f"{self._damage}, and rebuilding it at start failed ({reason})")
+            return
+        self._problem = None  # recovered: the reopen below is quiet unless it fails
+        self._open_index()
 
     def _holds_data(self) -> bool:
         return self.record_files.any() or bool(self.store.keys())
@@ -379,7 +417,7 @@ class LocalVoiceRegistry:
     def _failure(self, exc: BaseException) -> RegistryUnavailable:
         if _is_damage(exc):
             with self._state:
-                self._set_problem(_damaged(self._db(), f"damaged ({exc})"), damaged=True)
+                self._set_damaged(f"damaged ({exc})")
                 index, self._index = self._index, None
                 if index is not None:
                     try:
@@ -917,14 +955,21 @@ def rebuild_index(data_dir: Path) -> dict[str, Any]:
     ``unreadable_records``, ``temp_files``.
     """
     root = data_dir / "voices"
+    root.mkdir(parents=True, exist_ok=True)
+    return _rebuild(data_dir, _CommitLock(root / ".lock"))
+
+
+def _rebuild(data_dir: Path, lock: _CommitLock) -> dict[str, Any]:
+    """`rebuild_index` under ``lock`` (a registry rebuilding at start passes its own: flock is per open file,
+    so a second lock on the same file in this process would wait for the first forever)."""
+    root = data_dir / "voices"
     index_dir = root / "index"
     store = LatentStore(root / "blobs")
     files = RecordFiles(root / "records")
-    root.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"index": str(index_dir), "moved_aside": None, "voices": [], "broken": [],
                               "salvaged": [], "blobs": 0, "upload_cache": 0, "quarantined": [],
                               "unreadable_records": [], "temp_files": []}
-    with _CommitLock(root / ".lock"):
+    with lock:
         for leftover in sorted(root.glob("index.rebuilding-*")):
             shutil.rmtree(leftover, ignore_errors=True)
         for tmp in store.temp_files() + files.temp_files():
@@ -1014,9 +1059,25 @@ def rebuild_index(data_dir: Path) -> dict[str, Any]:
             report["moved_aside"] = str(aside)
         os.replace(building, index_dir)
         fsync_dir(root)
-    log.warning("voice index rebuilt: %d voices (%d broken), %d blobs; old index: %s",
-                len(report["voices"]), len(report["broken"]), report["blobs"], report["moved_aside"])
+    log.warning("%s", _rebuild_summary(report))
     return report
+
+
+def _rebuild_summary(report: dict[str, Any]) -> str:
+    """One line saying what a rebuild recovered (for the log): the presets by name, the broken ones, the rest."""
+    def names(found: list[str]) -> str:
+        shown = ", ".join(found[:20])
+        return f" ({shown}{', …' if len(found) > 20 else ''})" if found else ""
+
+    broken = report["broken"]
+    intact = [name for name in report["voices"] if name not in broken]
+    parts = [f"{len(intact)} preset(s) recovered{names(intact)}"]
+    if broken:
+        parts.append(f"{len(broken)} broken{names(broken)} (delete and register them again)")
+    parts.append(f"{report['upload_cache']} upload-cache entries, {len(report['quarantined'])} blob(s) quarantined")
+    aside = report["moved_aside"]
+    return (f"voice index {report['index']} rebuilt from the record files and latent blobs: {', '.join(parts)}; "
+            + (f"the old index was moved to {aside}" if aside else "there was no old index"))
 
 
 def _record_file(files: RecordFiles, name: str) -> VoiceRecord | None:

@@ -13,8 +13,10 @@ Guarantees every implementation keeps (tests/test_registry.py checks them on bot
   threads conditioning the same audio compute it once; an existing valid blob is never overwritten.
 * A blob another record or the upload cache still uses is never quarantined or deleted; create and
   delete of presets sharing audio never leave an acknowledged record without its blob.
-* Storage that cannot be written (read-only, full) or an index that is damaged or missing is a
-  `RegistryUnavailable` (503) naming the cause, never a 500, and leaves nothing half-written. ``delete``
+* Storage that cannot be written (read-only, full) or an index that is damaged or missing (and not rebuilt:
+  the local registry rebuilds one it finds so at start) is a `RegistryUnavailable` (503) naming the cause,
+  never a 500, and leaves nothing half-written. Listing the voices is refused with it too (a list without the
+  presets would read as if they had been deleted). ``delete``
   removes the record first (that is its acknowledgement) and frees the blob afterwards, best effort.
 * The upload cache (``condition`` entries no preset uses) is bounded: past ``upload_cache_entries`` the least
   recently used entries and their blobs go; a preset's blob never does.

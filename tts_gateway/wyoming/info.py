@@ -42,7 +42,8 @@ def usable_voices(core: Core) -> list[dict[str, Any]]:
             available[name] = name in core.engines.names and core.engines.get(name).availability()[0]
         return available[name]
 
-    return [v for v in core.voices.all() if v.get("status") == "ok" and engine_ok(v["engine"])]
+    # While the registry is unavailable the presets cannot speak, so the built-ins alone are what can.
+    return [v for v in core.voices.all(partial=True) if v.get("status") == "ok" and engine_ok(v["engine"])]
 
 
 def tts_voice(core: Core, voice: dict[str, Any]) -> TtsVoice:

@@ -29,6 +29,9 @@ class VoicesController(Controller):
     @get("/", opt={"scope": "any"}, summary="List built-in voices and presets",
          **documented(*auth_problems("any"), 503))
     async def list_voices(self, voices: VoiceCatalog) -> VoiceList:
+        """Built-in voices of available engines, then presets. While the voice registry cannot be read
+        (its index damaged and not rebuilt, its storage or database unreachable) this answers 503 with
+        Retry-After naming the cause, never a list without the presets."""
         return msgspec.convert({"voices": await asyncio.to_thread(voices.all)}, VoiceList)
 
     @get("/{name:str}", opt={"scope": "any"}, summary="One voice",

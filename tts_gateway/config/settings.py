@@ -84,6 +84,7 @@ class Settings:
     wyoming_uri: str | None = None
     require_consent: bool = True  # registering a clone needs consent=true (the speaker agreed)
     accept_cpml: bool = False  # the user accepts the Coqui Public Model License (XTTS v2 may be fetched)
+    xtts_max_batch: int = 0  # most XTTS sequences decoded together (0: the engine's choice)
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
     piper_voices_dir: Path | None = None  # every NAME.onnx + NAME.onnx.json here is a voice piper:NAME
@@ -233,6 +234,7 @@ class Settings:
             ray_target_ongoing_requests=number("RAY_TARGET_ONGOING_REQUESTS", base.ray_target_ongoing_requests, 0.01),
             wyoming_uri=parse_wyoming_uri(raw("WYOMING_URI")),
             accept_cpml=flag("ACCEPT_CPML", False),
+            xtts_max_batch=integer("XTTS_MAX_BATCH", base.xtts_max_batch, 0),
             require_consent=flag("REQUIRE_CONSENT", True),
             kokoro_model=path("KOKORO_MODEL"),
             kokoro_voices=path("KOKORO_VOICES"),

@@ -34,6 +34,7 @@ from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import shared_budget
+from tts_gateway.engines.xtts_batching import DEFAULT_MAX_BATCH, GptBatcher, GptStack, Sequence
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
@@ -48,7 +49,7 @@ from tts_gateway.engines.xtts_models import (
     not_accepted_reason,
 )
 from tts_gateway.engines.xtts_speakers import SPEAKERS_FILE, SpeakerCache
-from tts_gateway.engines.xtts_streaming import stream_inference
+from tts_gateway.engines.xtts_streaming import decode_latents, text_tokens
 from tts_gateway.errors import NotFound
 
 LICENCE = "CPML (Coqui Public Model License)"
@@ -151,8 +152,9 @@ class XttsEngine(BaseEngine):
     reference_sample_rate = 22050
 
     def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0, *,
-                 accept_licence: bool = False, hub: HubModel | None = None) -> None:
+                 accept_licence: bool = False, hub: HubModel | None = None, max_batch: int = 0) -> None:
         super().__init__()
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH
         self._budget = shared_budget()
         self.configured = checkpoint
         self.device_setting = device
@@ -166,7 +168,8 @@ class XttsEngine(BaseEngine):
                 self._hub_error = f"coqui-tts's model list has no usable XTTS v2 entry ({exc})"
         self._active: Path | None = None  # the checkpoint the loaded model came from
         self._model: Any = None
-        self._lock = threading.Lock()  # one inference at a time: torch's RNG is process-global
+        self._batcher: GptBatcher | None = None
+        self._lock = threading.Lock()  # load, unload and conditioning one at a time
         self._speakers = SpeakerCache()
 
     # -- description ---------------------------------------------------------------------------
@@ -271,11 +274,15 @@ class XttsEngine(BaseEngine):
         model.load_checkpoint(config, checkpoint_dir=str(checkpoint), eval=True)
         model.to(device)
         self._model = model
+        self._batcher = GptBatcher(GptStack(model.gpt), self.max_batch, self._cores)
         self._active = checkpoint
         self._loaded = True
 
     def unload(self) -> None:
         with self._lock:
+            batcher, self._batcher = self._batcher, None
+            if batcher is not None:
+                batcher.close()  # its sequences fail with "unloaded"
             self._model = None
             self._active = None
             self._loaded = False
@@ -305,28 +312,56 @@ class XttsEngine(BaseEngine):
         }
 
     def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        """The sentence's GPT tokens are decoded in the shared batch (`xtts_batching`), its audio here, in the
+        caller's thread: streamed chunk by chunk, or decoded once at the end (faster when nobody listens yet)."""
         import torch
 
         self.check_language(options.language)
         model = self._require_model()
+        batcher = self._batcher
+        if batcher is None:
+            raise EngineUnavailable(self.name, "model is not loaded")
         device = next(model.parameters()).device
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
-        with self._lock, self._cores():
-            torch.manual_seed(options.seed or 0)
+        with torch.inference_mode():
+            prompt = batcher.stack.prompt(gpt_cond_latent, text_tokens(model, text, options.language))
+        sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable)
+        batcher.submit(sequence)
+        latents = sequence.latents(options.cancel)
+        try:
+            chunks: Iterator[Any]
             if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
-                stream = stream_inference(model, text, options.language, gpt_cond_latent, speaker_embedding,
-                                          speed=options.speed)
-            else:  # one decode at the end
-                stream = model.inference_stream(text, options.language, gpt_cond_latent, speaker_embedding,
-                                                speed=options.speed, enable_text_splitting=False, stream_chunk_size=0)
-            try:
-                for chunk in stream:
-                    if options.cancel.is_set():
-                        raise SynthesisCancelled("cancelled")
-                    yield chunk.detach().cpu().numpy().astype(np.float32).reshape(-1)
-            finally:
-                stream.close()
+                chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, cores=self._cores)
+            else:
+                chunks = self._decode_whole(model, latents, speaker_embedding, options)
+            while True:
+                with torch.inference_mode():
+                    chunk = next(chunks, None)
+                if options.cancel.is_set():
+                    raise SynthesisCancelled("cancelled")
+                if chunk is None:
+                    return
+                yield chunk.detach().cpu().numpy().astype(np.float32).reshape(-1)
+        finally:
+            sequence.cancel()  # a no-op once it finished; otherwise its row is freed at the next step
+
+    def _decode_whole(self, model: Any, latents: Iterator[Any], speaker_embedding: Any,
+                      options: SynthesisOptions) -> Iterator[Any]:
+        """One decode of every latent at the end (``inference_stream(stream_chunk_size=0)``'s arithmetic)."""
+        import torch
+        import torch.nn.functional as F
+
+        collected = list(latents)
+        if not collected or options.cancel.is_set():
+            return
+        gpt_latents = torch.cat(collected, dim=0)[None, :]
+        length_scale = 1.0 / max(options.speed, 0.05)
+        if length_scale != 1.0:
+            gpt_latents = F.interpolate(gpt_latents.transpose(1, 2), scale_factor=length_scale,
+                                        mode="linear").transpose(1, 2)
+        with self._cores():
+            yield model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
 
     def _conditioning(self, voice: VoiceInput) -> tuple[Any, Any]:
         """(gpt_cond_latent, speaker_embedding) tensors of a preset, an upload or a studio speaker."""
@@ -363,4 +398,5 @@ class XttsEngine(BaseEngine):
 @hookimpl(trylast=True)
 def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
     register(XttsEngine(context.options.get("xtts_checkpoint"), device=context.device, threads=context.threads,
-                        accept_licence=bool(context.options.get("accept_cpml"))))
+                        accept_licence=bool(context.options.get("accept_cpml")),
+                        max_batch=int(context.options.get("xtts_max_batch") or 0)))

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 # GPT tokens before the first chunk (time to first audio) and between later ones. A chunk carries the
@@ -352,16 +353,11 @@ def stream_inference(model: Any, text: str, language: str, gpt_cond_latent: Any,
 def _stream(model: Any, text: str, language: str, gpt_cond_latent: Any, speaker_embedding: Any, *, speed: float,
             first_chunk: int, chunk: int, temperature: float, length_penalty: float, repetition_penalty: float,
             top_k: int, top_p: float, stats: dict[str, int] | None) -> Generator[Any, None, None]:
-    import torch
-
     language = language.split("-")[0]
     device = model.device
     gpt_cond_latent = gpt_cond_latent.to(device)
     speaker_embedding = speaker_embedding.to(device)
-    sentence = text.strip().lower()
-    tokens = torch.IntTensor(model.tokenizer.encode(sentence, lang=language)).unsqueeze(0).to(device)
-    if tokens.shape[-1] >= model.args.gpt_max_text_tokens:
-        raise ValueError("XTTS can only generate text with a maximum of 400 tokens")
+    tokens = text_tokens(model, text, language)
     fake_inputs = model.gpt.compute_embeddings(gpt_cond_latent, tokens)
     generator = model.gpt.get_generator(
         fake_inputs=fake_inputs, top_k=top_k, top_p=top_p, temperature=temperature, do_sample=True,
@@ -369,19 +365,42 @@ def _stream(model: Any, text: str, language: str, gpt_cond_latent: Any, speaker_
         repetition_penalty=float(repetition_penalty), output_attentions=False, output_hidden_states=True,
         return_dict_in_generate=True,
     )
+    yield from decode_latents(model, (latent for _token, latent in generator), speaker_embedding, speed=speed,
+                              first_chunk=first_chunk, chunk=chunk, stats=stats)
+
+
+def text_tokens(model: Any, text: str, language: str) -> Any:
+    """The sentence's text tokens ``[1, T]`` as ``Xtts.inference_stream`` makes them (lower-cased)."""
+    import torch
+
+    sentence = text.strip().lower()
+    tokens = torch.IntTensor(model.tokenizer.encode(sentence, lang=language.split("-")[0])).unsqueeze(0)
+    if tokens.shape[-1] >= model.args.gpt_max_text_tokens:
+        raise ValueError("XTTS can only generate text with a maximum of 400 tokens")
+    return tokens.to(model.device)
+
+
+def decode_latents(model: Any, latents: Iterable[Any], speaker_embedding: Any, *, speed: float = 1.0,
+                   first_chunk: int = FIRST_CHUNK_TOKENS, chunk: int = CHUNK_TOKENS,
+                   stats: dict[str, int] | None = None,
+                   cores: Callable[[], AbstractContextManager[Any]] = nullcontext) -> Generator[Any, None, None]:
+    """Audio chunks (1-D tensors) from GPT latents ``[1, C]`` as they come: the first after ``first_chunk``
+    tokens, then every ``chunk``; each decode holds ``cores`` (a slot of the core budget) only while it runs."""
     decoder = IncrementalDecoder(model.hifigan_decoder, speaker_embedding, 1.0 / max(speed, 0.05))
     due = first_chunk
-    for _token, latent in generator:
+    for latent in latents:
         decoder.push(latent)
         if decoder.source.tokens >= due and decoder.pending() > 0:
-            audio = decoder.decode()
+            with cores():
+                audio = decoder.decode()
             if audio.numel():
                 yield audio
                 due = decoder.source.tokens + chunk
             else:  # all within the decoder's look-ahead (a fast speed): try again at the next token
                 due = decoder.source.tokens + 1
     decoder.finish()
-    audio = decoder.decode()
+    with cores():
+        audio = decoder.decode()
     if audio.numel():
         yield audio
     if stats is not None:

@@ -1,0 +1,481 @@
+"""Continuous batching of XTTS v2's GPT across concurrent requests.
+
+Decoding one sequence reads every GPT weight for each audio token; several sequences decoded together
+read them once. coqui-tts decodes through transformers' ``generate``, one request per call, so here the
+GPT-2 stack of the loaded model runs by hand, the same weights and the same arithmetic as GPT-2's blocks:
+every active sequence keeps its own rows of a key/value cache at its own length, and one step is one
+forward pass over all of them (attention masked to each row's length). A request joins at the next step
+(its prompt is run alone first), leaves when it samples the stop token, is cancelled or fails, and the
+others go on.
+
+Sampling is ``generate``'s for XTTS (repetition penalty over the prompt's ids and the tokens so far, then
+temperature, top-k, top-p, then one draw) with a random generator per sequence, so a sequence's tokens
+depend on its seed only — not on which other requests share its steps. The arithmetic is another matter:
+a batched matrix product rounds a row differently from the same row alone (measured here for 4 rows and
+more), so a request whose client asked for its seed (``repeatable``) runs its steps as a batch of one,
+and gives the same bytes alone and among others.
+
+The batcher thread takes a slot of the process's core budget for each step, not for a whole sentence, so
+another engine's request waits for one GPT step at most.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Rows of the shared cache: enough for several listeners, bounded memory (TTS_GATEWAY_XTTS_MAX_BATCH).
+DEFAULT_MAX_BATCH = 8
+_INITIAL_LENGTH = 128  # cache positions first allocated; doubled when a row needs more
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """XTTS v2's sampling settings (``Xtts.inference_stream``'s defaults)."""
+
+    temperature: float = 0.75
+    top_k: int = 50
+    top_p: float = 0.85
+    repetition_penalty: float = 10.0
+
+
+class KVCache:
+    """Keys and values of ``rows`` sequences, each at its own length, for every layer."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, rows: int, like: Any) -> None:
+        import torch
+
+        self.shape = (rows, heads, _INITIAL_LENGTH, head_dim)
+        self.keys = [torch.zeros(self.shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.values = [torch.zeros(self.shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.lengths: list[int] = []  # of the rows in use, rows 0…n-1
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    @property
+    def rows(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    def reserve(self, length: int) -> None:
+        """Room for ``length`` positions in every row (doubling, so growth is amortised)."""
+        import torch
+
+        if length <= self.capacity:
+            return
+        size = self.capacity
+        while size < length:
+            size *= 2
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = torch.zeros((old.shape[0], old.shape[1], size, old.shape[3]), dtype=old.dtype,
+                                    device=old.device)
+                grown[:, :, : old.shape[2]] = old
+                store[i] = grown
+
+    def add_row(self) -> int:
+        self.lengths.append(0)
+        return len(self.lengths) - 1
+
+    def drop_row(self, row: int) -> int | None:
+        """Free ``row``; the last row moves into its place (rows stay 0…n-1). Returns the row that moved."""
+        last = len(self.lengths) - 1
+        moved = None
+        if row != last:
+            length = self.lengths[last]
+            for store in (self.keys, self.values):
+                for layer in store:
+                    layer[row, :, :length] = layer[last, :, :length]
+            self.lengths[row] = length
+            moved = last
+        self.lengths.pop()
+        return moved
+
+
+class GptStack:
+    """XTTS's GPT-2 (``model.gpt``) run by hand over a `KVCache`: a prompt for one row, or one step for many.
+
+    Args:
+        gpt: The model's ``GPT`` module (``Xtts.gpt``).
+    """
+
+    def __init__(self, gpt: Any) -> None:
+        self.gpt = gpt
+        transformer = gpt.gpt
+        self.blocks = list(transformer.h)
+        self.ln_f = transformer.ln_f
+        config = transformer.config
+        self.heads = int(config.n_head)
+        self.width = int(config.n_embd)
+        self.head_dim = self.width // self.heads
+        self.layers = len(self.blocks)
+        self.start_audio_token = int(gpt.start_audio_token)
+        self.stop_audio_token = int(gpt.stop_audio_token)
+        self.max_tokens = int(gpt.max_gen_mel_tokens)
+
+    def cache(self, rows: int) -> KVCache:
+        return KVCache(self.layers, self.heads, self.head_dim, rows, next(self.gpt.parameters()))
+
+    def prompt(self, cond_latent: Any, text_tokens: Any) -> Any:
+        """The prompt's embeddings ``[1, P, C]``: conditioning, text, and the start-of-audio token
+        (as ``GPT.compute_embeddings`` and the first call of ``GPT2InferenceModel.forward``)."""
+        import torch
+        import torch.nn.functional as F
+
+        gpt = self.gpt
+        text = F.pad(text_tokens, (0, 1), value=gpt.stop_text_token)
+        text = F.pad(text, (1, 0), value=gpt.start_text_token)
+        text_emb = gpt.text_embedding(text) + gpt.text_pos_embedding(text)
+        start = torch.full((1, 1), self.start_audio_token, dtype=torch.long, device=text_tokens.device)
+        start_emb = gpt.mel_embedding(start) + gpt.mel_pos_embedding.get_fixed_embedding(0, text_tokens.device)
+        return torch.cat([cond_latent, text_emb, start_emb], dim=1)
+
+    def token_embedding(self, tokens: list[int], positions: list[int], device: Any) -> Any:
+        """``[n, 1, C]`` for each row's last token at its audio position (as ``GPT2InferenceModel.forward``)."""
+        import torch
+
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        emb = self.gpt.mel_embedding(ids)
+        pos = self.gpt.mel_pos_embedding.emb(torch.tensor(positions, dtype=torch.long, device=device))[:, None]
+        return emb + pos
+
+    def forward(self, x: Any, cache: KVCache, rows: list[int]) -> Any:
+        """Run ``x`` ``[n, T, C]`` (T new positions of each row in ``rows``) through the stack, appending
+        keys and values to the cache; returns the final-normed latents of the last position ``[n, C]``.
+
+        T > 1 only for a single row's prompt (causal attention within it)."""
+        import torch
+        import torch.nn.functional as F
+
+        n, steps, _ = x.shape
+        starts = [cache.lengths[r] for r in rows]
+        cache.reserve(max(starts) + steps)
+        total = max(starts) + steps
+        index = torch.tensor(rows, dtype=torch.long, device=x.device)
+        if steps == 1:
+            visible = torch.arange(total, device=x.device)[None, :] <= torch.tensor(starts, device=x.device)[:, None]
+            mask = visible[:, None, None, :]  # [n, 1, 1, total]
+        else:
+            assert n == 1, "a prompt is run one row at a time"
+            mask = None
+        contiguous = rows == list(range(rows[0], rows[0] + n))
+        for layer, block in enumerate(self.blocks):
+            hidden = block.ln_1(x)
+            qkv = block.attn.c_attn(hidden)
+            q, k, v = qkv.split(self.width, dim=2)
+            q = q.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
+            v = v.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
+            keys, values = cache.keys[layer], cache.values[layer]
+            if steps == 1:
+                where = torch.tensor(starts, dtype=torch.long, device=x.device)
+                keys[index, :, where] = k[:, :, 0]
+                values[index, :, where] = v[:, :, 0]
+                if contiguous:
+                    k_all = keys[rows[0]: rows[0] + n, :, :total]
+                    v_all = values[rows[0]: rows[0] + n, :, :total]
+                else:
+                    k_all, v_all = keys[index, :, :total], values[index, :, :total]
+                attended = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            else:
+                row, start = rows[0], starts[0]
+                keys[row, :, start: start + steps] = k[0]
+                values[row, :, start: start + steps] = v[0]
+                if start:
+                    k_all = keys[row: row + 1, :, : start + steps]
+                    v_all = values[row: row + 1, :, : start + steps]
+                    causal = torch.ones(steps, start + steps, dtype=torch.bool, device=x.device).tril(start)
+                    attended = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=causal)
+                else:
+                    attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attended = attended.transpose(1, 2).reshape(n, steps, self.width)
+            x = x + block.attn.c_proj(attended)
+            x = x + block.mlp(block.ln_2(x))
+        for r in rows:
+            cache.lengths[r] += steps
+        return self.gpt.final_norm(self.ln_f(x[:, -1]))
+
+    def logits(self, latents: Any) -> Any:
+        """``mel_head`` over final-normed latents (``GPT2InferenceModel.lm_head`` is final_norm, mel_head)."""
+        return self.gpt.mel_head(latents).float()
+
+
+def sample(logits: Any, seen: Any, generator: Any, sampling: Sampling) -> int:
+    """One token from a row's logits ``[V]``: ``generate``'s repetition penalty over ``seen`` (the ids so far,
+    prompt placeholders included), temperature, top-k and top-p, then a draw from ``generator``."""
+    import torch
+
+    scores = logits.clone()
+    if sampling.repetition_penalty != 1.0:
+        picked = scores.gather(0, seen)
+        picked = torch.where(picked < 0, picked * sampling.repetition_penalty, picked / sampling.repetition_penalty)
+        scores.scatter_(0, seen, picked)
+    scores = scores / sampling.temperature
+    if 0 < sampling.top_k < scores.shape[0]:
+        kth = torch.topk(scores, sampling.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - sampling.top_p)
+        remove[-1] = False  # keep at least one
+        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator).item())
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's GPT decoding: its prompt, its sampling and generator, and where its latents go.
+
+    The consumer iterates `latents()`; the batcher feeds it. ``cancel()`` makes the batcher drop it at
+    its next step.
+    """
+
+    prompt: Any  # [1, P, C]
+    seed: int
+    repeatable: bool
+    sampling: Sampling = field(default_factory=Sampling)
+    tokens: list[int] = field(default_factory=list)
+    _out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    generator: Any = None
+    seen: Any = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def put(self, item: Any) -> None:
+        self._out.put(item)
+
+    def latents(self, cancel: threading.Event | None = None, poll_s: float = 0.05) -> Iterator[Any]:
+        """The latents ``[1, C]`` as they come, one per token (the stop token's included, as coqui's stream);
+        re-raises the batcher's error for this sequence. A set ``cancel`` cancels the sequence."""
+        while True:
+            try:
+                item = self._out.get(timeout=poll_s)
+            except queue.Empty:
+                if cancel is not None and cancel.is_set():
+                    self.cancel()
+                    return
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class GptBatcher:
+    """The thread that decodes every active `Sequence` together, one GPT step at a time.
+
+    Args:
+        stack: The model's GPT, run by hand.
+        max_batch: Most sequences in the shared batch; more wait for a row.
+        cores: Context manager factory for a slot of the process's core budget (held per step).
+    """
+
+    def __init__(self, stack: GptStack, max_batch: int, cores: Callable[[], AbstractContextManager[Any]]) -> None:
+        self.stack = stack
+        self.max_batch = max(1, max_batch)
+        self.cores = cores
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._shared = stack.cache(self.max_batch)
+        self._rows: list[Sequence] = []  # the shared cache's rows, in order
+        self._alone: list[tuple[Sequence, KVCache]] = []  # repeatable sequences, a cache each
+        self._stopped = False
+        self.steps = 0  # batched steps run (for tests and benchmarks)
+        self.widest = 0  # most sequences in one step
+        self._thread = threading.Thread(target=self._run, name="xtts-gpt-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._rows) + len(self._alone)
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def submit(self, sequence: Sequence) -> None:
+        import torch
+
+        sequence.generator = torch.Generator(device="cpu").manual_seed(sequence.seed)
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the XTTS batcher is stopped (the model was unloaded)")
+            self._waiting.append(sequence)
+            self._lock.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=60)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            with self._lock:
+                while not self._stopped and not self._waiting and not self._rows and not self._alone:
+                    self._lock.wait()
+                if self._stopped:
+                    break
+                joining: list[Sequence] = []
+                while self._waiting and (self._waiting[0].repeatable or len(self._rows) + len(joining) <
+                                         self.max_batch):
+                    joining.append(self._waiting.popleft())
+            try:
+                with torch.inference_mode():
+                    for sequence in joining:
+                        self._join(sequence)
+                    self._step_shared()
+                    for sequence, cache in list(self._alone):
+                        self._step_alone(sequence, cache)
+            except Exception as exc:  # a failure of the whole step fails every sequence in it
+                log.exception("XTTS batched step failed")
+                for sequence in [*self._rows, *(s for s, _ in self._alone)]:
+                    sequence.put(exc)
+                self._rows.clear()
+                self._alone.clear()
+                self._shared = self.stack.cache(self.max_batch)
+        with self._lock:
+            left = [*self._waiting, *self._rows, *(s for s, _ in self._alone)]
+            self._waiting.clear()
+        for sequence in left:
+            sequence.put(RuntimeError("the XTTS model was unloaded"))
+
+    def _join(self, sequence: Sequence) -> None:
+        """Run the prompt of a new sequence (alone) and deliver its first token's latent."""
+        import torch
+
+        if sequence.cancelled:
+            sequence.put(_END)
+            return
+        stack = self.stack
+        try:
+            prompt_length = int(sequence.prompt.shape[1])
+            # generate's ids: a placeholder (1) per prompt position, the start token last; all are penalised.
+            sequence.seen = torch.tensor(sorted({1, stack.start_audio_token}), dtype=torch.long)
+            if sequence.repeatable:
+                cache = stack.cache(1)
+                row = cache.add_row()
+            else:
+                cache, row = self._shared, self._shared.add_row()
+            cache.reserve(prompt_length + stack.max_tokens + 1)
+            try:
+                with self.cores():
+                    latent = stack.forward(sequence.prompt, cache, [row])
+                    token = sample(stack.logits(latent)[0], sequence.seen, sequence.generator, sequence.sampling)
+            except Exception:
+                cache.drop_row(row)
+                raise
+        except Exception as exc:  # this sequence's own failure (its prompt): it alone fails
+            log.exception("XTTS sequence failed to start")
+            sequence.put(exc)
+            return
+        if sequence.repeatable:
+            self._alone.append((sequence, cache))
+        else:
+            self._rows.append(sequence)
+        self._deliver(sequence, token, latent[0:1])
+
+    def _deliver(self, sequence: Sequence, token: int, latent: Any) -> None:
+        import torch
+
+        sequence.tokens.append(token)
+        sequence.put(latent.clone())
+        if token not in sequence.seen.tolist():
+            sequence.seen = torch.cat([sequence.seen, torch.tensor([token], dtype=torch.long)])
+        if token == self.stack.stop_audio_token or len(sequence.tokens) >= self.stack.max_tokens:
+            sequence.put(_END)
+
+    def _finished(self, sequence: Sequence) -> bool:
+        return (sequence.cancelled or sequence.tokens[-1] == self.stack.stop_audio_token
+                or len(sequence.tokens) >= self.stack.max_tokens)
+
+    def _prune(self) -> None:
+        for sequence in [s for s in self._rows if self._finished(s)]:
+            row = self._rows.index(sequence)
+            moved = self._shared.drop_row(row)
+            if moved is not None:
+                self._rows[row] = self._rows[moved]
+            self._rows.pop()
+            if sequence.cancelled:
+                sequence.put(_END)
+        for sequence, cache in [(s, c) for s, c in self._alone if self._finished(s)]:
+            self._alone.remove((sequence, cache))
+            if sequence.cancelled:
+                sequence.put(_END)
+
+    def _step_shared(self) -> None:
+        self._prune()
+        rows = self._rows
+        if not rows:
+            return
+        stack = self.stack
+        tokens = [s.tokens[-1] for s in rows]
+        positions = [len(s.tokens) for s in rows]
+        device = next(stack.gpt.parameters()).device
+        with self.cores():
+            x = stack.token_embedding(tokens, positions, device)
+            latents = stack.forward(x, self._shared, list(range(len(rows))))
+            logits = stack.logits(latents)
+            picks: list[int | BaseException] = []
+            for i, sequence in enumerate(rows):
+                try:
+                    picks.append(sample(logits[i], sequence.seen, sequence.generator, sequence.sampling))
+                except Exception as exc:  # e.g. probabilities that are not finite: this sequence only
+                    picks.append(exc)
+        self.steps += 1
+        self.widest = max(self.widest, len(rows) + len(self._alone))
+        for i, (sequence, pick) in enumerate(zip(list(rows), picks, strict=True)):
+            if isinstance(pick, BaseException):
+                sequence.put(pick)
+                sequence.cancel()
+                continue
+            self._deliver(sequence, pick, latents[i: i + 1])
+        self._prune()
+
+    def _step_alone(self, sequence: Sequence, cache: KVCache) -> None:
+        if self._finished(sequence):
+            self._prune()
+            return
+        stack = self.stack
+        device = next(stack.gpt.parameters()).device
+        try:
+            with self.cores():
+                x = stack.token_embedding([sequence.tokens[-1]], [len(sequence.tokens)], device)
+                latent = stack.forward(x, cache, [0])
+                token = sample(stack.logits(latent)[0], sequence.seen, sequence.generator, sequence.sampling)
+        except Exception as exc:
+            sequence.put(exc)
+            sequence.cancel()
+            self._prune()
+            return
+        self._deliver(sequence, token, latent[0:1])
+        self._prune()
+
+
+__all__ = ["DEFAULT_MAX_BATCH", "GptBatcher", "GptStack", "KVCache", "Sampling", "Sequence", "sample"]

@@ -56,14 +56,16 @@ def main() -> None:
     from tts_gateway.config import Settings
     from tts_gateway.core.compose import build_core
     from tts_gateway.core.service import SynthesisRequest
-    from tts_gateway.ray.serve import RayBackend, app_name
+    from tts_gateway.ray.backend import RayBackend
+    from tts_gateway.ray.wire import app_name
 
     data_dir = Path(tempfile.mkdtemp(prefix="tts-ray-bench-"))
     settings = Settings(data_dir=data_dir, engines=("piper",), engine_threads=1, timeout_s=120, canary=False)
     core = build_core(settings, phrase_cache=False)
     registry, service = core.registry, core.service
-    backend = RayBackend(settings, registry, engines=["piper"], num_cpus=args.num_cpus, replicas=1,
-                         replica_cpus=args.num_cpus / 2, max_ongoing_requests=2, max_queued_requests=1000)
+    ray_settings = settings.with_(ray_num_cpus=args.num_cpus, ray_replicas=1, ray_replica_cpus=args.num_cpus / 2,
+                                  ray_max_ongoing_requests=2, ray_max_queued_requests=1000)
+    backend = RayBackend(ray_settings, registry, engines=["piper"])
     started = time.perf_counter()
     backend.start()
     start_s = time.perf_counter() - started
@@ -99,8 +101,8 @@ def main() -> None:
 
         from ray import serve
 
-        backend.replicas = 2
-        serve.run(backend._application("piper"), name=app_name("piper"), route_prefix=None)  # scale in place
+        backend.cluster.overrides.setdefault("piper", {})["num_replicas"] = 2
+        serve.run(backend.cluster.application("piper"), name=app_name("piper"), route_prefix=None)  # scale in place
         asyncio.run(_throughput(backend, plans[:4], args.concurrency))  # warm the new replica
         rps_2 = asyncio.run(_throughput(backend, plans, args.concurrency))
         stats_2 = asyncio.run(backend.replica_stats("piper", calls=16))

@@ -32,7 +32,8 @@ from tts_gateway.errors import Unavailable
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[ray]')")
 
-from tts_gateway.ray.serve import RayBackend, SynthesisJob
+from tts_gateway.ray.backend import RayBackend
+from tts_gateway.ray.wire import SynthesisJob
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 pytest_plugins = ["tests.pg_fixtures"]  # the postgres fixture
@@ -196,7 +197,7 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
     core.voices.register("ray-clone", [("ref.wav", _reference_wav())], engine_name="clone", consent=True)
     service, registry = core.service, core.registry
     backend = RayBackend(
-        settings, registry, engines=["piper", "clone"], num_cpus=2, replicas=2, replica_cpus=0.5,
+        settings.with_(ray_num_cpus=2, ray_replicas=2, ray_replica_cpus=0.5), registry, engines=["piper", "clone"],
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # replicas import tests.fake_cloning_plugin
         overrides={"clone": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
                              "env": {"FAKE_CHUNK_DELAY": str(SLOW_WORD_S), "FAKE_GATE_DIR": str(gates)}}},
@@ -474,7 +475,7 @@ def test_replicas_carry_out_orders_given_after_they_joined_and_leave_the_board(r
 
 # -- start-up that fits the cluster or says why it cannot ---------------------------------------------------
 def test_replica_cpus_are_shared_out_or_the_shortfall_is_named() -> None:
-    from tts_gateway.ray.serve import plan_replica_cpus
+    from tts_gateway.ray.cluster import plan_replica_cpus
 
     # Three engines on two free CPUs (the case that used to wait forever for a third CPU): two thirds each.
     assert plan_replica_cpus({"piper": 1, "xtts": 1, "espeak": 1}, {}, 2.0, 2.0) == \
@@ -500,7 +501,7 @@ def _deployed(name: str) -> dict[str, Any]:
 
 def test_a_deployment_that_does_not_fit_fails_start_up_at_once(ray_env: RayEnv) -> None:
     """The module's cluster has 2 CPUs and its replicas hold 1.5: a 1-CPU replica cannot be placed."""
-    backend = RayBackend(ray_env.settings, engines=["espeak"], replica_cpus=1.0)
+    backend = RayBackend(ray_env.settings.with_(ray_replica_cpus=1.0), engines=["espeak"])
     started = time.monotonic()
     with pytest.raises(Unavailable) as short:
         backend.start()

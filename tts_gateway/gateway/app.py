@@ -27,7 +27,7 @@ from tts_gateway.gateway.problems import EXCEPTION_HANDLERS
 from tts_gateway.gateway.requests import SafeJSONRequest, answer_options, exact_path_guard
 
 if TYPE_CHECKING:
-    from tts_gateway.ray.serve import RayBackend
+    from tts_gateway.ray.backend import RayBackend
 
 
 def create_app(settings: Settings, engine_manager: EngineManager | None = None, *,

@@ -3,12 +3,14 @@
 A `RemoteEngine` answers the engine protocol from the `ClusterView` (the description its replicas
 report), so voices, planning, ``/v1/engines`` and ``/v1/languages`` work unchanged on a gateway node
 that has neither torch nor onnxruntime. What needs the model runs on a replica: conditioning
-(``compute_latents``), blending, and load/unload, which become orders to every replica.
+(``compute_latents``), blending, and load/unload, which become orders to every replica. A stand-in
+asks all of that of a `ReplicaBackend` (the `RayBackend` is one), not of the backend's module.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,10 +25,35 @@ from tts_gateway.engines.base import (
 )
 from tts_gateway.engines.hookspecs import hookimpl
 
-if TYPE_CHECKING:
-    from tts_gateway.ray.serve import RayBackend
-
 DEFAULT_MAX_CHARS = 400
+
+
+class ReplicaBackend(Protocol):
+    """What a stand-in asks of the backend that reaches its engine's replicas (worker threads only)."""
+
+    def description(self, engine: str) -> dict[str, Any] | None:
+        """The engine's description as its replicas last reported it; None before the first report."""
+        ...
+
+    def live_replicas(self, engine: str) -> list[dict[str, Any]]:
+        """Each live replica's state, as on the board."""
+        ...
+
+    def missing_replicas(self, engine: str) -> str | None:
+        """Why the engine has no live replica, or None when it has one."""
+        ...
+
+    def order(self, engine: str, action: str) -> None:
+        """Have every live replica ``load`` or ``unload`` the model, and wait until each has."""
+        ...
+
+    def condition(self, engine: str, audio: Any, rate: int) -> dict[str, Any]:
+        """Latents computed by a replica for float32 mono ``audio`` at ``rate``."""
+        ...
+
+    def blend(self, engine: str, weights: Mapping[str, float]) -> dict[str, Any]:
+        """A blended voice's latents computed by a replica."""
+        ...
 
 
 class RemoteEngine:
@@ -34,7 +61,7 @@ class RemoteEngine:
 
     remote = True  # EngineManager leaves it alone at close and in the idle reaper: replicas own their models
 
-    def __init__(self, name: str, backend: RayBackend) -> None:
+    def __init__(self, name: str, backend: ReplicaBackend) -> None:
         self.name = name
         self._backend = backend
 
@@ -119,7 +146,7 @@ class RemoteCloningBlendingEngine(RemoteCloningEngine, RemoteBlendingEngine):
     pass
 
 
-def remote_engine(local: Any, backend: RayBackend) -> RemoteEngine:
+def remote_engine(local: Any, backend: ReplicaBackend) -> RemoteEngine:
     """The stand-in for an engine of the same kind (cloning, blending) as the local object ``local``."""
     cloning, blending = isinstance(local, CloningEngine), isinstance(local, BlendingEngine)
     kind: type[RemoteEngine] = (RemoteCloningBlendingEngine if cloning and blending else RemoteCloningEngine

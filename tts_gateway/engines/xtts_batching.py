@@ -254,6 +254,11 @@ class Sequence:
     generator: Any = None
     seen: Any = None
 
+    def __post_init__(self) -> None:
+        import torch
+
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
     def cancel(self) -> None:
         self._cancelled.set()
 
@@ -317,9 +322,6 @@ class GptBatcher:
             return len(self._waiting)
 
     def submit(self, sequence: Sequence) -> None:
-        import torch
-
-        sequence.generator = torch.Generator(device="cpu").manual_seed(sequence.seed)
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the XTTS batcher is stopped (the model was unloaded)")

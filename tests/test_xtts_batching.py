@@ -1,0 +1,268 @@
+"""XTTS decodes concurrent requests together (issue 31), on the tiny checkpoint with the real XTTS code."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import HANG_GUARD_S, decode, running_app, wait_for_warm_up, wait_until
+from tts_gateway.engines.base import SynthesisCancelled, SynthesisOptions, VoiceInput
+from tts_gateway.engines.xtts_batching import GptBatcher, Sequence
+from tts_gateway.engines.xtts_engine import XttsEngine
+
+pytestmark = pytest.mark.xtts
+
+TEXTS = [("Hello there, how are you today?", "en"), ("Guten Morgen, wie geht es dir?", "de"),
+         ("Una frase corta.", "es"), ("A somewhat longer sentence, for the second voice to say.", "en")]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_xtts: Path) -> Iterator[XttsEngine]:
+    engine = XttsEngine(tiny_xtts, max_batch=4)
+    engine.load()
+    yield engine
+    engine.unload()
+
+
+def speakers(engine: XttsEngine) -> list[str]:
+    return [voice.id for voice in engine.voices()]
+
+
+def say(engine: XttsEngine, text: str, language: str, speaker: str, seed: int, *, streaming: bool = False,
+        repeatable: bool = True, cancel: threading.Event | None = None) -> np.ndarray:
+    options = SynthesisOptions(language=language, seed=seed, repeatable=repeatable, streaming=streaming,
+                               cancel=cancel or threading.Event())
+    return np.concatenate(list(engine.synthesize(text, VoiceInput(builtin=speaker), options)))
+
+
+def batcher(engine: XttsEngine) -> GptBatcher:
+    assert engine._batcher is not None
+    return engine._batcher
+
+
+def together(jobs: list[Any]) -> list[Any]:
+    """Run the jobs at the same moment (each waits at a barrier first) and return their results."""
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job: Any) -> Any:
+        barrier.wait(timeout=HANG_GUARD_S)
+        return job()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return [f.result(timeout=4 * HANG_GUARD_S) for f in [pool.submit(run, job) for job in jobs]]
+
+
+def test_seeded_requests_in_one_batch_give_what_they_give_alone(engine: XttsEngine) -> None:
+    """Different texts, voices, languages and modes (whole and streamed), decoded side by side."""
+    voices = speakers(engine)
+    jobs = [(text, language, voices[i % len(voices)], 10 + i, i % 2 == 1) for i, (text, language) in
+            enumerate(TEXTS)]
+    alone = [say(engine, t, lang, v, seed, streaming=s) for t, lang, v, seed, s in jobs]
+    shared = together([lambda j=j: say(engine, j[0], j[1], j[2], j[3], streaming=j[4]) for j in jobs])
+    for a, b in zip(alone, shared, strict=True):
+        assert a.size > 2400 and np.array_equal(a, b)
+    assert len({a.tobytes() for a in alone}) == len(alone)
+
+
+def test_unseeded_requests_share_each_step(engine: XttsEngine) -> None:
+    voices = speakers(engine)
+    first = batcher(engine)
+    first.widest = 0
+    steps_before = first.steps
+    outs = together([lambda i=i: say(engine, TEXTS[i][0], TEXTS[i][1], voices[i % len(voices)], i, repeatable=False)
+                     for i in range(4)])
+    assert all(o.size > 2400 and np.isfinite(o).all() for o in outs)
+    assert first.widest >= 2  # at least two sequences decoded in one forward pass
+    # 4 sequences of at most max_gen tokens each, alone, would take 4 × that many steps
+    assert first.steps - steps_before < 4 * first.stack.max_tokens
+
+
+def test_a_request_joins_a_running_batch_and_leaves_it_without_disturbing_it(engine: XttsEngine) -> None:
+    """The second request starts while the first is mid-sentence; one of them stops early (its stop token),
+    the other goes on: every token each gets is what it gets alone."""
+    voices = speakers(engine)
+    stack = batcher(engine).stack
+    seq_alone = _tokens(engine, TEXTS[0][0], voices[0], seed=1)
+    other_alone = _tokens(engine, TEXTS[3][0], voices[1], seed=2)
+    stop = seq_alone[10]  # from now on, this token ends a sentence: the first leaves after 11 tokens
+    assert stop not in other_alone[:20]
+    original = stack.stop_audio_token
+    stack.stop_audio_token = stop
+    try:
+        first = _sequence(engine, TEXTS[0][0], voices[0], seed=1)
+        gate = threading.Event()
+        got: list[Any] = []
+
+        def consume() -> None:
+            for latent in first.latents():
+                got.append(latent)
+                if len(got) == 3:
+                    gate.set()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert gate.wait(HANG_GUARD_S)
+        second = _sequence(engine, TEXTS[3][0], voices[1], seed=2)  # joins while the first is running
+        rest = list(second.latents())
+        reader.join(HANG_GUARD_S)
+    finally:
+        stack.stop_audio_token = original
+    assert first.tokens == seq_alone[:11] and len(got) == 11
+    assert second.tokens[:20] == other_alone[:20] and len(rest) == len(second.tokens)
+
+
+def _sequence(engine: XttsEngine, text: str, speaker: str, seed: int, repeatable: bool = True) -> Sequence:
+    sequence = _sequence_unsubmitted(engine, text, speaker, seed, repeatable)
+    batcher(engine).submit(sequence)
+    return sequence
+
+
+def _tokens(engine: XttsEngine, text: str, speaker: str, seed: int) -> list[int]:
+    sequence = _sequence(engine, text, speaker, seed)
+    for _ in sequence.latents():
+        pass
+    return list(sequence.tokens)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(engine: XttsEngine) -> None:
+    voices = speakers(engine)
+    expected = [say(engine, TEXTS[i][0], TEXTS[i][1], voices[0], 30 + i) for i in range(3)]
+    cancel = threading.Event()
+
+    def cancelled() -> Any:
+        options = SynthesisOptions(language="en", seed=99, repeatable=False, streaming=True, cancel=cancel)
+        chunks = engine.synthesize(TEXTS[3][0], VoiceInput(builtin=voices[1]), options)
+        next(chunks)  # its first audio: it is in the batch
+        cancel.set()
+        with pytest.raises(SynthesisCancelled):
+            list(chunks)
+        return "cancelled"
+
+    results = together([cancelled, *[lambda i=i: say(engine, TEXTS[i][0], TEXTS[i][1], voices[0], 30 + i)
+                                     for i in range(3)]])
+    assert results[0] == "cancelled"
+    for want, got in zip(expected, results[1:], strict=True):
+        assert np.array_equal(want, got)
+    wait_until(lambda: batcher(engine).active == 0, "the batch to empty")
+
+
+def test_a_failing_sequence_fails_alone(engine: XttsEngine) -> None:
+    import torch
+
+    voices = speakers(engine)
+    good = [_sequence(engine, TEXTS[i][0], voices[0], seed=40 + i, repeatable=False) for i in range(2)]
+    broken = Sequence(prompt=torch.zeros(1, 5, 3), seed=1, repeatable=False)  # not the model's width
+    batcher(engine).submit(broken)
+    with pytest.raises(RuntimeError):
+        list(broken.latents())
+    for sequence in good:
+        assert len(list(sequence.latents())) == len(sequence.tokens) > 0
+
+
+def test_the_batch_limit_queues_the_rest(tiny_xtts: Path) -> None:
+    engine = XttsEngine(tiny_xtts, max_batch=2)
+    engine.load()
+    try:
+        voices = speakers(engine)
+        outs = together([lambda i=i: say(engine, TEXTS[i][0], TEXTS[i][1], voices[0], i, repeatable=False)
+                         for i in range(4)])
+        assert all(o.size > 2400 for o in outs)
+        assert batcher(engine).widest <= 2
+    finally:
+        engine.unload()
+
+
+def test_unload_fails_the_waiting_requests_instead_of_hanging(tiny_xtts: Path) -> None:
+    engine = XttsEngine(tiny_xtts, max_batch=1)
+    engine.load()
+    voices = speakers(engine)
+    sequences = [_sequence(engine, TEXTS[i][0], voices[0], seed=i, repeatable=False) for i in range(3)]
+    engine.unload()
+    outcomes = []
+    for sequence in sequences:
+        try:
+            list(sequence.latents())
+            outcomes.append("finished")
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+    assert any("unloaded" in o for o in outcomes), outcomes
+
+
+def test_concurrent_http_requests_are_decoded_together(make_settings: Any, tiny_xtts: Path) -> None:
+    settings = make_settings(engines=("piper", "xtts"), xtts_checkpoint=tiny_xtts, max_concurrency=4)
+    with running_app(settings) as client:
+        wait_for_warm_up(client)
+        xtts = [v["name"] for v in client.get("/v1/voices").json()["voices"] if v["engine"] == "xtts"]
+        voice = xtts[0]
+        assert client.post("/v1/engines/xtts/load").status_code == 200
+        engine = app_engine(client)
+        engine._batcher.widest = 0  # type: ignore[union-attr]
+
+        def post(i: int) -> httpx.Response:
+            return client.post("/v1/synthesize", json={"text": TEXTS[i][0], "language": TEXTS[i][1],
+                                                       "voice": voice, "format": "wav", "stream": i % 2 == 0})
+
+        responses = together([lambda i=i: post(i) for i in range(4)])
+        for response in responses:
+            assert response.status_code == 200, response.text
+            audio, rate = decode(response.content)
+            assert rate == 24000 and audio.size > 2400
+        assert engine._batcher.widest >= 2  # type: ignore[union-attr]
+
+
+def app_engine(client: Any) -> XttsEngine:
+    engine = client.app.state.tts.core.engines.get("xtts")
+    assert isinstance(engine, XttsEngine)
+    return engine
+
+
+def test_a_row_that_leaves_the_middle_of_the_shared_batch_leaves_the_others_intact(engine: XttsEngine) -> None:
+    """Three unseeded-style (shared-row) sequences; the middle one stops early, the last row moves into its
+    place, and the others go on with what they would have got alone (up to the rounding of batched
+    products)."""
+    import torch
+
+    voices = speakers(engine)
+    stack = batcher(engine).stack
+    texts = [TEXTS[0][0], TEXTS[2][0], TEXTS[3][0]]
+    alone = []
+    for i, text in enumerate(texts):
+        sequence = _sequence(engine, text, voices[i % len(voices)], seed=50 + i, repeatable=False)
+        alone.append((list(sequence.latents()), list(sequence.tokens)))
+    others = set(alone[0][1]) | set(alone[2][1])
+    stop = next(t for t in alone[1][1][3:] if t not in others)
+    original = stack.stop_audio_token
+    stack.stop_audio_token = stop
+    try:
+        with batcher(engine)._lock:  # all three join at the same step
+            shared = [_sequence_unsubmitted(engine, text, voices[i % len(voices)], seed=50 + i)
+                      for i, text in enumerate(texts)]
+            for sequence in shared:
+                batcher(engine)._waiting.append(sequence)
+            batcher(engine)._lock.notify()
+        results = [list(sequence.latents()) for sequence in shared]
+    finally:
+        stack.stop_audio_token = original
+    assert shared[1].tokens == alone[1][1][: alone[1][1].index(stop) + 1]
+    for i in (0, 2):
+        assert shared[i].tokens == alone[i][1]
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(alone[i][0], results[i], strict=True))
+
+
+def _sequence_unsubmitted(engine: XttsEngine, text: str, speaker: str, seed: int,
+                          repeatable: bool = False) -> Sequence:
+    import torch
+
+    from tts_gateway.engines.xtts_streaming import text_tokens
+
+    cond, _ = engine._conditioning(VoiceInput(builtin=speaker))
+    with torch.inference_mode():
+        prompt = batcher(engine).stack.prompt(cond, text_tokens(engine._model, text, "en"))
+    return Sequence(prompt=prompt, seed=seed, repeatable=repeatable)

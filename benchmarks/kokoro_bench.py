@@ -19,7 +19,8 @@ JAPANESE_5 = ("むかしむかし、あるところに、おじいさんとお�
 
 
 def _check_available() -> None:
-    from tts_gateway.engines.kokoro_engine import KokoroEngine, find_source
+    from tts_gateway.engines.kokoro_engine import KokoroEngine
+    from tts_gateway.engines.kokoro_models import find_source
 
     engine = KokoroEngine(find_source({"kokoro_model": None, "kokoro_voices": None}, CACHE_DIR / "kokoro"))
     ok, reason = engine.availability()
@@ -35,7 +36,8 @@ def in_process(ctx: Context, result: Result, rounds: int) -> None:
     import numpy as np
 
     from tts_gateway.engines.base import EngineContext, SynthesisOptions, VoiceInput
-    from tts_gateway.engines.kokoro_engine import KokoroEngine, find_source
+    from tts_gateway.engines.kokoro_engine import KokoroEngine
+    from tts_gateway.engines.kokoro_models import find_source
     from tts_gateway.text import split_sentences
 
     context = EngineContext(data_dir=ctx.workdir, threads=1)

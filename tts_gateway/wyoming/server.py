@@ -12,17 +12,15 @@ import asyncio
 import ipaddress
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlparse
 
-from prometheus_client import Counter, Gauge
 from wyoming.server import AsyncServer
 
 from tts_gateway.core.dispatch import Dispatcher
-from tts_gateway.core.metrics import Metrics
 from tts_gateway.wyoming.handler import GatewayHandler
+from tts_gateway.wyoming.metrics import WyomingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +29,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class WyomingMetrics:
-    """Wyoming's own series, in the gateway's registry beside the shared ones (one set per registry)."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary[Metrics, WyomingMetrics]] = weakref.WeakKeyDictionary()
-
-    def __init__(self, metrics: Metrics) -> None:
-        r = metrics.registry
-        self.requests = Counter("tts_wyoming_requests", "Wyoming synthesis requests by engine and outcome "
-                                "(ok, cancelled, or the error kind: not_found, invalid, unavailable, timed_out, …)",
-                                ["engine", "outcome"], registry=r)
-        self.connections = Gauge("tts_wyoming_connections", "Open Wyoming connections", registry=r)
-
-    @classmethod
-    def of(cls, metrics: Metrics) -> WyomingMetrics:
-        if metrics not in cls._by_registry:
-            cls._by_registry[metrics] = cls(metrics)
-        return cls._by_registry[metrics]
 
 
 def is_loopback(host: str) -> bool:

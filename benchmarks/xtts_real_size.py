@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import CACHE_DIR, Budget, Context, Figure, Result, Skip, median, paired
+from tts_gateway.engines.tiny_xtts import V2_MAX_AUDIO_TOKENS, V2_SIZE
 
-LAYERS, WIDTH, HEADS = 30, 1024, 16  # XTTS v2's GPT
-V2_AUDIO_TOKENS = {"gpt_num_audio_tokens": 1026, "gpt_start_audio_token": 1024, "gpt_stop_audio_token": 1025}
-SHORT_TOKENS, LONG_TOKENS = 24, 72  # ~1.1 s and ~3.3 s of audio (about 21.5 tokens a second)
+LAYERS, WIDTH, HEADS = V2_SIZE["layers"], V2_SIZE["width"], V2_SIZE["heads"]  # XTTS v2's GPT
+SHORT_TOKENS, LONG_TOKENS = 24, V2_MAX_AUDIO_TOKENS  # ~1.1 s and ~3.3 s of audio (about 21.5 tokens a second)
 TEXT = "The birch canoe slid on the smooth planks."
 NEEDED_DISK = 4 * 1024 ** 3  # the checkpoint is ~1.9 GB; room for the temporary copy while building
 
@@ -52,8 +52,7 @@ def real_size_checkpoint(ctx: Context) -> Path:
     ctx.log(f"building a random-weight XTTS v2-size checkpoint ({LAYERS} layers × {WIDTH}; once, ~2 GB)")
     building = Path(tempfile.mkdtemp(prefix="xtts-v2-size-", dir=CACHE_DIR))
     try:
-        build_tiny_xtts(building, max_audio_tokens=LONG_TOKENS, layers=LAYERS, width=WIDTH, heads=HEADS,
-                        **V2_AUDIO_TOKENS)
+        build_tiny_xtts(building, max_audio_tokens=LONG_TOKENS, **V2_SIZE)
         shutil.rmtree(target, ignore_errors=True)
         building.rename(target)
     finally:

@@ -266,3 +266,41 @@ def _sequence_unsubmitted(engine: XttsEngine, text: str, speaker: str, seed: int
     with torch.inference_mode():
         prompt = batcher(engine).stack.prompt(cond, text_tokens(engine._model, text, "en"))
     return Sequence(prompt=prompt, seed=seed, repeatable=repeatable)
+
+
+def test_another_engine_speaks_between_xtts_steps(make_settings: Any, tiny_xtts: Path) -> None:
+    """XTTS takes the cores one GPT step at a time: while its sentence is held between two steps, a Piper
+    request gets the cores and finishes, and the XTTS request is still running."""
+    from contextlib import contextmanager
+
+    settings = make_settings(engines=("piper", "xtts"), xtts_checkpoint=tiny_xtts, max_concurrency=4)
+    with running_app(settings) as client:
+        wait_for_warm_up(client)
+        assert client.post("/v1/engines/xtts/load").status_code == 200
+        xtts_voice = next(v["name"] for v in client.get("/v1/voices").json()["voices"] if v["engine"] == "xtts")
+        shared = app_engine(client)._batcher
+        assert shared is not None
+        real_cores = shared.cores
+        permits = threading.Semaphore(3)  # the prompt and two steps, then the sentence waits between steps
+
+        @contextmanager
+        def gated() -> Iterator[Any]:
+            assert permits.acquire(timeout=4 * HANG_GUARD_S)
+            with real_cores() as threads:
+                yield threads
+
+        shared.cores = gated
+        results: dict[str, Any] = {}
+        xtts = threading.Thread(target=lambda: results.setdefault("xtts", client.post(
+            "/v1/synthesize", json={"text": "Held between two steps.", "voice": xtts_voice})))
+        xtts.start()
+        try:
+            wait_until(lambda: shared.steps >= 2 and shared.active == 1, "the XTTS sentence to be mid-way")
+            piper = client.post("/v1/synthesize", json={"text": "Piper speaks meanwhile.", "voice": "piper:joe"})
+            assert piper.status_code == 200, piper.text
+            assert xtts.is_alive() and "xtts" not in results  # XTTS has not finished its sentence
+        finally:
+            permits.release(10_000)
+            xtts.join(4 * HANG_GUARD_S)
+            shared.cores = real_cores
+        assert results["xtts"].status_code == 200, results["xtts"].text

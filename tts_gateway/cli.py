@@ -440,14 +440,26 @@ def registry_rebuild() -> None:
 
 
 @dev_app.command("tiny-xtts")
-def dev_tiny_xtts(directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")]) -> None:
-    """Build the tiny random-weight XTTS v2 checkpoint used by tests (~93 MB, 16 languages)."""
-    from tts_gateway.engines.tiny_xtts import build_tiny_xtts
+def dev_tiny_xtts(
+    directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    size: Annotated[str, typer.Option(help="tiny (tests: 2 GPT layers × 64, ~93 MB) or v2 (XTTS v2's real "
+                                           "dimensions, 30 × 1024, ~1.9 GB: random weights for measuring real "
+                                           "costs)")] = "tiny",
+    max_audio_tokens: Annotated[int | None, typer.Option(help="Audio tokens per sentence (random weights never "
+                                                              "stop early); default 48 (tiny) or 72 (v2)",
+                                                         min=8, max=605)] = None,
+) -> None:
+    """Build a random-weight XTTS v2 checkpoint with the real files and loading path (16 languages)."""
+    from tts_gateway.engines.tiny_xtts import V2_MAX_AUDIO_TOKENS, V2_SIZE, build_tiny_xtts
 
+    if size not in ("tiny", "v2"):
+        raise typer.BadParameter("must be tiny or v2", param_hint="--size")
+    dimensions: dict[str, Any] = dict(V2_SIZE) if size == "v2" else {}
+    tokens = max_audio_tokens or (V2_MAX_AUDIO_TOKENS if size == "v2" else 48)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
-        progress.add_task("building tiny XTTS checkpoint…", total=None)
-        build_tiny_xtts(directory)
-    err.print(f"wrote {directory}/config.json, model.pth, vocab.json")
+        progress.add_task(f"building the {size} XTTS checkpoint…", total=None)
+        build_tiny_xtts(directory, max_audio_tokens=tokens, **dimensions)
+    err.print(f"wrote {directory}/config.json, model.pth, vocab.json, speakers_xtts.pth")
 
 
 models_app = typer.Typer(help="Fetch engine models (XTTS v2 through coqui-tts's model manager).", no_args_is_help=True)

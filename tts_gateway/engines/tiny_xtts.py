@@ -41,6 +41,14 @@ def build_vocab() -> str:
     return str(tokenizer.to_str())
 
 
+# XTTS v2's real dimensions (GPT 30 layers × 1024 channels × 16 heads, 1026 audio tokens): random weights at
+# the real size, to measure real costs. Random weights never emit the stop token, so every sentence makes
+# the capped number of audio tokens (72: about 3.3 s of audio).
+V2_SIZE: dict[str, Any] = {"layers": 30, "width": 1024, "heads": 16, "gpt_num_audio_tokens": 1026,
+                           "gpt_start_audio_token": 1024, "gpt_stop_audio_token": 1025}
+V2_MAX_AUDIO_TOKENS = 72
+
+
 def build_tiny_xtts(directory: Path, *, seed: int = 0, max_audio_tokens: int = 48, layers: int = 2, width: int = 64,
                     heads: int = 4, **model_args: Any) -> Path:
     """Write config.json, vocab.json, model.pth (``{"model": state_dict}``) and speakers_xtts.pth to

@@ -304,3 +304,31 @@ def test_another_engine_speaks_between_xtts_steps(make_settings: Any, tiny_xtts:
             xtts.join(4 * HANG_GUARD_S)
             shared.cores = real_cores
         assert results["xtts"].status_code == 200, results["xtts"].text
+
+
+def test_load_puts_the_gpt_on_measured_kernels_and_int8_is_opt_in(engine: XttsEngine, tiny_xtts: Path) -> None:
+    from torch import nn
+
+    assert engine.kernels["precision"] == "fp32" and engine.kernels["kernel"] in ("default", "onednn")
+    block = batcher(engine).stack.blocks[0]
+    assert not hasattr(block.attn.c_attn, "nf")  # transformers' Conv1D became a linear layer
+    int8 = XttsEngine(tiny_xtts, precision="int8")
+    int8.load()
+    try:
+        assert int8.kernels == {"precision": "int8", "kernel": "fbgemm"}
+        layer = batcher(int8).stack.blocks[0].mlp.c_fc
+        assert not isinstance(layer, nn.Linear) and "quantized" in type(layer).__module__
+        audio = say(int8, TEXTS[0][0], "en", speakers(int8)[0], seed=3)
+        assert audio.size > 2400 and np.isfinite(audio).all() and np.abs(audio).max() > 0
+    finally:
+        int8.unload()
+
+
+def test_the_precision_setting_is_checked() -> None:
+    from tts_gateway.config import Settings, SettingsError
+
+    assert Settings.from_env({"TTS_GATEWAY_XTTS_PRECISION": "INT8"}).xtts_precision == "int8"
+    with pytest.raises(SettingsError, match="fp32 or int8"):
+        Settings.from_env({"TTS_GATEWAY_XTTS_PRECISION": "fp16"})
+    with pytest.raises(SettingsError):
+        Settings.from_env({"TTS_GATEWAY_XTTS_MAX_BATCH": "-1"})

@@ -85,6 +85,7 @@ class Settings:
     require_consent: bool = True  # registering a clone needs consent=true (the speaker agreed)
     accept_cpml: bool = False  # the user accepts the Coqui Public Model License (XTTS v2 may be fetched)
     xtts_max_batch: int = 0  # most XTTS sequences decoded together (0: the engine's choice)
+    xtts_precision: str = "fp32"  # int8: dynamic int8 quantization of XTTS's GPT (opt-in)
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
     piper_voices_dir: Path | None = None  # every NAME.onnx + NAME.onnx.json here is a voice piper:NAME
@@ -188,6 +189,10 @@ class Settings:
                 if raw(variable) is not None:
                     placement.setdefault(engine, {})[key] = number(variable, 0.0, 0.0)
 
+        precision = (raw("XTTS_PRECISION") or base.xtts_precision).lower()
+        if precision not in ("fp32", "int8"):
+            raise SettingsError(f"{PREFIX}XTTS_PRECISION must be fp32 or int8, got {precision!r}")
+
         backend = (raw("BACKEND") or "local").lower()
         if backend not in ("local", "ray"):
             raise SettingsError(f"{PREFIX}BACKEND must be local or ray, got {backend!r}")
@@ -235,6 +240,7 @@ class Settings:
             wyoming_uri=parse_wyoming_uri(raw("WYOMING_URI")),
             accept_cpml=flag("ACCEPT_CPML", False),
             xtts_max_batch=integer("XTTS_MAX_BATCH", base.xtts_max_batch, 0),
+            xtts_precision=precision,
             require_consent=flag("REQUIRE_CONSENT", True),
             kokoro_model=path("KOKORO_MODEL"),
             kokoro_voices=path("KOKORO_VOICES"),

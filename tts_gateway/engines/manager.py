@@ -45,7 +45,7 @@ def engine_context(settings: Settings) -> EngineContext:
         threads=settings.engine_threads,
         concurrency=settings.max_concurrency,
         options={"xtts_checkpoint": settings.xtts_checkpoint, "accept_cpml": settings.accept_cpml,
-                 "xtts_max_batch": settings.xtts_max_batch,
+                 "xtts_max_batch": settings.xtts_max_batch, "xtts_precision": settings.xtts_precision,
                  "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices,
                  "piper_voices_dir": settings.piper_voices_dir},
     )

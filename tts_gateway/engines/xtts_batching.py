@@ -209,6 +209,19 @@ class GptStack:
         return self.gpt.mel_head(latents).float()
 
 
+def probe_step(stack: GptStack, rows: int, length: int = 64) -> None:
+    """One batched step of ``rows`` sequences ``length`` positions long (to measure kernels; no request)."""
+    import torch
+
+    cache = stack.cache(rows)
+    for _ in range(rows):
+        cache.lengths.append(length)
+    device = next(stack.gpt.parameters()).device
+    x = torch.zeros(rows, 1, stack.width, device=device, dtype=next(stack.gpt.parameters()).dtype)
+    with torch.inference_mode():
+        stack.logits(stack.forward(x, cache, list(range(rows))))
+
+
 def sample(logits: Any, seen: Any, generator: Any, sampling: Sampling) -> int:
     """One token from a row's logits ``[V]``: ``generate``'s repetition penalty over ``seen`` (the ids so far,
     prompt placeholders included), temperature, top-k and top-p, then a draw from ``generator``."""
@@ -480,4 +493,4 @@ class GptBatcher:
         self._prune()
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "GptBatcher", "GptStack", "KVCache", "Sampling", "Sequence", "sample"]
+__all__ = ["DEFAULT_MAX_BATCH", "GptBatcher", "GptStack", "KVCache", "Sampling", "Sequence", "probe_step", "sample"]

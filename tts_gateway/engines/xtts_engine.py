@@ -10,6 +10,7 @@ voices ``xtts:<slug>`` (`tts_gateway.engines.xtts_speakers`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -34,7 +35,8 @@ from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import shared_budget
-from tts_gateway.engines.xtts_batching import DEFAULT_MAX_BATCH, GptBatcher, GptStack, Sequence
+from tts_gateway.engines.xtts_batching import DEFAULT_MAX_BATCH, GptBatcher, GptStack, Sequence, probe_step
+from tts_gateway.engines.xtts_kernels import prepare
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
@@ -51,6 +53,8 @@ from tts_gateway.engines.xtts_models import (
 from tts_gateway.engines.xtts_speakers import SPEAKERS_FILE, SpeakerCache
 from tts_gateway.engines.xtts_streaming import decode_latents, text_tokens
 from tts_gateway.errors import NotFound
+
+log = logging.getLogger(__name__)
 
 LICENCE = "CPML (Coqui Public Model License)"
 # Retry-After while XTTS v2 downloads: often enough to notice the end, rarely enough not to matter.
@@ -152,9 +156,12 @@ class XttsEngine(BaseEngine):
     reference_sample_rate = 22050
 
     def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0, *,
-                 accept_licence: bool = False, hub: HubModel | None = None, max_batch: int = 0) -> None:
+                 accept_licence: bool = False, hub: HubModel | None = None, max_batch: int = 0,
+                 precision: str = "fp32") -> None:
         super().__init__()
         self.max_batch = max_batch or DEFAULT_MAX_BATCH
+        self.precision = precision
+        self.kernels: dict[str, Any] = {}  # what load() chose and measured
         self._budget = shared_budget()
         self.configured = checkpoint
         self.device_setting = device
@@ -274,7 +281,11 @@ class XttsEngine(BaseEngine):
         model.load_checkpoint(config, checkpoint_dir=str(checkpoint), eval=True)
         model.to(device)
         self._model = model
-        self._batcher = GptBatcher(GptStack(model.gpt), self.max_batch, self._cores)
+        stack = GptStack(model.gpt)
+        self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
+                               batch=min(4, self.max_batch))
+        log.info("XTTS's GPT runs on %s", self.kernels)
+        self._batcher = GptBatcher(stack, self.max_batch, self._cores)
         self._active = checkpoint
         self._loaded = True
 
@@ -399,4 +410,5 @@ class XttsEngine(BaseEngine):
 def register_engines(register: Callable[[Any], None], context: EngineContext) -> None:
     register(XttsEngine(context.options.get("xtts_checkpoint"), device=context.device, threads=context.threads,
                         accept_licence=bool(context.options.get("accept_cpml")),
-                        max_batch=int(context.options.get("xtts_max_batch") or 0)))
+                        max_batch=int(context.options.get("xtts_max_batch") or 0),
+                        precision=str(context.options.get("xtts_precision") or "fp32")))

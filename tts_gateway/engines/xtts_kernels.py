@@ -1,0 +1,134 @@
+"""The kernels XTTS's GPT runs on: chosen at load, by measuring on this machine.
+
+XTTS's GPT is transformers' GPT-2, whose projections are ``Conv1D`` modules (``x @ W + b``), which
+PyTorch's dynamic quantization and oneDNN do not know. Here they become ``nn.Linear`` (the same weights,
+transposed): on a CPU that alone made a real-size sentence ~25 % faster (issue 31's figures), and it
+opens the two other kernels:
+
+* ``fp32`` (default): the faster, measured at load on a batched step, of PyTorch's default GEMM (MKL on
+  x86) and oneDNN (``torch.utils.mkldnn``) — the default GEMM gains little from a few rows on some CPUs,
+  oneDNN does; which one wins depends on the CPU, so the machine decides.
+* ``int8`` (``TTS_GATEWAY_XTTS_PRECISION=int8``, opt-in): dynamic int8 quantization of those linear layers
+  (fbgemm): several times faster on a CPU, with a small numeric error whose effect on real voices could
+  not be heard here (no real weights): measure it on yours with ``tts-gateway dev compare-precision``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
+
+
+def linearize(gpt: Any) -> int:
+    """Replace every ``Conv1D`` of the GPT-2 blocks by an equivalent ``nn.Linear``; returns how many."""
+    import torch
+    from torch import nn
+
+    replaced = 0
+    for block in gpt.gpt.h:
+        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                            (block.mlp, "c_proj")):
+            conv = getattr(owner, name)
+            if isinstance(conv, nn.Linear) or not hasattr(conv, "nf"):
+                continue
+            weight = conv.weight  # [in, out]
+            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight.t())
+                if conv.bias is not None:
+                    linear.bias.copy_(conv.bias)
+            setattr(owner, name, linear)
+            replaced += 1
+    return replaced
+
+
+def _linears(gpt: Any) -> list[tuple[Any, str]]:
+    return [(owner, name) for block in gpt.gpt.h
+            for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                                (block.mlp, "c_proj"))]
+
+
+def quantize_int8(gpt: Any) -> None:
+    """Dynamic int8 quantization (per tensor, fbgemm) of the GPT-2 blocks' linear layers."""
+    import torch
+    from torch import nn
+
+    for owner, name in _linears(gpt):
+        layer = getattr(owner, name)
+        if isinstance(layer, nn.Linear):
+            quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear},
+                                                               dtype=torch.qint8)[0]
+            setattr(owner, name, quantized)
+
+
+def to_onednn(gpt: Any) -> None:
+    """The linear layers through oneDNN (``torch.utils.mkldnn``; dense tensors in and out)."""
+    import torch.utils.mkldnn
+    from torch import nn
+
+    for owner, name in _linears(gpt):
+        layer = getattr(owner, name)
+        if isinstance(layer, nn.Linear):
+            setattr(owner, name, torch.utils.mkldnn.to_mkldnn(nn.Sequential(layer))[0])
+
+
+def _restore(gpt: Any, saved: dict[tuple[int, str], Any]) -> None:
+    for owner, name in _linears(gpt):
+        setattr(owner, name, saved[(id(owner), name)])
+
+
+def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int = 4,
+            rounds: int = 3) -> dict[str, Any]:
+    """Put the GPT on its kernels for ``precision``; ``step(n)`` runs one batched GPT step of ``n`` rows.
+
+    Returns what was chosen and measured (milliseconds per step), for the log and the engine's description.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    linearize(gpt)
+    if precision == "int8":
+        quantize_int8(gpt)
+        return {"precision": "int8", "kernel": "fbgemm"}
+    if not hasattr(torch.utils, "mkldnn") or not torch.backends.mkldnn.is_available() \
+            or next(gpt.parameters()).device.type != "cpu":
+        return {"precision": "fp32", "kernel": "default"}
+
+    def timed() -> float:
+        step(batch)  # warm: the first call allocates and packs
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            step(batch)
+            samples.append(time.perf_counter() - started)
+        return sorted(samples)[len(samples) // 2] * 1000
+
+    with torch.inference_mode():
+        default_ms = timed()
+        saved = {(id(owner), name): getattr(owner, name) for owner, name in _linears(gpt)}
+        try:
+            to_onednn(gpt)
+            onednn_ms = timed()
+        except RuntimeError as exc:  # a build without oneDNN's linear
+            log.info("oneDNN linear layers unavailable (%s); XTTS's GPT keeps the default GEMM", exc)
+            _restore(gpt, saved)
+            return {"precision": "fp32", "kernel": "default", "default_ms": round(default_ms, 1)}
+    chosen = {"precision": "fp32", "batch": batch, "default_ms": round(default_ms, 1),
+              "onednn_ms": round(onednn_ms, 1)}
+    if onednn_ms < default_ms:
+        chosen["kernel"] = "onednn"
+    else:
+        _restore(gpt, saved)
+        chosen["kernel"] = "default"
+    return chosen
+
+
+__all__ = ["PRECISIONS", "linearize", "prepare", "quantize_int8", "to_onednn"]

@@ -34,6 +34,7 @@ BENCHMARKS = {
     "kokoro": "benchmarks.kokoro_bench",
     "xtts_streaming": "benchmarks.xtts_streaming",
     "xtts_real_size": "benchmarks.xtts_real_size",
+    "xtts_batching": "benchmarks.xtts_batching",
     "ray_memory": "benchmarks.ray_memory",
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"

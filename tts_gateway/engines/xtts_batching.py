@@ -120,7 +120,11 @@ class GptStack:
         self.layers = len(self.blocks)
         self.start_audio_token = int(gpt.start_audio_token)
         self.stop_audio_token = int(gpt.stop_audio_token)
-        self.max_tokens = int(gpt.max_gen_mel_tokens)
+
+    @property
+    def max_tokens(self) -> int:
+        """Most audio tokens of one sentence (read each time: the benchmarks cap it)."""
+        return int(self.gpt.max_gen_mel_tokens)
 
     def cache(self, rows: int) -> KVCache:
         return KVCache(self.layers, self.heads, self.head_dim, rows, next(self.gpt.parameters()))

@@ -93,10 +93,6 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
-
     def openai_voice(self, name: str) -> str | None:
         """Built-in voice an OpenAI voice name maps to, or None when it is not an OpenAI name."""
         if name in self.openai_voice_map:

@@ -17,7 +17,6 @@ import pluggy
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.engines import hookspecs
 from tts_gateway.engines.base import (
-    CloningEngine,
     EngineContext,
     EngineUnavailable,
     RetryHinting,
@@ -144,9 +143,6 @@ class EngineManager:
         if not ok:
             raise unavailable(engine, reason)
         return engine
-
-    def is_cloning(self, name: str) -> bool:
-        return isinstance(self.get(name), CloningEngine)
 
     def plugin_names(self) -> list[str]:
         return sorted(n for n, _ in self.pm.list_name_plugin() if n)

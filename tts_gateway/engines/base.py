@@ -193,6 +193,31 @@ class VoiceHintingEngine(SpeechEngine, Protocol):
         ...
 
 
+@runtime_checkable
+class LanguageNamingEngine(Protocol):
+    """An engine that knows its languages' names (``/v1/languages`` shows them; others get the standard ones)."""
+
+    @property
+    def language_names(self) -> Mapping[str, str]:
+        """Language code → name, for some or all of ``languages``."""
+        ...
+
+
+@runtime_checkable
+class ReplicatedEngine(Protocol):
+    """An engine whose model lives in other processes (Ray Serve replicas), which load, unload and reap it.
+
+    The gateway leaves such an engine alone when it closes and in the idle reaper, sends load/unload to
+    every replica, and lists the replicas in ``/v1/engines``.
+    """
+
+    remote: bool
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Each live replica's state, as plain values."""
+        ...
+
+
 class BaseEngine:
     """Sensible defaults for the engine protocol: subclass it and write ``synthesize``.
 

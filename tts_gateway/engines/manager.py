@@ -19,6 +19,7 @@ from tts_gateway.engines import hookspecs
 from tts_gateway.engines.base import (
     EngineContext,
     EngineUnavailable,
+    ReplicatedEngine,
     RetryHinting,
     SpeechEngine,
 )
@@ -217,7 +218,7 @@ class EngineManager:
         now = time.monotonic() if now is None else now
         reaped = []
         for name, slot in self._slots.items():
-            if getattr(slot.engine, "remote", False):  # its model lives elsewhere, which reaps it
+            if isinstance(slot.engine, ReplicatedEngine):  # its model lives elsewhere, which reaps it
                 continue
             with slot.lock:
                 if slot.engine.loaded and not slot.in_use and now - slot.last_used > ttl_s:
@@ -246,5 +247,5 @@ class EngineManager:
             self._reaper.join(timeout=5)
             self._reaper = None
         for name in self.names:
-            if not getattr(self.get(name), "remote", False):  # a remote model outlives this process
+            if not isinstance(self.get(name), ReplicatedEngine):  # a remote model outlives this process
                 self.unload(name, force=True)

@@ -23,7 +23,9 @@ Latents = Mapping[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Capabilities:
-    cloning: bool = False
+    """What an engine declares about how it runs. Whether it clones is not a flag: an engine clones when
+    it implements `CloningEngine` (``/v1/engines`` reports that as ``capabilities.cloning``)."""
+
     streaming: bool = False
     # True when the same text, voice and options always give the same samples (no seed needed).
     deterministic: bool = False

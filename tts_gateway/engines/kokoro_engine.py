@@ -241,7 +241,7 @@ class KokoroEngine(BaseEngine):
     """Kokoro-82M voices; ``speed`` is the model's own duration control (time stretch past 0.5–2)."""
 
     name = "kokoro"
-    capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
+    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
 
     def __init__(self, source: KokoroSource, *, device: str = "auto", threads: int = 0) -> None:
         super().__init__()
@@ -249,7 +249,7 @@ class KokoroEngine(BaseEngine):
         self.device = device
         self.threads = threads
         # Per instance: becomes non-deterministic if a user's model turns out to sample noise.
-        self.capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
+        self.capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
         self._lock = threading.Lock()
         self._g2p_lock = threading.Lock()
         self._names: list[str] | None = None

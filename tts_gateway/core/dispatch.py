@@ -226,6 +226,9 @@ class Dispatcher:
         for variable, nearest in settings.unknown_variables:
             hint = f"; did you mean {nearest}?" if nearest else ""
             lines.append(f"warning: {variable} is not a setting and is ignored{hint}")
+        for variable in self.core.engines.unclaimed_options():
+            engines = ", ".join(self.core.engines.names) or "none"
+            lines.append(f"warning: {variable} names no engine and is ignored (engines: {engines})")
         return lines
 
     def start(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pluggy
 
 from tts_gateway.config import Settings, SettingsError
+from tts_gateway.config.settings import ENGINE_OPTION_PREFIX
 from tts_gateway.engines import hookspecs
 from tts_gateway.engines.base import (
     EngineContext,
@@ -22,6 +23,8 @@ from tts_gateway.engines.base import (
     ReplicatedEngine,
     RetryHinting,
     SpeechEngine,
+    missing_members,
+    option_prefix,
 )
 from tts_gateway.errors import NotFound
 
@@ -47,6 +50,7 @@ def engine_context(settings: Settings) -> EngineContext:
         options={"xtts_checkpoint": settings.xtts_checkpoint, "accept_cpml": settings.accept_cpml,
                  "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices,
                  "piper_voices_dir": settings.piper_voices_dir},
+        engine_options=settings.engine_options,
     )
 
 
@@ -119,11 +123,20 @@ class EngineManager:
         self._stop = threading.Event()
 
     def _register(self, engine: SpeechEngine) -> None:
-        if not isinstance(engine, SpeechEngine):
-            raise TypeError(f"{engine!r} does not implement the SpeechEngine protocol")
+        missing = missing_members(engine, SpeechEngine)
+        if missing:
+            name = type(engine).__name__ if "name" in missing else engine.name
+            raise TypeError(f"engine {name!r} lacks {', '.join(missing)}: an engine has every member of "
+                            f"SpeechEngine (BaseEngine gives all but sample_rate, languages and synthesize)")
         if engine.name in self._slots:
             raise ValueError(f"two plugins register an engine named {engine.name!r}")
         self._slots[engine.name] = _Slot(engine)
+
+    def unclaimed_options(self) -> list[str]:
+        """``TTS_GATEWAY_ENGINE_<NAME>_<KEY>`` variables whose NAME is no registered engine (a typo, most likely)."""
+        prefixes = [option_prefix(name) for name in self.names]
+        return [f"{ENGINE_OPTION_PREFIX}{variable}" for variable in self.settings.engine_options
+                if not any(variable.startswith(prefix) and variable != prefix for prefix in prefixes)]
 
     # -- lookup ---------------------------------------------------------------------------------
     @property

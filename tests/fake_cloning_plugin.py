@@ -68,7 +68,7 @@ def _latent_barrier() -> None:
 
 class FakeCloningEngine(BaseEngine):
     name = "clone"
-    capabilities = Capabilities(cloning=True, streaming=True, deterministic=True)
+    capabilities = Capabilities(streaming=True, deterministic=True)
     reference_sample_rate = RATE
 
     @property

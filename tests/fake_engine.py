@@ -24,7 +24,7 @@ RATE = 16000
 
 class FakeEngine(BaseEngine):
     name = "fake"
-    capabilities = Capabilities(cloning=False, streaming=True, deterministic=True)
+    capabilities = Capabilities(streaming=True, deterministic=True)
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, assert_problem, decode, running_app
 from tests.fake_engine import FakeEngine, FakePlugin
+from tts_gateway import BaseEngine, BuiltinVoice, EngineContext, ModelInfo, Register
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.manager import EngineManager
@@ -125,6 +126,67 @@ def test_duplicate_engine_names_fail(make_settings: Any) -> None:
     with pytest.raises(ValueError, match="two plugins"):
         EngineManager(make_settings(engines=()), extra_plugins=(FakePlugin(FakeEngine()), FakePlugin(FakeEngine())),
                       load_entry_points=False)
+
+
+def test_registration_names_what_an_engine_lacks(make_settings: Any) -> None:
+    class Forgetful(BaseEngine):  # no sample_rate, no synthesize
+        name = "hello"
+        languages = ("en",)
+
+    class Nameless:
+        pass
+
+    for engine, message in [(Forgetful(), "engine 'hello' lacks sample_rate, synthesize"),
+                            (Nameless(), "engine 'Nameless' lacks name, capabilities, sample_rate, languages")]:
+        class Plugin:
+            @hookimpl
+            def register_engines(self, register: Register) -> None:
+                register(engine)  # noqa: B023  # called before the loop moves on
+
+        with pytest.raises(TypeError, match=message):
+            EngineManager(make_settings(engines=()), extra_plugins=(Plugin(),), load_entry_points=False)
+
+
+def test_a_plugin_engine_gets_its_own_options_from_the_environment(tmp_path: Path) -> None:
+    received: list[dict[str, str]] = []
+
+    class Greeter(BaseEngine):
+        name, sample_rate, languages = "hello", 16000, ("en",)
+
+        def __init__(self, options: dict[str, str]) -> None:
+            super().__init__()
+            self.options = options
+
+        @property
+        def model(self) -> ModelInfo:
+            return ModelInfo(id=f"greeter/{self.options.get('greeting')}")
+
+        def voices(self) -> list[BuiltinVoice]:
+            return [BuiltinVoice("one", "en")]
+
+        def synthesize(self, text: str, voice: Any, options: Any) -> Any:
+            yield np.zeros(160, np.float32)
+
+    class Plugin:
+        @hookimpl
+        def register_engines(self, register: Register, context: EngineContext) -> None:
+            received.append(context.options_for("hello"))
+            register(Greeter(context.options_for("hello")))
+
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path), "TTS_GATEWAY_ENGINES": "", "TTS_GATEWAY_DEFAULT_VOICE": "hello:one",
+           "TTS_GATEWAY_CANARY": "0", "TTS_GATEWAY_ENGINE_HELLO_GREETING": "hi",
+           "TTS_GATEWAY_ENGINE_HELLO_REPLY_TO": "World", "TTS_GATEWAY_ENGINE_HELO_GREETING": "typo",
+           "TTS_GATEWAY_ENGINE_THREADS": "1", "TTS_GATEWAY_ENGINE_THREDS": "2"}
+    settings = Settings.from_env(env)
+    assert settings.engine_threads == 1  # a setting of the gateway's own, not an engine option
+    # Engine options are settings: only the misspelt ENGINE_THREADS is unknown.
+    assert settings.unknown_variables == (("TTS_GATEWAY_ENGINE_THREDS", "TTS_GATEWAY_ENGINE_THREADS"),)
+    with running_app(settings, Plugin()) as client:
+        assert received == [{"greeting": "hi", "reply_to": "World"}]
+        assert client.get("/v1/engines/hello").json()["model"]["id"] == "greeter/hi"
+        summary = "\n".join(client.app.state.tts.summary())
+    assert "TTS_GATEWAY_ENGINE_HELO_GREETING names no engine and is ignored (engines: hello)" in summary
+    assert "HELLO_GREETING" not in summary and "REPLY_TO" not in summary
 
 
 def test_settings_from_env_defaults_and_errors() -> None:

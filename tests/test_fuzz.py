@@ -235,7 +235,7 @@ class FakeCloner(FakeEngine):
     """
 
     name = "xtts"
-    capabilities = Capabilities(cloning=True, streaming=True, deterministic=True)
+    capabilities = Capabilities(streaming=True, deterministic=True)
     reference_sample_rate = RATE
 
     def voices(self) -> list[BuiltinVoice]:

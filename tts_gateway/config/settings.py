@@ -17,6 +17,9 @@ from typing import Any
 from tts_gateway.errors import Invalid
 
 PREFIX = "TTS_GATEWAY_"
+# TTS_GATEWAY_ENGINE_<NAME>_<KEY>: an engine's own option (engines read theirs with EngineContext.options_for).
+ENGINE_OPTION_PREFIX = PREFIX + "ENGINE_"
+_ENGINE_OPTION_RE = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+")
 SCOPES = frozenset({"synthesize", "voices", "admin"})
 # A voice setting is a preset name or engine:voice; the voices layer checks that it exists.
 _VOICE_SETTING_RE = re.compile(r"^(?:[a-z0-9_-]{1,40}:)?[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
@@ -89,15 +92,13 @@ class Settings:
     kokoro_model: Path | None = None  # a kokoro-v1.0 ONNX model …
     kokoro_voices: Path | None = None  # … and its voices file (kokoro-onnx)
     piper_voices_dir: Path | None = None  # every NAME.onnx + NAME.onnx.json here is a voice piper:NAME
+    # Plugin engines' options, by <NAME>_<KEY> in capitals (TTS_GATEWAY_ENGINE_HELLO_GREETING → "HELLO_GREETING").
+    engine_options: Mapping[str, str] = field(default_factory=dict)
     # TTS_GATEWAY_* variables that mean nothing here, each with the nearest known name (start-up warns).
     unknown_variables: tuple[tuple[str, str | None], ...] = field(default=(), compare=False)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
-
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
 
     def openai_voice(self, name: str) -> str | None:
         """Built-in voice an OpenAI voice name maps to, or None when it is not an OpenAI name."""
@@ -249,7 +250,14 @@ class Settings:
         if 0 < parsed.ray_max_replicas < parsed.ray_min_replicas:
             raise SettingsError(f"{PREFIX}RAY_MAX_REPLICAS ({parsed.ray_max_replicas}) must be at least "
                                 f"{PREFIX}RAY_MIN_REPLICAS ({parsed.ray_min_replicas})")
-        return replace(parsed, unknown_variables=env.unknown())
+        # Last, so that settings of their own that start the same way (ENGINE_THREADS) are taken already.
+        engine_options = {}
+        for variable in sorted(source):
+            suffix = variable.removeprefix(ENGINE_OPTION_PREFIX)
+            if variable.startswith(ENGINE_OPTION_PREFIX) and variable not in env.asked \
+                    and _ENGINE_OPTION_RE.fullmatch(suffix) and (value := raw(variable.removeprefix(PREFIX))):
+                engine_options[suffix.upper()] = value
+        return replace(parsed, engine_options=engine_options, unknown_variables=env.unknown())
 
 
 class _Recording(Mapping[str, str]):

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from tts_gateway.core.compose import Core
 from tts_gateway.core.phrase_cache import PhraseCache
-from tts_gateway.core.runner import Admission, LocalRunner, Runner, Worker
+from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, Worker
 from tts_gateway.core.service import Plan, SynthesisRequest
 from tts_gateway.errors import TTSGatewayError
 
@@ -193,8 +193,7 @@ class Dispatcher:
         problem = self.core.registry.health()
         if problem is not None:
             return False, problem
-        remote = getattr(self.runner, "health", None)  # engines elsewhere (Ray): each needs a live replica
-        problem = remote() if remote is not None else None
+        problem = self.runner.health() if isinstance(self.runner, HealthReportingRunner) else None
         if problem is not None:
             return False, problem
         return True, f"{detail}; engines: {engines}"
@@ -227,6 +226,9 @@ class Dispatcher:
         for variable, nearest in settings.unknown_variables:
             hint = f"; did you mean {nearest}?" if nearest else ""
             lines.append(f"warning: {variable} is not a setting and is ignored{hint}")
+        for variable in self.core.engines.unclaimed_options():
+            engines = ", ".join(self.core.engines.names) or "none"
+            lines.append(f"warning: {variable} names no engine and is ignored (engines: {engines})")
         return lines
 
     def start(self) -> None:

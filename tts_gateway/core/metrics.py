@@ -47,17 +47,6 @@ class Metrics:
         (Ray replicas' engine metrics, under the same names as this process's own)."""
         self._remote.append((texts, frozenset(names), label))
 
-    def conditioning_total(self, engine: str | None = None) -> float:
-        return self._sum("tts_conditioning_computations_total", engine)
-
-    def _sum(self, sample_name: str, engine: str | None) -> float:
-        total = 0.0
-        for metric in self.registry.collect():
-            for sample in metric.samples:
-                if sample.name == sample_name and (engine is None or sample.labels.get("engine") == engine):
-                    total += sample.value
-        return total
-
     def render(self) -> bytes:
         if not self._remote:
             return generate_latest(self.registry)

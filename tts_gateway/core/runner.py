@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from tts_gateway.core.metrics import Metrics
 from tts_gateway.errors import TimedOut, Unavailable
@@ -338,6 +338,15 @@ class Runner(Protocol):
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """A blocking call (registration, conditioning) under the same admission control."""
+        ...
+
+
+@runtime_checkable
+class HealthReportingRunner(Protocol):
+    """A runner whose engines run elsewhere and may be missing there (Ray: each engine needs a live replica)."""
+
+    def health(self) -> str | None:
+        """None when every engine can be reached; else which ones cannot, and why."""
         ...
 
 

@@ -7,11 +7,12 @@ mono chunks. Cloning engines also turn reference audio into ``Latents``.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,7 +24,9 @@ Latents = Mapping[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Capabilities:
-    cloning: bool = False
+    """What an engine declares about how it runs. Whether it clones is not a flag: an engine clones when
+    it implements `CloningEngine` (``/v1/engines`` reports that as ``capabilities.cloning``)."""
+
     streaming: bool = False
     # True when the same text, voice and options always give the same samples (no seed needed).
     deterministic: bool = False
@@ -167,7 +170,9 @@ class EngineContext:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (torch engines).
         threads: Intra-op threads to pin (0: the library's default).
         concurrency: How many syntheses the gateway may run at once.
-        options: Engine-specific, non-secret settings, e.g. ``xtts_checkpoint``.
+        options: The built-in engines' settings, e.g. ``xtts_checkpoint``.
+        engine_options: Every ``TTS_GATEWAY_ENGINE_<NAME>_<KEY>`` variable, by ``<NAME>_<KEY>``; an engine
+            reads its own with `options_for`.
     """
 
     data_dir: Path
@@ -175,6 +180,24 @@ class EngineContext:
     threads: int = 0
     concurrency: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)
+    engine_options: Mapping[str, str] = field(default_factory=dict)
+
+    def options_for(self, engine: str) -> dict[str, str]:
+        """The options of the engine named ``engine``: ``TTS_GATEWAY_ENGINE_HELLO_GREETING=hi`` gives
+        ``options_for("hello") == {"greeting": "hi"}`` (a ``-`` in the name is ``_`` in the variable)."""
+        return options_of(engine, self.engine_options)
+
+
+def option_prefix(engine: str) -> str:
+    """How the engine named ``engine`` begins its options' names: ``HELLO_`` for ``hello``."""
+    return engine.upper().replace("-", "_") + "_"
+
+
+def options_of(engine: str, engine_options: Mapping[str, str]) -> dict[str, str]:
+    """The ``<NAME>_<KEY>`` entries of ``engine_options`` whose NAME is ``engine``, by lower-case KEY."""
+    prefix = option_prefix(engine)
+    return {name.removeprefix(prefix).lower(): value for name, value in engine_options.items()
+            if name.startswith(prefix) and name != prefix}
 
 
 @runtime_checkable
@@ -193,6 +216,31 @@ class VoiceHintingEngine(SpeechEngine, Protocol):
         ...
 
 
+@runtime_checkable
+class LanguageNamingEngine(Protocol):
+    """An engine that knows its languages' names (``/v1/languages`` shows them; others get the standard ones)."""
+
+    @property
+    def language_names(self) -> Mapping[str, str]:
+        """Language code → name, for some or all of ``languages``."""
+        ...
+
+
+@runtime_checkable
+class ReplicatedEngine(Protocol):
+    """An engine whose model lives in other processes (Ray Serve replicas), which load, unload and reap it.
+
+    The gateway leaves such an engine alone when it closes and in the idle reaper, sends load/unload to
+    every replica, and lists the replicas in ``/v1/engines``.
+    """
+
+    remote: bool
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Each live replica's state, as plain values."""
+        ...
+
+
 class BaseEngine:
     """Sensible defaults for the engine protocol: subclass it and write ``synthesize``.
 
@@ -202,6 +250,17 @@ class BaseEngine:
 
     name: str = "base"
     capabilities: Capabilities = Capabilities()
+
+    if TYPE_CHECKING:
+        # What a subclass must define. Declared for type checkers only: at run time a subclass that forgets
+        # one lacks it, and registration names it (`missing_members`).
+        @property
+        def sample_rate(self) -> int: ...
+
+        @property
+        def languages(self) -> Sequence[str]: ...
+
+        def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]: ...
 
     def __init__(self) -> None:
         self._loaded = False
@@ -230,9 +289,34 @@ class BaseEngine:
         self._loaded = False
 
     def check_language(self, language: str) -> None:
-        languages = list(self.languages)  # type: ignore[attr-defined]  # the subclass defines them
+        languages = list(self.languages)
         if language not in languages:
             raise UnsupportedLanguage(self.name, language, languages)
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The public attributes and methods ``protocol`` (a `typing.Protocol`) declares, its bases' too."""
+    names: dict[str, None] = {}
+    for cls in reversed(protocol.__mro__):
+        if cls in (object, Protocol) or not getattr(cls, "_is_protocol", False):
+            continue
+        for name in (*getattr(cls, "__annotations__", {}), *vars(cls)):
+            if not name.startswith("_"):
+                names[name] = None
+    return list(names)
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks, found without running its properties."""
+    dynamic = hasattr(type(obj), "__getattr__")  # a proxy: its members exist only when asked for
+    missing = []
+    for name in protocol_members(protocol):
+        try:
+            inspect.getattr_static(obj, name)
+        except AttributeError:
+            if not (dynamic and hasattr(obj, name)):
+                missing.append(name)
+    return missing
 
 
 def match_language(engine: SpeechEngine, language: str) -> str:

@@ -52,7 +52,7 @@ def wav_samples(data: bytes) -> np.ndarray:
 
 class EspeakEngine(BaseEngine):
     name = "espeak"
-    capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
+    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
 
     def __init__(self, binary: str | None = None) -> None:
         super().__init__()

@@ -81,7 +81,7 @@ class KokoroEngine(BaseEngine):
     """Kokoro-82M voices; ``speed`` is the model's own duration control (time stretch past 0.5–2)."""
 
     name = "kokoro"
-    capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
+    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
 
     def __init__(self, source: KokoroSource, *, device: str = "auto", threads: int = 0) -> None:
         super().__init__()
@@ -89,7 +89,7 @@ class KokoroEngine(BaseEngine):
         self.device = device
         self.threads = threads
         # Per instance: becomes non-deterministic if a user's model turns out to sample noise.
-        self.capabilities = Capabilities(cloning=False, streaming=True, deterministic=True, native_speed=True)
+        self.capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
         self._lock = threading.Lock()
         self._voices = VoicesFile(source.voices_path, source.problem)
         self._has_ja_frontend: bool | None = None

@@ -15,13 +15,16 @@ from typing import Any
 import pluggy
 
 from tts_gateway.config import Settings, SettingsError
+from tts_gateway.config.settings import ENGINE_OPTION_PREFIX
 from tts_gateway.engines import hookspecs
 from tts_gateway.engines.base import (
-    CloningEngine,
     EngineContext,
     EngineUnavailable,
+    ReplicatedEngine,
     RetryHinting,
     SpeechEngine,
+    missing_members,
+    option_prefix,
 )
 from tts_gateway.errors import NotFound
 
@@ -48,6 +51,7 @@ def engine_context(settings: Settings) -> EngineContext:
                  "xtts_max_batch": settings.xtts_max_batch, "xtts_precision": settings.xtts_precision,
                  "kokoro_model": settings.kokoro_model, "kokoro_voices": settings.kokoro_voices,
                  "piper_voices_dir": settings.piper_voices_dir},
+        engine_options=settings.engine_options,
     )
 
 
@@ -120,11 +124,20 @@ class EngineManager:
         self._stop = threading.Event()
 
     def _register(self, engine: SpeechEngine) -> None:
-        if not isinstance(engine, SpeechEngine):
-            raise TypeError(f"{engine!r} does not implement the SpeechEngine protocol")
+        missing = missing_members(engine, SpeechEngine)
+        if missing:
+            name = type(engine).__name__ if "name" in missing else engine.name
+            raise TypeError(f"engine {name!r} lacks {', '.join(missing)}: an engine has every member of "
+                            f"SpeechEngine (BaseEngine gives all but sample_rate, languages and synthesize)")
         if engine.name in self._slots:
             raise ValueError(f"two plugins register an engine named {engine.name!r}")
         self._slots[engine.name] = _Slot(engine)
+
+    def unclaimed_options(self) -> list[str]:
+        """``TTS_GATEWAY_ENGINE_<NAME>_<KEY>`` variables whose NAME is no registered engine (a typo, most likely)."""
+        prefixes = [option_prefix(name) for name in self.names]
+        return [f"{ENGINE_OPTION_PREFIX}{variable}" for variable in self.settings.engine_options
+                if not any(variable.startswith(prefix) and variable != prefix for prefix in prefixes)]
 
     # -- lookup ---------------------------------------------------------------------------------
     @property
@@ -145,9 +158,6 @@ class EngineManager:
         if not ok:
             raise unavailable(engine, reason)
         return engine
-
-    def is_cloning(self, name: str) -> bool:
-        return isinstance(self.get(name), CloningEngine)
 
     def plugin_names(self) -> list[str]:
         return sorted(n for n, _ in self.pm.list_name_plugin() if n)
@@ -222,7 +232,7 @@ class EngineManager:
         now = time.monotonic() if now is None else now
         reaped = []
         for name, slot in self._slots.items():
-            if getattr(slot.engine, "remote", False):  # its model lives elsewhere, which reaps it
+            if isinstance(slot.engine, ReplicatedEngine):  # its model lives elsewhere, which reaps it
                 continue
             with slot.lock:
                 if slot.engine.loaded and not slot.in_use and now - slot.last_used > ttl_s:
@@ -251,5 +261,5 @@ class EngineManager:
             self._reaper.join(timeout=5)
             self._reaper = None
         for name in self.names:
-            if not getattr(self.get(name), "remote", False):  # a remote model outlives this process
+            if not isinstance(self.get(name), ReplicatedEngine):  # a remote model outlives this process
                 self.unload(name, force=True)

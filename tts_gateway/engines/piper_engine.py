@@ -103,7 +103,7 @@ class PiperEngine(BaseEngine):
     """Piper voices; ``speed`` maps to Piper's native length scale, and a time stretch beyond it (`speed_plan`)."""
 
     name = "piper"
-    capabilities = Capabilities(cloning=False, streaming=True, deterministic=False, native_speed=True,
+    capabilities = Capabilities(streaming=True, deterministic=False, native_speed=True,
                                 parallel_pieces=True)
 
     def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0, sessions: int = 1,

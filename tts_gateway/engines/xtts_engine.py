@@ -152,7 +152,7 @@ class XttsEngine(BaseEngine):
     """
 
     name = "xtts"
-    capabilities = Capabilities(cloning=True, streaming=True, deterministic=False, native_speed=True)
+    capabilities = Capabilities(streaming=True, deterministic=False, native_speed=True)
     reference_sample_rate = 22050
 
     def __init__(self, checkpoint: Path | None, device: str = "auto", threads: int = 0, *,

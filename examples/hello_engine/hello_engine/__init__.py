@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tts_gateway import BaseEngine, BuiltinVoice, Capabilities, SynthesisOptions, VoiceInput, hookimpl
+from tts_gateway import BaseEngine, BuiltinVoice, Capabilities, Register, SynthesisOptions, VoiceInput, hookimpl
 
 
 class HelloEngine(BaseEngine):
@@ -28,5 +28,5 @@ class HelloEngine(BaseEngine):
 
 
 @hookimpl
-def register_engines(register):  # type: ignore[no-untyped-def]
+def register_engines(register: Register) -> None:
     register(HelloEngine())

@@ -8,7 +8,7 @@ from litestar import Controller, get, post
 
 from tts_gateway.core.dispatch import Dispatcher
 from tts_gateway.core.metrics import Metrics
-from tts_gateway.engines.base import CloningEngine
+from tts_gateway.engines.base import CloningEngine, LanguageNamingEngine, ReplicatedEngine
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Conflict
 from tts_gateway.gateway.auth import auth_problems
@@ -45,7 +45,7 @@ def describe_engine(engines: EngineManager, name: str) -> Engine:
         sample_rate=engine.sample_rate,
         model=EngineModel(id=model.id, sha256=model.sha256, licence=model.licence) if model else None,
         voices=[f"{name}:{v.id}" for v in engine.voices()] if available else [],
-        replicas=[EngineReplica(**r) for r in replicas()] if (replicas := getattr(engine, "replicas", None)) else None,
+        replicas=[EngineReplica(**r) for r in engine.replicas()] if isinstance(engine, ReplicatedEngine) else None,
     )
 
 
@@ -55,7 +55,7 @@ def collect_languages(engines: EngineManager) -> list[Language]:
         engine = engines.get(name)
         if not engine.availability()[0]:
             continue
-        names = getattr(engine, "language_names", None) or {}
+        names = engine.language_names if isinstance(engine, LanguageNamingEngine) else {}
         for code in engine.languages:
             entry = table.get(code)
             if entry is None:
@@ -84,7 +84,7 @@ class EnginesController(Controller):
     async def load_engine(self, name: str, engines: EngineManager, dispatcher: Dispatcher,
                           metrics: Metrics) -> Engine:
         engine = engines.get(name)
-        if getattr(engine, "remote", False):  # every replica loads; they report tts_engine_loaded themselves
+        if isinstance(engine, ReplicatedEngine):  # every replica loads; they report tts_engine_loaded themselves
             await dispatcher.blocking(engine.load)
             return await asyncio.to_thread(describe_engine, engines, name)
         await dispatcher.blocking(lambda: engines.ensure_loaded(name))
@@ -95,7 +95,7 @@ class EnginesController(Controller):
           summary="Unload an engine's model and free its memory", **documented(*auth_problems("admin"), 404, 409))
     async def unload_engine(self, name: str, engines: EngineManager, metrics: Metrics) -> Engine:
         engine = engines.get(name)
-        if getattr(engine, "remote", False):  # every replica unloads, or 409 when one is synthesizing
+        if isinstance(engine, ReplicatedEngine):  # every replica unloads, or 409 when one is synthesizing
             await asyncio.to_thread(engine.unload)
             return await asyncio.to_thread(describe_engine, engines, name)
         if not await asyncio.to_thread(engines.unload, name):

@@ -48,8 +48,7 @@ def create_app(settings: Settings, engine_manager: EngineManager | None = None, 
     if backend is not None:
         from tts_gateway.ray.board import REPLICA_METRICS
 
-        if backend.registry is None:
-            backend.registry = core.registry
+        backend.use_registry(core.registry)
         core.metrics.add_remote(backend.metric_texts, REPLICA_METRICS, label="replica")
     dispatcher = Dispatcher(core, runner=backend)
 

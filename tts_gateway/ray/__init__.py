@@ -14,23 +14,19 @@ without a stability promise).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tts_gateway.config import Settings, SettingsError
 
 if TYPE_CHECKING:
     from tts_gateway.ray.backend import RayBackend
 
-BACKENDS = ("local", "ray")
 
-
-def make_backend(settings: Settings, registry: Any = None) -> RayBackend | None:
-    """The remote backend the settings ask for, not started yet; None for ``local``."""
-    name = getattr(settings, "backend", "local") or "local"
-    if name == "local":
+def make_backend(settings: Settings) -> RayBackend | None:
+    """The remote backend the settings ask for, not started yet; None for ``local`` (settings checked the
+    name); `SettingsError` when Ray is not installed."""
+    if settings.backend != "ray":
         return None
-    if name != "ray":
-        raise SettingsError(f"TTS_GATEWAY_BACKEND must be one of {', '.join(BACKENDS)}, got {name!r}")
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -39,7 +35,7 @@ def make_backend(settings: Settings, registry: Any = None) -> RayBackend | None:
             f"TTS_GATEWAY_BACKEND=ray needs Ray Serve: pip install 'tts-gateway[ray]' ({exc})") from None
     from tts_gateway.ray.backend import RayBackend
 
-    return RayBackend(settings, registry)
+    return RayBackend(settings)
 
 
-__all__ = ["BACKENDS", "make_backend"]
+__all__ = ["make_backend"]

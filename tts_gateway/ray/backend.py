@@ -66,6 +66,11 @@ class RayBackend:
         self.started = False
         self.view: Any = None  # the `ClusterView` of the replicas' board, from start()
 
+    def use_registry(self, registry: Any) -> None:
+        """The registry presets are read from, when none was given at construction (the app's own)."""
+        if self.registry is None:
+            self.registry = registry
+
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
     def engines(self) -> list[str]:

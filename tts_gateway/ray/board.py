@@ -84,7 +84,7 @@ def board_handle(create: bool) -> Any:
 # -- what a replica says about its engine ------------------------------------------------------------
 def describe(engine: Any) -> dict[str, Any]:
     """An engine's description as plain values: what the gateway needs to plan and to list it."""
-    from tts_gateway.engines.base import BlendingEngine, CloningEngine
+    from tts_gateway.engines.base import BlendingEngine, CloningEngine, LanguageNamingEngine
 
     available, reason = engine.availability()
     try:
@@ -97,7 +97,8 @@ def describe(engine: Any) -> dict[str, Any]:
     return {
         "name": engine.name, "available": available, "reason": reason,
         "capabilities": asdict(engine.capabilities), "sample_rate": int(engine.sample_rate),
-        "languages": languages, "language_names": dict(getattr(engine, "language_names", None) or {}),
+        "languages": languages,
+        "language_names": dict(engine.language_names) if isinstance(engine, LanguageNamingEngine) else {},
         "model": model_values,
         "voices": [{**asdict(v), "languages": list(v.languages)} for v in engine.voices()] if available else [],
         "max_chars": {code: int(engine.max_chars(code)) for code in languages},

@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from tts_gateway.engines.base import BlendingEngine, CloningEngine
 from tts_gateway.errors import Conflict, Invalid, TTSGatewayError, Unavailable
 from tts_gateway.ray.wire import ReplicaError, SynthesisJob, settings_from_values
 
@@ -199,9 +200,9 @@ class EngineReplica:
         import numpy as np
 
         def check(engine: Any) -> None:
-            wanted = getattr(engine, "reference_sample_rate", None)
-            if wanted is None:
+            if not isinstance(engine, CloningEngine):
                 raise Conflict(f"engine {self.engine_name!r} cannot clone voices")
+            wanted = engine.reference_sample_rate
             if int(wanted) != int(rate):
                 raise Conflict(f"reference audio at {rate} Hz reached a replica that wants {wanted} Hz")
 
@@ -214,7 +215,7 @@ class EngineReplica:
         """A blended voice's latents (safetensors bytes) from weighted built-in voices."""
 
         def check(engine: Any) -> None:
-            if getattr(engine, "blend_latents", None) is None:
+            if not isinstance(engine, BlendingEngine):
                 raise Conflict(f"engine {self.engine_name!r} cannot blend voices")
 
         return await self._latents_blob(check, lambda engine: engine.blend_latents(dict(weights)))

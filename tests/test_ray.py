@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,23 @@ def test_serve_in_ray_mode_with_the_default_engines_gets_ready_on_two_cpus(tmp_p
 
         wait_until(lambda: conditioned() == {replica["id"]: 2.0}, "two conditionings counted on the xtts replica",
                    interval=0.2)
+
+        # Two XTTS requests at once reach the replica's batcher and share GPT steps.
+        def speak(i: int) -> int:
+            return httpx.post(server.base + "/v1/synthesize", timeout=HANG_GUARD_S, json={
+                "voice": xtts["voices"][0], "text": "One sentence here. Another one there. And a third one."}
+            ).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(speak, range(2))) == [200, 200]
+
+        def shared_steps() -> float:
+            text = httpx.get(server.base + "/metrics", timeout=HANG_GUARD_S).text
+            steps = sum(_metric(text, "tts_batch_size_count", engine="xtts").values())
+            alone = sum(_metric(text, "tts_batch_size_bucket", engine="xtts", le="1.0").values())
+            return steps - alone
+
+        wait_until(lambda: shared_steps() > 0, "an XTTS step with two sequences on the replica", interval=0.2)
         libraries = _mapped_libraries(server.process.pid)
         assert not [lib for lib in libraries if "torch" in lib or "onnxruntime" in lib], sorted(libraries)
     finally:

@@ -14,6 +14,7 @@ from tts_gateway.config import Settings
 from tts_gateway.core.metrics import Metrics
 from tts_gateway.core.phrase_cache import PhraseCache
 from tts_gateway.core.service import SynthesisService
+from tts_gateway.engines.base import BatchingEngine
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.voices import open_registry
 from tts_gateway.voices.catalog import VoiceCatalog
@@ -74,6 +75,11 @@ def build_core(
                                  on_cache_hit=lambda engine: metrics.voice_cache_hits.labels(engine).inc())
     else:  # the replicas count
         registry = open_registry(settings)
+    if engine_metrics:
+        for name in manager.names:
+            engine = manager.get(name)
+            if isinstance(engine, BatchingEngine):
+                engine.observe_batches(metrics.batch_size.labels(name).observe)
     voices = VoiceCatalog(manager, registry, settings.default_voice, require_consent=settings.require_consent)
     cache = PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics) if phrase_cache else None
     return Core(settings=settings, engines=manager, registry=registry, voices=voices, metrics=metrics,

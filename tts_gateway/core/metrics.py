@@ -33,6 +33,8 @@ class Metrics:
                                     ["engine"], registry=r)
         self.voice_cache_hits = Counter("tts_voice_cache_hits", "Stored latents reused instead of recomputed",
                                         ["engine"], registry=r)
+        self.batch_size = Histogram("tts_batch_size", "Sequences decoded together in one step of a batching engine",
+                                    ["engine"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.queue_depth = Gauge("tts_queue_depth", "Syntheses waiting for a slot", registry=r)
         self.in_flight = Gauge("tts_in_flight", "Syntheses running", registry=r)
         self.engine_loaded = Gauge("tts_engine_loaded", "1 when the engine's model is in memory",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -149,6 +149,15 @@ class CloningEngine(SpeechEngine, Protocol):
     reference_sample_rate: int
 
     def compute_latents(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class BatchingEngine(Protocol):
+    """An engine that decodes several requests together, one step at a time; it reports each step's size."""
+
+    def observe_batches(self, observer: Callable[[int], None]) -> None:
+        """Call ``observer(n)`` after every decoding step that carried ``n`` sequences."""
+        ...
 
 
 @runtime_checkable

@@ -311,10 +311,13 @@ class GptBatcher:
         stack: The model's GPT, run by hand.
         max_batch: Most sequences in the shared batch; more wait for a row.
         cores: Context manager factory for a slot of the process's core budget (held per step).
+        observer: Told how many sequences each step carried (the gateway's batch-size histogram).
     """
 
-    def __init__(self, stack: GptStack, max_batch: int, cores: Callable[[], AbstractContextManager[Any]]) -> None:
+    def __init__(self, stack: GptStack, max_batch: int, cores: Callable[[], AbstractContextManager[Any]], *,
+                 observer: Callable[[int], None] | None = None) -> None:
         self.stack = stack
+        self.observer = observer  # told the number of sequences of every step
         self.max_batch = max(1, max_batch)
         self.cores = cores
         self._lock = threading.Condition()
@@ -469,6 +472,7 @@ class GptBatcher:
                     picks.append(exc)
         self.steps += 1
         self.widest = max(self.widest, len(rows) + len(self._alone))
+        self._observe(len(rows))
         for i, (sequence, pick) in enumerate(zip(list(rows), picks, strict=True)):
             if isinstance(pick, BaseException):
                 sequence.put(pick)
@@ -493,8 +497,17 @@ class GptBatcher:
             sequence.cancel()
             self._prune()
             return
+        self._observe(1)
         self._deliver(sequence, token, latent[0:1])
         self._prune()
+
+    def _observe(self, size: int) -> None:
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer(size)
+            except Exception:  # metrics must never stop decoding
+                log.exception("batch observer failed")
 
 
 __all__ = ["DEFAULT_MAX_BATCH", "GptBatcher", "GptStack", "KVCache", "Sampling", "Sequence", "probe_step", "sample"]

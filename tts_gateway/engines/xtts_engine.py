@@ -176,6 +176,7 @@ class XttsEngine(BaseEngine):
         self._active: Path | None = None  # the checkpoint the loaded model came from
         self._model: Any = None
         self._batcher: GptBatcher | None = None
+        self._observer: Callable[[int], None] | None = None  # sequences per GPT step (metrics)
         self._lock = threading.Lock()  # load, unload and conditioning one at a time
         self._speakers = SpeakerCache()
 
@@ -233,6 +234,11 @@ class XttsEngine(BaseEngine):
             return False, f"checkpoint {self.configured} lacks {', '.join(missing)}"
         return True, None
 
+    def observe_batches(self, observer: Callable[[int], None]) -> None:
+        self._observer = observer
+        if self._batcher is not None:
+            self._batcher.observer = observer
+
     def retry_after(self) -> int | None:
         if self.configured is None and self._active is None and self.hub is not None:
             return self.hub.retry_after_s
@@ -285,7 +291,7 @@ class XttsEngine(BaseEngine):
         self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
                                batch=min(4, self.max_batch))
         log.info("XTTS's GPT runs on %s", self.kernels)
-        self._batcher = GptBatcher(stack, self.max_batch, self._cores)
+        self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer)
         self._active = checkpoint
         self._loaded = True
 

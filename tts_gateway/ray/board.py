@@ -34,7 +34,7 @@ DESCRIBE_EVERY_S = 10.0  # a replica re-reads its engine's description (voices o
 # The engine metrics a replica reports; the gateway exposes them with a ``replica`` label.
 REPLICA_METRICS = ("tts_synthesis_seconds", "tts_time_to_first_audio_seconds", "tts_real_time_factor",
                    "tts_audio_seconds", "tts_conditioning_computations", "tts_voice_cache_hits",
-                   "tts_engine_loaded")
+                   "tts_engine_loaded", "tts_batch_size")
 
 
 class Board:

@@ -42,11 +42,12 @@ fuzz: install-dev
 
 install: $(STAMP)
 
-# The test tools (pytest, mypy, playwright, schemathesis, …) on top of the runtime.
+# The test tools (pytest, mypy, playwright, schemathesis, …) and the postgres extra (its registry is tested
+# too) on top of the runtime.
 install-dev: $(DEV_STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,postgres]"
 	touch $@
 
 $(BIN)/python:

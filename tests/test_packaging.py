@@ -120,3 +120,42 @@ def test_with_the_repository_on_sys_path_no_bare_name_is_loaded_and_no_module_co
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[] []", result.stdout
+
+
+# Runs as if the postgres extra were not installed: psycopg cannot be imported (None in sys.modules).
+NO_PSYCOPG = 'import sys\nsys.modules["psycopg"] = sys.modules["psycopg_pool"] = None\n'
+POSTGRES_EXTRA_SCRIPT = NO_PSYCOPG + textwrap.dedent("""
+    import pathlib
+    from tts_gateway.config import Settings, SettingsError
+    from tts_gateway.gateway import create_app  # the gateway imports whole without psycopg
+    from tts_gateway.voices import LocalVoiceRegistry, open_registry
+
+    data = pathlib.Path(sys.argv[1])
+    local = open_registry(Settings(data_dir=data / "local"))
+    assert type(local) is LocalVoiceRegistry and local.health() is None
+    local.close()
+    try:
+        open_registry(Settings(data_dir=data / "shared", registry_url="postgresql://db.invalid/voices"))
+    except SettingsError as exc:
+        print(exc.detail)
+    else:
+        raise AssertionError("a PostgreSQL registry opened without psycopg")
+""")
+
+
+def test_the_postgres_registry_is_an_extra_and_asking_for_it_without_psycopg_names_the_extra(tmp_path: Path) -> None:
+    """Without psycopg the gateway imports and the local registry serves; TTS_GATEWAY_REGISTRY_URL then stops
+    start-up with a SettingsError naming the extra to install, and the CLI says it in one line (exit 2)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", POSTGRES_EXTRA_SCRIPT, str(tmp_path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    detail = result.stdout.strip().splitlines()[-1]
+    assert "TTS_GATEWAY_REGISTRY_URL" in detail and "pip install 'tts-gateway[postgres]'" in detail, detail
+
+    cli = subprocess.run([sys.executable, "-c", NO_PSYCOPG + "from tts_gateway.cli import app\napp()", "voices",
+                          "list"], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                         env={**env, "TTS_GATEWAY_DATA_DIR": str(tmp_path / "cli"), "TTS_GATEWAY_ENGINES": "espeak",
+                              "TTS_GATEWAY_REGISTRY_URL": "postgresql://db.invalid/voices"})
+    assert cli.returncode == 2, (cli.stdout, cli.stderr[-3000:])
+    assert "pip install 'tts-gateway[postgres]'" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr

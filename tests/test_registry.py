@@ -44,6 +44,7 @@ from tts_gateway.voices import (
 )
 from tts_gateway.voices.audio import ReferenceAudio
 from tts_gateway.voices.blobs import blob_metadata, encode, read_metadata
+from tts_gateway.voices.local_index import pointer_entries
 from tts_gateway.voices.registry import latents_key
 
 pytest_plugins = ["tests.pg_fixtures"]  # the postgres and pg_url fixtures
@@ -166,7 +167,7 @@ class Backend:
         """Keys of the upload-cache entries no preset uses."""
         if self.url is None:
             presets = {r.latents_key for r in registry.records()}
-            return set(registry._pointer_entries(registry.index)) - presets
+            return set(pointer_entries(registry.index)) - presets
         with psycopg.connect(self.url) as conn:
             rows = conn.execute("SELECT key FROM tts_conditioning c WHERE NOT EXISTS"
                                 " (SELECT 1 FROM tts_voices v WHERE v.latents_key = c.key)").fetchall()

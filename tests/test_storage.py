@@ -133,7 +133,7 @@ def damage(registry_root: Path) -> Path:
 
 
 def unavailable_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name.endswith("local_registry") and r.levelno >= logging.ERROR
+    return [r for r in caplog.records if r.name.startswith("tts_gateway.voices.local_") and r.levelno >= logging.ERROR
             and "unavailable" in r.getMessage()]
 
 
@@ -474,7 +474,7 @@ def test_the_gateway_rebuilds_a_damaged_index_at_start_and_its_presets_speak(
     damaged = db.read_bytes()
     log = Stderr(capfd)
 
-    with records_of("tts_gateway.voices.local_registry") as logged, \
+    with records_of("tts_gateway.voices") as logged, \
             running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         listed = client.get("/v1/voices")  # at once: the start itself repaired the index
         assert listed.status_code == 200, listed.text

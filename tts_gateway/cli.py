@@ -50,7 +50,7 @@ def load_settings() -> Settings:
     try:
         return Settings.from_env()
     except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -60,7 +60,7 @@ def open_core(settings: Settings) -> Core:
     try:
         return build_core(settings, phrase_cache=False)
     except TTSGatewayError as exc:
-        err.print(f"[red]error:[/red] {exc.detail}")
+        err.print(f"[red]error:[/red] {escape(exc.detail)}")
         raise typer.Exit(2) from None
 
 
@@ -146,7 +146,7 @@ def serve(
     try:
         application = create_app(settings)
     except TTSGatewayError as exc:
-        err.print(f"[red]error:[/red] {exc.detail}")
+        err.print(f"[red]error:[/red] {escape(exc.detail)}")
         raise typer.Exit(2) from None
     grace_s = int(settings.timeout_s) + 5
     asgi: Any = application

@@ -45,21 +45,19 @@ import psycopg.errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from tts_gateway.errors import InvalidField, Unavailable
-from tts_gateway.voices.audio import ReferenceAudio
-from tts_gateway.voices.blobs import CorruptBlob, blob_metadata, encode, problem, sha256_hex
-from tts_gateway.voices.cache import LatentCache, Latents
-from tts_gateway.voices.names import NAME_RULE, valid_voice_name
+from tts_gateway.errors import InvalidField
+from tts_gateway.voices.blobs import CorruptBlob, encode, problem, sha256_hex
+from tts_gateway.voices.cache import Latents
+from tts_gateway.voices.names import valid_voice_name
 from tts_gateway.voices.registry import (
-    ComputeLatents,
+    RegistryConnectError,
     RegistryUnavailable,
-    VoiceBroken,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
-    latents_key,
 )
-from tts_gateway.voices.store import LatentStore, storage_error
+from tts_gateway.voices.registry_base import UPLOAD_CACHE_ENTRIES, Conditioned, NewVoice, RegistryBase
+from tts_gateway.voices.store import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,6 @@ _SCHEMA_LOCK = 0x7474_7376_6F69_6365  # "ttsvoice": the pg_advisory_xact_lock ke
 _IDLE_PING_S = 5.0  # a connection idle longer than this is checked before use (the server may have restarted)
 _RUNTIME_CONNECT_TIMEOUT_S = 5  # how long a call waits for a connection before answering 503
 _HEALTH_TIMEOUT_S = 2.0  # how long `health` waits for a connection
-UPLOAD_CACHE_ENTRIES = 256
 _ROLLBACK = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)  # retried
 
 SCHEMA = (
@@ -117,13 +114,6 @@ class DatabaseUnavailable(RegistryUnavailable):
         super().__init__(f"the voice registry database is unavailable: {detail}")
 
 
-class RegistryConnectError(Unavailable):
-    """The registry database could not be reached or set up at start (the CLI reports it and exits)."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, code="registry-unavailable")
-
-
 def redact(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages and logs)."""
     try:
@@ -136,7 +126,7 @@ def redact(url: str) -> str:
         return "postgresql://…"
 
 
-class PostgresVoiceRegistry:
+class PostgresVoiceRegistry(RegistryBase):
     """`VoiceRegistry` over PostgreSQL: the same methods and exceptions as `LocalVoiceRegistry`, shared by
     every node.
 
@@ -167,13 +157,10 @@ class PostgresVoiceRegistry:
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("the registry URL must start with postgresql:// or postgres://")
         self.url = url
-        self.data_dir = data_dir
         self.root = data_dir / "voices" / "pg-cache"
-        self.store = LatentStore(self.root / "blobs")  # keyed by blob sha256
-        self.cache = LatentCache(memory_entries)
-        self.upload_cache_entries = max(0, upload_cache_entries)
-        self._on_conditioning = on_conditioning
-        self._on_cache_hit = on_cache_hit
+        super().__init__(data_dir, self.root / "blobs",  # this node's blob cache, keyed by blob sha256
+                         on_conditioning=on_conditioning, on_cache_hit=on_cache_hit, memory_entries=memory_entries,
+                         upload_cache_entries=upload_cache_entries)
         self._lock = threading.RLock()  # orders this node's cache file writes, quarantines and deletes
         self._used: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
         self._used_lock = threading.Lock()
@@ -356,14 +343,6 @@ class PostgresVoiceRegistry:
     def records(self) -> list[VoiceRecord]:
         return [self._record(row[0]) for row in self._read("SELECT record FROM tts_voices ORDER BY name")]
 
-    def latents(self, record: VoiceRecord) -> dict[str, np.ndarray]:
-        """Verified latents of a preset; never recomputes. Raises `VoiceBroken`."""
-        try:
-            return self.load_latents(record.latents_key, record.latents_sha256)
-        except CorruptBlob as exc:
-            self._mark_broken(record, str(exc))
-            raise VoiceBroken(record.name, str(exc)) from None
-
     def load_latents(self, key: str, sha256: str) -> dict[str, np.ndarray]:
         """Memory, then the local cache (verified), then PostgreSQL; raises `CorruptBlob` only when the
         database's own copy is missing or unreadable (a bad local file is just fetched again)."""
@@ -384,9 +363,6 @@ class PostgresVoiceRegistry:
         latents = self.cache.verify(data, sha256)  # the CHECK constraint makes a mismatch impossible; verify anyway
         self._cache_locally(sha256, data)
         return latents
-
-    def forget(self, sha256: str) -> None:
-        self.cache.forget(sha256)
 
     def _local_quarantine(self, sha256: str, data: bytes) -> None:
         try:
@@ -423,62 +399,43 @@ class PostgresVoiceRegistry:
         log.error("voice %s marked broken: %s", record.name, detail)
 
     # -- conditioning ---------------------------------------------------------------------------
-    def condition(
-        self, reference: ReferenceAudio, engine: str, model_sha256: str, compute: ComputeLatents
-    ) -> tuple[str, str, dict[str, np.ndarray]]:
-        """Latents for this audio on this engine and model: stored ones (any node's) if any, else computed once.
+    def _store(self, key: str, meta: dict[str, str], computed: Latents, *, for_preset: bool) -> Conditioned:
+        """Store the blob and the upload-cache row; across nodes the first row of a key wins."""
+        data = encode(computed, meta)
+        sha = sha256_hex(data)
+        latents = self.cache.verify(data, sha)  # exactly what the blob holds (float32)
+        origin = (meta["engine"], meta["model_sha256"], meta["audio_sha256"])
 
-        Returns (blob key, blob sha256, latents).
-        """
-        key, sha, latents, _data = self._condition(reference, engine, model_sha256, compute)
-        return key, sha, latents
+        def store(conn: Connection) -> str:
+            self._ensure_blob(conn, sha, data)
+            for _ in range(3):
+                if conn.execute(
+                    "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING key",
+                    (key, sha, *origin),
+                ).fetchone():
+                    return sha
+                winner = conn.execute("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s FOR KEY SHARE",
+                                      (key,)).fetchone()
+                if winner is not None:  # another node stored this audio meanwhile: its blob wins
+                    if winner[0] != sha:
+                        self._drop_blob_if_unreferenced(conn, sha)
+                    return str(winner[0])
+            raise DatabaseUnavailable("the upload cache entry kept changing")
 
-    def _condition(
-        self, reference: ReferenceAudio, engine: str, model_sha256: str, compute: ComputeLatents
-    ) -> tuple[str, str, Latents, bytes | None]:
-        key = latents_key(reference.sha256, engine, model_sha256)
-        with self.cache.lock(key):  # single-flight on this node; across nodes the first pointer wins
-            stored = self._stored(key)
-            if stored is not None:
-                self._on_cache_hit(engine)
-                return key, stored[0], stored[1], None
-            computed = compute(reference.samples)
-            self._on_conditioning(engine)
-            data = encode(computed, blob_metadata(engine=engine, model_sha256=model_sha256,
-                                                  audio_sha256=reference.sha256))
-            sha = sha256_hex(data)
-            latents = self.cache.verify(data, sha)  # exactly what the blob holds (float32)
+        stored_sha = self._write(store, retry=(psycopg.errors.ForeignKeyViolation,))
+        self._bound_upload_cache(keep=key)
+        if stored_sha != sha:
+            try:
+                return Conditioned(key, stored_sha, self.load_latents(key, stored_sha))
+            except CorruptBlob as exc:  # the winner is unusable after all: ours replaces it
+                log.warning("replacing unusable upload-cache latents: %s", exc)
+                self._write(partial(self._replace_pointer, key=key, stale=stored_sha, sha=sha, data=data,
+                                    origin=origin))
+        self._cache_locally(sha, data)
+        return Conditioned(key, sha, latents, data)
 
-            def store(conn: Connection) -> str:
-                self._ensure_blob(conn, sha, data)
-                for _ in range(3):
-                    if conn.execute(
-                        "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
-                        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING key",
-                        (key, sha, engine, model_sha256, reference.sha256),
-                    ).fetchone():
-                        return sha
-                    winner = conn.execute("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s FOR KEY SHARE",
-                                          (key,)).fetchone()
-                    if winner is not None:  # another node stored this audio meanwhile: its blob wins
-                        if winner[0] != sha:
-                            self._drop_blob_if_unreferenced(conn, sha)
-                        return str(winner[0])
-                raise DatabaseUnavailable("the upload cache entry kept changing")
-
-            stored_sha = self._write(store, retry=(psycopg.errors.ForeignKeyViolation,))
-            self._bound_upload_cache(keep=key)
-            if stored_sha != sha:
-                try:
-                    return key, stored_sha, self.load_latents(key, stored_sha), None
-                except CorruptBlob as exc:  # the winner is unusable after all: ours replaces it
-                    log.warning("replacing unusable upload-cache latents: %s", exc)
-                    self._write(partial(self._replace_pointer, key=key, stale=stored_sha, sha=sha, data=data,
-                                        engine=engine, model_sha256=model_sha256, audio_sha256=reference.sha256))
-            self._cache_locally(sha, data)
-            return key, sha, latents, data
-
-    def _stored(self, key: str) -> tuple[str, Latents] | None:
+    def _stored(self, key: str, meta: dict[str, str], *, for_preset: bool) -> Conditioned | None:
         rows = self._read("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s", (key,))
         if not rows:
             return None
@@ -495,7 +452,7 @@ class PostgresVoiceRegistry:
             self._write(forget)
             return None
         self._touch(key, sha)
-        return sha, latents
+        return Conditioned(key, sha, latents)
 
     def _touch(self, key: str, sha256: str) -> None:
         """Mark an upload-cache row used now (best effort: a hit must not fail on it)."""
@@ -534,73 +491,50 @@ class PostgresVoiceRegistry:
             log.info("upload cache: %d least recently used entries evicted", len(dropped))
         self._drop_locally(dropped)
 
-    def _replace_pointer(self, conn: Connection, *, key: str, stale: str, sha: str, data: bytes, engine: str,
-                         model_sha256: str, audio_sha256: str) -> None:
+    def _replace_pointer(self, conn: Connection, *, key: str, stale: str, sha: str, data: bytes,
+                         origin: tuple[str, str, str]) -> None:
+        """Point upload-cache row ``key`` at blob ``sha`` instead of ``stale``; ``origin`` is (engine, model
+        sha256, audio sha256)."""
         self._ensure_blob(conn, sha, data)
         conn.execute(
             "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET latents_sha256 = EXCLUDED.latents_sha256"
             " WHERE tts_conditioning.latents_sha256 = %s",
-            (key, sha, engine, model_sha256, audio_sha256, stale))
+            (key, sha, *origin, stale))
         self._drop_blob_if_unreferenced(conn, stale)
 
     # -- writing --------------------------------------------------------------------------------
-    def create(
-        self,
-        name: str,
-        *,
-        engine: str,
-        reference: ReferenceAudio,
-        compute: ComputeLatents,
-        model_id: str,
-        model_sha256: str,
-        licence: str,
-        language: str | None = None,
-        description: str = "",
-        consent: bool = False,
-        extra: dict[str, Any] | None = None,
-    ) -> VoiceRecord:
-        """Register a preset; raises `VoiceExists` if the name is taken (the database's unique key decides)."""
-        if not valid_voice_name(name):
-            raise InvalidField("name", NAME_RULE)
-        for field_name, value in (("description", description), ("language", language), ("engine", engine),
-                                  ("licence", licence), ("model_id", model_id)):
-            if value is not None and not _storable(value):  # checked before the latents are computed
-                raise InvalidField(field_name, "must not contain NUL characters or lone surrogates")
-        if self.exists(name):
-            raise VoiceExists(name)
-        key = latents_key(reference.sha256, engine, model_sha256)
-        meta = blob_metadata(engine=engine, model_sha256=model_sha256, audio_sha256=reference.sha256)
-        with self.cache.lock(key):
-            _key, sha, latents, data = self._condition(reference, engine, model_sha256, compute)
-            record = VoiceRecord.new(name, reference, latents_key=key, latents_sha256=sha, engine=engine,
-                                     language=language, description=description, consent=consent,
-                                     licence=licence, model_id=model_id, model_sha256=model_sha256,
-                                     extra=dict(extra or {}))
-            blob: list[bytes | None] = [data]
+    def _check_text(self, field_name: str, value: str) -> None:
+        if not _storable(value):
+            raise InvalidField(field_name, "must not contain NUL characters or lone surrogates")
 
-            def insert(conn: Connection) -> None:
-                present = conn.execute("SELECT 1 FROM tts_voice_blobs WHERE sha256 = %s FOR KEY SHARE",
-                                       (record.latents_sha256,)).fetchone()
-                if not present:  # removed since conditioning (its last user deleted): store it again
-                    again = blob[0] or encode(latents, meta)
-                    blob[0] = again
-                    record.latents_sha256 = sha256_hex(again)
-                    self._ensure_blob(conn, record.latents_sha256, again)
-                # Keep the upload cache pointing at a blob of this audio (a delete may have dropped it).
-                conn.execute(
-                    "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
-                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-                    (key, record.latents_sha256, engine, model_sha256, reference.sha256))
-                # The primary key decides: of two racing creators (any nodes) exactly one INSERT wins.
-                inserted = conn.execute(
-                    "INSERT INTO tts_voices (name, latents_key, latents_sha256, record) VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (name) DO NOTHING RETURNING name",
-                    (name, key, record.latents_sha256, Jsonb(record.to_dict()))).fetchone()
-                if inserted is None:
-                    raise VoiceExists(name)
+    def _insert(self, voice: NewVoice, conditioned: Conditioned) -> VoiceRecord:
+        """The database's unique key decides: of two racing creators (any nodes) exactly one INSERT wins."""
+        name, key, sha, meta = voice.name, voice.key, conditioned.sha256, voice.meta
+        record = voice.record(sha)
+        blob: list[bytes | None] = [conditioned.data]
 
-            self._write(insert, retry=(psycopg.errors.ForeignKeyViolation,))
+        def insert(conn: Connection) -> None:
+            present = conn.execute("SELECT 1 FROM tts_voice_blobs WHERE sha256 = %s FOR KEY SHARE",
+                                   (record.latents_sha256,)).fetchone()
+            if not present:  # removed since conditioning (its last user deleted): store it again
+                again = blob[0] or encode(conditioned.latents, meta)
+                blob[0] = again
+                record.latents_sha256 = sha256_hex(again)
+                self._ensure_blob(conn, record.latents_sha256, again)
+            # Keep the upload cache pointing at a blob of this audio (a delete may have dropped it).
+            conn.execute(
+                "INSERT INTO tts_conditioning (key, latents_sha256, engine, model_sha256, audio_sha256)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                (key, record.latents_sha256, meta["engine"], meta["model_sha256"], meta["audio_sha256"]))
+            inserted = conn.execute(
+                "INSERT INTO tts_voices (name, latents_key, latents_sha256, record) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (name) DO NOTHING RETURNING name",
+                (name, key, record.latents_sha256, Jsonb(record.to_dict()))).fetchone()
+            if inserted is None:
+                raise VoiceExists(name)
+
+        self._write(insert, retry=(psycopg.errors.ForeignKeyViolation,))
         stored = blob[0]
         if stored is not None and record.latents_sha256 != sha:
             self._cache_locally(record.latents_sha256, stored)

@@ -1,8 +1,9 @@
 """The voice registry contract: named presets → verified latents, surviving restarts, no pickle anywhere.
 
 `VoiceRegistry` is the protocol; `LocalVoiceRegistry` (diskcache + files, one node) and
-`PostgresVoiceRegistry` (PostgreSQL, shared by nodes) implement it side by side and share the
-in-memory cache and blob verification (`tts_gateway.voices.cache`, `tts_gateway.voices.blobs`).
+`PostgresVoiceRegistry` (PostgreSQL, shared by nodes; the ``postgres`` extra) implement it on one skeleton,
+`tts_gateway.voices.registry_base.RegistryBase` (naming rules, single-flight conditioning, the in-memory
+cache and blob verification), and differ only where their storage does.
 ``tts_gateway.voices.open_registry`` picks one from the settings.
 
 Guarantees every implementation keeps (tests/test_registry.py checks them on both):
@@ -59,6 +60,13 @@ class RegistryUnavailable(Unavailable):
 
     def __init__(self, detail: str, *, code: str = "registry-unavailable", retry_after: int | None = 5) -> None:
         super().__init__(detail, retry_after=retry_after, code=code)
+
+
+class RegistryConnectError(Unavailable):
+    """The registry database could not be reached or set up at start (the CLI reports it and exits)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, code="registry-unavailable")
 
 
 class VoiceBroken(Conflict):

@@ -332,3 +332,47 @@ def test_the_precision_setting_is_checked() -> None:
         Settings.from_env({"TTS_GATEWAY_XTTS_PRECISION": "fp16"})
     with pytest.raises(SettingsError):
         Settings.from_env({"TTS_GATEWAY_XTTS_MAX_BATCH": "-1"})
+
+
+def test_wyoming_requests_reach_the_batcher_together(tmp_path: Path, tiny_xtts: Path) -> None:
+    """Two Home Assistant clients at once, each a synthesize of three sentences with an XTTS voice: both get
+    their audio, and the server's batch-size histogram shows GPT steps that carried both."""
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from wyoming.audio import AudioChunk, AudioStop
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    from tests.conftest import free_port, uvicorn_server
+
+    port = free_port()
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper,xtts",
+           "TTS_GATEWAY_XTTS_CHECKPOINT": str(tiny_xtts), "TTS_GATEWAY_WYOMING_URI": f"tcp://127.0.0.1:{port}",
+           "TTS_GATEWAY_MAX_CONCURRENCY": "4"}
+    with uvicorn_server(env) as base:
+        assert httpx.post(base + "/v1/engines/xtts/load", timeout=HANG_GUARD_S).status_code == 200
+        voice = next(v["name"] for v in httpx.get(base + "/v1/voices", timeout=HANG_GUARD_S).json()["voices"]
+                     if v["engine"] == "xtts")
+
+        async def speak() -> int:
+            async with AsyncTcpClient("127.0.0.1", port) as client:
+                await client.write_event(Synthesize(text="One sentence here. Another one there. And a third.",
+                                                    voice=SynthesizeVoice(name=voice)).event())
+                audio = 0
+                while True:
+                    event = await asyncio.wait_for(client.read_event(), HANG_GUARD_S)
+                    assert event is not None and event.type != "error", event
+                    if AudioChunk.is_type(event.type):
+                        audio += len(AudioChunk.from_event(event).audio)
+                    if AudioStop.is_type(event.type):
+                        return audio
+
+        async def both() -> list[int]:
+            return list(await asyncio.gather(speak(), speak()))
+
+        assert all(size > 4800 for size in asyncio.run(both()))
+        text = httpx.get(base + "/metrics", timeout=HANG_GUARD_S).text
+        samples = {(s.name, s.labels.get("le")): s.value for family in text_string_to_metric_families(text)
+                   for s in family.samples if s.labels.get("engine") == "xtts" and s.name.startswith("tts_batch")}
+        assert samples[("tts_batch_size_count", None)] > samples[("tts_batch_size_bucket", "1.0")], samples

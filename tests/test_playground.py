@@ -19,6 +19,8 @@ CHROMIUM_ARGS = [
 SCREENSHOT = os.environ.get("TTS_GATEWAY_PLAYGROUND_SCREENSHOT")
 HANG_GUARD_MS = int(HANG_GUARD_S * 1000)
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 
 def _duration_js() -> str:
     """Resolve with the <audio> element's duration once its metadata has loaded."""
@@ -33,7 +35,6 @@ def _duration_js() -> str:
     })"""
 
 
-@pytest.mark.browser
 def test_playground_speaks_and_reports_errors(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     if shutil.which(CHROMIUM) is None:
@@ -93,7 +94,6 @@ def test_playground_speaks_and_reports_errors(tmp_path: Path) -> None:
             browser.close()
 
 
-@pytest.mark.browser
 def test_playground_finds_voices_shows_engines_downloads_and_registers(tmp_path: Path) -> None:
     """Search and language filter, engine status, download, and registration from a file and from the
     microphone (Chromium's fake capture device), consent first — against a real server."""

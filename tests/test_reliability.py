@@ -404,6 +404,7 @@ KILLS = 10  # SIGKILLs that must land inside a registration; each costs a server
 LATENT_S = 0.2  # FAKE_LATENT_DELAY: a registration lasts at least this long, on any machine
 
 
+@pytest.mark.slow  # a dozen or more server starts
 def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path) -> None:
     """SIGKILL the server inside voice registrations, again and again; every acknowledged voice survives.
 

@@ -348,6 +348,7 @@ def test_a_failed_download_is_unavailable_until_its_retry_and_the_503_says_when(
 
 
 # -- end to end: a gateway process and the CLI against the fake endpoint ------------------------------------
+@pytest.mark.slow
 def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, hub_env: dict[str, str],
                                                                  tmp_path: Path) -> None:
     hub.throttle_s = 0.05  # ~5 s for the 96 MB model.pth: long enough to watch the progress
@@ -388,6 +389,7 @@ def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, h
     assert not (tmp_path / "tts-home" / "tts" / TOS).exists()  # the setting accepts; it records nothing
 
 
+@pytest.mark.slow
 def test_interrupted_download_is_unavailable_then_recovers(hub: FakeHub, hub_env: dict[str, str],
                                                            tmp_path: Path) -> None:
     hub.drop["model.pth"] = 10 * CHUNK  # cut mid-file; the retry that follows is refused
@@ -414,6 +416,7 @@ def test_interrupted_download_is_unavailable_then_recovers(hub: FakeHub, hub_env
     assert len(hub.fetched("config.json")) == 1 and len(hub.fetched("speakers_xtts.pth")) == 1
 
 
+@pytest.mark.slow
 def test_pull_records_the_licence_resumes_a_cut_and_then_works_offline(hub: FakeHub, hub_env: dict[str, str],
                                                                       tmp_path: Path) -> None:
     env = {**os.environ, **hub_env}

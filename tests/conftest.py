@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import io
 import os
 import shutil
@@ -8,9 +9,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ os.environ.update(_home_variables(_SEALED_ROOT / "home"))
 # Kokoro's model is reassembled once per run (seconds of work), not per test: one folder for the run.
 os.environ["KOKORO_JA_CACHE"] = str(_SEALED_ROOT / "kokoro")
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
@@ -151,9 +155,78 @@ def fake_client(make_settings: Callable[..., Settings], fake_engine: FakeEngine)
         yield test_client
 
 
+def run_threads(count: int, target: Callable[[int], Any]) -> None:
+    """Run ``target(0)`` … ``target(count - 1)`` in threads at once and wait for all; a hung one fails the test."""
+    threads = [threading.Thread(target=target, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(HANG_GUARD_S)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file's content hash (SQLite's shared-memory file excepted: readers touch it)."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.endswith("-shm")}
+
+
+# -- test audio ------------------------------------------------------------------------------------------------
+def voice_audio(seconds: float = 3.0, pitch: float = 220.0, rate: int = 16000) -> np.ndarray:
+    """The suite's reference clip (``wav(voice_audio())`` to upload): a tone at ``pitch`` swelling at a syllable
+    rate (3 Hz), float32 mono. It passes the gateway's reference checks (loud, long, not constant); another
+    ``pitch`` is other audio (another content hash, other latents).
+    """
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+def wav(samples: np.ndarray, rate: int = 16000, channels: int = 1, subtype: str = "PCM_16") -> bytes:
+    """``samples`` as a WAV file; with ``channels`` > 1 every channel carries the same signal."""
+    out = io.BytesIO()
+    sf.write(out, np.repeat(samples[:, None], channels, axis=1), rate, format="WAV", subtype=subtype)
+    return out.getvalue()
+
+
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     audio, rate = sf.read(io.BytesIO(data), dtype="float32")
     return audio, rate
+
+
+# -- talking to the app or a server: ``where`` is a TestClient or a server's base URL ------------------------------
+def register(where: str | TestClient[Any], name: str, *clips: bytes, **fields: str) -> Any:
+    """POST /v1/voices with consent given (``fields`` may override it): one ``audio`` part per clip."""
+    data = {"consent": "true", "name": name, **fields}
+    files = [("audio", (f"clip{index}.wav", clip, "audio/wav")) for index, clip in enumerate(clips)]
+    if isinstance(where, str):
+        return httpx.post(where + "/v1/voices", data=data, files=files, timeout=HANG_GUARD_S)
+    return where.post("/v1/voices", data=data, files=files)
+
+
+def metric(where: str | TestClient[Any], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples on /metrics whose labels include ``labels`` (0 when there are none)."""
+    if isinstance(where, str):
+        text = httpx.get(where + "/metrics", timeout=HANG_GUARD_S).text
+    else:
+        text = where.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        sample, _, label_text = head.partition("{")
+        if sample == name and all(f'{key}="{wanted}"' in label_text for key, wanted in labels.items()):
+            total += float(value)
+    return total
+
+
+def read_until_closed(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout is the hang guard)."""
+    reply = b""
+    try:
+        while chunk := conn.recv(65536):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    return reply
 
 
 def assert_problem(response: Any, status: int, *words: str) -> dict[str, Any]:
@@ -235,6 +308,29 @@ class GatewayProcess:
                 self.process.wait()
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP/1.1 request handler that keeps its access log out of the test output."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class LocalHttpServer:
+    """A threaded HTTP server on a free loopback port, for a fake remote (a model hub): ``url``, ``close()``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @contextmanager

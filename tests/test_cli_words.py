@@ -11,10 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-
-from tests.conftest import HANG_GUARD_S, ROOT, free_port
+from tests.conftest import HANG_GUARD_S, ROOT, free_port, voice_audio, wav
 from tts_gateway.config import Settings
 from tts_gateway.voices.names import VOICE_NAME_RE
 
@@ -68,8 +65,7 @@ def test_voices_add_reports_the_download_that_failed_not_its_progress_line(tmp_p
     """With the licence accepted, no model and a hub that cannot be reached, the command's error says so,
     never a download's in-progress line."""
     clip = tmp_path / "me.wav"
-    t = np.arange(16000 * 3) / 16000
-    sf.write(clip, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    clip.write_bytes(wav(voice_audio()))
     added = cli(tmp_path, "voices", "add", "me", str(clip), "--consent", TTS_GATEWAY_ENGINES="xtts",
                 TTS_GATEWAY_ACCEPT_CPML="1", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
                 HF_HUB_ETAG_TIMEOUT="10", HF_HUB_DOWNLOAD_TIMEOUT="10")

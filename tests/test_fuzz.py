@@ -25,18 +25,15 @@ and a note with the server's ERROR log, traceback included, for that request.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
 
@@ -45,7 +42,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis.python import asgi as schemathesis_asgi  # noqa: E402
 
-from tests.conftest import running_app  # noqa: E402
+from tests.conftest import running_app, voice_audio, wait_until, wav  # noqa: E402
 from tests.fake_engine import RATE, FakeEngine, FakePlugin  # noqa: E402
 from tts_gateway.config import Settings  # noqa: E402
 from tts_gateway.engines.base import BuiltinVoice, Capabilities  # noqa: E402
@@ -177,20 +174,12 @@ def schemathesis_config(max_examples: int) -> Any:
 
 
 # -- uploads that look like audio -------------------------------------------------------------------------
-def _wav(seconds: float, rate: int, channels: int = 1, amplitude: float = 0.5, subtype: str = "PCM_16") -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    tone = (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    out = io.BytesIO()
-    sf.write(out, np.repeat(tone[:, None], channels, axis=1), rate, format="WAV", subtype=subtype)
-    return out.getvalue()
-
-
 _CLIPS = [
-    _wav(2.5, 16000),  # a usable reference
-    _wav(3.0, 22050, channels=2, subtype="FLOAT"),
-    _wav(2.5, 8000, amplitude=0.0),  # silent
-    _wav(0.5, 16000),  # too short
-    _wav(0.0, 16000),  # no samples
+    wav(voice_audio(2.5)),  # a usable reference
+    wav(voice_audio(3.0, rate=22050), 22050, channels=2, subtype="FLOAT"),
+    wav(np.zeros(8000 * 5 // 2, np.float32), 8000),  # silent
+    wav(voice_audio(0.5)),  # too short
+    wav(voice_audio(0.0)),  # no samples
 ]
 _MAGICS = [b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"caff", b".snd", b"wvpk", b"\xff\xfb"]
 
@@ -267,9 +256,7 @@ def _load_schema(settings: Settings, plugins: tuple[Any, ...], max_examples: int
     schema.hook("flatmap_body")(_with_audio)
     readiness = app.state.tts.readiness  # its warm-up task was started by the lifespan
     try:
-        deadline = time.monotonic() + 120
-        while readiness.task is not None and not readiness.task.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: readiness.task is None or readiness.task.done(), "the warm-up (engine load, canary)")
         assert readiness.ready, readiness.detail
         yield schema
     finally:
@@ -290,7 +277,7 @@ def piper_schema(make_settings: Callable[..., Settings]) -> Iterator[Any]:
 @pytest.fixture(autouse=True)
 def _schemathesis_pytest9_nodeid(request: pytest.FixtureRequest) -> None:
     # schemathesis 4.32's lazy schemas (from_fixture) read and rewrite `node._nodeid`, an attribute pytest 9
-    # no longer has; give them one (it only feeds their report labels).
+    # does not have; give them one (it only feeds their report labels).
     if not hasattr(request.node, "_nodeid"):
         request.node._nodeid = request.node.nodeid  # type: ignore[attr-defined]
 

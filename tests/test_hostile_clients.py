@@ -3,7 +3,6 @@ alias another resource, descriptions of any size — gets a problem, never anoth
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -14,28 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import soundfile as sf
 
 from tests import fake_cloning_plugin
-from tests.conftest import HANG_GUARD_S, ROOT, assert_problem, running_app, uvicorn_server, wait_for_warm_up
+from tests.conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    assert_problem,
+    read_until_closed,
+    register,
+    running_app,
+    uvicorn_server,
+    voice_audio,
+    wait_for_warm_up,
+    wav,
+)
 from tts_gateway.voices.catalog import MAX_DESCRIPTION_CHARS
-
-
-def clip() -> bytes:
-    t = np.arange(16000 * 3) / 16000
-    out = io.BytesIO()
-    sf.write(out, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
-def register(base_or_client: Any, name: str, description: str = "") -> Any:
-    data = {"name": name, "engine": "clone", "consent": "true", "description": description}
-    files = {"audio": ("me.wav", clip(), "audio/wav")}
-    if isinstance(base_or_client, str):
-        return httpx.post(base_or_client + "/v1/voices", data=data, files=files, timeout=HANG_GUARD_S)
-    return base_or_client.post("/v1/voices", data=data, files=files)
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +38,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
            "TTS_GATEWAY_DEFAULT_VOICE": "espeak:en", "TTS_GATEWAY_CANARY": "0",
            "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin"}
     with uvicorn_server(env) as base:
-        assert register(base, "anna").status_code == 201
+        assert register(base, "anna", wav(voice_audio()), engine="clone").status_code == 201
         host, port = base.removeprefix("http://").split(":")
         yield host, int(port)
 
 
 def exchange(where: tuple[str, int], request: bytes) -> bytes:
     """Send raw bytes, then read everything until the server closes (the socket timeout is the hang guard)."""
-    reply = b""
     with socket.create_connection(where, timeout=HANG_GUARD_S) as conn:
         conn.sendall(request)
-        try:
-            while chunk := conn.recv(65536):
-                reply += chunk
-        except ConnectionResetError:
-            pass
-    return reply
+        return read_until_closed(conn)
 
 
 def problem_of(reply: bytes) -> dict[str, Any]:
@@ -142,7 +129,7 @@ ALIASES = [
 def cloning_client(make_settings: Any) -> Iterator[Any]:
     with running_app(make_settings(engines=("espeak",), default_voice="espeak:en"), fake_cloning_plugin) as client:
         wait_for_warm_up(client)
-        assert register(client, "anna").status_code == 201
+        assert register(client, "anna", wav(voice_audio()), engine="clone").status_code == 201
         yield client
 
 
@@ -173,19 +160,22 @@ def test_an_encoded_or_trailing_slash_addresses_nothing_over_a_real_server(serve
 
 # -- descriptions --------------------------------------------------------------------------------------
 def test_a_description_is_bounded(cloning_client: Any) -> None:
+    clip = wav(voice_audio())
     longest = "d" * MAX_DESCRIPTION_CHARS
-    assert register(cloning_client, "longest", longest).json()["description"] == longest
-    body = assert_problem(register(cloning_client, "huge", "d" * 1_000_000), 422, "description",
-                          str(MAX_DESCRIPTION_CHARS))
+    created = register(cloning_client, "longest", clip, engine="clone", description=longest)
+    assert created.json()["description"] == longest
+    body = assert_problem(register(cloning_client, "huge", clip, engine="clone", description="d" * 1_000_000), 422,
+                          "description", str(MAX_DESCRIPTION_CHARS))
     assert body.get("field") == "description" or "description" in body["detail"]
-    assert_problem(register(cloning_client, "over", "d" * (MAX_DESCRIPTION_CHARS + 1)), 422, "description")
+    over = "d" * (MAX_DESCRIPTION_CHARS + 1)
+    assert_problem(register(cloning_client, "over", clip, engine="clone", description=over), 422, "description")
     names = {v["name"] for v in cloning_client.get("/v1/voices").json()["voices"]}
     assert "longest" in names and "huge" not in names and "over" not in names
 
 
 def test_the_cli_bounds_a_description_too(tmp_path: Path) -> None:
     audio = tmp_path / "me.wav"
-    audio.write_bytes(clip())
+    audio.write_bytes(wav(voice_audio()))
     env = {**os.environ, "TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "espeak",
            "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin", "PYTHONPATH": str(ROOT)}
     added = subprocess.run([sys.executable, "-m", "tts_gateway", "voices", "add", "me", str(audio), "--engine", "clone",

@@ -3,7 +3,6 @@ offline ``/docs``, and OpenAI client discovery (``/v1/models``, ``/v1/audio/voic
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -12,10 +11,9 @@ from urllib.parse import urljoin, urlsplit
 import msgspec
 import numpy as np
 import pytest
-import soundfile as sf
 
 from tests import fake_cloning_plugin
-from tests.conftest import assert_problem, running_app, uvicorn_server
+from tests.conftest import assert_problem, decode, register, running_app, uvicorn_server
 from tts_gateway.gateway import responses
 
 # -- typed JSON responses ---------------------------------------------------------------------------------
@@ -62,8 +60,7 @@ def test_json_routes_answer_their_declared_types(client: Any) -> None:
 
 def test_preset_voice_json_is_typed(cloning_client: Any, speech_wav: bytes) -> None:
     client = cloning_client
-    created = client.post("/v1/voices", data={"name": "typed", "engine": "clone", "consent": "true"},
-                          files=[("audio", ("a.wav", speech_wav, "audio/wav"))])
+    created = register(client, "typed", speech_wav, engine="clone")
     assert created.status_code == 201, created.text
     assert created.headers["location"] == "/v1/voices/typed"
     preset = msgspec.json.decode(created.content, type=responses.PresetVoice, strict=True)
@@ -156,7 +153,7 @@ def test_options_lists_every_method_of_a_path(client: Any) -> None:
     ("body", "word"),
     [
         ({"text": "hi", "cache": 0}, "cache"),  # a number is not a boolean
-        ({"text": "hi", "cache": {}}, "cache"),  # was a 500: "cache" was also the name of a dependency
+        ({"text": "hi", "cache": {}}, "cache"),  # a field named like a dependency is still read as the field
         ({"text": "hi", "speed": "2"}, "speed"),  # nor a string a number
         ({"text": "hi", "stream": "true"}, "stream"),
         ({"text": "hi", "seed": 1.5}, "seed"),
@@ -232,7 +229,7 @@ def test_openai_instructions_are_answered_with_a_note(client: Any) -> None:
     told = client.post("/v1/audio/speech", json={**body, "instructions": "Speak like a pirate."})
     assert told.status_code == 200, told.text
     assert told.headers["x-instructions-ignored"] == "no engine here supports instructions"
-    audio, rate = sf.read(io.BytesIO(told.content))  # the speech itself is what it would have been
+    audio, rate = decode(told.content)  # the speech itself is what it would have been
     assert rate == 22050 and audio.size / rate > 0.3
 
 
@@ -255,7 +252,7 @@ def test_openai_sdk_lists_models_and_reads_instructions_note(sdk_server: str) ->
     speech = client.audio.speech.with_raw_response.create(
         model="tts-1", voice="alloy", input="Hello.", response_format="wav", instructions="Whisper it.")
     assert speech.headers["x-instructions-ignored"] == "no engine here supports instructions"
-    audio, rate = sf.read(io.BytesIO(speech.content))
+    audio, rate = decode(speech.content)
     assert rate == 22050 and np.abs(audio).max() > 0.01
 
     with pytest.raises(openai.AuthenticationError):

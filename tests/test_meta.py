@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,11 @@ def test_every_route_has_a_test(client: Any) -> None:
             if not re.search(_calls(method, route.path), sources):
                 missing.append(f"{method} {route.path}")
     assert missing == [], f"routes without a test: {missing}"
+
+
+def test_every_declared_marker_marks_a_test() -> None:
+    """Each marker pyproject.toml declares marks some test, so selecting by it (``-m "not slow"``) does something."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    sources = _sources()
+    unused = [line.split(":")[0] for line in declared if not re.search(rf"\bmark\.{line.split(':')[0]}\b", sources)]
+    assert unused == [], f"markers declared but never used: {unused}"

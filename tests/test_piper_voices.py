@@ -6,19 +6,15 @@ The endpoint serves the bundled joe voice under another name, at the paths of th
 
 from __future__ import annotations
 
-import io
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 from typer.testing import CliRunner
 
-from tests.conftest import running_app, wait_for_warm_up
+from tests.conftest import LocalHttpServer, QuietHandler, decode, running_app, wait_for_warm_up
 from tts_gateway.cli import app
 from tts_gateway.config import Settings
 
@@ -27,7 +23,7 @@ NAME = "en_GB-testy-medium"
 PREFIX = "/rhasspy/piper-voices/resolve/main/en/en_GB/testy/medium/"
 
 
-class FakePiperHub:
+class FakePiperHub(LocalHttpServer):
     """Serves ``NAME``'s two files (joe's bytes); ``cut`` sends half the model, then closes the connection."""
 
     def __init__(self) -> None:
@@ -37,12 +33,7 @@ class FakePiperHub:
         self.cut = False
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 hub.requests.append(path)
@@ -61,14 +52,7 @@ class FakePiperHub:
                     return
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
@@ -107,7 +91,7 @@ def test_a_pulled_voice_is_a_builtin_piper_voice(hub: FakePiperHub, tmp_path: Pa
         response = client.post("/v1/synthesize", json={"text": "A voice from the hub.", "voice": f"piper:{NAME}"})
         assert response.status_code == 200, response.text
         assert response.headers["x-voice"] == f"piper:{NAME}"
-        audio, rate = sf.read(io.BytesIO(response.content))
+        audio, rate = decode(response.content)
         assert rate == 22050 and audio.size / rate > 0.5 and float(np.abs(audio).max()) > 0.05
 
 

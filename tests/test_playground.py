@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HANG_GUARD_S, uvicorn_server
+from tests.conftest import HANG_GUARD_S, uvicorn_server, voice_audio, wav
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -18,6 +18,8 @@ CHROMIUM_ARGS = [
 # Set to a path to keep a screenshot of the page after a successful Speak (for eyeballing the layout).
 SCREENSHOT = os.environ.get("TTS_GATEWAY_PLAYGROUND_SCREENSHOT")
 HANG_GUARD_MS = int(HANG_GUARD_S * 1000)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def _duration_js() -> str:
@@ -33,7 +35,6 @@ def _duration_js() -> str:
     })"""
 
 
-@pytest.mark.browser
 def test_playground_speaks_and_reports_errors(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     if shutil.which(CHROMIUM) is None:
@@ -93,19 +94,6 @@ def test_playground_speaks_and_reports_errors(tmp_path: Path) -> None:
             browser.close()
 
 
-def _clip(path: Path, seconds: float = 3.0, rate: int = 22050) -> Path:
-    """A voiced-sounding test clip (a gliding tone with a syllable-rate envelope) as WAV."""
-    import numpy as np
-    import soundfile as sf
-
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 150 + 30 * np.sin(2 * np.pi * 0.8 * t)
-    tone = np.sin(2 * np.pi * np.cumsum(pitch) / rate) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)
-    sf.write(str(path), (0.3 * tone).astype(np.float32), rate, subtype="PCM_16")
-    return path
-
-
-@pytest.mark.browser
 def test_playground_finds_voices_shows_engines_downloads_and_registers(tmp_path: Path) -> None:
     """Search and language filter, engine status, download, and registration from a file and from the
     microphone (Chromium's fake capture device), consent first — against a real server."""
@@ -116,7 +104,8 @@ def test_playground_finds_voices_shows_engines_downloads_and_registers(tmp_path:
 
     expect = sync_api.expect
     expect.set_options(timeout=HANG_GUARD_MS)
-    clip = _clip(tmp_path / "me.wav")
+    clip = tmp_path / "me.wav"
+    clip.write_bytes(wav(voice_audio(rate=22050), 22050))
     env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper,espeak",
            "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin"}
     args = [*CHROMIUM_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import random
 import signal
@@ -18,42 +16,30 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
 
 from tests.conftest import (
     HANG_GUARD_S,
     GatewayProcess,
     app_state,
     assert_problem,
+    decode,
     free_port,
+    metric,
+    register,
+    run_threads,
     running_app,
+    snapshot,
+    voice_audio,
     wait_for_warm_up,
     wait_until,
+    wav,
 )
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakeEngine, FakePlugin
 from tts_gateway.config import Settings
 from tts_gateway.voices import LocalVoiceRegistry, prepare_reference
 
-RATE = 16000
-
-
-def wav(samples: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes:
-    out = io.BytesIO()
-    data = np.repeat(samples[:, None], channels, axis=1) if channels > 1 else samples
-    sf.write(out, data, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
-def voice_audio(seconds: float = 3.0, pitch: float = 220.0, rate: int = RATE) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file's content hash (SQLite's shared-memory file excepted: readers touch it)."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.endswith("-shm")}
+RATE = 16000  # the fake cloning engine's
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +48,7 @@ def table_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
     settings = Settings(data_dir=data, engines=("piper",), max_upload_bytes=2_000_000, max_concurrency=2,
                         timeout_s=60)
     with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
-        files = {"audio": ("a.wav", wav(voice_audio()), "audio/wav")}
-        taken = client.post("/v1/voices", data={"consent": "true", "name": "taken", "engine": "clone"}, files=files)
-        assert taken.status_code == 201
+        assert register(client, "taken", wav(voice_audio()), engine="clone").status_code == 201
         yield client, data
 
 
@@ -226,7 +210,7 @@ def test_upload_over_limit_is_rejected_before_buffering(tmp_path: Path) -> None:
         assert b"application/problem+json" in reply
         # A chunked body a little past the limit, and then nothing more: it never ends (no last chunk). The
         # reply can only come from a server that stopped at the limit, not from one buffering to the end, and
-        # it does not matter how quickly it comes (the old version raced 50 ms reads against the sending).
+        # it does not matter how quickly it comes: the test reads it only after sending everything.
         sent = 0
         with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S) as sock:
             sock.sendall(b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -354,26 +338,18 @@ def test_concurrent_create_and_delete_of_one_name(tmp_path: Path) -> None:
         except Exception as exc:
             outcomes.append(type(exc).__name__)
 
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(6, create)
     assert outcomes.count("created") == 1 and outcomes.count("VoiceExists") == 5
     deleted: list[str] = []
 
-    def remove() -> None:
+    def remove(_index: int) -> None:
         try:
             registry.delete("race")
             deleted.append("deleted")
         except Exception as exc:
             deleted.append(type(exc).__name__)
 
-    threads = [threading.Thread(target=remove) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(4, remove)
     assert deleted.count("deleted") == 1 and deleted.count("VoiceNotFound") == 3
     report = registry.check(fix=True)
     assert report["broken"] == []
@@ -391,7 +367,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     """SIGTERM while a synthesis is held in place: the server stops accepting, finishes it, then exits.
 
     The synthesis waits at a gate word until the test has seen the server stop listening, so the signal
-    lands mid-request by construction (it used to be a 2.4 s synthesis racing the test's polling).
+    lands mid-request by construction, however fast or slow the machine.
     """
     gates = tmp_path / "gates"
     gates.mkdir()
@@ -401,23 +377,20 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     process = server.process
     try:
         server.wait_up()
-        files = {"audio": ("a.wav", GOOD, "audio/wav")}
-        assert httpx.post(base + "/v1/voices", data={"consent": "true", "name": "drain", "engine": "clone"},
-                          files=files, timeout=HANG_GUARD_S).status_code == 201
+        assert register(base, "drain", GOOD, engine="clone").status_code == 201
         result: list[httpx.Response] = []
         words = " ".join(["word", "wait-for-drain", *["word"] * 6])  # 8 chunks; held at the second
         worker = threading.Thread(target=lambda: result.append(
             httpx.post(base + "/v1/synthesize", json={"text": words, "voice": "drain"}, timeout=HANG_GUARD_S)))
         worker.start()
-        wait_until(lambda: "tts_in_flight 1.0" in httpx.get(base + "/metrics", timeout=HANG_GUARD_S).text,
-                   "the synthesis to start")
+        wait_until(lambda: metric(base, "tts_in_flight") == 1, "the synthesis to start")
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: server.refuses_connections(), "the server to stop accepting connections after SIGTERM")
         assert process.poll() is None and not result  # draining: the request is still held at the gate
         (gates / "drain").touch()
         worker.join(HANG_GUARD_S)
         assert result and result[0].status_code == 200
-        audio, _rate = sf.read(io.BytesIO(result[0].content))
+        audio, _rate = decode(result[0].content)
         assert audio.size == 8 * (RATE // 5)
         assert process.wait(HANG_GUARD_S) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
@@ -427,15 +400,11 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         server.stop()  # closes its log
 
 
-def register_voice(base: str, name: str, audio: bytes) -> httpx.Response:
-    return httpx.post(base + "/v1/voices", data={"consent": "true", "name": name, "engine": "clone"},
-                      files={"audio": ("a.wav", audio, "audio/wav")}, timeout=HANG_GUARD_S)
-
-
 KILLS = 10  # SIGKILLs that must land inside a registration; each costs a server start
 LATENT_S = 0.2  # FAKE_LATENT_DELAY: a registration lasts at least this long, on any machine
 
 
+@pytest.mark.slow  # a dozen or more server starts
 def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path) -> None:
     """SIGKILL the server inside voice registrations, again and again; every acknowledged voice survives.
 
@@ -473,7 +442,7 @@ def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path)
             for _ in range(rng.randint(1, 2)):  # run to the end: acknowledged, and the yardstick
                 name, audio = next_voice()
                 started = time.monotonic()
-                response = register_voice(base, name, audio)
+                response = register(base, name, audio, engine="clone")
                 assert response.status_code == 201, response.text
                 durations.append(time.monotonic() - started)
                 acknowledged[name] = response.json()["voice_sha256"]
@@ -483,7 +452,7 @@ def test_sigkill_during_registrations_loses_nothing_acknowledged(tmp_path: Path)
             killer = threading.Timer(delay, process.kill)
             killer.start()  # the request starts now: the kill is scheduled off its start
             try:
-                response = register_voice(base, name, audio)
+                response = register(base, name, audio, engine="clone")
             except httpx.TransportError:
                 cut_short += 1  # killed mid-request: never acknowledged
             else:

@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S, ROOT, assert_problem, decode, uvicorn_server, wait_until
+from tests.conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    assert_problem,
+    decode,
+    metric,
+    register,
+    uvicorn_server,
+    voice_audio,
+    wait_until,
+    wav,
+)
 from tts_gateway.text import split_sentences
 
 SENTENCES = [f"This is sentence number {n}, spoken by the gateway." for n in range(1, 11)]
@@ -39,22 +50,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_xtts: Path, gate_dir: 
 @pytest.fixture(scope="module")
 def gated_voice(server: str) -> str:
     """A preset of the fake cloning engine: a word ``wait-for-<token>`` holds its synthesis until the gate opens."""
-    rate = 16000
-    t = np.arange(rate * 3) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    clip = io.BytesIO()
-    sf.write(clip, tone, rate, format="WAV", subtype="PCM_16")
-    created = httpx.post(server + "/v1/voices", data={"consent": "true", "name": "gated", "engine": "clone"},
-                         files={"audio": ("a.wav", clip.getvalue(), "audio/wav")}, timeout=HANG_GUARD_S)
+    created = register(server, "gated", wav(voice_audio()), engine="clone")
     assert created.status_code == 201, created.text
     return "gated"
-
-
-def in_flight(base: str) -> float:
-    for line in httpx.get(base + "/metrics", timeout=HANG_GUARD_S).text.splitlines():
-        if line.startswith("tts_in_flight "):
-            return float(line.split()[1])
-    raise AssertionError("no tts_in_flight metric")
 
 
 def read_stream(base: str, body: dict[str, Any]) -> tuple[list[bytes], httpx.Headers]:
@@ -91,7 +89,7 @@ def test_first_bytes_leave_while_the_synthesis_is_still_running(server: str, gat
     """The first sentence's audio reaches the client while the synthesis is held at the second sentence.
 
     By construction: the synthesis cannot end before the test opens the gate, which it does only once it
-    holds the first chunk (it used to ask /metrics after the first chunk and hope the engine was slower).
+    holds the first chunk, so no engine is fast enough to finish first.
     """
     body = {"text": "One two. wait-for-first-bytes four five. Six seven.", "voice": gated_voice, "stream": True,
             "format": "pcm"}
@@ -100,7 +98,7 @@ def test_first_bytes_leave_while_the_synthesis_is_still_running(server: str, gat
         assert response.status_code == 200, response.read()
         raw = response.iter_raw()
         chunks.append(next(chunk for chunk in raw if chunk))
-        assert in_flight(server) == 1  # held at the gate: still running
+        assert metric(server, "tts_in_flight") == 1  # held at the gate: still running
         (gate_dir / "first-bytes").touch()
         chunks.extend(chunk for chunk in raw if chunk)
     assert len(chunks) >= 3  # a piece per sentence
@@ -110,8 +108,7 @@ def test_first_bytes_leave_while_the_synthesis_is_still_running(server: str, gat
 
 
 def test_xtts_streams_within_a_sentence(server: str, speech_wav: bytes) -> None:
-    created = httpx.post(server + "/v1/voices", data={"consent": "true", "name": "streamer"},
-                         files={"audio": ("a.wav", speech_wav, "audio/wav")}, timeout=300)
+    created = register(server, "streamer", speech_wav)
     assert created.status_code in (201, 409), created.text
     body = {"text": "One sentence only.", "voice": "streamer", "seed": 3, "stream": True, "format": "pcm"}
     chunks, headers = read_stream(server, body)
@@ -124,16 +121,16 @@ def test_xtts_streams_within_a_sentence(server: str, speech_wav: bytes) -> None:
 
 def test_disconnect_cancels_remaining_work(server: str, gated_voice: str) -> None:
     """The client leaves while the synthesis is held at a gate that never opens: only the cancellation the
-    disconnect sets off can end it and free its slot (a long Piper text used to race the test's waiting)."""
+    disconnect sets off can end it and free its slot, however fast the engine."""
     body = {"text": "One two. wait-for-never three. Four five.", "voice": gated_voice, "stream": True,
             "format": "pcm", "cache": False}
     with httpx.stream("POST", server + "/v1/synthesize", json=body, timeout=HANG_GUARD_S) as response:
         assert response.status_code == 200
         raw = response.iter_raw()  # kept: dropping a half-read iterator closes the connection at once
         assert next(chunk for chunk in raw if chunk)
-        assert in_flight(server) == 1  # held at the gate, the client still there
+        assert metric(server, "tts_in_flight") == 1  # held at the gate, the client still there
     # Leaving the block closes the connection: the client is gone.
-    wait_until(lambda: in_flight(server) == 0, "the abandoned synthesis to stop and free its slot")
+    wait_until(lambda: metric(server, "tts_in_flight") == 0, "the abandoned synthesis to stop and free its slot")
 
 
 def test_a_whole_audio_client_that_leaves_stops_its_synthesis(server: str, gated_voice: str) -> None:
@@ -147,9 +144,9 @@ def test_a_whole_audio_client_that_leaves_stops_its_synthesis(server: str, gated
     with socket.create_connection((host, int(port)), timeout=HANG_GUARD_S) as conn:
         conn.sendall(b"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        wait_until(lambda: in_flight(server) == 1, "the synthesis to be held at the gate")
+        wait_until(lambda: metric(server, "tts_in_flight") == 1, "the synthesis to be held at the gate")
     # The socket is closed: the client is gone before any audio exists.
-    wait_until(lambda: in_flight(server) == 0, "the abandoned synthesis to stop and free its slot")
+    wait_until(lambda: metric(server, "tts_in_flight") == 0, "the abandoned synthesis to stop and free its slot")
 
 
 @pytest.mark.parametrize(

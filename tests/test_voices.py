@@ -1,4 +1,4 @@
-"""Issue 4: XTTS on the tiny checkpoint, the voice registry, presets and the old /synthesize call."""
+"""Issue 4: XTTS on the tiny checkpoint, the voice registry, presets and the legacy /synthesize call."""
 
 from __future__ import annotations
 
@@ -12,31 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import assert_problem, decode, running_app
+from tests.conftest import assert_problem, decode, metric, register, running_app, voice_audio, wav
 from tts_gateway.config import Settings
 from tts_gateway.engines.xtts_engine import XttsEngine
 
 pytestmark = pytest.mark.xtts
-
-
-def metric(client: Any, name: str, engine: str = "xtts") -> float:
-    total = 0.0
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + "{") and f'engine="{engine}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def wav_bytes(samples: np.ndarray, rate: int, channels: int = 1) -> bytes:
-    out = io.BytesIO()
-    data = np.repeat(samples[:, None], channels, axis=1) if channels > 1 else samples
-    sf.write(out, data, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
-def register(client: Any, name: str, *clips: bytes, **fields: str) -> Any:
-    files = [("audio", (f"clip{i}.wav", clip, "audio/wav")) for i, clip in enumerate(clips)]
-    return client.post("/v1/voices", data={"consent": "true", "name": name, **fields}, files=files)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +51,14 @@ def test_xtts_engine_description(xtts_client: Any, tiny_xtts: Path) -> None:
 
 
 def test_register_list_get_delete(xtts_client: Any, speech_wav: bytes, xtts_settings: Settings) -> None:
-    before = metric(xtts_client, "tts_conditioning_computations_total")
+    before = metric(xtts_client, "tts_conditioning_computations_total", engine="xtts")
     created = register(xtts_client, "alice", speech_wav, language="en", description="Alice", consent="true")
     assert created.status_code == 201, created.text
     voice = created.json()
     assert voice["name"] == "alice" and voice["engine"] == "xtts" and voice["consent"] is True
     assert voice["licence"].startswith("CPML") and len(voice["voice_sha256"]) == 64
     assert 3.0 < voice["duration"] < 6.0
-    assert metric(xtts_client, "tts_conditioning_computations_total") == before + 1
+    assert metric(xtts_client, "tts_conditioning_computations_total", engine="xtts") == before + 1
 
     names = {v["name"]: v for v in xtts_client.get("/v1/voices").json()["voices"]}
     assert names["alice"]["kind"] == "preset"
@@ -98,12 +78,12 @@ def test_register_list_get_delete(xtts_client: Any, speech_wav: bytes, xtts_sett
 
 
 def test_same_audio_reuses_stored_latents(xtts_client: Any, speech_wav: bytes) -> None:
-    before = metric(xtts_client, "tts_conditioning_computations_total")
-    hits = metric(xtts_client, "tts_voice_cache_hits_total")
+    before = metric(xtts_client, "tts_conditioning_computations_total", engine="xtts")
+    hits = metric(xtts_client, "tts_voice_cache_hits_total", engine="xtts")
     assert register(xtts_client, "twin-a", speech_wav).status_code == 201
     assert register(xtts_client, "twin-b", speech_wav).status_code == 201
-    assert metric(xtts_client, "tts_conditioning_computations_total") == before + 1
-    assert metric(xtts_client, "tts_voice_cache_hits_total") == hits + 1
+    assert metric(xtts_client, "tts_conditioning_computations_total", engine="xtts") == before + 1
+    assert metric(xtts_client, "tts_voice_cache_hits_total", engine="xtts") == hits + 1
     a = xtts_client.get("/v1/voices/twin-a").json()
     b = xtts_client.get("/v1/voices/twin-b").json()
     assert a["voice_sha256"] == b["voice_sha256"]
@@ -135,19 +115,19 @@ def test_presets_survive_restart_without_recomputing(xtts_settings: Settings, sp
     settings = xtts_settings.with_(data_dir=xtts_settings.data_dir.parent / "restart")
     with running_app(settings) as client:
         assert register(client, "carol", speech_wav, language="de").status_code == 201
-        assert metric(client, "tts_conditioning_computations_total") == 1
+        assert metric(client, "tts_conditioning_computations_total", engine="xtts") == 1
     with running_app(settings) as client:  # a new process-equivalent: new registry, engines, metrics
         response = client.post("/v1/synthesize", json={"text": "Guten Tag.", "voice": "carol", "seed": 1})
         assert response.status_code == 200, response.text
-        assert metric(client, "tts_conditioning_computations_total") == 0
+        assert metric(client, "tts_conditioning_computations_total", engine="xtts") == 0
         assert client.get("/v1/voices/carol").json()["language"] == "de"
 
 
 def test_legacy_synthesize_call_unchanged(xtts_client: Any, speech_wav: bytes) -> None:
     audio, rate = decode(speech_wav)
-    speaker = wav_bytes(audio[: int(3.5 * rate)], rate)  # audio no other test registered
-    before = metric(xtts_client, "tts_conditioning_computations_total")
-    hits = metric(xtts_client, "tts_voice_cache_hits_total")
+    speaker = wav(audio[: int(3.5 * rate)], rate)  # audio no other test registered
+    before = metric(xtts_client, "tts_conditioning_computations_total", engine="xtts")
+    hits = metric(xtts_client, "tts_voice_cache_hits_total", engine="xtts")
     for _ in range(2):
         response = xtts_client.post("/synthesize", data={"text": "Hello old friend."},
                                     files={"speaker_audio": ("speaker.wav", speaker, "audio/wav")})
@@ -155,8 +135,8 @@ def test_legacy_synthesize_call_unchanged(xtts_client: Any, speech_wav: bytes) -
         info = sf.info(io.BytesIO(response.content))
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
         assert info.duration > 0.5
-    assert metric(xtts_client, "tts_conditioning_computations_total") == before + 1
-    assert metric(xtts_client, "tts_voice_cache_hits_total") == hits + 1
+    assert metric(xtts_client, "tts_conditioning_computations_total", engine="xtts") == before + 1
+    assert metric(xtts_client, "tts_voice_cache_hits_total", engine="xtts") == hits + 1
 
 
 def test_multilingual_text_on_xtts(xtts_client: Any, speech_wav: bytes) -> None:
@@ -183,15 +163,15 @@ def test_multilingual_text_on_xtts(xtts_client: Any, speech_wav: bytes) -> None:
 def test_bad_reference_audio_writes_nothing(xtts_client: Any, xtts_settings: Settings, speech_wav: bytes,
                                             case: str, status: int, word: str) -> None:
     rate = 22050
-    tone = (0.3 * np.sin(np.arange(rate * 70) / 5)).astype(np.float32)
+    tone = voice_audio(70, rate=rate)
     clips = {
         "not-audio": b"this is plain text, not audio at all" * 10,
         "pickle": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94.",
         "zip": b"PK\x03\x04" + b"\x00" * 100,
         "truncated": speech_wav[:60],
-        "short": wav_bytes(tone[: rate], rate),
-        "long": wav_bytes(tone, rate),
-        "silent": wav_bytes(np.zeros(rate * 5, np.float32), rate),
+        "short": wav(tone[: rate], rate),
+        "long": wav(tone, rate),
+        "silent": wav(np.zeros(rate * 5, np.float32), rate),
     }
     index_before = sorted(p.name for p in (xtts_settings.data_dir / "voices").rglob("*"))
     assert_problem(register(xtts_client, f"bad-{case}", clips[case]), status, word)
@@ -204,9 +184,9 @@ def test_multichannel_and_high_rate_reference_audio(xtts_client: Any, speech_wav
     import soxr
 
     high = soxr.resample(audio, rate, 192000).astype(np.float32)
-    response = register(xtts_client, "eight-channel", wav_bytes(audio, rate, channels=8))
+    response = register(xtts_client, "eight-channel", wav(audio, rate, channels=8))
     assert response.status_code == 201, response.text
-    response = register(xtts_client, "hi-rate", wav_bytes(high, 192000))
+    response = register(xtts_client, "hi-rate", wav(high, 192000))
     assert response.status_code == 201, response.text
 
 
@@ -214,7 +194,7 @@ def test_corrupt_latents_are_quarantined_and_reported(xtts_client: Any, xtts_set
                                                        speech_wav: bytes) -> None:
     audio, rate = decode(speech_wav)
     louder_different = np.concatenate([audio, audio[: rate]])  # distinct audio → its own blob
-    assert register(xtts_client, "fragile", wav_bytes(louder_different, rate)).status_code == 201
+    assert register(xtts_client, "fragile", wav(louder_different, rate)).status_code == 201
     record = xtts_client.get("/v1/voices/fragile").json()
     blob = next(p for p in (xtts_settings.data_dir / "voices" / "blobs").glob("*/*.safetensors")
                 if json.loads(p.read_bytes()[8:8 + int.from_bytes(p.read_bytes()[:8], "little")])
@@ -269,14 +249,14 @@ def test_registration_needs_consent_unless_relaxed(xtts_client: Any, xtts_settin
     """A clone needs consent=true by default: without it, 422 naming the field, and nothing is computed or stored."""
     assert Settings.from_env({}).require_consent is True
     assert Settings.from_env({"TTS_GATEWAY_REQUIRE_CONSENT": "0"}).require_consent is False
-    before = metric(xtts_client, "tts_conditioning_computations_total")
+    before = metric(xtts_client, "tts_conditioning_computations_total", engine="xtts")
     for consent in ("false", ""):
         refused = register(xtts_client, "no-yes", speech_wav, consent=consent)
         problem = assert_problem(refused, 422, "consent", "TTS_GATEWAY_REQUIRE_CONSENT=0")
         assert problem["type"].endswith("consent-required")
-    assert metric(xtts_client, "tts_conditioning_computations_total") == before
+    assert metric(xtts_client, "tts_conditioning_computations_total", engine="xtts") == before
     assert xtts_client.get("/v1/voices/no-yes").status_code == 404
-    # The old call uploads a clip for one synthesis, registers nothing: it needs no consent field.
+    # The legacy call uploads a clip for one synthesis, registers nothing: it needs no consent field.
     legacy = xtts_client.post("/synthesize", data={"text": "Still works.", "language": "en"},
                               files={"speaker_audio": ("ref.wav", speech_wav, "audio/wav")})
     assert legacy.status_code == 200, legacy.text

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import pytest
 
 from tests.conftest import (
     HANG_GUARD_S,
+    LocalHttpServer,
+    QuietHandler,
     app_state,
     assert_problem,
     decode,
@@ -49,7 +51,7 @@ TOS = "tts_models--multilingual--multi-dataset--xtts_v2/tos_agreed.txt"
 CHUNK = 1 << 20
 
 
-class FakeHub:
+class FakeHub(LocalHttpServer):
     """A Hugging Face endpoint serving one model repository from local files (thread-safe knobs)."""
 
     def __init__(self, files: dict[str, Path | bytes]) -> None:
@@ -66,27 +68,14 @@ class FakeHub:
         self.lock = threading.Lock()
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_HEAD(self) -> None:
                 hub.handle(self, head=True)
 
             def do_GET(self) -> None:
                 hub.handle(self, head=False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
     def heal(self) -> None:
         with self.lock:
@@ -246,7 +235,7 @@ def poll_engine(base: str, until: Callable[[dict[str, Any]], bool], seen: list[s
     return state
 
 
-def snapshot(tmp_path: Path) -> Path:
+def model_snapshot(tmp_path: Path) -> Path:
     return tmp_path / "hf" / "hub" / "models--tts-hub--XTTS-v2" / "snapshots" / COMMIT
 
 
@@ -359,6 +348,7 @@ def test_a_failed_download_is_unavailable_until_its_retry_and_the_503_says_when(
 
 
 # -- end to end: a gateway process and the CLI against the fake endpoint ------------------------------------
+@pytest.mark.slow
 def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, hub_env: dict[str, str],
                                                                  tmp_path: Path) -> None:
     hub.throttle_s = 0.05  # ~5 s for the 96 MB model.pth: long enough to watch the progress
@@ -371,15 +361,13 @@ def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, h
         problem = assert_problem(httpx.post(base + "/v1/engines/xtts/load", timeout=60), 503, "downloading XTTS v2")
         assert time.monotonic() - started < 30  # the request does not wait for the download
         seen: list[str] = []
-        while True:  # the server answers while the model downloads, with the bytes so far in the reason
-            state = httpx.get(base + "/v1/engines/xtts", timeout=30).json()
+
+        def downloaded(state: dict[str, Any]) -> bool:
             assert httpx.get(base + "/health", timeout=30).status_code == 200
-            if state["reason"]:
-                seen.append(state["reason"])
-            if state["available"] and state["reason"] is None:
-                break
-            assert time.monotonic() - started < 2 * HANG_GUARD_S, seen[-3:]
-            time.sleep(0.2)
+            return bool(state["available"] and state["reason"] is None)
+
+        # the server answers while the model downloads, with the bytes so far in the reason
+        poll_engine(base, downloaded, seen, what="the download to finish")
         sizes = [r for r in seen if re.search(r"downloading XTTS v2 \(tts-hub/XTTS-v2 from http://127\.0\.0\.1:\d+\):"
                                               r" [\d.]+ (B|kB|MB) of 96\.\d MB", r)]
         assert sizes, seen
@@ -395,12 +383,13 @@ def test_first_load_downloads_in_the_background_then_synthesizes(hub: FakeHub, h
         assert rate == 24000 and audio.size > 2400 and float(abs(audio).max()) > 0
         engine = httpx.get(base + "/v1/engines/xtts", timeout=30).json()
         assert engine["loaded"] and engine["model"]["id"] == f"xtts_v2/{REPO}@{COMMIT[:12]}"
-    model_pth = snapshot(tmp_path) / "model.pth"
+    model_pth = model_snapshot(tmp_path) / "model.pth"
     assert model_pth.read_bytes() == (hub.blobs["model.pth"]).read_bytes()  # type: ignore[union-attr]
     assert not hub.fetched("dvae.pth") and not hub.fetched("en_sample.wav")  # coqui's ignore patterns held
     assert not (tmp_path / "tts-home" / "tts" / TOS).exists()  # the setting accepts; it records nothing
 
 
+@pytest.mark.slow
 def test_interrupted_download_is_unavailable_then_recovers(hub: FakeHub, hub_env: dict[str, str],
                                                            tmp_path: Path) -> None:
     hub.drop["model.pth"] = 10 * CHUNK  # cut mid-file; the retry that follows is refused
@@ -411,8 +400,8 @@ def test_interrupted_download_is_unavailable_then_recovers(hub: FakeHub, hub_env
         assert "retries" in failed["reason"] and "models pull xtts" in failed["reason"]
         ready = httpx.get(base + "/ready", timeout=30).json()["detail"]
         assert "xtts " in ready and "downloading XTTS v2" in ready and "failed" in ready, ready
-        assert not (snapshot(tmp_path) / "model.pth").exists()  # never a partial file in the snapshot
-        assert not list((snapshot(tmp_path).parent.parent / "blobs").glob("*.incomplete"))
+        assert not (model_snapshot(tmp_path) / "model.pth").exists()  # never a partial file in the snapshot
+        assert not list((model_snapshot(tmp_path).parent.parent / "blobs").glob("*.incomplete"))
         assert_problem(httpx.post(base + "/v1/engines/xtts/load", timeout=60), 503, "failed")
 
         hub.heal()
@@ -422,11 +411,12 @@ def test_interrupted_download_is_unavailable_then_recovers(hub: FakeHub, hub_env
         response = httpx.post(base + "/v1/synthesize", json={"text": "Back again.", "voice": "xtts:viktor-eka",
                                                              "seed": 1}, timeout=HANG_GUARD_S)
         assert response.status_code == 200, response.text
-    assert (snapshot(tmp_path) / "model.pth").read_bytes() == hub.blobs["model.pth"].read_bytes()  # type: ignore[union-attr]
+    assert (model_snapshot(tmp_path) / "model.pth").read_bytes() == hub.blobs["model.pth"].read_bytes()  # type: ignore[union-attr]
     # the finished small files of the failed attempt were kept, not fetched again
     assert len(hub.fetched("config.json")) == 1 and len(hub.fetched("speakers_xtts.pth")) == 1
 
 
+@pytest.mark.slow
 def test_pull_records_the_licence_resumes_a_cut_and_then_works_offline(hub: FakeHub, hub_env: dict[str, str],
                                                                       tmp_path: Path) -> None:
     env = {**os.environ, **hub_env}
@@ -445,7 +435,7 @@ def test_pull_records_the_licence_resumes_a_cut_and_then_works_offline(hub: Fake
     assert pulled.stdout.strip().endswith(f"snapshots/{COMMIT}")
     assert (tmp_path / "tts-home" / "tts" / TOS).read_text() == xtts_models.TOS_TEXT
     assert [r for r in hub.fetched("model.pth") if r[2] == f"bytes={20 * CHUNK}-"], hub.fetched("model.pth")
-    assert (snapshot(tmp_path) / "model.pth").read_bytes() == hub.blobs["model.pth"].read_bytes()  # type: ignore[union-attr]
+    assert (model_snapshot(tmp_path) / "model.pth").read_bytes() == hub.blobs["model.pth"].read_bytes()  # type: ignore[union-attr]
 
     hub.close()  # from now on there is no endpoint at all
     offline = {**env, "HF_HUB_OFFLINE": "1"}  # no TTS_GATEWAY_ACCEPT_CPML: the recorded acceptance counts

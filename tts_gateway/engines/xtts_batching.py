@@ -405,7 +405,7 @@ class GptBatcher:
                 row = cache.add_row()
             else:
                 cache, row = self._shared, self._shared.add_row()
-            cache.reserve(prompt_length + stack.max_tokens + 1)
+            cache.reserve(prompt_length + 1)  # later steps grow every row by doubling, as they need
             try:
                 with self.cores():
                     latent = stack.forward(sequence.prompt, cache, [row])

@@ -376,3 +376,37 @@ def test_wyoming_requests_reach_the_batcher_together(tmp_path: Path, tiny_xtts: 
         samples = {(s.name, s.labels.get("le")): s.value for family in text_string_to_metric_families(text)
                    for s in family.samples if s.labels.get("engine") == "xtts" and s.name.startswith("tts_batch")}
         assert samples[("tts_batch_size_count", None)] > samples[("tts_batch_size_bucket", "1.0")], samples
+
+
+def test_compare_precision_reports_tokens_logits_similarity_and_time(tiny_xtts: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tts_gateway", "dev", "compare-precision", "--checkpoint",
+                             str(tiny_xtts), "--json"], capture_output=True, text=True, timeout=4 * HANG_GUARD_S,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["kernels"]["int8"]["precision"] == "int8" and len(report["sentences"]) == 4
+    for row in report["sentences"]:
+        assert 0 <= row["identical_token_share"] <= 1 and row["tokens"][0] > 0
+        assert 0 < row["first_logits_max_abs_diff"] < 1  # int8 is close to fp32, never identical
+        assert -1 <= row["speaker_similarity"] <= 1.0001 and all(s > 0 for s in row["seconds"])
+    assert report["int8_speed_up"] > 0
+
+
+def test_tiny_xtts_size_and_token_cap_are_options(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "tts_gateway", "dev", "tiny-xtts", str(tmp_path / "x"), "--size",
+                          "huge"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert bad.returncode == 2 and "tiny or v2" in bad.stderr
+    made = subprocess.run([sys.executable, "-m", "tts_gateway", "dev", "tiny-xtts", str(tmp_path / "t"),
+                           "--max-audio-tokens", "20"], capture_output=True, text=True, timeout=4 * HANG_GUARD_S)
+    assert made.returncode == 0, made.stderr
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["model_args"]["gpt_max_audio_tokens"] == 20 and config["model_args"]["gpt_layers"] == 2

@@ -462,6 +462,39 @@ def dev_tiny_xtts(
     err.print(f"wrote {directory}/config.json, model.pth, vocab.json, speakers_xtts.pth")
 
 
+@dev_app.command("compare-precision")
+def dev_compare_precision(
+    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint directory; default: "
+                                                         "TTS_GATEWAY_XTTS_CHECKPOINT, else XTTS v2 from the "
+                                                         "Hugging Face cache")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every sentence (both precisions)")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON")] = False,
+) -> None:
+    """How int8 (TTS_GATEWAY_XTTS_PRECISION=int8) compares with fp32 on your machine and model: identical
+    audio tokens, logits difference, speaker similarity of the outputs, time."""
+    from tts_gateway.engines.xtts_precision import compare_precision
+
+    settings = load_settings()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
+        progress.add_task("loading XTTS twice (fp32, int8) and speaking the sentences…", total=None)
+        try:
+            report = compare_precision(checkpoint or settings.xtts_checkpoint, seed=seed, device=settings.device,
+                                       accept_licence=settings.accept_cpml)
+        except TTSGatewayError as exc:
+            raise fail(exc) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table("sentence", "same tokens", "logits Δmax", "speaker sim.", "fp32 s", "int8 s")
+    for row in report["sentences"]:
+        table.add_row(escape(row["text"][:40]), f"{row['identical_token_share']:.0%}",
+                      f"{row['first_logits_max_abs_diff']:.3g}", f"{row['speaker_similarity']:.3f}",
+                      f"{row['seconds'][0]:.2f}", f"{row['seconds'][1]:.2f}")
+    out.print(table)
+    out.print(f"int8 is {report['int8_speed_up']}× as fast; {report['identical_token_share']:.0%} of audio tokens "
+          f"identical; lowest speaker similarity {report['speaker_similarity_min']:.3f}")
+
+
 models_app = typer.Typer(help="Fetch engine models (XTTS v2 through coqui-tts's model manager).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 

@@ -380,6 +380,42 @@ class XttsEngine(BaseEngine):
         with self._cores():
             yield model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
 
+    def trace(self, text: str, language: str, voice: VoiceInput, seed: int) -> dict[str, Any]:
+        """One seeded sentence, alone, with what a precision comparison needs: its audio tokens, the first
+        step's logits, the audio (numpy) and the wall time."""
+        import time
+
+        import torch
+
+        model = self._require_model()
+        batcher = self._batcher
+        assert batcher is not None
+        gpt_cond_latent, speaker_embedding = self._conditioning(voice)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            prompt = batcher.stack.prompt(gpt_cond_latent, text_tokens(model, text, language))
+            cache = batcher.stack.cache(1)
+            cache.add_row()
+            logits = batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
+        sequence = Sequence(prompt=prompt, seed=seed, repeatable=True)
+        batcher.submit(sequence)
+        latents = list(sequence.latents())
+        with torch.inference_mode():
+            audio = model.hifigan_decoder(torch.cat(latents, dim=0)[None, :], g=speaker_embedding).squeeze()
+        return {"tokens": list(sequence.tokens), "logits": logits, "audio": audio.cpu().numpy(),
+                "seconds": time.perf_counter() - started}
+
+    def speaker_embedding(self, audio: np.ndarray) -> np.ndarray:
+        """XTTS's speaker encoder's embedding of audio at the output rate (for comparing two outputs)."""
+        import soxr
+        import torch
+
+        model = self._require_model()
+        wav16 = soxr.resample(audio.astype(np.float32), self.sample_rate, 16000).astype(np.float32)
+        with torch.inference_mode():
+            embedding = model.get_speaker_embedding(torch.from_numpy(wav16)[None, :], 16000)
+        return np.asarray(embedding.detach().cpu().numpy(), dtype=np.float32).reshape(-1)
+
     def _conditioning(self, voice: VoiceInput) -> tuple[Any, Any]:
         """(gpt_cond_latent, speaker_embedding) tensors of a preset, an upload or a studio speaker."""
         import torch

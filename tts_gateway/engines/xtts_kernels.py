@@ -98,8 +98,7 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
     if precision == "int8":
         quantize_int8(gpt)
         return {"precision": "int8", "kernel": "fbgemm"}
-    if not hasattr(torch.utils, "mkldnn") or not torch.backends.mkldnn.is_available() \
-            or next(gpt.parameters()).device.type != "cpu":
+    if not torch.backends.mkldnn.is_available() or next(gpt.parameters()).device.type != "cpu":
         return {"precision": "fp32", "kernel": "default"}
 
     def timed() -> float:

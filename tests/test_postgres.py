@@ -42,6 +42,7 @@ from tts_gateway.voices import (
     VoiceNotFound,
     VoiceRegistry,
     open_registry,
+    pg_schema,
     prepare_reference,
 )
 
@@ -142,7 +143,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
     be "under 10 s of wall time").
     """
     clock = FakeClock()
-    monkeypatch.setattr(sys.modules[PostgresVoiceRegistry.__module__], "time", clock)
+    monkeypatch.setattr(pg_schema, "time", clock)
     url = f"postgresql://tts:{PASSWORD}@127.0.0.1:{free_port()}/nowhere"
     with pytest.raises(RegistryConnectError) as info:
         PostgresVoiceRegistry(tmp_path, url=url, connect_timeout=0.5)

@@ -441,7 +441,7 @@ def test_the_upload_cache_bound_holds_under_concurrent_use(backend: Backend) -> 
 
 @pytest.mark.postgres
 def test_a_version_1_schema_is_upgraded_and_its_upload_cache_bounded(pg_url: str, tmp_path: Path) -> None:
-    from tts_gateway.voices.pg_registry import SCHEMA, SCHEMA_VERSION
+    from tts_gateway.voices.pg_schema import SCHEMA, SCHEMA_VERSION
 
     old = encode({"spectrum": np.arange(4, dtype=np.float32)}, {"engine": "clone"})
     old_sha = hashlib.sha256(old).hexdigest()

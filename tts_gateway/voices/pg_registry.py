@@ -1,129 +1,38 @@
 """PostgresVoiceRegistry: the voice registry with PostgreSQL as the source of truth (``TTS_GATEWAY_REGISTRY_URL``).
 
-Several gateway processes share one database; each keeps a local read-through cache of blobs.
-
-Schema (created on first use, under an advisory lock so that nodes starting together do not race):
-
-  tts_voice_blobs   sha256 text PK, data bytea — CHECK (sha256 = encode(sha256(data), 'hex')): the database
-                    itself refuses bytes that do not match their name.
-  tts_voices        name text PK (the unique name: of two racing creators exactly one INSERT wins),
-                    latents_key, latents_sha256 → tts_voice_blobs, record jsonb (the `VoiceRecord`).
-  tts_conditioning  key text PK (= latents_key(audio, engine, model)) → latents_sha256, used_at: the upload
-                    cache of the old ``/synthesize`` call, shared by every node. The first writer of a key wins; a
-                    node that computed the same audio meanwhile uses the winner's blob. Bounded: past
-                    ``upload_cache_entries`` rows no preset uses, the least recently used go, with their blobs
-                    (schema version 2 added ``used_at``).
-
-Blobs are referenced by foreign keys, so one still used by a voice or by the upload cache cannot be deleted;
-a blob is removed in the same transaction that drops its last reference.
+Several gateway processes share one database (its tables: `tts_gateway.voices.pg_schema`; the connections:
+`tts_gateway.voices.pg_database`); each keeps a local read-through cache of blobs.
 
 Local cache: ``<data_dir>/voices/pg-cache/blobs/<sha[:2]>/<sha>.safetensors`` (a `LatentStore` keyed by the
 blob's sha256). Every read verifies the file's sha256; a corrupt file is quarantined and the blob fetched
 again from PostgreSQL, never served. No pickle anywhere: latents are safetensors, records are JSON.
-
-Connections come from a `psycopg_pool.ConnectionPool` (autocommit; multi-statement work runs in
-``conn.transaction()``). A connection idle for a while is checked before use, so a database restart costs
-no request; while the database is away, calls fail fast with `RegistryUnavailable` (HTTP 503).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import numpy as np
 import psycopg
 import psycopg.errors
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
 from tts_gateway.errors import InvalidField
 from tts_gateway.voices.blobs import CorruptBlob, encode, problem, sha256_hex
 from tts_gateway.voices.cache import Latents
 from tts_gateway.voices.names import valid_voice_name
-from tts_gateway.voices.registry import (
-    RegistryConnectError,
-    RegistryUnavailable,
-    VoiceExists,
-    VoiceNotFound,
-    VoiceRecord,
-)
+from tts_gateway.voices.pg_database import Connection, Database, DatabaseUnavailable, first_line, redact
+from tts_gateway.voices.pg_schema import setup
+from tts_gateway.voices.registry import RegistryUnavailable, VoiceExists, VoiceNotFound, VoiceRecord
 from tts_gateway.voices.registry_base import UPLOAD_CACHE_ENTRIES, Conditioned, NewVoice, RegistryBase
 from tts_gateway.voices.store import storage_error
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2
-MIN_SERVER_VERSION = 110000  # sha256(bytea) arrived in PostgreSQL 11
-_SCHEMA_LOCK = 0x7474_7376_6F69_6365  # "ttsvoice": the pg_advisory_xact_lock key of schema set-up
-_IDLE_PING_S = 5.0  # a connection idle longer than this is checked before use (the server may have restarted)
-_RUNTIME_CONNECT_TIMEOUT_S = 5  # how long a call waits for a connection before answering 503
-_HEALTH_TIMEOUT_S = 2.0  # how long `health` waits for a connection
-_ROLLBACK = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)  # retried
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS tts_registry_schema (version integer NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS tts_voice_blobs (
-        sha256 text PRIMARY KEY,
-        data bytea NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        CONSTRAINT tts_voice_blobs_sha256_matches CHECK (sha256 = encode(sha256(data), 'hex'))
-    )""",
-    """CREATE TABLE IF NOT EXISTS tts_voices (
-        name text PRIMARY KEY CONSTRAINT tts_voices_name_length CHECK (char_length(name) BETWEEN 1 AND 65),
-        latents_key text NOT NULL CONSTRAINT tts_voices_key_hex CHECK (latents_key ~ '^[0-9a-f]{64}$'),
-        latents_sha256 text NOT NULL REFERENCES tts_voice_blobs (sha256),
-        record jsonb NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        CONSTRAINT tts_voices_record_matches CHECK (
-            jsonb_typeof(record) = 'object' AND record->>'name' = name
-            AND record->>'latents_key' = latents_key AND record->>'latents_sha256' = latents_sha256)
-    )""",
-    """CREATE INDEX IF NOT EXISTS tts_voices_latents_sha256 ON tts_voices (latents_sha256)""",
-    """CREATE INDEX IF NOT EXISTS tts_voices_latents_key ON tts_voices (latents_key)""",
-    """CREATE TABLE IF NOT EXISTS tts_conditioning (
-        key text PRIMARY KEY CONSTRAINT tts_conditioning_key_hex CHECK (key ~ '^[0-9a-f]{64}$'),
-        latents_sha256 text NOT NULL REFERENCES tts_voice_blobs (sha256),
-        engine text NOT NULL,
-        model_sha256 text NOT NULL,
-        audio_sha256 text NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now()
-    )""",
-    """CREATE INDEX IF NOT EXISTS tts_conditioning_latents_sha256 ON tts_conditioning (latents_sha256)""",
-    # version 2: the upload cache is bounded, least recently used first
-    """ALTER TABLE tts_conditioning ADD COLUMN IF NOT EXISTS used_at timestamptz NOT NULL DEFAULT now()""",
-    """CREATE INDEX IF NOT EXISTS tts_conditioning_used_at ON tts_conditioning (used_at)""",
-)
-
-Connection = psycopg.Connection[Any]
-T = TypeVar("T")
-
-
-class DatabaseUnavailable(RegistryUnavailable):
-    """The registry database cannot be reached right now (HTTP 503 with Retry-After)."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"the voice registry database is unavailable: {detail}")
-
-
-def redact(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "postgresql://…"
 
 
 class PostgresVoiceRegistry(RegistryBase):
@@ -162,146 +71,20 @@ class PostgresVoiceRegistry(RegistryBase):
                          on_conditioning=on_conditioning, on_cache_hit=on_cache_hit, memory_entries=memory_entries,
                          upload_cache_entries=upload_cache_entries)
         self._lock = threading.RLock()  # orders this node's cache file writes, quarantines and deletes
-        self._used: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
-        self._used_lock = threading.Lock()
-        self._setup(connect_timeout)
-        self._pool: ConnectionPool[Connection] = ConnectionPool(
-            url,
-            kwargs={"autocommit": True, "connect_timeout": _RUNTIME_CONNECT_TIMEOUT_S,
-                    "application_name": "tts-gateway"},
-            min_size=1,
-            max_size=max(1, pool_size),
-            timeout=_RUNTIME_CONNECT_TIMEOUT_S,
-            # Give up a reconnection chain quickly: the next call starts a fresh one at once, so a database
-            # that came back is used without waiting out a long back-off.
-            reconnect_timeout=_RUNTIME_CONNECT_TIMEOUT_S,
-            check=self._check_connection,
-            name="tts-voice-registry",
-            open=True,
-        )
+        setup(url, connect_timeout)
+        self._database = Database(url, pool_size=pool_size)
 
     def __repr__(self) -> str:
         return f"PostgresVoiceRegistry({redact(self.url)!r})"
 
-    # -- set-up ---------------------------------------------------------------------------------
-    def _setup(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        delay = 0.2
-        while True:
-            try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=_RUNTIME_CONNECT_TIMEOUT_S,
-                                     application_name="tts-gateway") as conn:
-                    self._migrate(conn)
-                return
-            except psycopg.OperationalError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise RegistryConnectError(
-                        f"cannot reach the voice registry database TTS_GATEWAY_REGISTRY_URL={redact(self.url)}: "
-                        f"{_first_line(exc)}") from None
-                log.warning("registry database not reachable yet (%s); retrying", _first_line(exc))
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except psycopg.Error as exc:
-                raise RegistryConnectError(
-                    f"cannot set up the voice registry in TTS_GATEWAY_REGISTRY_URL={redact(self.url)}: "
-                    f"{_first_line(exc)}") from None
-
-    @staticmethod
-    def _migrate(conn: Connection) -> None:
-        version = conn.info.server_version
-        if version < MIN_SERVER_VERSION:
-            raise RegistryConnectError(
-                f"TTS_GATEWAY_REGISTRY_URL points at PostgreSQL {version // 10000}; 11 or newer is needed "
-                "(sha256() on bytea)")
-
-        def current() -> int | None:
-            if conn.execute("SELECT to_regclass('tts_registry_schema')").fetchone() == (None,):
-                return None
-            row = conn.execute("SELECT max(version) FROM tts_registry_schema").fetchone()
-            return row[0] if row else None
-
-        found = current()  # a user with data rights only can run on a schema an admin made
-        if found is None or found < SCHEMA_VERSION:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))  # nodes starting together
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                found = current()
-                if found is None or found < SCHEMA_VERSION:
-                    conn.execute("INSERT INTO tts_registry_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
-                    found = SCHEMA_VERSION
-        if found > SCHEMA_VERSION:
-            raise RegistryConnectError(
-                f"the registry database has schema version {found}; this gateway knows {SCHEMA_VERSION}: "
-                "upgrade the gateway")
-
     def close(self) -> None:
-        self._pool.close()
+        self._database.close()
 
     def health(self) -> str | None:
         """None while the database answers, else why not (waits at most a couple of seconds; never raises)."""
-        try:
-            with self._pool.connection(timeout=_HEALTH_TIMEOUT_S) as conn:
-                conn.execute("SELECT 1").fetchone()
-        except Exception as exc:  # PoolTimeout, PoolClosed, OperationalError, …: all mean "not now"
-            return f"the voice registry database is unavailable: {_first_line(exc)}"
-        return None
+        return self._database.health()
 
-    # -- database helpers -----------------------------------------------------------------------
-    def _check_connection(self, conn: Connection) -> None:
-        """The pool's check on hand-out: ping a connection that sat idle (the server may have restarted)."""
-        with self._used_lock:
-            used = self._used.get(conn)
-        if used is None or time.monotonic() - used > _IDLE_PING_S:
-            ConnectionPool.check_connection(conn)
-
-    @contextmanager
-    def _connection(self) -> Iterator[Connection]:
-        with self._pool.connection() as conn:
-            try:
-                yield conn
-            finally:
-                with self._used_lock:
-                    self._used[conn] = time.monotonic()
-
-    @contextmanager
-    def _db(self) -> Iterator[Connection]:
-        """A pooled connection; connection-level failures become `RegistryUnavailable` (503)."""
-        try:
-            with self._connection() as conn:
-                yield conn
-        except _ROLLBACK:  # deadlock, serialization: `_write` retries
-            raise
-        except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout and PoolClosed
-            log.warning("registry database error: %s", _first_line(exc))
-            raise DatabaseUnavailable(_first_line(exc)) from None
-
-    def _write(self, work: Callable[[Connection], T], retry: tuple[type[Exception], ...] = ()) -> T:
-        """Run ``work`` in one transaction; again (a few times) after a deadlock or ``retry`` errors."""
-        attempts = 4
-        retried: tuple[type[Exception], ...] = (*_ROLLBACK, *retry)
-        for attempt in range(attempts):
-            try:
-                with self._db() as conn, conn.transaction():
-                    return work(conn)
-            except retried as exc:
-                if attempt == attempts - 1:
-                    if isinstance(exc, _ROLLBACK):
-                        raise DatabaseUnavailable(_first_line(exc)) from None
-                    raise
-                log.info("registry transaction retried: %s", _first_line(exc))
-                time.sleep(0.02 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _read(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query, once more on a fresh connection if the first one failed."""
-        try:
-            with self._connection() as conn:
-                return conn.execute(query, params).fetchall()
-        except psycopg.OperationalError:
-            with self._db() as conn:
-                return conn.execute(query, params).fetchall()
-
+    # -- records and blob rows ------------------------------------------------------------------
     @staticmethod
     def _record(raw: Any) -> VoiceRecord:
         return VoiceRecord.from_dict(raw) if isinstance(raw, dict) else VoiceRecord.from_json(raw)
@@ -332,16 +115,16 @@ class PostgresVoiceRegistry(RegistryBase):
     def get(self, name: str) -> VoiceRecord:
         if not valid_voice_name(name):
             raise VoiceNotFound(name)
-        rows = self._read("SELECT record FROM tts_voices WHERE name = %s", (name,))
+        rows = self._database.read("SELECT record FROM tts_voices WHERE name = %s", (name,))
         if not rows:
             raise VoiceNotFound(name)
         return self._record(rows[0][0])
 
     def exists(self, name: str) -> bool:
-        return valid_voice_name(name) and bool(self._read("SELECT 1 FROM tts_voices WHERE name = %s", (name,)))
+        return valid_voice_name(name) and bool(self._database.read("SELECT 1 FROM tts_voices WHERE name = %s", (name,)))
 
     def records(self) -> list[VoiceRecord]:
-        return [self._record(row[0]) for row in self._read("SELECT record FROM tts_voices ORDER BY name")]
+        return [self._record(row[0]) for row in self._database.read("SELECT record FROM tts_voices ORDER BY name")]
 
     def load_latents(self, key: str, sha256: str) -> dict[str, np.ndarray]:
         """Memory, then the local cache (verified), then PostgreSQL; raises `CorruptBlob` only when the
@@ -356,7 +139,7 @@ class PostgresVoiceRegistry(RegistryBase):
             except CorruptBlob as exc:
                 log.warning("local blob cache: %s; fetching it again from PostgreSQL", exc)
                 self._local_quarantine(sha256, data)
-        rows = self._read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
+        rows = self._database.read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
         if not rows:
             raise CorruptBlob(sha256, "blob is missing from the registry database")
         data = bytes(rows[0][0])
@@ -391,7 +174,7 @@ class PostgresVoiceRegistry(RegistryBase):
 
     def _mark_broken(self, record: VoiceRecord, detail: str) -> None:
         self.cache.forget(record.latents_sha256)
-        self._write(lambda conn: conn.execute(
+        self._database.write(lambda conn: conn.execute(
             "UPDATE tts_voices SET record = record || jsonb_build_object('status', 'broken', 'extra',"
             " coalesce(record->'extra', '{}'::jsonb) || jsonb_build_object('broken_reason', %s::text))"
             " WHERE name = %s AND latents_sha256 = %s AND record->>'status' IS DISTINCT FROM 'broken'",
@@ -423,20 +206,20 @@ class PostgresVoiceRegistry(RegistryBase):
                     return str(winner[0])
             raise DatabaseUnavailable("the upload cache entry kept changing")
 
-        stored_sha = self._write(store, retry=(psycopg.errors.ForeignKeyViolation,))
+        stored_sha = self._database.write(store, retry=(psycopg.errors.ForeignKeyViolation,))
         self._bound_upload_cache(keep=key)
         if stored_sha != sha:
             try:
                 return Conditioned(key, stored_sha, self.load_latents(key, stored_sha))
             except CorruptBlob as exc:  # the winner is unusable after all: ours replaces it
                 log.warning("replacing unusable upload-cache latents: %s", exc)
-                self._write(partial(self._replace_pointer, key=key, stale=stored_sha, sha=sha, data=data,
+                self._database.write(partial(self._replace_pointer, key=key, stale=stored_sha, sha=sha, data=data,
                                     origin=origin))
         self._cache_locally(sha, data)
         return Conditioned(key, sha, latents, data)
 
     def _stored(self, key: str, meta: dict[str, str], *, for_preset: bool) -> Conditioned | None:
-        rows = self._read("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s", (key,))
+        rows = self._database.read("SELECT latents_sha256 FROM tts_conditioning WHERE key = %s", (key,))
         if not rows:
             return None
         sha = str(rows[0][0])
@@ -449,7 +232,7 @@ class PostgresVoiceRegistry(RegistryBase):
                 conn.execute("DELETE FROM tts_conditioning WHERE key = %s AND latents_sha256 = %s", (key, sha))
                 self._drop_blob_if_unreferenced(conn, sha)
 
-            self._write(forget)
+            self._database.write(forget)
             return None
         self._touch(key, sha)
         return Conditioned(key, sha, latents)
@@ -457,11 +240,11 @@ class PostgresVoiceRegistry(RegistryBase):
     def _touch(self, key: str, sha256: str) -> None:
         """Mark an upload-cache row used now (best effort: a hit must not fail on it)."""
         try:
-            with self._db() as conn:
+            with self._database.session() as conn:
                 conn.execute("UPDATE tts_conditioning SET used_at = clock_timestamp()"
                              " WHERE key = %s AND latents_sha256 = %s", (key, sha256))
         except (RegistryUnavailable, psycopg.Error) as exc:
-            log.debug("upload-cache use of %s not recorded: %s", key[:12], _first_line(exc))
+            log.debug("upload-cache use of %s not recorded: %s", key[:12], first_line(exc))
 
     def _bound_upload_cache(self, keep: str) -> None:
         """Past ``upload_cache_entries`` rows no preset uses, delete the least recently used ones (never
@@ -483,9 +266,9 @@ class PostgresVoiceRegistry(RegistryBase):
             return [sha for sha in sorted({row[0] for row in rows}) if self._drop_blob_if_unreferenced(conn, sha)]
 
         try:
-            dropped = self._write(evict)
+            dropped = self._database.write(evict)
         except (RegistryUnavailable, psycopg.Error) as exc:
-            log.warning("upload cache not trimmed: %s", _first_line(exc))
+            log.warning("upload cache not trimmed: %s", first_line(exc))
             return
         if dropped:
             log.info("upload cache: %d least recently used entries evicted", len(dropped))
@@ -534,7 +317,7 @@ class PostgresVoiceRegistry(RegistryBase):
             if inserted is None:
                 raise VoiceExists(name)
 
-        self._write(insert, retry=(psycopg.errors.ForeignKeyViolation,))
+        self._database.write(insert, retry=(psycopg.errors.ForeignKeyViolation,))
         stored = blob[0]
         if stored is not None and record.latents_sha256 != sha:
             self._cache_locally(record.latents_sha256, stored)
@@ -559,7 +342,7 @@ class PostgresVoiceRegistry(RegistryBase):
                 candidates.update(p[0] for p in pointers)
             return record, [sha for sha in sorted(candidates) if self._drop_blob_if_unreferenced(conn, sha)]
 
-        record, dropped = self._write(remove)  # the acknowledgement: one transaction, or nothing
+        record, dropped = self._database.write(remove)  # the acknowledgement: one transaction, or nothing
         self.cache.forget(record.latents_sha256)
         self._drop_locally(dropped)
         return record
@@ -583,7 +366,7 @@ class PostgresVoiceRegistry(RegistryBase):
                 report["broken"].append(record.name)
                 if fix and record.status != "broken":
                     self._mark_broken(record, detail)
-            orphans = self._read(
+            orphans = self._database.read(
                 "SELECT b.sha256 FROM tts_voice_blobs b"
                 " WHERE NOT EXISTS (SELECT 1 FROM tts_voices v WHERE v.latents_sha256 = b.sha256)"
                 " AND NOT EXISTS (SELECT 1 FROM tts_conditioning c WHERE c.latents_sha256 = b.sha256)"
@@ -591,8 +374,8 @@ class PostgresVoiceRegistry(RegistryBase):
             for (sha,) in orphans:
                 report["orphans"].append(sha)
                 if fix:
-                    self._write(partial(self._drop_blob_if_unreferenced, sha256=sha))
-            known = {row[0] for row in self._read("SELECT sha256 FROM tts_voice_blobs")}
+                    self._database.write(partial(self._drop_blob_if_unreferenced, sha256=sha))
+            known = {row[0] for row in self._database.read("SELECT sha256 FROM tts_voice_blobs")}
             for sha in self.store.keys():
                 if sha in known and self.store.sha256_of(sha) == sha:
                     continue
@@ -608,7 +391,7 @@ class PostgresVoiceRegistry(RegistryBase):
 
     def _verify_blob(self, sha256: str) -> str | None:
         """What is wrong with the database's copy of a blob, or None."""
-        rows = self._read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
+        rows = self._database.read("SELECT data FROM tts_voice_blobs WHERE sha256 = %s", (sha256,))
         if not rows:
             return "blob is missing from the registry database"
         return problem(bytes(rows[0][0]), sha256)
@@ -623,8 +406,3 @@ def _storable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

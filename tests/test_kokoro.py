@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 from litestar.testing import TestClient
 
-from tests.conftest import HANG_GUARD_S, running_app, uvicorn_server, wait_for_warm_up
+from tests.conftest import HANG_GUARD_S, decode, running_app, uvicorn_server, wait_for_warm_up
 from tts_gateway.config import Settings
 from tts_gateway.engines import kokoro_engine, kokoro_models, kokoro_styles
 from tts_gateway.engines.base import (
@@ -331,11 +330,6 @@ def kokoro_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClie
     assert (data_dir / "engines" / "kokoro" / "kokoro-v1.0.int8.onnx").is_file()
 
 
-def _decode(data: bytes) -> tuple[np.ndarray, int]:
-    audio, rate = sf.read(io.BytesIO(data), dtype="float32")
-    return audio, rate
-
-
 @needs_model
 def test_app_speaks_japanese_with_the_default_voice(kokoro_client: TestClient[Any]) -> None:
     assert kokoro_client.get("/ready").status_code == 200  # the canary ran on kokoro:jf_alpha
@@ -344,7 +338,7 @@ def test_app_speaks_japanese_with_the_default_voice(kokoro_client: TestClient[An
     assert response.headers["x-engine"] == "kokoro" and response.headers["x-voice"] == "kokoro:jf_alpha"
     engine_body = kokoro_client.get("/v1/engines/kokoro").json()
     assert response.headers["x-model-sha256"] == engine_body["model"]["sha256"]
-    audio, rate = _decode(response.content)
+    audio, rate = decode(response.content)
     assert rate == 24000
     assert 2.0 < audio.size / rate < 10.0 and _rms(audio) > 0.02
 
@@ -437,7 +431,7 @@ def test_enabled_by_default_and_free_until_used(tmp_path: Path, monkeypatch: pyt
         response = httpx.post(base + "/v1/synthesize", json={"text": SHORT, "voice": "kokoro:jf_alpha", "seed": 1},
                               timeout=HANG_GUARD_S)
         assert response.status_code == 200, response.text
-        audio, rate = sf.read(io.BytesIO(response.content))
+        audio, rate = decode(response.content)
         assert rate == 24000 and audio.size / rate > 0.5 and _rms(audio) > 0.01
         assert httpx.get(base + "/v1/engines/kokoro", timeout=30).json()["loaded"] is True
 
@@ -486,7 +480,7 @@ def test_a_blended_preset_speaks_survives_a_restart_and_shows_its_recipe(tmp_pat
         blended = client.post("/v1/synthesize", json={**text, "voice": "my-blend"})
         assert blended.status_code == 200, blended.text
         assert blended.headers["x-voice-sha256"] == body["voice_sha256"]
-        audio, rate = _decode(blended.content)
+        audio, rate = decode(blended.content)
         assert rate == 24000 and audio.size > 24000 * 0.5 and _rms(audio) > 0.01
         parents = [client.post("/v1/synthesize", json={**text, "voice": f"kokoro:{v}"}).content
                    for v in ("jf_alpha", "jf_nezumi")]

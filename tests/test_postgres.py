@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,26 @@ import numpy as np
 import psycopg
 import psycopg.errors
 import pytest
-import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S, ROOT, GatewayProcess, assert_problem, free_port, running_app
+from tests.conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    GatewayProcess,
+    assert_problem,
+    decode,
+    free_port,
+    metric,
+    register,
+    run_threads,
+    running_app,
+    voice_audio,
+    wav,
+)
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakePlugin
 from tests.pg import PASSWORD, PgServer, unavailable
-from tests.test_reliability import start_server, voice_audio, wav
+from tests.test_registry import create, never, reference
+from tests.test_reliability import start_server
 from tts_gateway.config import Settings, SettingsError
 from tts_gateway.errors import InvalidField
 from tts_gateway.voices import (
@@ -43,38 +55,12 @@ from tts_gateway.voices import (
     VoiceRegistry,
     open_registry,
     pg_schema,
-    prepare_reference,
 )
 
-RATE = 16000
-
+CONDITIONING = "tts_conditioning_computations_total"
 
 pytest_plugins = ["tests.pg_fixtures"]  # the postgres and pg_url fixtures
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
-
-
-def reference(pitch: float = 220.0) -> Any:
-    return prepare_reference([("a.wav", wav(voice_audio(pitch=pitch)))], RATE)
-
-
-def create(registry: VoiceRegistry, name: str, pitch: float = 220.0, compute: Any = None) -> Any:
-    return registry.create(name, engine="clone", reference=reference(pitch),
-                           compute=compute or FakeCloningEngine().compute_latents, model_id="clone/1",
-                           model_sha256="0" * 64, licence="CC0-1.0")
-
-
-def conditioning(base: str) -> float:
-    total = 0.0
-    for line in httpx.get(base + "/metrics", timeout=HANG_GUARD_S).text.splitlines():
-        if line.startswith("tts_conditioning_computations_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def register(base: str, name: str, pitch: float) -> httpx.Response:
-    files = {"audio": ("a.wav", wav(voice_audio(pitch=pitch)), "audio/wav")}
-    return httpx.post(base + "/v1/voices", data={"consent": "true", "name": name, "engine": "clone"}, files=files,
-                      timeout=HANG_GUARD_S)
 
 
 def speak(base: str, voice: str) -> httpx.Response:
@@ -139,8 +125,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
     """A clear error once ``connect_timeout`` has run out: retried meanwhile, never longer.
 
     The registry's retry loop runs on a fake clock that only its sleeps advance, so "gave up within 0.5 s
-    of retrying" is checked exactly, however long a refused connection takes on this machine (it used to
-    be "under 10 s of wall time").
+    of retrying" is checked exactly, however long a refused connection takes on this machine.
     """
     clock = FakeClock()
     monkeypatch.setattr(pg_schema, "time", clock)
@@ -214,17 +199,17 @@ def gateways(postgres: PgServer, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def test_voice_registered_on_one_node_speaks_on_the_other(gateways: Gateways) -> None:
     a, b = gateways.bases
-    created = register(a, "shared", 230)
+    created = register(a, "shared", wav(voice_audio(pitch=230)), engine="clone")
     assert created.status_code == 201, created.text
     sha = created.json()["voice_sha256"]
     assert httpx.get(b + "/v1/voices/shared", timeout=HANG_GUARD_S).json()["voice_sha256"] == sha
     response = speak(b, "shared")
     assert response.status_code == 200, response.text
     assert response.headers["x-voice-sha256"] == sha
-    audio, _rate = sf.read(io.BytesIO(response.content))
+    audio, _rate = decode(response.content)
     assert audio.size > 0
-    assert conditioning(a) == 1
-    assert conditioning(b) == 0  # B never computed latents: it read A's blob from PostgreSQL
+    assert metric(a, CONDITIONING) == 1
+    assert metric(b, CONDITIONING) == 0  # B never computed latents: it read A's blob from PostgreSQL
     cached = gateways.tmp / "node1" / "voices" / "pg-cache" / "blobs" / sha[:2] / f"{sha}.safetensors"
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == sha  # now in B's local cache
     gateways.results["shared"] = sha
@@ -232,21 +217,18 @@ def test_voice_registered_on_one_node_speaks_on_the_other(gateways: Gateways) ->
 
 def test_two_nodes_creating_one_name_give_one_201_and_one_409(gateways: Gateways) -> None:
     a, b = gateways.bases
-    before = [conditioning(a), conditioning(b)]
+    before = [metric(a, CONDITIONING), metric(b, CONDITIONING)]
     barrier = threading.Barrier(2)
     responses: dict[str, httpx.Response] = {}
 
-    def attempt(base: str, pitch: float) -> None:
+    def attempt(index: int) -> None:
+        base, pitch = ((a, 300), (b, 400))[index]
         barrier.wait()
-        responses[base] = register(base, "race", pitch)
+        responses[base] = register(base, "race", wav(voice_audio(pitch=pitch)), engine="clone")
 
-    threads = [threading.Thread(target=attempt, args=(a, 300)), threading.Thread(target=attempt, args=(b, 400))]
     gateways.arm_barrier(2)  # neither registration can commit before both are computing latents
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_threads(2, attempt)
     finally:
         gateways.disarm_barrier()
     statuses = sorted(r.status_code for r in responses.values())
@@ -254,8 +236,8 @@ def test_two_nodes_creating_one_name_give_one_201_and_one_409(gateways: Gateways
     loser = next(r for r in responses.values() if r.status_code == 409)
     assert_problem(loser, 409, "already exists")
     # Both computed latents, so both got past the early name check: the database decided. By construction:
-    # the latent barrier held each until the other had started (it used to be a 0.5 s delay and hope).
-    assert [conditioning(a), conditioning(b)] == [before[0] + 1, before[1] + 1]
+    # the latent barrier held each until the other had started, however the two were scheduled.
+    assert [metric(a, CONDITIONING), metric(b, CONDITIONING)] == [before[0] + 1, before[1] + 1]
     winner = next(r for r in responses.values() if r.status_code == 201).json()["voice_sha256"]
     for base in (a, b):
         assert httpx.get(base + "/v1/voices/race", timeout=HANG_GUARD_S).json()["voice_sha256"] == winner
@@ -265,7 +247,7 @@ def test_two_nodes_creating_one_name_give_one_201_and_one_409(gateways: Gateways
 
 def test_delete_on_one_node_is_seen_by_the_other(gateways: Gateways) -> None:
     a, b = gateways.bases
-    assert register(a, "short-lived", 250).status_code == 201
+    assert register(a, "short-lived", wav(voice_audio(pitch=250)), engine="clone").status_code == 201
     assert speak(b, "short-lived").status_code == 200
     assert httpx.delete(b + "/v1/voices/short-lived", timeout=HANG_GUARD_S).status_code == 204
     assert_problem(speak(a, "short-lived"), 404, "unknown voice")
@@ -282,9 +264,10 @@ def test_records_survive_a_gateway_restart(gateways: Gateways) -> None:
         response = speak(a, name)
         assert response.status_code == 200, response.text
         assert response.headers["x-voice-sha256"] == sha
-    assert conditioning(a) == 0
+    assert metric(a, CONDITIONING) == 0
 
 
+@pytest.mark.slow  # stops and starts the database server
 def test_database_outage_is_503_and_recovers(gateways: Gateways, postgres: PgServer, tmp_path: Path) -> None:
     b = gateways.bases[1]
     registry = PostgresVoiceRegistry(tmp_path, url=gateways.url)
@@ -314,8 +297,7 @@ def test_database_outage_is_503_and_recovers(gateways: Gateways, postgres: PgSer
 def test_corrupt_local_cache_file_is_refetched_never_served(tmp_path: Path, pg_url: str) -> None:
     settings = Settings(data_dir=tmp_path / "node", engines=("piper",), canary=False, registry_url=pg_url)
     with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
-        files = {"audio": ("a.wav", wav(voice_audio(pitch=210)), "audio/wav")}
-        created = client.post("/v1/voices", data={"consent": "true", "name": "cached", "engine": "clone"}, files=files)
+        created = register(client, "cached", wav(voice_audio(pitch=210)), engine="clone")
         assert created.status_code == 201, created.text
         sha = created.json()["voice_sha256"]
         registry = client.app.state.tts.core.registry
@@ -338,8 +320,7 @@ def test_corrupt_local_cache_file_is_refetched_never_served(tmp_path: Path, pg_u
             assert path.read_bytes() == good  # fetched again from PostgreSQL and re-cached
         assert list((registry.root / "quarantine").iterdir())  # damaged files are kept aside, not served
         assert client.get("/v1/voices/cached").json()["status"] == "ok"
-        metrics = client.get("/metrics").text
-        assert 'tts_conditioning_computations_total{engine="clone"} 1.0' in metrics
+        assert metric(client, CONDITIONING, engine="clone") == 1
 
 
 def test_database_rejects_a_blob_whose_sha256_does_not_match(pg_url: str, tmp_path: Path) -> None:
@@ -369,61 +350,33 @@ def test_database_rejects_a_blob_whose_sha256_does_not_match(pg_url: str, tmp_pa
 
 def test_concurrent_create_and_delete_of_one_name(tmp_path: Path, pg_url: str) -> None:
     registries = [PostgresVoiceRegistry(tmp_path / f"n{i % 2}", url=pg_url) for i in range(2)]
-    outcomes: list[str] = []
-    barrier = threading.Barrier(6)
 
-    def attempt(index: int) -> None:
-        ref = reference(200 + index)
-        barrier.wait()
-        try:
-            registries[index % 2].create("race", engine="clone", reference=ref,
-                                         compute=FakeCloningEngine().compute_latents, model_id="m",
-                                         model_sha256="0" * 64, licence="x")
-            outcomes.append("created")
-        except Exception as exc:
-            outcomes.append(type(exc).__name__)
+    def outcomes_of(count: int, done: str, act: Callable[[Any, int], object]) -> list[str]:
+        """``act(registry, index)`` in ``count`` threads released together, alternating the two nodes: ``done``
+        for each that returned, the exception's class name for each that raised."""
+        barrier = threading.Barrier(count)
+        outcomes: list[str] = []
 
-    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        def attempt(index: int) -> None:
+            barrier.wait()
+            try:
+                act(registries[index % 2], index)
+                outcomes.append(done)
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+
+        run_threads(count, attempt)
+        return outcomes
+
+    refs = [reference(200 + index) for index in range(6)]
+    outcomes = outcomes_of(6, "created", lambda registry, index: create(registry, "race", refs[index]))
     assert outcomes.count("created") == 1 and outcomes.count("VoiceExists") == 5, outcomes
-    deleted: list[str] = []
-
-    def remove(index: int) -> None:
-        try:
-            registries[index % 2].delete("race")
-            deleted.append("deleted")
-        except Exception as exc:
-            deleted.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=remove, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    deleted = outcomes_of(4, "deleted", lambda registry, index: registry.delete("race"))
     assert deleted.count("deleted") == 1 and deleted.count("VoiceNotFound") == 3, deleted
     with pytest.raises(VoiceNotFound):
         registries[0].get("race")
-    outcomes.clear()  # the same audio on every thread: one blob, one upload-cache entry, still one winner
-    same = reference(333)
-
-    def attempt_same(index: int) -> None:
-        barrier.wait()
-        try:
-            registries[index % 2].create("same", engine="clone", reference=same,
-                                         compute=FakeCloningEngine().compute_latents, model_id="m",
-                                         model_sha256="0" * 64, licence="x")
-            outcomes.append("created")
-        except Exception as exc:
-            outcomes.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=attempt_same, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    same = reference(333)  # the same audio on every thread: one blob, one upload-cache entry, still one winner
+    outcomes = outcomes_of(6, "created", lambda registry, index: create(registry, "same", same))
     assert outcomes.count("created") == 1 and outcomes.count("VoiceExists") == 5, outcomes
     assert [set(r.latents(r.get("same"))) for r in registries] == [{"spectrum"}] * 2
     for registry in registries:  # the other node may still cache the deleted blob: fix drops it
@@ -435,11 +388,11 @@ def test_concurrent_create_and_delete_of_one_name(tmp_path: Path, pg_url: str) -
 
 def test_shared_blob_stays_until_its_last_voice_goes(tmp_path: Path, pg_url: str) -> None:
     registry = PostgresVoiceRegistry(tmp_path / "a", url=pg_url)
-    one = create(registry, "one", 260)
-    two = create(registry, "two", 260)  # same audio: same latents, one blob
+    one = create(registry, "one", reference(260))
+    two = create(registry, "two", reference(260))  # same audio: same latents, one blob
     assert one.latents_sha256 == two.latents_sha256
     with pytest.raises(VoiceExists):
-        create(registry, "two", 270)
+        create(registry, "two", reference(270))
 
     def blobs() -> int:
         with psycopg.connect(pg_url) as conn:
@@ -467,10 +420,6 @@ def test_shared_blob_stays_until_its_last_voice_goes(tmp_path: Path, pg_url: str
 
 def test_text_postgresql_cannot_hold_is_a_422_before_any_work(tmp_path: Path, pg_url: str) -> None:
     registry = PostgresVoiceRegistry(tmp_path, url=pg_url)
-
-    def never(samples: np.ndarray) -> dict[str, np.ndarray]:
-        raise AssertionError("computed")
-
     for description in ("nul\x00inside", "lone \ud800 surrogate"):
         with pytest.raises(InvalidField, match="description"):
             registry.create("odd", engine="clone", reference=reference(), compute=never, model_id="m",
@@ -486,10 +435,6 @@ def test_upload_cache_is_shared_by_nodes(tmp_path: Path, pg_url: str) -> None:
     b = PostgresVoiceRegistry(tmp_path / "b", url=pg_url, on_conditioning=computed.append, on_cache_hit=hits.append)
     ref = reference(280)
     key, sha, latents = a.condition(ref, "clone", "0" * 64, FakeCloningEngine().compute_latents)
-
-    def never(samples: np.ndarray) -> dict[str, np.ndarray]:
-        raise AssertionError("recomputed")
-
     key_b, sha_b, latents_b = b.condition(ref, "clone", "0" * 64, never)
     assert (key_b, sha_b) == (key, sha) and computed == ["clone"] and hits == ["clone"]
     np.testing.assert_array_equal(latents_b["spectrum"], latents["spectrum"])
@@ -501,7 +446,7 @@ def test_upload_cache_is_shared_by_nodes(tmp_path: Path, pg_url: str) -> None:
 
 def test_unreadable_blob_in_database_marks_the_voice_broken(tmp_path: Path, pg_url: str) -> None:
     registry = PostgresVoiceRegistry(tmp_path, url=pg_url)
-    create(registry, "fine", 290)
+    create(registry, "fine", reference(290))
     junk = b"not safetensors at all"
     junk_sha = hashlib.sha256(junk).hexdigest()
     with psycopg.connect(pg_url, autocommit=True) as conn, conn.transaction():
@@ -521,7 +466,7 @@ def test_unreadable_blob_in_database_marks_the_voice_broken(tmp_path: Path, pg_u
 
 def test_cli_registry_check_uses_the_database(tmp_path: Path, pg_url: str) -> None:
     registry = PostgresVoiceRegistry(tmp_path / "a", url=pg_url)
-    create(registry, "listed", 310)
+    create(registry, "listed", reference(310))
     registry.close()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TTS_GATEWAY_DATA_DIR": str(tmp_path / "cli"),
            "TTS_GATEWAY_REGISTRY_URL": pg_url}

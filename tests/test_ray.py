@@ -7,7 +7,6 @@ Serve's local testing mode rejects ``@serve.multiplexed``, hence a real cluster.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import subprocess
@@ -15,17 +14,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import soundfile as sf
 
-from tests.conftest import HANG_GUARD_S, GatewayProcess, wait_until
+from tests.conftest import HANG_GUARD_S, GatewayProcess, decode, register, voice_audio, wait_until, wav
 from tts_gateway.config import Settings
 from tts_gateway.core.compose import build_core
 from tts_gateway.core.service import SynthesisRequest
@@ -50,13 +47,13 @@ class RayEnv:
     preset: str
 
 
-def _reference_wav(pitch: float = 220) -> bytes:
-    rate = 16000
-    t = np.arange(rate * 3) / rate
-    audio = (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    out = io.BytesIO()
-    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
+async def wait_until_async(condition: Callable[[], Awaitable[bool]], what: str, interval: float = 0.01) -> None:
+    """``wait_until`` for a condition that must be awaited: polls without blocking the event loop."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {HANG_GUARD_S:g} s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 # -- `tts-gateway serve` in ray mode: ready, or a one-line error; never a wait without end -----------------
@@ -78,7 +75,7 @@ def _mapped_libraries(pid: int) -> set[str]:
 
 def test_serve_in_ray_mode_with_the_default_engines_gets_ready_on_two_cpus(tmp_path: Path, tiny_xtts: Path) -> None:
     """The reported set-up reaches /ready; and the gateway process holds no model: registration and the
-    old /synthesize upload are conditioned on the XTTS replica, and neither torch nor onnxruntime is
+    legacy /synthesize upload are conditioned on the XTTS replica, and neither torch nor onnxruntime is
     ever loaded into the gateway (a module in ``sys.modules`` has its shared library mapped)."""
     import httpx
 
@@ -97,17 +94,17 @@ def test_serve_in_ray_mode_with_the_default_engines_gets_ready_on_two_cpus(tmp_p
         assert xtts["model"]["sha256"] and any(v.startswith("xtts:") for v in xtts["voices"])  # studio speakers
         (replica,) = xtts["replicas"]
         assert replica["pid"] != server.process.pid and replica["loaded"]
-        created = httpx.post(server.base + "/v1/voices", data={"name": "remote", "engine": "xtts", "consent": "true"},
-                             files={"audio": ("ref.wav", _reference_wav(), "audio/wav")}, timeout=HANG_GUARD_S)
+        created = register(server.base, "remote", wav(voice_audio()), engine="xtts")
         assert created.status_code == 201, created.text
         assert created.json()["model"]["sha256"] == xtts["model"]["sha256"]
         spoken = httpx.post(server.base + "/v1/synthesize", json={"text": "A preset.", "voice": "remote", "seed": 2},
                             timeout=HANG_GUARD_S)
         assert spoken.status_code == 200 and spoken.headers["x-voice-sha256"] == created.json()["voice_sha256"]
-        legacy = httpx.post(server.base + "/synthesize", data={"text": "The old call.", "language": "en"},
-                            files={"speaker_audio": ("s.wav", _reference_wav(330), "audio/wav")}, timeout=HANG_GUARD_S)
+        legacy = httpx.post(server.base + "/synthesize", data={"text": "The legacy call.", "language": "en"},
+                            files={"speaker_audio": ("s.wav", wav(voice_audio(pitch=330)), "audio/wav")},
+                            timeout=HANG_GUARD_S)
         assert legacy.status_code == 200, legacy.text
-        audio, rate = sf.read(io.BytesIO(legacy.content))
+        audio, rate = decode(legacy.content)
         assert rate == 16000 and audio.ndim == 1 and audio.size > 0
 
         def conditioned() -> dict[str, float]:
@@ -180,8 +177,7 @@ def test_two_gateway_nodes_on_one_cluster_share_presets_through_postgresql(tmp_p
             nodes[-1].wait_up("/ready", timeout=3 * HANG_GUARD_S)
         a, b = (node.base for node in nodes)
         assert "using the running Serve application tts-clone" in nodes[1].output()
-        created = httpx.post(a + "/v1/voices", data={"name": "shared", "engine": "clone", "consent": "true"},
-                             files={"audio": ("ref.wav", _reference_wav(250), "audio/wav")}, timeout=HANG_GUARD_S)
+        created = register(a, "shared", wav(voice_audio(pitch=250)), engine="clone")
         assert created.status_code == 201, created.text
         sha = created.json()["voice_sha256"]
         assert httpx.get(b + "/v1/voices/shared", timeout=HANG_GUARD_S).json()["voice_sha256"] == sha
@@ -212,7 +208,7 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
                         timeout_s=60, canary=False, default_voice="piper:joe")
     gates = tmp_path_factory.mktemp("ray-gates")  # FAKE_GATE_DIR: see tests/fake_cloning_plugin.py
     core = build_core(settings, phrase_cache=False)
-    core.voices.register("ray-clone", [("ref.wav", _reference_wav())], engine_name="clone", consent=True)
+    core.voices.register("ray-clone", [("ref.wav", wav(voice_audio()))], engine_name="clone", consent=True)
     service, registry = core.service, core.registry
     backend = RayBackend(
         settings.with_(ray_num_cpus=2, ray_replicas=2, ray_replica_cpus=0.5), registry, engines=["piper", "clone"],
@@ -298,15 +294,16 @@ def test_two_piper_replicas_serve(ray_env: RayEnv) -> None:
 async def _until_queued(backend: Any, engine: str, count: int) -> None:
     """Wait until the handle's router holds ``count`` requests in its queue (Serve's own counter)."""
     router = backend._handles[engine]._router._asyncio_router  # Serve 2.60: the queue bound is enforced here
-    deadline = time.monotonic() + HANG_GUARD_S
-    while router._metrics_manager.num_queued_requests < count:
-        assert time.monotonic() < deadline, "the request never reached Serve's queue"
-        await asyncio.sleep(0.01)
+
+    async def queued() -> bool:
+        return bool(router._metrics_manager.num_queued_requests >= count)
+
+    await wait_until_async(queued, "the request to reach Serve's queue")
 
 
 def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
     # 20 pieces of 4 words; the second holds at a gate that never opens, so the stream keeps the only slot
-    # until the client leaves, however slow the machine (it used to be ~4 s of chunks racing the test).
+    # until the client leaves, however slow the machine.
     sentences = "Say one two three. wait-for-never one two three. " + "Say one two three. " * 18
     slow = ray_env.service.plan(SynthesisRequest(text=sentences, voice=ray_env.preset, format="pcm", stream=True,
                                                  seed=1))
@@ -325,16 +322,16 @@ def test_backpressure_is_503_and_disconnect_cancels(ray_env: RayEnv) -> None:
             await ray_env.backend.call(quick)
         await rest.aclose()  # the client goes away mid-stream
         assert len(await queued) > 44  # the queued request runs once the slot is free
-        deadline = time.monotonic() + HANG_GUARD_S
-        while True:
+        after: dict[str, Any] = {}
+
+        async def idle() -> bool:
             try:
-                after = (await ray_env.backend.replica_stats("clone", calls=1))[0]
+                after.update((await ray_env.backend.replica_stats("clone", calls=1))[0])
             except Exception:  # still busy: the cancelled stream has not released its slot yet
-                after = None
-            if after is not None and after["running"] == 0:
-                break
-            assert time.monotonic() < deadline, "the replica kept synthesizing after the disconnect"
-            await asyncio.sleep(0.05)
+                return False
+            return bool(after["running"] == 0)
+
+        await wait_until_async(idle, "the replica to stop synthesizing after the disconnect", interval=0.05)
         assert after["cancelled"] == before["cancelled"] + 1, after  # cut short: it could never have ended
         return rejected.value
 
@@ -392,8 +389,7 @@ def test_through_the_app(ray_env: RayEnv) -> None:
 
         # registration: the latents are computed on the clone replica and counted there
         before = _metric(client.get("/metrics").text, "tts_conditioning_computations_total", engine="clone")
-        created = client.post("/v1/voices", data={"name": "ray-app-clone", "engine": "clone", "consent": "true"},
-                              files={"audio": ("ref.wav", _reference_wav(330), "audio/wav")})
+        created = register(client, "ray-app-clone", wav(voice_audio(pitch=330)), engine="clone")
         assert created.status_code == 201, created.text
         spoken = client.post("/v1/synthesize", json={"text": "new preset", "voice": "ray-app-clone", "seed": 3})
         assert spoken.status_code == 200 and spoken.headers["x-voice-sha256"] == created.json()["voice_sha256"]
@@ -449,7 +445,7 @@ def test_a_gateway_process_in_ray_mode_imports_no_engine_library(ray_env: RayEnv
         "TTS_GATEWAY_RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # RAY_AUTH_TOKEN: inherited
         "TTS_GATEWAY_ENGINES": "piper", "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin",
         "TTS_GATEWAY_DATA_DIR": str(ray_env.settings.data_dir), "TTS_GATEWAY_CANARY": "0"}
-    result = subprocess.run([sys.executable, "-c", _GATEWAY_SCRIPT], env=env, input=_reference_wav(440),
+    result = subprocess.run([sys.executable, "-c", _GATEWAY_SCRIPT], env=env, input=wav(voice_audio(pitch=440)),
                             capture_output=True, timeout=2 * HANG_GUARD_S)
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     report = json.loads(result.stdout.decode().strip().splitlines()[-1])
@@ -495,7 +491,7 @@ def test_replicas_carry_out_orders_given_after_they_joined_and_leave_the_board(r
 def test_replica_cpus_are_shared_out_or_the_shortfall_is_named() -> None:
     from tts_gateway.ray.cluster import plan_replica_cpus
 
-    # Three engines on two free CPUs (the case that used to wait forever for a third CPU): two thirds each.
+    # Three engines on two free CPUs: two thirds each, not a wait for a third CPU that never comes.
     assert plan_replica_cpus({"piper": 1, "xtts": 1, "espeak": 1}, {}, 2.0, 2.0) == \
         {"piper": 0.66, "xtts": 0.66, "espeak": 0.66}
     assert plan_replica_cpus({"piper": 1, "espeak": 1}, {}, 8.0, 8.0) == {"piper": 1.0, "espeak": 1.0}  # at most 1
@@ -574,7 +570,5 @@ def test_a_deployment_that_never_starts_is_a_bounded_error(ray_env: RayEnv) -> N
     with pytest.raises(Unavailable) as never:
         backend.start()
     assert "did not start tts-espeak within 3 s (TTS_GATEWAY_RAY_START_TIMEOUT_S)" in never.value.detail
-    deadline = time.monotonic() + HANG_GUARD_S
-    while "tts-espeak" in serve.status().applications:  # deleted: it holds nothing
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: "tts-espeak" not in serve.status().applications,  # deleted: it holds nothing
+               "tts-espeak to be deleted after the failed start", interval=0.2)

@@ -1,24 +1,23 @@
-"""The voice registry contract, on both backends, and the races that used to lose voices.
+"""The voice registry contract, on both backends, and that racing registrations keep every voice.
 
 Every test taking ``backend`` runs on `LocalVoiceRegistry` (a temp dir) and on `PostgresVoiceRegistry` (a
 throwaway PostgreSQL server from tests/pg.py; skipped, with the reason, where the server binaries are
 missing). "Reopen" means a new registry object with an empty memory cache: a restart of the local
 gateway, or another node of the PostgreSQL one.
 
-The race tests reproduce a hostile tester's data loss: two ``POST /v1/voices`` at once, different names,
-the same clip the registry had not seen — both got 201 with different voice_sha256 but one blob file, and
-after a restart both presets were broken.
+The race tests send ``POST /v1/voices`` at once under different names with one clip the registry has not
+seen: every voice acknowledged with 201 keeps a stored blob with exactly its voice_sha256, and still loads
+after a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-import soundfile as sf
 from safetensors.numpy import load as st_load
 
+from tests.conftest import run_threads, voice_audio, wav
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tts_gateway.voices import (
     CorruptBlob,
@@ -55,11 +54,8 @@ MODEL = "0" * 64
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def reference(pitch: float = 220.0, seconds: float = 3.0) -> ReferenceAudio:
-    t = np.arange(int(RATE * seconds)) / RATE
-    samples = (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    out = io.BytesIO()
-    sf.write(out, samples, RATE, format="WAV", subtype="PCM_16")
-    return prepare_reference([("a.wav", out.getvalue())], RATE)
+    """The suite's test tone at ``pitch``, prepared as the registry receives an upload."""
+    return prepare_reference([("a.wav", wav(voice_audio(seconds, pitch, RATE), RATE))], RATE)
 
 
 class Compute:
@@ -92,13 +88,23 @@ def create(registry: VoiceRegistry, name: str, ref: ReferenceAudio | None = None
                            model_id="clone/1", model_sha256=MODEL, licence="CC0-1.0", **fields)
 
 
-def run_threads(count: int, target: Any) -> None:
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
+def race(count: int, create_one: Callable[[int], VoiceRecord]) -> tuple[dict[str, str], list[BaseException]]:
+    """``create_one(0)`` … ``create_one(count - 1)`` in threads released together: the voices acknowledged
+    (name to voice_sha256) and the errors raised."""
+    barrier = threading.Barrier(count)
+    acknowledged: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def attempt(index: int) -> None:
+        barrier.wait()
+        try:
+            record = create_one(index)
+            acknowledged[record.name] = record.voice_sha256
+        except BaseException as exc:
+            errors.append(exc)
+
+    run_threads(count, attempt)
+    return acknowledged, errors
 
 
 CLEAN = {"broken": [], "orphans": [], "temp_files": []}
@@ -222,9 +228,9 @@ def test_both_backends_implement_the_protocol(tmp_path: Path) -> None:
     for implementation in (LocalVoiceRegistry, PostgresVoiceRegistry):
         assert VoiceRegistry not in implementation.__mro__
         assert LocalVoiceRegistry not in implementation.__mro__[1:]
-        assert not hasattr(implementation, "_memory")  # the transitional alias is gone
+        assert not hasattr(implementation, "_memory")  # the memory cache has one name: ``cache``
     with pytest.raises(TypeError):
-        VoiceRegistry(tmp_path)  # type: ignore[misc,call-arg]  # a protocol, no longer a constructor
+        VoiceRegistry(tmp_path)  # type: ignore[misc,call-arg]  # a protocol, not a constructor
 
 
 def test_create_get_exists_records_latents_delete(backend: Backend) -> None:
@@ -392,7 +398,8 @@ def test_health_is_none_while_the_registry_serves(backend: Backend) -> None:
 
 # -- the upload cache's bound ----------------------------------------------------------------------------------
 def test_the_upload_cache_is_bounded_least_recently_used_first(backend: Backend) -> None:
-    """Every distinct clip sent to the old ``/synthesize`` call used to be kept forever."""
+    """Clips conditioned without a preset (the legacy ``/synthesize`` upload) are kept up to the bound, the least
+    recently used evicted first with its blob; a preset's blob is never evicted."""
     registry = backend.open(upload_cache_entries=3)
     kept = create(registry, "kept", reference(700))  # a preset's blob is never evicted
     refs = [reference(710 + 10 * i) for i in range(5)]
@@ -457,7 +464,7 @@ def test_a_version_1_schema_is_upgraded_and_its_upload_cache_bounded(pg_url: str
         key = registry.condition(reference(950), "clone", MODEL, Compute())[0]
         with psycopg.connect(pg_url) as conn:
             assert conn.execute("SELECT max(version) FROM tts_registry_schema").fetchone() == (SCHEMA_VERSION,)
-            assert conn.execute("SELECT key FROM tts_conditioning").fetchall() == [(key,)]  # the old row went
+            assert conn.execute("SELECT key FROM tts_conditioning").fetchall() == [(key,)]  # version 1's row: evicted
             assert conn.execute("SELECT 1 FROM tts_voice_blobs WHERE sha256 = %s", (old_sha,)).fetchone() is None
         assert registry.check() == CLEAN
     finally:
@@ -490,19 +497,7 @@ def test_racing_creates_of_one_unseen_clip_keep_every_voice(backend: Backend, no
     registry = backend.open(on_cache_hit=hits.append)
     compute = Compute(delay=0.3, noisy=noisy)
     ref = reference(440)
-    barrier = threading.Barrier(8)
-    acknowledged: dict[str, str] = {}
-    errors: list[BaseException] = []
-
-    def attempt(index: int) -> None:
-        barrier.wait()
-        try:
-            record = create(registry, f"twin-{index}", ref, compute)
-            acknowledged[record.name] = record.voice_sha256
-        except BaseException as exc:
-            errors.append(exc)
-
-    run_threads(8, attempt)
+    acknowledged, errors = race(8, lambda index: create(registry, f"twin-{index}", ref, compute))
     assert errors == []
     assert len(acknowledged) == 8
     assert_intact(backend, acknowledged)
@@ -516,19 +511,7 @@ def test_racing_creates_on_two_registries_of_one_store(backend: Backend) -> None
     registries = [backend.open(node="a"), backend.open(node="b")]
     compute = Compute(delay=0.3, noisy=True)  # each registry may compute: different bytes each time
     ref = reference(450)
-    barrier = threading.Barrier(6)
-    acknowledged: dict[str, str] = {}
-    errors: list[BaseException] = []
-
-    def attempt(index: int) -> None:
-        barrier.wait()
-        try:
-            record = create(registries[index % 2], f"pair-{index}", ref, compute)
-            acknowledged[record.name] = record.voice_sha256
-        except BaseException as exc:
-            errors.append(exc)
-
-    run_threads(6, attempt)
+    acknowledged, errors = race(6, lambda index: create(registries[index % 2], f"pair-{index}", ref, compute))
     assert errors == [] and len(acknowledged) == 6
     assert_intact(backend, acknowledged)
     assert compute.calls <= 2
@@ -605,7 +588,8 @@ def test_a_valid_blob_is_never_overwritten(tmp_path: Path) -> None:
 
 
 def test_a_stale_record_does_not_quarantine_a_blob_other_voices_use(tmp_path: Path) -> None:
-    """The aftermath of the old race: two records of one clip, one naming bytes the file no longer holds."""
+    """Two records of one clip, one naming bytes the shared file does not hold: only that one is broken; the
+    blob the other uses is neither quarantined nor touched."""
     registry = LocalVoiceRegistry(tmp_path)
     one = create(registry, "one", reference(480))
     two = create(registry, "two", reference(480))

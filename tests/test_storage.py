@@ -1,9 +1,9 @@
 """The local registry's storage under damage: a damaged or lost index, a read-only or full data directory.
 
-From a hostile tester's issue: a damaged voice index stopped the gateway from starting (a traceback, no file
-named, no way out — and Piper and espeak-ng went down with it); after the index was lost, ``registry check
---fix`` deleted every intact blob as an orphan; a read-only or full data dir turned registration into a 500;
-DELETE answered 500 yet deleted the record and left the blob.
+A damaged index is reported naming the file and the way out (``registry rebuild``) while Piper and espeak-ng
+keep speaking, and a start rebuilds it where it can; with the index lost, ``registry check --fix`` deletes no
+blob a rebuild could recover; a read-only or full data dir makes a registration a 503 that leaves nothing
+half-written; a DELETE that cannot remove the blob still deletes the record and says so.
 
 Read-only and full disks are real where the tests run as root: a small tmpfs (``mount -t tmpfs``), remounted
 read-only or filled up, or a read-only bind mount over one directory (root ignores file modes, so chmod would
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -28,10 +27,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 from typer.testing import CliRunner
 
-from tests.conftest import assert_problem, running_app, wait_for_warm_up, wait_until
+from tests.conftest import (
+    assert_problem,
+    metric,
+    register,
+    running_app,
+    snapshot,
+    voice_audio,
+    wait_for_warm_up,
+    wait_until,
+    wav,
+)
 from tests.fake_cloning_plugin import FakeCloningEngine
 from tests.fake_engine import FakeEngine, FakePlugin
 from tests.test_registry import MODEL, Compute, create, never, reference
@@ -42,7 +50,6 @@ from tts_gateway.voices import LocalVoiceRegistry, RegistryUnavailable, StorageU
 from tts_gateway.voices.store import LatentStore, RecordFiles
 
 REBUILD = "tts-gateway registry rebuild"
-RATE = 16000
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -106,23 +113,20 @@ def fill(directory: Path, leave: int = 0) -> Path:
     return filler
 
 
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file's content hash (SQLite's shared-memory file excepted: readers touch it)."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.endswith("-shm")}
+@contextmanager
+def read_only_blobs(blobs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The blob directory read-only (a bind mount when root; otherwise its writes and deletes fail with EROFS)."""
+    with read_only_dir(blobs) as real:
+        if not real:
+            def refuse(*args: Any, **kwargs: Any) -> Any:
+                raise OSError(errno.EROFS, "Read-only file system")
 
-
-def wav(pitch: float = 220.0, seconds: float = 3.0) -> bytes:
-    t = np.arange(int(RATE * seconds)) / RATE
-    samples = (0.3 * np.sin(2 * np.pi * pitch * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    out = io.BytesIO()
-    sf.write(out, samples, RATE, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
-def register(client: Any, name: str, pitch: float) -> Any:
-    return client.post("/v1/voices", data={"consent": "true", "name": name, "engine": "clone"},
-                       files={"audio": ("a.wav", wav(pitch), "audio/wav")})
+            monkeypatch.setattr("tempfile.mkstemp", refuse)
+            monkeypatch.setattr(LatentStore, "delete", refuse)
+        try:
+            yield
+        finally:
+            monkeypatch.undo()
 
 
 def damage(registry_root: Path) -> Path:
@@ -184,8 +188,9 @@ def test_a_damaged_index_is_reported_with_the_file_and_the_way_out(tmp_path: Pat
 
 
 def test_a_partly_damaged_index_is_caught_at_open_and_while_running(tmp_path: Path) -> None:
-    """The index opens (its first page is fine) but pages further in are not: every read used to be a 500
-    while the server said it was ready."""
+    """The index opens (its first page is fine) but pages further in are not: health names the damage and
+    every read is RegistryUnavailable (a 503), never a raw sqlite3 error; also when it is damaged under a
+    running registry."""
     registry = LocalVoiceRegistry(tmp_path)
     for i in range(3):
         create(registry, f"v{i}", reference(510 + i), description="x" * 3000)
@@ -441,11 +446,6 @@ def records_of(name: str) -> Iterator[list[logging.LogRecord]]:
         logger.removeHandler(handler)
 
 
-def metric(client: Any, name: str, engine: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
-               if line.startswith(name + "{") and f'engine="{engine}"' in line)
-
-
 DAMAGES: dict[str, Callable[[Path], Any]] = {
     "overwritten": lambda db: damage(db.parent.parent),
     "truncated": lambda db: db.write_bytes(db.read_bytes()[:db.stat().st_size // 2]),
@@ -464,7 +464,7 @@ def test_the_gateway_rebuilds_a_damaged_index_at_start_and_its_presets_speak(
     with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
         shas = {}
         for name, pitch in (("alice", 240), ("bob", 250)):
-            created = register(client, name, pitch)
+            created = register(client, name, wav(voice_audio(pitch=pitch)), engine="clone")
             assert created.status_code == 201, created.text
             shas[name] = created.json()["voice_sha256"]
         before = client.post("/v1/synthesize", json={**speech, "voice": "alice"})
@@ -485,7 +485,7 @@ def test_the_gateway_rebuilds_a_damaged_index_at_start_and_its_presets_speak(
         spoken = client.post("/v1/synthesize", json={**speech, "voice": "alice"})
         assert spoken.status_code == 200, spoken.text
         assert spoken.headers["x-voice-sha256"] == shas["alice"] and spoken.content == before.content
-        assert metric(client, "tts_conditioning_computations_total", "clone") == 0  # stored latents, verified
+        assert metric(client, "tts_conditioning_computations_total", engine="clone") == 0  # stored latents, verified
 
         [aside] = (settings.data_dir / "voices").glob("index.damaged-*")
         assert (aside / "cache.db").read_bytes() == damaged  # moved aside for inspection, never deleted
@@ -507,7 +507,7 @@ def test_a_registry_that_cannot_be_rebuilt_makes_the_listing_a_503(
     with no restart."""
     settings = make_settings()
     with running_app(settings, FakePlugin(FakeCloningEngine())) as client:
-        assert register(client, "alice", 240).status_code == 201
+        assert register(client, "alice", wav(voice_audio(pitch=240)), engine="clone").status_code == 201
     voices = settings.data_dir / "voices"
     db = damage(voices)
     before = snapshot(voices)
@@ -609,14 +609,7 @@ def test_a_read_only_blob_dir_under_a_running_registry(tmp_path: Path, monkeypat
     registry = LocalVoiceRegistry(tmp_path)
     doomed = create(registry, "doomed", reference(660))
     stays = create(registry, "stays", reference(665))
-    blobs = registry.root / "blobs"
-    with read_only_dir(blobs) as real:
-        if not real:
-            def refuse(*args: Any, **kwargs: Any) -> Any:
-                raise OSError(errno.EROFS, "Read-only file system")
-
-            monkeypatch.setattr("tempfile.mkstemp", refuse)
-            monkeypatch.setattr(LatentStore, "delete", refuse)
+    with read_only_blobs(registry.root / "blobs", monkeypatch):
         records_before = snapshot(registry.root / "records")
         with pytest.raises(StorageUnavailable, match="is not writable: read-only file system"):
             create(registry, "newcomer", reference(670))
@@ -629,7 +622,6 @@ def test_a_read_only_blob_dir_under_a_running_registry(tmp_path: Path, monkeypat
 
         with pytest.raises(VoiceNotFound):
             registry.delete("doomed")
-        monkeypatch.undo()
     assert registry.check() == {"broken": [], "orphans": [doomed.latents_key], "temp_files": []}
     registry.check(fix=True)
     assert registry.check() == {"broken": [], "orphans": [], "temp_files": []}
@@ -739,21 +731,14 @@ def test_http_storage_failures_are_503_and_delete_is_idempotent(tmp_path: Path,
     settings = Settings(data_dir=tmp_path / "data", engines=(), default_voice="fake:one", max_concurrency=2,
                         timeout_s=60, canary=False)
     with running_app(settings, FakePlugin(FakeEngine()), FakePlugin(FakeCloningEngine())) as client:
-        assert register(client, "one", 300).status_code == 201
-        assert register(client, "two", 310).status_code == 201
-        blobs = settings.data_dir / "voices" / "blobs"
-        with read_only_dir(blobs) as real:
-            if not real:
-                def refuse(*args: Any, **kwargs: Any) -> Any:
-                    raise OSError(errno.EROFS, "Read-only file system")
-
-                monkeypatch.setattr("tempfile.mkstemp", refuse)
-                monkeypatch.setattr(LatentStore, "delete", refuse)
-            body = assert_problem(register(client, "three", 320), 503, "is not writable: read-only file system")
+        assert register(client, "one", wav(voice_audio(pitch=300)), engine="clone").status_code == 201
+        assert register(client, "two", wav(voice_audio(pitch=310)), engine="clone").status_code == 201
+        with read_only_blobs(settings.data_dir / "voices" / "blobs", monkeypatch):
+            refused = register(client, "three", wav(voice_audio(pitch=320)), engine="clone")
+            body = assert_problem(refused, 503, "is not writable: read-only file system")
             assert str(settings.data_dir) in body["detail"]
             assert client.delete("/v1/voices/one").status_code == 204  # the record went; the blob could not
             assert_problem(client.delete("/v1/voices/one"), 404)
-            monkeypatch.undo()
         assert client.get("/v1/voices/one").status_code == 404
         assert client.get("/v1/voices/two").status_code == 200
         assert client.post("/v1/synthesize", json={"text": "hi", "voice": "two"}).status_code == 200

@@ -1,4 +1,4 @@
-"""Issue 19: Home Assistant speaks through the gateway (the Wyoming protocol beside the HTTP API).
+"""Home Assistant speaks through the gateway: the Wyoming protocol beside the HTTP API.
 
 Every test talks to a real ``tts-gateway serve`` subprocess with the wyoming library's own client
 (`AsyncTcpClient`). Nothing depends on how fast the machine is: where an order matters (audio before
@@ -15,17 +15,14 @@ import io
 import logging
 import re
 import signal
-import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
@@ -33,34 +30,26 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
-from tests.conftest import ROOT, GatewayProcess, free_port, uvicorn_server
+from tests.conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    GatewayProcess,
+    decode,
+    free_port,
+    metric,
+    register,
+    uvicorn_server,
+    voice_audio,
+    wait_until,
+    wav,
+)
 
-HANG_S = 120.0  # a bound on a hang, never a claim about speed
 CLONE_RATE = 16000  # the fake cloning engine: one 0.2 s tone per word
 WORD = CLONE_RATE // 5
 PAUSE = int(CLONE_RATE * 0.2)  # the gateway's pause between sentences
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = HANG_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def metric(base: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample on /metrics (0 when absent)."""
-    total = 0.0
-    for line in httpx.get(base + "/metrics", timeout=HANG_S).text.splitlines():
-        head, _, value = line.rpartition(" ")
-        sample, _, label_text = head.partition("{")
-        if sample == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 @dataclass
 class Gateway:
     base: str
@@ -68,7 +57,7 @@ class Gateway:
     gates: Path
 
     def client(self) -> AsyncTcpClient:
-        return AsyncTcpClient("127.0.0.1", self.wyoming_port, connect_timeout=HANG_S, read_timeout=HANG_S)
+        return AsyncTcpClient("127.0.0.1", self.wyoming_port, connect_timeout=HANG_GUARD_S, read_timeout=HANG_GUARD_S)
 
 
 @dataclass
@@ -150,8 +139,7 @@ def decode_pcm(pcm: bytes, rate: int) -> tuple[np.ndarray, int]:
         handle.setsampwidth(2)
         handle.setframerate(rate)
         handle.writeframes(pcm)
-    audio, decoded_rate = sf.read(io.BytesIO(out.getvalue()), dtype="float32")
-    return audio, decoded_rate
+    return decode(out.getvalue())
 
 
 def word_runs(pcm: bytes) -> list[int]:
@@ -174,19 +162,10 @@ def word_runs(pcm: bytes) -> list[int]:
     return [round(n / WORD) for n in runs]
 
 
-def register(base: str, name: str, audio: bytes, engine: str = "xtts") -> None:
-    response = httpx.post(base + "/v1/voices", data={"name": name, "engine": engine, "language": "en",
-                                                     "consent": "true", "description": f"the {name} voice"},
-                          files={"audio": ("reference.wav", audio, "audio/wav")}, timeout=HANG_S * 3)
+def add_voice(base: str, name: str, audio: bytes, engine: str = "xtts") -> None:
+    """Register a preset over HTTP (English, described), asserting the 201."""
+    response = register(base, name, audio, engine=engine, language="en", description=f"the {name} voice")
     assert response.status_code == 201, response.text
-
-
-def tone_wav(seconds: float = 3.0) -> bytes:
-    t = np.arange(int(CLONE_RATE * seconds)) / CLONE_RATE
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-    out = io.BytesIO()
-    sf.write(out, tone, CLONE_RATE, format="WAV", subtype="PCM_16")
-    return out.getvalue()
 
 
 # -- the server --------------------------------------------------------------------------------------
@@ -202,8 +181,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_xtts: Path, speech_wa
            "TTS_GATEWAY_MAX_CONCURRENCY": "1", "TTS_GATEWAY_MAX_QUEUE": "0",
            "TTS_GATEWAY_PLUGINS": "tests.fake_cloning_plugin", "PYTHONPATH": str(ROOT), "FAKE_GATE_DIR": str(gates)}
     with uvicorn_server(env) as base:
-        register(base, "wy-preset", speech_wav)
-        register(base, "wy-clone", tone_wav(), engine="clone")
+        add_voice(base, "wy-preset", speech_wav)
+        add_voice(base, "wy-clone", wav(voice_audio()), engine="clone")
         yield Gateway(base, port, gates)
 
 
@@ -222,16 +201,16 @@ def test_describe_lists_builtins_and_presets_as_they_come_and_go(gateway: Gatewa
     assert "xtts" in preset.attribution.name and preset.version  # the voice's sha256, shortened
     assert "wy-later" not in voices
 
-    register(gateway.base, "wy-later", speech_wav)  # over HTTP, while the Wyoming server runs
+    add_voice(gateway.base, "wy-later", speech_wav)  # over HTTP, while the Wyoming server runs
     assert "wy-later" in {v.name for v in asyncio.run(describe(gateway)).tts[0].voices}
-    assert httpx.delete(gateway.base + "/v1/voices/wy-later", timeout=HANG_S).status_code == 204
+    assert httpx.delete(gateway.base + "/v1/voices/wy-later", timeout=HANG_GUARD_S).status_code == 204
     assert "wy-later" not in {v.name for v in asyncio.run(describe(gateway)).tts[0].voices}
 
 
 def test_synthesize_by_preset_gives_pcm_at_the_engine_rate(gateway: Gateway) -> None:
     text = "Hello from Home Assistant. The gateway speaks with a cloned voice."
     heard = asyncio.run(synthesize(gateway, text, SynthesizeVoice(name="wy-preset")))
-    rate = httpx.get(gateway.base + "/v1/engines/xtts", timeout=HANG_S).json()["sample_rate"]
+    rate = httpx.get(gateway.base + "/v1/engines/xtts", timeout=HANG_GUARD_S).json()["sample_rate"]
     assert rate == 24000
     assert_pcm_stream(heard, rate)
     audio, decoded_rate = decode_pcm(heard.pcm, heard.start.rate if heard.start else 0)
@@ -239,7 +218,7 @@ def test_synthesize_by_preset_gives_pcm_at_the_engine_rate(gateway: Gateway) -> 
     # The same request over HTTP (raw PCM): the tiny model makes a fixed number of audio tokens per
     # sentence, so the two are the same length whatever the seed.
     http = httpx.post(gateway.base + "/v1/synthesize", json={"text": text, "voice": "wy-preset", "format": "pcm"},
-                      timeout=HANG_S)
+                      timeout=HANG_GUARD_S)
     assert http.status_code == 200, http.text
     assert audio.size == len(http.content) // 2
     assert audio.size / rate > 2 * 1.0  # two sentences of audio
@@ -400,7 +379,7 @@ def test_bad_text_gets_the_words_http_gives_it(gateway: Gateway) -> None:
 
     for label, chunks in cases.items():
         http = httpx.post(gateway.base + "/v1/synthesize", json={"text": "".join(chunks), "voice": "piper:joe"},
-                          timeout=HANG_S)
+                          timeout=HANG_GUARD_S)
         assert http.status_code == 422, (label, http.text)
         for heard in asyncio.run(errors(chunks)):
             assert heard.error is not None and heard.error.code == "invalid-field", (label, heard.types)
@@ -427,7 +406,7 @@ def test_busy_server_answers_with_an_error_event_on_both_edges(gateway: Gateway)
                                     "the held synthesis to take the slot")
             refused = await synthesize(gateway, "Hello.", SynthesizeVoice(name="piper:joe"))
             http = await asyncio.to_thread(httpx.post, gateway.base + "/v1/synthesize", json={"text": "Hello."},
-                                           timeout=HANG_S)
+                                           timeout=HANG_GUARD_S)
             (gateway.gates / "busy").touch()
             await read_until(client, held, "audio-stop")
         finally:
@@ -505,11 +484,11 @@ def test_sigterm_drains_wyoming_requests(tmp_path: Path) -> None:
 
     try:
         server.wait_up()
-        register(base, "wy-clone", tone_wav(), engine="clone")
+        add_voice(base, "wy-clone", wav(voice_audio()), engine="clone")
         held = asyncio.run(scenario())
         assert_pcm_stream(held, CLONE_RATE)
         assert word_runs(held.pcm) == [4]
-        assert process.wait(HANG_S) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        assert process.wait(HANG_GUARD_S) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
         server.stop()
 

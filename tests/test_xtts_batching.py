@@ -410,3 +410,12 @@ def test_tiny_xtts_size_and_token_cap_are_options(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["model_args"]["gpt_max_audio_tokens"] == 20 and config["model_args"]["gpt_layers"] == 2
+
+
+def test_an_idle_batch_gives_back_the_cache_a_long_sentence_grew(engine: XttsEngine) -> None:
+    from tts_gateway.engines import xtts_batching
+
+    shared = batcher(engine)
+    say(engine, TEXTS[3][0], "en", speakers(engine)[0], seed=5, repeatable=False)
+    wait_until(lambda: shared.active == 0, "the batch to empty")
+    assert shared._shared.capacity == xtts_batching._INITIAL_LENGTH and shared._shared.lengths == []

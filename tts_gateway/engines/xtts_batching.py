@@ -450,6 +450,8 @@ class GptBatcher:
             self._alone.remove((sequence, cache))
             if sequence.cancelled:
                 sequence.put(_END)
+        if not self._rows and self._shared.capacity > _INITIAL_LENGTH:
+            self._shared = self.stack.cache(self.max_batch)  # an idle batch gives back what a long one grew
 
     def _step_shared(self) -> None:
         self._prune()

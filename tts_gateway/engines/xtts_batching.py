@@ -15,8 +15,8 @@ a batched matrix product rounds a row differently from the same row alone (measu
 more), so a request whose client asked for its seed (``repeatable``) runs its steps as a batch of one,
 and gives the same bytes alone and among others.
 
-The batcher thread takes a slot of the process's core budget for each step, not for a whole sentence, so
-another engine's request waits for one GPT step at most.
+The batcher thread takes a slot of the process's core budget for each step (or prompt), not for a whole
+sentence, so another engine's request waits for one such call, not for the sentence.
 """
 
 from __future__ import annotations

@@ -268,8 +268,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     _out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-    generator: Any = None
-    seen: Any = None
+    generator: Any = field(init=False, repr=False)  # seeded from ``seed``: the draws depend on it alone
+    seen: Any = None  # token ids the repetition penalty applies to
 
     def __post_init__(self) -> None:
         import torch
@@ -326,7 +326,7 @@ class GptBatcher:
         self._rows: list[Sequence] = []  # the shared cache's rows, in order
         self._alone: list[tuple[Sequence, KVCache]] = []  # repeatable sequences, a cache each
         self._stopped = False
-        self.steps = 0  # batched steps run (for tests and benchmarks)
+        self.steps = 0  # GPT steps run, shared or alone (for tests and benchmarks)
         self.widest = 0  # most sequences in one step
         self._thread = threading.Thread(target=self._run, name="xtts-gpt-batcher", daemon=True)
         self._thread.start()
@@ -430,12 +430,15 @@ class GptBatcher:
         sequence.put(latent.clone())
         if token not in sequence.seen.tolist():
             sequence.seen = torch.cat([sequence.seen, torch.tensor([token], dtype=torch.long)])
-        if token == self.stack.stop_audio_token or len(sequence.tokens) >= self.stack.max_tokens:
+        if self._ended(sequence):
             sequence.put(_END)
 
+    def _ended(self, sequence: Sequence) -> bool:
+        """It sampled the stop token or reached the most tokens a sentence may have."""
+        return sequence.tokens[-1] == self.stack.stop_audio_token or len(sequence.tokens) >= self.stack.max_tokens
+
     def _finished(self, sequence: Sequence) -> bool:
-        return (sequence.cancelled or sequence.tokens[-1] == self.stack.stop_audio_token
-                or len(sequence.tokens) >= self.stack.max_tokens)
+        return sequence.cancelled or self._ended(sequence)
 
     def _prune(self) -> None:
         for sequence in [s for s in self._rows if self._finished(s)]:
@@ -453,54 +456,44 @@ class GptBatcher:
         if not self._rows and self._shared.capacity > _INITIAL_LENGTH:
             self._shared = self.stack.cache(self.max_batch)  # an idle batch gives back what a long one grew
 
-    def _step_shared(self) -> None:
-        self._prune()
-        rows = self._rows
-        if not rows:
-            return
+    def _step(self, sequences: list[Sequence], cache: KVCache) -> None:
+        """One GPT step of ``sequences``, the rows 0…n-1 of ``cache``: one forward pass, then one draw each
+        (a draw that fails, e.g. on probabilities that are not finite, fails that sequence only)."""
         stack = self.stack
-        tokens = [s.tokens[-1] for s in rows]
-        positions = [len(s.tokens) for s in rows]
         device = next(stack.gpt.parameters()).device
         with self.cores():
-            x = stack.token_embedding(tokens, positions, device)
-            latents = stack.forward(x, self._shared, list(range(len(rows))))
+            x = stack.token_embedding([s.tokens[-1] for s in sequences], [len(s.tokens) for s in sequences], device)
+            latents = stack.forward(x, cache, list(range(len(sequences))))
             logits = stack.logits(latents)
             picks: list[int | BaseException] = []
-            for i, sequence in enumerate(rows):
+            for i, sequence in enumerate(sequences):
                 try:
                     picks.append(sample(logits[i], sequence.seen, sequence.generator, sequence.sampling))
-                except Exception as exc:  # e.g. probabilities that are not finite: this sequence only
+                except Exception as exc:
                     picks.append(exc)
         self.steps += 1
-        self.widest = max(self.widest, len(rows) + len(self._alone))
-        self._observe(len(rows))
-        for i, (sequence, pick) in enumerate(zip(list(rows), picks, strict=True)):
+        self.widest = max(self.widest, len(self._rows) + len(self._alone))
+        self._observe(len(sequences))
+        for i, (sequence, pick) in enumerate(zip(sequences, picks, strict=True)):
             if isinstance(pick, BaseException):
                 sequence.put(pick)
                 sequence.cancel()
-                continue
-            self._deliver(sequence, pick, latents[i: i + 1])
+            else:
+                self._deliver(sequence, pick, latents[i: i + 1])
+
+    def _step_shared(self) -> None:
+        self._prune()
+        if self._rows:
+            self._step(list(self._rows), self._shared)  # a failed forward pass fails the whole batch (_run)
         self._prune()
 
     def _step_alone(self, sequence: Sequence, cache: KVCache) -> None:
-        if self._finished(sequence):
-            self._prune()
-            return
-        stack = self.stack
-        device = next(stack.gpt.parameters()).device
-        try:
-            with self.cores():
-                x = stack.token_embedding([sequence.tokens[-1]], [len(sequence.tokens)], device)
-                latent = stack.forward(x, cache, [0])
-                token = sample(stack.logits(latent)[0], sequence.seen, sequence.generator, sequence.sampling)
-        except Exception as exc:
-            sequence.put(exc)
-            sequence.cancel()
-            self._prune()
-            return
-        self._observe(1)
-        self._deliver(sequence, token, latent[0:1])
+        if not self._finished(sequence):
+            try:
+                self._step([sequence], cache)
+            except Exception as exc:  # its own forward pass: it alone fails
+                sequence.put(exc)
+                sequence.cancel()
         self._prune()
 
     def _observe(self, size: int) -> None:

@@ -308,12 +308,10 @@ class XttsEngine(BaseEngine):
     # -- work ----------------------------------------------------------------------------------
     def compute_latents(self, audio: np.ndarray) -> dict[str, np.ndarray]:
         """Conditioning latents from mono float32 audio at 22.05 kHz (decoded by soundfile)."""
-        import soxr
         import torch
 
         model = self._require_model()
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, :]
-        wav16 = torch.from_numpy(soxr.resample(audio, self.reference_sample_rate, 16000).astype(np.float32))[None, :]
         config = model.config
         with self._lock, self._cores(), torch.inference_mode():
             gpt_cond_latent = model.get_gpt_cond_latents(
@@ -321,12 +319,21 @@ class XttsEngine(BaseEngine):
                 length=int(getattr(config, "gpt_cond_len", 30)),
                 chunk_length=int(getattr(config, "gpt_cond_chunk_len", 4)),
             )
-            # Already at 16 kHz, so coqui's torchaudio resample is a no-op.
-            speaker_embedding = model.get_speaker_embedding(wav16, 16000)
+            speaker_embedding = self._speaker_embedding(model, audio, self.reference_sample_rate)
         return {
             "gpt_cond_latent": gpt_cond_latent.detach().cpu().numpy().astype(np.float32),
             "speaker_embedding": speaker_embedding.detach().cpu().numpy().astype(np.float32),
         }
+
+    @staticmethod
+    def _speaker_embedding(model: Any, audio: np.ndarray, rate: int) -> Any:
+        """XTTS's speaker encoder on ``audio`` (mono float32 at ``rate``), resampled to 16 kHz by soxr first
+        (so coqui's torchaudio resample is a no-op)."""
+        import soxr
+        import torch
+
+        wav16 = soxr.resample(np.asarray(audio, dtype=np.float32), rate, 16000).astype(np.float32)
+        return model.get_speaker_embedding(torch.from_numpy(wav16)[None, :], 16000)
 
     def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
         """The sentence's GPT tokens are decoded in the shared batch (`xtts_batching`), its audio here, in the
@@ -341,8 +348,7 @@ class XttsEngine(BaseEngine):
         device = next(model.parameters()).device
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
-        with torch.inference_mode():
-            prompt = batcher.stack.prompt(gpt_cond_latent, text_tokens(model, text, options.language))
+        prompt = self._prompt(batcher, gpt_cond_latent, text, options.language)
         sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable)
         batcher.submit(sequence)
         latents = sequence.latents(options.cancel)
@@ -380,9 +386,15 @@ class XttsEngine(BaseEngine):
         with self._cores():
             yield model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
 
+    def _prompt(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, language: str) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return batcher.stack.prompt(gpt_cond_latent, text_tokens(self._require_model(), text, language))
+
     def trace(self, text: str, language: str, voice: VoiceInput, seed: int) -> dict[str, Any]:
         """One seeded sentence, alone, with what a precision comparison needs: its audio tokens, the first
-        step's logits, the audio (numpy) and the wall time."""
+        step's logits (a pass of their own, not timed), the audio (numpy) and the wall time of the sentence."""
         import time
 
         import torch
@@ -391,29 +403,26 @@ class XttsEngine(BaseEngine):
         batcher = self._batcher
         assert batcher is not None
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
-        started = time.perf_counter()
+        prompt = self._prompt(batcher, gpt_cond_latent, text, language)
         with torch.inference_mode():
-            prompt = batcher.stack.prompt(gpt_cond_latent, text_tokens(model, text, language))
             cache = batcher.stack.cache(1)
             cache.add_row()
             logits = batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
+        started = time.perf_counter()
         sequence = Sequence(prompt=prompt, seed=seed, repeatable=True)
         batcher.submit(sequence)
-        latents = list(sequence.latents())
+        options = SynthesisOptions(language=language, seed=seed, repeatable=True)
         with torch.inference_mode():
-            audio = model.hifigan_decoder(torch.cat(latents, dim=0)[None, :], g=speaker_embedding).squeeze()
+            audio = next(self._decode_whole(model, sequence.latents(), speaker_embedding, options))
         return {"tokens": list(sequence.tokens), "logits": logits, "audio": audio.cpu().numpy(),
                 "seconds": time.perf_counter() - started}
 
     def speaker_embedding(self, audio: np.ndarray) -> np.ndarray:
         """XTTS's speaker encoder's embedding of audio at the output rate (for comparing two outputs)."""
-        import soxr
         import torch
 
-        model = self._require_model()
-        wav16 = soxr.resample(audio.astype(np.float32), self.sample_rate, 16000).astype(np.float32)
         with torch.inference_mode():
-            embedding = model.get_speaker_embedding(torch.from_numpy(wav16)[None, :], 16000)
+            embedding = self._speaker_embedding(self._require_model(), audio, self.sample_rate)
         return np.asarray(embedding.detach().cpu().numpy(), dtype=np.float32).reshape(-1)
 
     def _conditioning(self, voice: VoiceInput) -> tuple[Any, Any]:

@@ -31,25 +31,24 @@ def linearize(gpt: Any) -> int:
     from torch import nn
 
     replaced = 0
-    for block in gpt.gpt.h:
-        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                            (block.mlp, "c_proj")):
-            conv = getattr(owner, name)
-            if isinstance(conv, nn.Linear) or not hasattr(conv, "nf"):
-                continue
-            weight = conv.weight  # [in, out]
-            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None,
-                               device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(weight.t())
-                if conv.bias is not None:
-                    linear.bias.copy_(conv.bias)
-            setattr(owner, name, linear)
-            replaced += 1
+    for owner, name in _linears(gpt):
+        conv = getattr(owner, name)
+        if isinstance(conv, nn.Linear) or not hasattr(conv, "nf"):
+            continue
+        weight = conv.weight  # [in, out]
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        setattr(owner, name, linear)
+        replaced += 1
     return replaced
 
 
 def _linears(gpt: Any) -> list[tuple[Any, str]]:
+    """(module, attribute) of every projection of the GPT-2 blocks."""
     return [(owner, name) for block in gpt.gpt.h
             for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
                                 (block.mlp, "c_proj"))]

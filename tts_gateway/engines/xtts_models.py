@@ -501,11 +501,6 @@ class HubProbe:
                 reach = self._reach
         return reach
 
-    def forget(self) -> None:
-        """Look again at the next question (a download just failed, or just succeeded)."""
-        with self._lock:
-            self._reach = Reach(ok=self._reach.ok, error=self._reach.error, next_check=0.0)
-
     def _look(self) -> None:
         import urllib.error
         import urllib.request

@@ -173,17 +173,17 @@ class Dispatcher:
         """(ready, detail). Ready: the default voice can be served now — its canary passed at start and its
         engine is available (loaded, or loaded again by the next request after an unload) — and the voice
         registry can be read. The detail says which part is not, and where each engine stands."""
-        engines = "; ".join(f"{name} {state}" for name, state in self.engine_states().items())
+        availability = self.availability()
+        engines = "; ".join(f"{name} {state}" for name, state in self.engine_states(availability).items())
         if not self.readiness.ready:
             return False, f"{self.readiness.detail}; engines: {engines}"
         name = self.readiness.engine
         default = self.core.settings.default_voice
-        if name is not None and name in self.core.engines.names:
-            engine = self.core.engines.get(name)
-            ok, reason = engine.availability()
+        if name is not None and name in availability:
+            ok, reason = availability[name]
             if not ok:
                 return False, f"default voice {default}: engine {name} is unavailable now: {reason}"
-            if not engine.loaded:
+            if not self.core.engines.get(name).loaded:
                 detail = (f"default voice {default}: engine {name} is not loaded (unloaded; the next request "
                           f"loads it again); canary passed at start")
             else:
@@ -198,16 +198,21 @@ class Dispatcher:
             return False, problem
         return True, f"{detail}; engines: {engines}"
 
-    def engine_states(self) -> dict[str, str]:
+    def availability(self) -> dict[str, tuple[bool, str | None]]:
+        """Each engine's (ok, reason), read once; a plugin's failing check reads as unavailable."""
+        found: dict[str, tuple[bool, str | None]] = {}
+        for name in self.core.engines.names:
+            try:
+                found[name] = self.core.engines.get(name).availability()
+            except Exception as exc:  # a plugin's check must not break the start or readiness
+                found[name] = (False, f"availability check failed: {exc}")
+        return found
+
+    def engine_states(self, availability: dict[str, tuple[bool, str | None]]) -> dict[str, str]:
         """Each engine as one phrase: loaded, available, or unavailable with the reason (and its retry time)."""
         states = {}
-        for name in self.core.engines.names:
-            engine = self.core.engines.get(name)
-            try:
-                ok, reason = engine.availability()
-            except Exception as exc:  # a plugin's check must not break readiness
-                ok, reason = False, f"availability check failed: {exc}"
-            state = ("loaded" if engine.loaded else "available") if ok else "unavailable"
+        for name, (ok, reason) in availability.items():
+            state = ("loaded" if self.core.engines.get(name).loaded else "available") if ok else "unavailable"
             states[name] = f"{state} ({reason})" if reason else state
         return states
 
@@ -217,11 +222,7 @@ class Dispatcher:
         base = f"http://{settings.host}:{settings.port}"
         lines = [f"tts-gateway on {base} (playground {base}/, API docs {base}/docs)",
                  f"data dir {settings.data_dir}; default voice {settings.default_voice}"]
-        for name in self.core.engines.names:
-            try:
-                ok, reason = self.core.engines.get(name).availability()
-            except Exception as exc:  # a plugin's check must not stop the start
-                ok, reason = False, f"availability check failed: {exc}"
+        for name, (ok, reason) in self.availability().items():
             lines.append(f"engine {name}: " + ("available" if ok else f"unavailable: {reason}"))
         for variable, nearest in settings.unknown_variables:
             hint = f"; did you mean {nearest}?" if nearest else ""

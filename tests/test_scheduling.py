@@ -258,3 +258,46 @@ def test_a_request_takes_one_core_while_others_are_in_flight(make_settings: Any)
         wait_until(lambda: gateway.admission.running == 0, "the slots to return")
     assert results == [200, 200]
     assert engine.calls == [("Alone.", False), ("First.", False), ("Second.", True)]
+
+
+def test_a_lent_admission_slot_serves_the_next_request_and_is_taken_back_in_turn() -> None:
+    """A request waiting on a batching engine's shared step lends its slot: with one slot, a second request
+    is admitted meanwhile; taking the slot back queues behind whoever holds it, and a cancel while queued
+    leaves the queue without a slot."""
+    import asyncio
+
+    from tts_gateway.core.metrics import Metrics
+    from tts_gateway.core.runner import Admission
+
+    admission = Admission(max_concurrency=1, max_queue=4, metrics=Metrics())
+
+    async def scenario() -> None:
+        first = await admission.acquire()
+        second_waits = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0)
+        assert admission.waiting == 1 and not second_waits.done()
+        lent = first.lent(threading.Event())
+        await asyncio.to_thread(lent.__enter__)
+        second = await asyncio.wait_for(second_waits, HANG_GUARD_S)  # admitted while the first is lent
+        assert admission.running == 1 and admission.lent == 1
+        back = asyncio.ensure_future(asyncio.to_thread(lent.__exit__, None, None, None))
+        await asyncio.to_thread(wait_until, lambda: admission.waiting == 1, "the first to queue for its slot")
+        assert not first.held and not back.done()
+        second.release()
+        await asyncio.wait_for(back, HANG_GUARD_S)
+        assert first.held and admission.running == 1 and admission.lent == 0 and admission.waiting == 0
+
+        cancel = threading.Event()
+        lent = first.lent(cancel)
+        await asyncio.to_thread(lent.__enter__)
+        third = await admission.acquire()
+        back = asyncio.ensure_future(asyncio.to_thread(lent.__exit__, None, None, None))
+        await asyncio.to_thread(wait_until, lambda: admission.waiting == 1, "the first to queue again")
+        cancel.set()
+        await asyncio.wait_for(back, HANG_GUARD_S)
+        assert not first.held and admission.waiting == 0 and admission.running == 1
+        first.release()  # nothing held: a no-op
+        third.release()
+        assert admission.running == 0 and admission.lent == 0
+
+    asyncio.run(scenario())

@@ -217,6 +217,49 @@ def test_concurrent_http_requests_are_decoded_together(make_settings: Any, tiny_
         assert engine._batcher.widest >= 2  # type: ignore[union-attr]
 
 
+@pytest.fixture(scope="module")
+def long_xtts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose sentences run to 600 tokens: one sentence lasts hundreds of GPT steps, far
+    longer than it takes another request to reach the batcher, on any machine."""
+    import subprocess
+    import sys
+
+    directory = tmp_path_factory.mktemp("long-xtts")
+    subprocess.run([sys.executable, "-m", "tts_gateway", "dev", "tiny-xtts", str(directory), "--max-audio-tokens",
+                    "600"], check=True, timeout=4 * HANG_GUARD_S)
+    return directory
+
+
+@pytest.mark.parametrize("max_batch", [8, 2])
+def test_requests_in_the_batch_lend_their_admission_slot(make_settings: Any, long_xtts: Path,
+                                                         max_batch: int) -> None:
+    """With one admission slot, four XTTS requests still share GPT steps: a request with a seat in the batch
+    lends its slot to the next. The seats bound them: past the batch size the rest wait, and all finish."""
+    settings = make_settings(engines=("piper", "xtts"), xtts_checkpoint=long_xtts, max_concurrency=1,
+                             xtts_max_batch=max_batch)
+    with running_app(settings) as client:
+        wait_for_warm_up(client)
+        voice = next(v["name"] for v in client.get("/v1/voices").json()["voices"] if v["engine"] == "xtts")
+        assert client.post("/v1/engines/xtts/load").status_code == 200
+        engine = app_engine(client)
+        batcher(engine).widest = 0
+
+        def post(i: int) -> httpx.Response:
+            return client.post("/v1/synthesize", json={"text": TEXTS[i][0], "language": TEXTS[i][1],
+                                                       "voice": voice, "format": "wav", "stream": i % 2 == 1})
+
+        responses = together([lambda i=i: post(i) for i in range(4)])
+        for response in responses:
+            assert response.status_code == 200, response.text
+            assert decode(response.content)[0].size > 24000
+        if max_batch < 4:
+            assert batcher(engine).widest == max_batch
+        else:
+            assert batcher(engine).widest >= 3  # without lending, one slot means one sequence at a time
+        admission = client.app.state.tts.admission
+        wait_until(lambda: (admission.running, admission.lent, admission.waiting) == (0, 0, 0), "slots back")
+
+
 def app_engine(client: Any) -> XttsEngine:
     engine = client.app.state.tts.core.engines.get("xtts")
     assert isinstance(engine, XttsEngine)

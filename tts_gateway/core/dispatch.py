@@ -18,6 +18,7 @@ from tts_gateway.core.compose import Core
 from tts_gateway.core.phrase_cache import PhraseCache
 from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, Worker
 from tts_gateway.core.service import Plan, SynthesisRequest
+from tts_gateway.engines.base import BatchingEngine
 from tts_gateway.errors import TTSGatewayError
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,11 @@ class Dispatcher:
         settings = core.settings
         self.core = core
         self.admission = Admission(settings.max_concurrency, settings.max_queue, core.metrics)
-        self.worker = Worker(threads=settings.max_concurrency + 4, timeout_s=settings.timeout_s)
+        # A thread per slot, per call that lent its slot to a batching engine's seat, and a few for calls
+        # that timed out but have not stopped yet (their slot is freed only then).
+        engines = [core.engines.get(name) for name in core.engines.names]
+        seats = sum(engine.max_batch for engine in engines if isinstance(engine, BatchingEngine))
+        self.worker = Worker(threads=settings.max_concurrency + seats + 4, timeout_s=settings.timeout_s)
         self.runner: Runner = runner or LocalRunner(core.service, self.admission, self.worker)
         self.readiness = Readiness()
 

@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from tts_gateway.core.metrics import Metrics
@@ -61,6 +62,19 @@ class Turn:
         and queue again at the back, so every stream hears its next sentence in turn."""
         self._admission._pass_on(self, cancel)
 
+    @contextmanager
+    def lent(self, cancel: threading.Event) -> Iterator[None]:
+        """While the request waits on work another thread does for many requests at once (a batching
+        engine's shared step), its slot serves another request; afterwards it takes a slot again,
+        queueing at the back when none is free. What bounds those requests meanwhile is the engine's
+        batch size; the threads they use, the engines' core budget."""
+        lent = self._admission._lend(self)
+        try:
+            yield
+        finally:
+            if lent:
+                self._admission._reclaim(self, cancel)
+
 
 class Admission:
     """A FIFO of slots shared by the event loop (requests wait for one) and worker threads (a
@@ -72,11 +86,12 @@ class Admission:
         self.metrics = metrics
         self.running = 0  # slots held
         self.waiting = 0  # requests queued for a slot, new or passed on
+        self.lent = 0  # requests that lent their slot while a batching engine works for them
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
 
     def _publish(self) -> None:
-        self.metrics.in_flight.set(self.running)
+        self.metrics.in_flight.set(self.running + self.lent)
         self.metrics.queue_depth.set(self.waiting)
 
     async def acquire(self) -> Turn:
@@ -88,8 +103,9 @@ class Admission:
                 self._publish()
                 return Turn(self)
             if self.waiting >= self.max_queue:
+                running = self.running + self.lent
                 raise Unavailable(
-                    f"server busy: {self.running} syntheses running and {self.waiting} waiting; retry shortly",
+                    f"server busy: {running} syntheses running and {self.waiting} waiting; retry shortly",
                     retry_after=2,
                 )
             granted: asyncio.Future[None] = loop.create_future()
@@ -133,16 +149,47 @@ class Admission:
             self._publish()
 
     def _pass_on(self, turn: Turn, cancel: threading.Event) -> None:
-        back = threading.Event()
-        waiter = _Waiter(back.set)
         with self._lock:
             if not turn.held or not self._waiters:
                 return
             self._hand_over()
             turn.held = False
-            self._waiters.append(waiter)
-            self.waiting += 1
+            waiter, back = self._enqueue()
+        self._wait_back(turn, waiter, back, cancel)
+
+    def _lend(self, turn: Turn) -> bool:
+        with self._lock:
+            if not turn.held:
+                return False
+            turn.held = False
+            if not self._hand_over():
+                self.running -= 1
+            self.lent += 1
             self._publish()
+            return True
+
+    def _reclaim(self, turn: Turn, cancel: threading.Event) -> None:
+        with self._lock:
+            self.lent -= 1
+            if self.running < self.max_concurrency and not self._waiters:
+                self.running += 1
+                turn.held = True
+                self._publish()
+                return
+            waiter, back = self._enqueue()
+        self._wait_back(turn, waiter, back, cancel)
+
+    def _enqueue(self) -> tuple[_Waiter, threading.Event]:
+        """A worker thread's place at the back of the queue, and the event set when its slot comes (under the lock)."""
+        back = threading.Event()
+        waiter = _Waiter(back.set)
+        self._waiters.append(waiter)
+        self.waiting += 1
+        self._publish()
+        return waiter, back
+
+    def _wait_back(self, turn: Turn, waiter: _Waiter, back: threading.Event, cancel: threading.Event) -> None:
+        """Block until ``waiter`` is granted a slot for ``turn``, or leave the queue when ``cancel`` is set."""
         while not back.wait(0.05):
             if cancel.is_set():
                 if self._withdraw(waiter):

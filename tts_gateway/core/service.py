@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -56,6 +57,8 @@ class Turn(Protocol):
     def crowded(self) -> bool: ...
 
     def pass_on(self, cancel: threading.Event) -> None: ...
+
+    def lent(self, cancel: threading.Event) -> AbstractContextManager[None]: ...
 
 
 class _OrderedPieces:
@@ -282,6 +285,7 @@ class SynthesisService:
                 options = SynthesisOptions(
                     language=plan.language, speed=plan.speed if native_speed else 1.0, seed=plan.seed,
                     cancel=cancel, repeatable=plan.repeatable, streaming=plan.stream,
+                    lend=None if turn is None else (lambda: turn.lent(cancel)),
                 )
                 resample = Resampler(engine.sample_rate, plan.rate)
                 # A whole response comes soonest with its sentences side by side, one core each. A

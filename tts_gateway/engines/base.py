@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -76,6 +77,9 @@ class SynthesisOptions:
     # Other work runs at the same time (this request's other sentences, or other requests): an engine
     # that shares the cores should give this call a single core, as it does the others.
     side_by_side: bool = False
+    # The request's admission slot, lent to another request while this call only waits on work that
+    # another thread does for many calls at once (a batching engine's shared step). None: no slot to lend.
+    lend: Callable[[], AbstractContextManager[None]] | None = None
 
 
 class EngineUnavailable(Unavailable):
@@ -153,7 +157,10 @@ class CloningEngine(SpeechEngine, Protocol):
 
 @runtime_checkable
 class BatchingEngine(Protocol):
-    """An engine that decodes several requests together, one step at a time; it reports each step's size."""
+    """An engine that decodes several requests together, one step at a time; it reports each step's size.
+    Up to ``max_batch`` of its calls may lend their admission slot (`SynthesisOptions.lend`) at once."""
+
+    max_batch: int
 
     def observe_batches(self, observer: Callable[[int], None]) -> None:
         """Call ``observer(n)`` after every decoding step that carried ``n`` sequences."""

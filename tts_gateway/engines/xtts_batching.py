@@ -16,7 +16,9 @@ more), so a request whose client asked for its seed (``repeatable``) runs its st
 and gives the same bytes alone and among others.
 
 The batcher thread takes a slot of the process's core budget for each step (or prompt), not for a whole
-sentence, so another engine's request waits for one such call, not for the sentence.
+sentence, so another engine's request waits for one such call, not for the sentence. A request with a
+seat in the batch lends its admission slot to the next request (`lent_while_seated`): it waits on the
+steps then, and the seats (``max_batch``) bound such requests instead of MAX_CONCURRENCY.
 """
 
 from __future__ import annotations
@@ -268,6 +270,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     _out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Set when the batcher takes it from its queue (given a seat in the batch, or ended there).
+    seated: threading.Event = field(default_factory=threading.Event, repr=False)
     generator: Any = field(init=False, repr=False)  # seeded from ``seed``: the draws depend on it alone
     seen: Any = None  # token ids the repetition penalty applies to
 
@@ -302,6 +306,23 @@ class Sequence:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def lent_while_seated(sequence: Sequence, latents: Iterator[Any],
+                      lend: Callable[[], AbstractContextManager[None]] | None,
+                      cancel: threading.Event, poll_s: float = 0.05) -> Iterator[Any]:
+    """``latents``, with the request's admission slot lent out from the moment the batcher seats the
+    sequence until its last latent: meanwhile the request waits on the shared steps, not on a core, so
+    more requests can join the batch than MAX_CONCURRENCY lets run. A sequence still queued for a seat
+    keeps its slot, so past the batch size the admission queue (and its 503) holds the rest."""
+    if lend is None:
+        yield from latents
+        return
+    while not sequence.seated.wait(poll_s):
+        if cancel.is_set():
+            break
+    with lend():
+        yield from latents
 
 
 class GptBatcher:
@@ -365,8 +386,9 @@ class GptBatcher:
                 if self._stopped:
                     break
                 joining: list[Sequence] = []
-                while self._waiting and (self._waiting[0].repeatable or len(self._rows) + len(joining) <
-                                         self.max_batch):
+                # Seeded sequences step alone but take seats too: the seats bound the requests that wait
+                # here without an admission slot (see `lent_while_seated`).
+                while self._waiting and len(self._rows) + len(self._alone) + len(joining) < self.max_batch:
                     joining.append(self._waiting.popleft())
             try:
                 with torch.inference_mode():
@@ -392,6 +414,7 @@ class GptBatcher:
         """Run the prompt of a new sequence (alone) and deliver its first token's latent."""
         import torch
 
+        sequence.seated.set()
         if sequence.cancelled:
             sequence.put(_END)
             return

@@ -35,7 +35,14 @@ from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import shared_budget
-from tts_gateway.engines.xtts_batching import DEFAULT_MAX_BATCH, GptBatcher, GptStack, Sequence, probe_step
+from tts_gateway.engines.xtts_batching import (
+    DEFAULT_MAX_BATCH,
+    GptBatcher,
+    GptStack,
+    Sequence,
+    lent_while_seated,
+    probe_step,
+)
 from tts_gateway.engines.xtts_kernels import prepare
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
@@ -351,7 +358,7 @@ class XttsEngine(BaseEngine):
         prompt = self._prompt(batcher, gpt_cond_latent, text, options.language)
         sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable)
         batcher.submit(sequence)
-        latents = sequence.latents(options.cancel)
+        latents = lent_while_seated(sequence, sequence.latents(options.cancel), options.lend, options.cancel)
         try:
             chunks: Iterator[Any]
             if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -191,6 +192,21 @@ def wav(samples: np.ndarray, rate: int = 16000, channels: int = 1, subtype: str 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     audio, rate = sf.read(io.BytesIO(data), dtype="float32")
     return audio, rate
+
+
+def sse_events(body: str) -> list[Any]:
+    """The JSON of each event of a ``text/event-stream`` body, as the SSE spec frames them: events end at a
+    blank line and their ``data:`` lines join with newlines; other fields and comments are skipped."""
+    events: list[Any] = []
+    data: list[str] = []
+    for line in [*body.replace("\r\n", "\n").split("\n"), ""]:
+        if line == "":
+            if data:
+                events.append(json.loads("\n".join(data)))
+            data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    return events
 
 
 # -- talking to the app or a server: ``where`` is a TestClient or a server's base URL ------------------------------

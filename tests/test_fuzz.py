@@ -282,10 +282,22 @@ def _schemathesis_pytest9_nodeid(request: pytest.FixtureRequest) -> None:
         request.node._nodeid = request.node.nodeid  # type: ignore[attr-defined]
 
 
+def _only_form_field_types_changed(case: Any) -> bool:
+    """A negative case whose only mutations change a multipart field's type (``"text": 0``): every part goes
+    on the wire as text, so the server reads "0", a valid text. Schemathesis sees this itself for plain
+    forms, but not when a file part is in the body (it cannot validate the file's bytes as sent)."""
+    data = getattr(getattr(case.meta, "phase", None), "data", None)
+    mutations = getattr(data, "mutations", None)
+    return bool(mutations) and (case.media_type or "").startswith("multipart/") and all(
+        mutation.operator.value == "change_type" and getattr(mutation.parameter_location, "value", None) == "body"
+        for mutation in mutations)
+
+
 def _call_and_validate(case: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.clear()
+    excluded = [schemathesis.checks.negative_data_rejection] if _only_form_field_types_changed(case) else []
     try:
-        case.call_and_validate(additional_checks=[problem_json])
+        case.call_and_validate(additional_checks=[problem_json], excluded_checks=excluded)
     except BaseException as exc:  # schemathesis' FailureGroup is a BaseExceptionGroup
         _add_server_log(exc, caplog)
         raise

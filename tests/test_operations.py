@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -19,6 +21,7 @@ from tests.conftest import (
     decode,
     read_until_closed,
     running_app,
+    sse_events,
     uvicorn_server,
     voice_audio,
     wait_for_warm_up,
@@ -166,6 +169,36 @@ def test_openai_sdk_speech(openai_server: str, tmp_path: Path) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=openai_server + "/v1", api_key="wrong").audio.speech.create(
             model="tts-1", voice="alloy", input="hi")
+
+
+def test_openai_sdk_reads_speech_events(openai_server: str) -> None:
+    """``stream_format="sse"``: the SDK's raw speech stream and its own SSE reader both read the events."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=openai_server + "/v1", api_key="sk-test")
+    text = "Events from the SDK. A second sentence follows."
+    with client.audio.speech.with_streaming_response.create(model="gpt-4o-mini-tts", voice="echo", input=text,
+                                                           response_format="pcm", stream_format="sse") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["x-engine"] == "espeak"
+        events = sse_events("\n".join(stream.iter_lines()))
+    *deltas, done = events
+    assert [e["type"] for e in deltas] == ["speech.audio.delta"] * len(deltas) and len(deltas) >= 2
+    assert done == {"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert np.frombuffer(pcm, "<i2").size / 24000 > 1.0
+    # espeak-ng is deterministic: the raw stream of the same request holds the same audio
+    raw = client.audio.speech.create(model="gpt-4o-mini-tts", voice="echo", input=text, response_format="pcm")
+    assert raw.content == pcm
+
+    # The SDK's generic SSE reader (what its other streaming endpoints use) parses the same stream.
+    body = {"model": "tts-1", "voice": "echo", "input": text, "response_format": "wav", "stream_format": "sse"}
+    read = list(client.post("/audio/speech", body=body, cast_to=object, stream=True,
+                            stream_cls=openai.Stream[object]))
+    assert [e["type"] for e in read][-1] == "speech.audio.done"
+    audio, rate = sf.read(io.BytesIO(b"".join(base64.b64decode(e["audio"]) for e in read[:-1])))
+    assert audio.size / rate > 1.0
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.audio.speech.create(model="tts-1", voice="alloy", input="x", stream_format="events")  # type: ignore[arg-type]
 
 
 def run_cli(*args: str, data_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

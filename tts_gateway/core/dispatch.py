@@ -35,6 +35,9 @@ class Outcome:
     audio: bytes | None = None
     first: bytes = b""
     rest: AsyncIterator[bytes] | None = None
+    # Headers are sent before a stream ends, so an engine failure or timeout after the first chunk cannot
+    # change the status: the stream just stops. This says whether it reached the end (read once it is drained).
+    complete: bool = True
 
     async def chunks(self, size: int = 32768) -> AsyncIterator[bytes]:
         """Every byte of the result as it becomes available."""
@@ -131,15 +134,17 @@ class Dispatcher:
                 await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers())
             return Outcome(headers, plan.media_type, "miss", audio=audio)
         collected: list[bytes] = []
+        outcome = Outcome(headers, plan.media_type, "miss", complete=False)
 
-        def remember() -> None:
+        def remember() -> None:  # runs only when the synthesis finished normally
+            outcome.complete = True
             if cache is not None and key is not None:
                 self.worker.pool.submit(cache.put, key, b"".join(collected), plan.media_type, plan.headers())
 
         first, rest = await self.runner.open_stream(plan, on_complete=remember)
         collected.append(first)
-
-        return Outcome(headers, plan.media_type, "miss", first=first, rest=_Collecting(rest, collected))
+        outcome.first, outcome.rest = first, _Collecting(rest, collected)
+        return outcome
 
     async def blocking(self, fn: Callable[[], T]) -> T:
         """A blocking call (registration, conditioning) under admission control."""

@@ -98,7 +98,8 @@ def _audio_content(formats: Iterable[str]) -> dict[str, OpenAPIMediaType]:
 
 
 def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Mapping[str, OpenAPIHeader] | None = None,
-                      can_be_malformed: bool = False) -> type[Operation]:
+                      can_be_malformed: bool = False, content: Mapping[str, OpenAPIMediaType] | None = None,
+                      ) -> type[Operation]:
     """An `Operation` class that makes a route's documented responses match what it really sends.
 
     Args:
@@ -106,6 +107,7 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
         success_headers: More headers of the success response (e.g. ``Location``, ``X-Instructions-Ignored``).
         can_be_malformed: Whether the route reads a body (and so can answer 400); otherwise Litestar's
             generic 400 entry is removed.
+        content: More media types of the success response (e.g. the events of a ``text/event-stream``).
     """
     formats = tuple(audio or ())
     headers = dict(success_headers or {})
@@ -127,6 +129,8 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
                     success.headers = {**(success.headers or {}), **SYNTHESIS_HEADERS}
                 if headers:
                     success.headers = {**(success.headers or {}), **headers}
+                if content:
+                    success.content = {**(success.content or {}), **content}
             unavailable = responses.get("503")
             if isinstance(unavailable, OpenAPIResponse):
                 unavailable.headers = {**(unavailable.headers or {}), "Retry-After": RETRY_AFTER}
@@ -136,7 +140,8 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
 
 
 def documented(*problems: int, audio: Iterable[str] | None = None, body: bool = False,
-               headers: Mapping[str, OpenAPIHeader] | None = None) -> dict[str, Any]:
+               headers: Mapping[str, OpenAPIHeader] | None = None,
+               content: Mapping[str, OpenAPIMediaType] | None = None) -> dict[str, Any]:
     """Route decorator keywords that document a route's errors (and audio): ``@post(..., **documented(404))``.
 
     Every route may answer 500 (an internal problem, never for anything a client sent); a route with a
@@ -147,7 +152,8 @@ def documented(*problems: int, audio: Iterable[str] | None = None, body: bool = 
         statuses |= {400, 413, 415, 422}
     return {
         "responses": problem_responses(statuses),
-        "operation_class": gateway_operation(audio=audio, success_headers=headers, can_be_malformed=body),
+        "operation_class": gateway_operation(audio=audio, success_headers=headers, can_be_malformed=body,
+                                             content=content),
     }
 
 

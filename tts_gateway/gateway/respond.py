@@ -38,14 +38,12 @@ async def _unless_client_leaves(work: Awaitable[Outcome], request: Request[Any, 
         watcher.cancel()
 
 
-async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str] | None = None,
-                  request: Request[Any, Any, Any] | None = None) -> Response[Any]:
-    """Run ``plan`` and answer with audio; counts ``tts_requests_total{engine,status}``.
+async def outcome_of(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any] | None = None) -> Outcome:
+    """Run ``plan``; counts ``tts_requests_total{engine,status}``.
 
     Args:
         dispatcher: The phrase cache and runner.
         plan: A validated synthesis.
-        headers: More response headers (e.g. a note that a request field was ignored).
         request: The HTTP request: a whole-audio synthesis stops when its client disconnects (a stream
             stops by itself when its body can no longer be sent).
     """
@@ -62,10 +60,20 @@ async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str]
         metrics.requests.labels(plan.engine_name, "500").inc()
         raise
     metrics.requests.labels(plan.engine_name, "200").inc()
+    return outcome
+
+
+async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str] | None = None,
+                  request: Request[Any, Any, Any] | None = None) -> Response[Any]:
+    """Run ``plan`` (see `outcome_of`) and answer with audio, whole or as a chunked stream.
+
+    ``headers`` are more response headers (e.g. a note that a request field was ignored).
+    """
+    outcome = await outcome_of(dispatcher, plan, request)
     all_headers = {**outcome.headers, **(headers or {})}
     if outcome.audio is not None and not plan.streams:
         return Response(outcome.audio, media_type=outcome.media_type, headers=all_headers)
     return Stream(outcome.chunks(), media_type=outcome.media_type, headers=all_headers)
 
 
-__all__ = ["respond"]
+__all__ = ["outcome_of", "respond"]

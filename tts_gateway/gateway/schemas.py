@@ -16,6 +16,7 @@ from litestar.datastructures import UploadFile
 from tts_gateway.audio import FORMATS
 from tts_gateway.core.service import MAX_RATE, MAX_SEED, MAX_SPEED, MIN_RATE, MIN_SPEED
 from tts_gateway.gateway.openapi import OPENAPI_METADATA
+from tts_gateway.gateway.speech_events import STREAM_FORMATS
 from tts_gateway.voices.catalog import MAX_DESCRIPTION_CHARS
 from tts_gateway.voices.names import VOICE_NAME_RE
 
@@ -73,7 +74,9 @@ class SpeechBody(msgspec.Struct):
                                       "mapped by TTS_GATEWAY_OPENAI_VOICES")] | None = None
     response_format: SpeechFormat = "mp3"
     speed: Speed = 1.0
-    stream_format: str | None = None
+    stream_format: Annotated[str, _documented("`audio` (the default): the audio bytes as they are made; `sse`: "
+                                              "`text/event-stream` of `speech.audio.delta` events (base64 audio), "
+                                              "then `speech.audio.done`", enum=[*STREAM_FORMATS, None])] | None = None
     instructions: Annotated[str, _documented("Accepted and not applied: the response then carries "
                                              "`X-Instructions-Ignored`")] | None = None
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
+from litestar.response import Stream
 
 from tts_gateway.config import Settings
 from tts_gateway.core.dispatch import Dispatcher
@@ -22,9 +23,10 @@ from tts_gateway.errors import InvalidField
 from tts_gateway.gateway.auth import auth_problems
 from tts_gateway.gateway.openapi import INSTRUCTIONS_HEADER, INSTRUCTIONS_HEADERS, documented
 from tts_gateway.gateway.requests import json_body
-from tts_gateway.gateway.respond import respond
+from tts_gateway.gateway.respond import outcome_of, respond
 from tts_gateway.gateway.responses import OpenAIModel, OpenAIModelList, OpenAIVoice, OpenAIVoiceList
 from tts_gateway.gateway.schemas import SPEECH_FORMATS, SpeechBody
+from tts_gateway.gateway.speech_events import SSE_CONTENT, SSE_HEADERS, SSE_MEDIA_TYPE, STREAM_FORMATS, speech_events
 from tts_gateway.voices.catalog import VoiceCatalog
 
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -69,15 +71,18 @@ class OpenAIController(Controller):
     @post("/audio/speech", status_code=200, opt={"scope": "synthesize"}, before_request=json_body(SpeechBody),
           summary="OpenAI-compatible speech",
           **documented(*auth_problems("synthesize"), 404, 409, 503, 504, audio=SPEECH_FORMATS, body=True,
-                       headers=INSTRUCTIONS_HEADERS))
+                       headers=INSTRUCTIONS_HEADERS, content=SSE_CONTENT))
     async def speech(self, data: SpeechBody, dispatcher: Dispatcher, service: SynthesisService,
                      settings: Settings, engines: EngineManager, voices: VoiceCatalog,
-                     request: Request[Any, Any, Any]) -> Response[bytes]:
+                     request: Request[Any, Any, Any]) -> Response[Any]:
         """Works with the `openai` SDK: `client.audio.speech.create(model=..., voice=..., input=...)`.
 
         `instructions` are accepted but no engine here supports them: the response then carries
-        `X-Instructions-Ignored`.
+        `X-Instructions-Ignored`. `stream_format: sse` sends OpenAI's `speech.audio.delta` events (base64
+        audio in any `response_format`), then `speech.audio.done`.
         """
+        if data.stream_format is not None and data.stream_format not in STREAM_FORMATS:
+            raise InvalidField("stream_format", f"{data.stream_format!r} is not one of {', '.join(STREAM_FORMATS)}")
         if data.response_format == "aac":
             raise InvalidField("response_format", "aac is not supported here; use mp3, opus, flac, wav or pcm")
         voice = await asyncio.to_thread(openai_voice, settings, engines, voices, data.model, data.voice)
@@ -88,7 +93,11 @@ class OpenAIController(Controller):
         )
         plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
         ignored = {INSTRUCTIONS_HEADER: INSTRUCTIONS_NOTE} if data.instructions and data.instructions.strip() else None
-        return await respond(dispatcher, plan, ignored, request=request)
+        if data.stream_format != "sse":
+            return await respond(dispatcher, plan, ignored, request=request)
+        outcome = await outcome_of(dispatcher, plan, request)
+        return Stream(speech_events(outcome), media_type=SSE_MEDIA_TYPE,
+                      headers={**outcome.headers, **SSE_HEADERS, **(ignored or {})})
 
     @get("/models", opt={"scope": "any"}, summary="Models (OpenAI list shape)",
          **documented(*auth_problems("any")))

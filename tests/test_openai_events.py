@@ -136,3 +136,13 @@ def test_sse_ends_with_an_error_event_when_the_engine_fails_after_its_first_audi
         # the next request runs to its end
         assert audio_of(client.post("/v1/audio/speech", json=body))
         assert engine.calls == 4
+
+
+def test_voice_as_an_object_with_an_id(uncached: Any) -> None:
+    """The `openai` SDK sends a saved voice as ``{"id": ...}``: the same voice as its name; a wrong shape is a 422."""
+    by_name = uncached.post("/v1/audio/speech", json={**SPEECH, "response_format": "wav"})
+    by_id = uncached.post("/v1/audio/speech", json={**SPEECH, "voice": {"id": SPEECH["voice"]},
+                                                    "response_format": "wav"})
+    assert by_id.status_code == 200 and by_id.content == by_name.content
+    assert_problem(uncached.post("/v1/audio/speech", json={**SPEECH, "voice": {"name": "espeak:en"}}), 422)
+    assert_problem(uncached.post("/v1/audio/speech", json={**SPEECH, "voice": {"id": "nobody-here"}}), 404)

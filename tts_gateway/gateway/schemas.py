@@ -61,6 +61,12 @@ class SynthesizeBody(msgspec.Struct, forbid_unknown_fields=True):
     cache: bool = True
 
 
+class VoiceId(msgspec.Struct):
+    """OpenAI's custom-voice form of ``voice``: ``{"id": ...}`` (the `openai` SDK sends it for saved voices)."""
+
+    id: str
+
+
 class SpeechBody(msgspec.Struct):
     """OpenAI ``POST /v1/audio/speech``; unknown fields are ignored, as OpenAI clients send newer ones.
 
@@ -71,7 +77,8 @@ class SpeechBody(msgspec.Struct):
     model: Annotated[str, _documented("`tts-1`, `tts-1-hd`, `gpt-4o-mini-tts` (the default voice's engine) or an "
                                       "engine name (see GET /v1/models)")] = "tts-1"
     voice: Annotated[str, _documented("A preset, a built-in voice, or one of OpenAI's names (alloy, echo, ...) "
-                                      "mapped by TTS_GATEWAY_OPENAI_VOICES")] | None = None
+                                      "mapped by TTS_GATEWAY_OPENAI_VOICES; or `{\"id\": name}`"),
+                     ] | VoiceId | None = None
     response_format: SpeechFormat = "mp3"
     speed: Speed = 1.0
     stream_format: Annotated[str, _documented("`audio` (the default): the audio bytes as they are made; `sse`: "

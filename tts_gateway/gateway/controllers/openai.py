@@ -25,7 +25,7 @@ from tts_gateway.gateway.openapi import INSTRUCTIONS_HEADER, INSTRUCTIONS_HEADER
 from tts_gateway.gateway.requests import json_body
 from tts_gateway.gateway.respond import outcome_of, respond
 from tts_gateway.gateway.responses import OpenAIModel, OpenAIModelList, OpenAIVoice, OpenAIVoiceList
-from tts_gateway.gateway.schemas import SPEECH_FORMATS, SpeechBody
+from tts_gateway.gateway.schemas import SPEECH_FORMATS, SpeechBody, VoiceId
 from tts_gateway.gateway.speech_events import SSE_CONTENT, SSE_HEADERS, SSE_MEDIA_TYPE, STREAM_FORMATS, speech_events
 from tts_gateway.voices.catalog import VoiceCatalog
 
@@ -85,7 +85,8 @@ class OpenAIController(Controller):
             raise InvalidField("stream_format", f"{data.stream_format!r} is not one of {', '.join(STREAM_FORMATS)}")
         if data.response_format == "aac":
             raise InvalidField("response_format", "aac is not supported here; use mp3, opus, flac, wav or pcm")
-        voice = await asyncio.to_thread(openai_voice, settings, engines, voices, data.model, data.voice)
+        named = data.voice.id if isinstance(data.voice, VoiceId) else data.voice
+        voice = await asyncio.to_thread(openai_voice, settings, engines, voices, data.model, named)
         fmt = data.response_format
         synthesis = SynthesisRequest(
             text=data.input, voice=voice, format=fmt, speed=data.speed, stream=True,

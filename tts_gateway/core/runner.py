@@ -65,15 +65,18 @@ class Turn:
     @contextmanager
     def lent(self, cancel: threading.Event) -> Iterator[None]:
         """While the request waits on work another thread does for many requests at once (a batching
-        engine's shared step), its slot serves another request; afterwards it takes a slot again,
-        queueing at the back when none is free. What bounds those requests meanwhile is the engine's
-        batch size; the threads they use, the engines' core budget."""
+        engine's shared step), its slot serves another request; afterwards it takes a slot again, queueing
+        at the back when none is free (not when the block ends in an exception: the call is over). What
+        bounds those requests meanwhile is the engine's batch size; the threads they use, the core budget."""
         lent = self._admission._lend(self)
         try:
             yield
-        finally:
+        except BaseException:  # the call is ending (an error, a close): it needs no slot back
             if lent:
-                self._admission._reclaim(self, cancel)
+                self._admission._forgo()
+            raise
+        if lent:
+            self._admission._reclaim(self, cancel)
 
 
 class Admission:
@@ -167,6 +170,11 @@ class Admission:
             self.lent += 1
             self._publish()
             return True
+
+    def _forgo(self) -> None:
+        with self._lock:
+            self.lent -= 1
+            self._publish()
 
     def _reclaim(self, turn: Turn, cancel: threading.Event) -> None:
         with self._lock:

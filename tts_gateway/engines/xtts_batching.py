@@ -27,7 +27,7 @@ import collections
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,7 +310,7 @@ class Sequence:
 
 def lent_while_seated(sequence: Sequence, latents: Iterator[Any],
                       lend: Callable[[], AbstractContextManager[None]] | None,
-                      cancel: threading.Event, poll_s: float = 0.05) -> Iterator[Any]:
+                      cancel: threading.Event, poll_s: float = 0.05) -> Generator[Any, None, None]:
     """``latents``, with the request's admission slot lent out from the moment the batcher seats the
     sequence until its last latent: meanwhile the request waits on the shared steps, not on a core, so
     more requests can join the batch than MAX_CONCURRENCY lets run. A sequence still queued for a seat

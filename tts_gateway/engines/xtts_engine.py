@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -359,12 +359,12 @@ class XttsEngine(BaseEngine):
         sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable)
         batcher.submit(sequence)
         latents = lent_while_seated(sequence, sequence.latents(options.cancel), options.lend, options.cancel)
+        chunks: Generator[Any, None, None]
+        if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
+            chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, cores=self._cores)
+        else:
+            chunks = self._decode_whole(model, latents, speaker_embedding, options)
         try:
-            chunks: Iterator[Any]
-            if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
-                chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, cores=self._cores)
-            else:
-                chunks = self._decode_whole(model, latents, speaker_embedding, options)
             while True:
                 with torch.inference_mode():
                     chunk = next(chunks, None)
@@ -374,10 +374,14 @@ class XttsEngine(BaseEngine):
                     return
                 yield chunk.detach().cpu().numpy().astype(np.float32).reshape(-1)
         finally:
+            # Now, not when a traceback holding this frame is collected: a decode may hold the cores, and
+            # `latents` the request's lent admission slot.
+            chunks.close()
+            latents.close()
             sequence.cancel()  # a no-op once it finished; otherwise its row is freed at the next step
 
     def _decode_whole(self, model: Any, latents: Iterator[Any], speaker_embedding: Any,
-                      options: SynthesisOptions) -> Iterator[Any]:
+                      options: SynthesisOptions) -> Generator[Any, None, None]:
         """One decode of every latent at the end (``inference_stream(stream_chunk_size=0)``'s arithmetic)."""
         import torch
         import torch.nn.functional as F
@@ -390,8 +394,9 @@ class XttsEngine(BaseEngine):
         if length_scale != 1.0:
             gpt_latents = F.interpolate(gpt_latents.transpose(1, 2), scale_factor=length_scale,
                                         mode="linear").transpose(1, 2)
-        with self._cores():
-            yield model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
+        with self._cores():  # released before the yield: a consumer that stops must not keep the cores
+            audio = model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
+        yield audio
 
     def _prompt(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, language: str) -> Any:
         import torch

@@ -260,6 +260,40 @@ def test_requests_in_the_batch_lend_their_admission_slot(make_settings: Any, lon
         wait_until(lambda: (admission.running, admission.lent, admission.waiting) == (0, 0, 0), "slots back")
 
 
+def test_a_client_that_leaves_mid_batch_stops_its_sentence_and_the_others_finish(tmp_path: Path,
+                                                                                  long_xtts: Path) -> None:
+    """A real server, three streamed XTTS requests decoded together; one client hangs up after its first
+    audio. Its sentence stops (it never completes, its slot is freed) and the other two get all their audio:
+    as many samples as the same sentence alone (every sentence runs to the checkpoint's 600-token cap)."""
+    from tests.conftest import metric, uvicorn_server
+
+    env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper,xtts",
+           "TTS_GATEWAY_XTTS_CHECKPOINT": str(long_xtts), "TTS_GATEWAY_CACHE_BYTES": "0"}
+    with uvicorn_server(env) as base:
+        assert httpx.post(base + "/v1/engines/xtts/load", timeout=HANG_GUARD_S).status_code == 200
+        voice = next(v["name"] for v in httpx.get(base + "/v1/voices", timeout=HANG_GUARD_S).json()["voices"]
+                     if v["engine"] == "xtts")
+        body = {"voice": voice, "format": "pcm", "stream": True}
+        alone = httpx.post(base + "/v1/synthesize", json={**body, "text": TEXTS[0][0], "stream": False},
+                           timeout=4 * HANG_GUARD_S)
+        assert alone.status_code == 200
+        done = metric(base, "tts_synthesis_seconds_count", engine="xtts")
+        with httpx.Client(timeout=4 * HANG_GUARD_S) as http:
+            streams = [http.stream("POST", base + "/v1/synthesize", json={**body, "text": TEXTS[i][0],
+                                                                           "language": TEXTS[i][1]})
+                       for i in range(3)]
+            responses = [stream.__enter__() for stream in streams]
+            readers = [response.iter_raw() for response in responses]
+            heard = [[next(chunk for chunk in reader if chunk)] for reader in readers]  # all three have begun
+            streams[0].__exit__(None, None, None)  # the first client hangs up
+            for i in (1, 2):
+                heard[i].extend(chunk for chunk in readers[i] if chunk)
+                streams[i].__exit__(None, None, None)
+        wait_until(lambda: metric(base, "tts_in_flight") == 0, "the abandoned sentence to stop and free its slot")
+        assert metric(base, "tts_synthesis_seconds_count", engine="xtts") == done + 2  # the third never completed
+        assert [len(b"".join(heard[i])) for i in (1, 2)] == [len(alone.content)] * 2
+
+
 def app_engine(client: Any) -> XttsEngine:
     engine = client.app.state.tts.core.engines.get("xtts")
     assert isinstance(engine, XttsEngine)
@@ -462,3 +496,22 @@ def test_an_idle_batch_gives_back_the_cache_a_long_sentence_grew(engine: XttsEng
     say(engine, TEXTS[3][0], "en", speakers(engine)[0], seed=5, repeatable=False)
     wait_until(lambda: shared.active == 0, "the batch to empty")
     assert shared._shared.capacity == xtts_batching._INITIAL_LENGTH and shared._shared.lengths == []
+
+
+def test_a_whole_sentence_gives_back_the_cores_before_its_audio_is_taken(engine: XttsEngine) -> None:
+    """The decode of an unstreamed sentence holds the core budget only while it runs: a consumer that takes
+    the audio and then stops (a cancel, a timeout; its traceback keeps the generator alive) must not keep
+    the cores, or every engine of the process would wait forever."""
+    from tts_gateway.engines.scheduling import shared_budget
+
+    cancel = threading.Event()
+    options = SynthesisOptions(language="en", seed=3, repeatable=True, cancel=cancel)
+    chunks = engine.synthesize(TEXTS[2][0], VoiceInput(builtin=speakers(engine)[0]), options)
+    assert next(chunks).size > 2400
+    assert shared_budget().in_use == 0
+    cancel.set()
+    with pytest.raises(SynthesisCancelled) as stopped:
+        next(chunks)
+    assert stopped.value.__traceback__ is not None and shared_budget().in_use == 0
+    with shared_budget().slot(threads=shared_budget().cores):  # the whole machine is free to take
+        pass

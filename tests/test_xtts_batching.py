@@ -219,14 +219,15 @@ def test_concurrent_http_requests_are_decoded_together(make_settings: Any, tiny_
 
 @pytest.fixture(scope="module")
 def long_xtts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint whose sentences run to 600 tokens: one sentence lasts hundreds of GPT steps, far
-    longer than it takes another request to reach the batcher, on any machine."""
+    """A tiny checkpoint whose sentences run to 300 tokens: one sentence lasts hundreds of GPT steps, far
+    longer than it takes another request to reach the batcher, on any machine. (Its decoder is XTTS's real
+    HiFi-GAN: 300 tokens are some 13 s of audio, seconds to decode.)"""
     import subprocess
     import sys
 
     directory = tmp_path_factory.mktemp("long-xtts")
     subprocess.run([sys.executable, "-m", "tts_gateway", "dev", "tiny-xtts", str(directory), "--max-audio-tokens",
-                    "600"], check=True, timeout=4 * HANG_GUARD_S)
+                    "300"], check=True, timeout=4 * HANG_GUARD_S)
     return directory
 
 
@@ -236,7 +237,7 @@ def test_requests_in_the_batch_lend_their_admission_slot(make_settings: Any, lon
     """With one admission slot, four XTTS requests still share GPT steps: a request with a seat in the batch
     lends its slot to the next. The seats bound them: past the batch size the rest wait, and all finish."""
     settings = make_settings(engines=("piper", "xtts"), xtts_checkpoint=long_xtts, max_concurrency=1,
-                             xtts_max_batch=max_batch)
+                             xtts_max_batch=max_batch, timeout_s=HANG_GUARD_S * 4)
     with running_app(settings) as client:
         wait_for_warm_up(client)
         voice = next(v["name"] for v in client.get("/v1/voices").json()["voices"] if v["engine"] == "xtts")
@@ -264,11 +265,12 @@ def test_a_client_that_leaves_mid_batch_stops_its_sentence_and_the_others_finish
                                                                                   long_xtts: Path) -> None:
     """A real server, three streamed XTTS requests decoded together; one client hangs up after its first
     audio. Its sentence stops (it never completes, its slot is freed) and the other two get all their audio:
-    as many samples as the same sentence alone (every sentence runs to the checkpoint's 600-token cap)."""
+    as many samples as the same sentence alone (every sentence runs to the checkpoint's 300-token cap)."""
     from tests.conftest import metric, uvicorn_server
 
     env = {"TTS_GATEWAY_DATA_DIR": str(tmp_path / "data"), "TTS_GATEWAY_ENGINES": "piper,xtts",
-           "TTS_GATEWAY_XTTS_CHECKPOINT": str(long_xtts), "TTS_GATEWAY_CACHE_BYTES": "0"}
+           "TTS_GATEWAY_XTTS_CHECKPOINT": str(long_xtts), "TTS_GATEWAY_CACHE_BYTES": "0",
+           "TTS_GATEWAY_TIMEOUT_S": str(HANG_GUARD_S * 4)}
     with uvicorn_server(env) as base:
         assert httpx.post(base + "/v1/engines/xtts/load", timeout=HANG_GUARD_S).status_code == 200
         voice = next(v["name"] for v in httpx.get(base + "/v1/voices", timeout=HANG_GUARD_S).json()["voices"]

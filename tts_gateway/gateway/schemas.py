@@ -40,6 +40,10 @@ SampleRate = Annotated[int, _documented(f"Resample to this rate ({MIN_RATE}–{M
 Seed = Annotated[int, _documented("The same seed with the same voice gives the same bytes", minimum=0,
                                   maximum=MAX_SEED)]
 Format = Annotated[str, _documented("Output format", enum=list(FORMATS))]
+TextFormat = Annotated[str, _documented("`text`, or `ssml`: a <speak> document (break, say-as, sub, phoneme, "
+                                        "prosody rate, lang, p, s)", enum=["text", "ssml"])]
+Normalize = Annotated[bool, _documented("Spell out numbers, dates, times, money, units and abbreviations "
+                                        "(en, de, fr, es; numbers in other languages num2words knows)")]
 
 # The ``response_format`` values OpenAI documents that the gateway can send (``aac`` is refused with 422).
 SPEECH_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")
@@ -58,6 +62,8 @@ class SynthesizeBody(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool = False
     seed: Seed | None = None
     cache: bool = True
+    text_format: TextFormat = "text"
+    normalize: Normalize = True
 
 
 class SpeechBody(msgspec.Struct):
@@ -76,6 +82,8 @@ class SpeechBody(msgspec.Struct):
     stream_format: str | None = None
     instructions: Annotated[str, _documented("Accepted and not applied: the response then carries "
                                              "`X-Instructions-Ignored`")] | None = None
+    text_format: TextFormat = "text"
+    normalize: Normalize = True
 
 
 def _form(**rules: Any) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""Applying lexicon entries to text: whole words, case-aware.
+
+An entry written in lower case ("nginx") matches the word however it is capitalised ("Nginx", "NGINX"); an
+entry with a capital ("US", "Reading") matches only as written, so "US" never respells "us".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+
+from tts_gateway.voices.lexicon import LexiconEntry
+
+
+@lru_cache(maxsize=128)
+def _pattern(words: frozenset[str]) -> re.Pattern[str]:
+    alternatives = [f"(?i:{re.escape(w)})" if w == w.lower() else re.escape(w)
+                    for w in sorted(words, key=len, reverse=True)]
+    return re.compile(r"(?<![\w'’])(?:" + "|".join(alternatives) + r")(?![\w'’]|\.\w)")
+
+
+def respell(text: str, entries: Mapping[str, LexiconEntry]) -> tuple[str, list[str]]:
+    """``text`` with every word that has a respelling replaced by it, and the entries' words that applied.
+
+    Entries with IPA only are left out: no engine here takes IPA input, so such a word is spoken as written.
+    """
+    usable = {word: entry.respelling for word, entry in entries.items() if entry.respelling}
+    if not usable or not text:
+        return text, []
+    lowered = {word.lower(): spoken for word, spoken in usable.items() if word == word.lower()}
+    applied: dict[str, None] = {}
+
+    def swap(match: re.Match[str]) -> str:
+        written = match.group()
+        key = written if written in usable else written.lower()
+        spoken = usable.get(written) or lowered[key]
+        applied[written if written in usable else key] = None
+        return spoken
+
+    return _pattern(frozenset(usable)).sub(swap, text), list(applied)

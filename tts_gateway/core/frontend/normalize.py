@@ -135,8 +135,10 @@ class Normalizer:
         if r.titles or r.abbreviations:
             table = {**r.abbreviations, **r.titles}
             keys = sorted(table, key=len, reverse=True)
+            # German capitalises every noun: there only the end of the text ends a sentence for sure.
+            ends = r"\s*$" if self.base == "de" else r"\s*[A-ZÀ-Ý]|\s*$"
             pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in keys) +
-                                 r")(?!\w)(?P<next>\s*[A-ZÀ-Ý]|\s*$)?")
+                                 rf")(?!\w)(?P<next>{ends})?")
 
             def abbreviation(m: re.Match[str]) -> str:
                 key = m.group(1)

@@ -378,6 +378,8 @@ def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) ->
     core = open_core(load_settings())
     try:
         core.voices.delete(name)
+        if core.lexicon is not None:  # a later preset of this name starts without these entries
+            core.lexicon.drop_scope(name)
     except Exception as exc:
         raise fail(exc) from None
     err.print(f"deleted {name}")

@@ -1,7 +1,8 @@
 """Applying lexicon entries to text: whole words, case-aware.
 
-An entry written in lower case ("nginx") matches the word however it is capitalised ("Nginx", "NGINX"); an
-entry with a capital ("US", "Reading") matches only as written, so "US" never respells "us".
+Words are bounded by anything but the letters and digits of a script that spaces its words. An entry
+written in lower case ("nginx") matches the word however it is capitalised ("Nginx", "NGINX"); an entry
+with a capital ("US", "Reading") matches only as written, so "US" never respells "us".
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from functools import lru_cache
 
 from tts_gateway.voices.lexicon import LexiconEntry
 
+# A letter or digit of a script that puts spaces between words. Chinese and Japanese do not, so their
+# characters never join a word: "GPUです" holds the word "GPU", and "東京" is found inside a sentence.
+_SPACED_WORD = r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+
 
 @lru_cache(maxsize=128)
 def _pattern(words: frozenset[str]) -> re.Pattern[str]:
     alternatives = [f"(?i:{re.escape(w)})" if w == w.lower() else re.escape(w)
                     for w in sorted(words, key=len, reverse=True)]
-    return re.compile(r"(?<![\w'’])(?:" + "|".join(alternatives) + r")(?![\w'’]|\.\w)")
+    return re.compile(rf"(?<!{_SPACED_WORD})(?<!['’])(?:" + "|".join(alternatives) +
+                      rf")(?!{_SPACED_WORD}|['’]|\.\w)")
 
 
 def respell(text: str, entries: Mapping[str, LexiconEntry]) -> tuple[str, list[str]]:

@@ -114,6 +114,7 @@ def test_a_damaged_lexicon_file_is_moved_aside_not_fatal(tmp_path: Path) -> None
     assert LocalLexicon(tmp_path).get("en", "nginx").respelling == "engine ex"
 
 
+@pytest.mark.postgres
 def test_postgres_mode_shares_entries_between_nodes_and_keeps_them(make_settings: Any, pg_url: str,
                                                                    tmp_path: Path) -> None:
     one = make_settings(engines=(), default_voice="fake:one", registry_url=pg_url, data_dir=tmp_path / "one")
@@ -159,6 +160,7 @@ ENGINES = [("piper", "en", WRITTEN, RESPELLED), ("espeak", "en", WRITTEN, RESPEL
            ("kokoro", "ja", "GPUです。", "ジーピーユーです。")]
 
 
+@pytest.mark.xtts
 @pytest.mark.parametrize(("engine", "language", "written", "respelled"), ENGINES, ids=[e[0] for e in ENGINES])
 def test_every_engine_speaks_the_respelling(engines_client: Any, engine: str, language: str, written: str,
                                             respelled: str) -> None:
@@ -171,6 +173,7 @@ def test_every_engine_speaks_the_respelling(engines_client: Any, engine: str, la
     assert dry.json()["text"] == respelled and dry.json()["engine"] == engine
 
 
+@pytest.mark.xtts
 def test_the_openai_route_and_the_old_synthesize_call_apply_it(engines_client: Any, speech_wav: bytes) -> None:
     speech = engines_client.post("/v1/audio/speech", json={"input": WRITTEN, "voice": "espeak:en",
                                                            "response_format": "pcm"})

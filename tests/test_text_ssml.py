@@ -71,6 +71,8 @@ def test_lang_applies_only_where_the_voice_speaks_it() -> None:
     assert spoken.segments[1] == Segment("Ich habe zwei", 0.0, 1.0, "de")
     unspoken = prepare(document, "en", text_format="ssml", speaks=lambda code: None)
     assert unspoken.segments[1] == Segment("Ich habe two", 0.0, 1.0, None)
+    whole = prepare('<speak xml:lang="de">Ich habe 2</speak>', "en", text_format="ssml", speaks=lambda code: code)
+    assert whole.segments == (Segment("Ich habe zwei", None, 1.0, "de"),)
 
 
 # -- breaks in the audio ------------------------------------------------------------------------------

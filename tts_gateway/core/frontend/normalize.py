@@ -72,6 +72,8 @@ class Normalizer:
             if re.fullmatch(rf"\d{{1,3}}(?:{re.escape(sep)}\d{{3}})+(?:{re.escape(self.rules.decimal)}\d+)?", text):
                 text = text.replace(sep, "")
         text = text.replace(",", ".") if self.rules.decimal == "," else text
+        if not re.fullmatch(r"\d+(?:\.\d+)?", text):  # Decimal also reads "NaN", "1e5" and "Infinity"
+            return None
         try:
             return Decimal(text)
         except InvalidOperation:
@@ -301,7 +303,12 @@ class Normalizer:
     # -- SSML's say-as ------------------------------------------------------------------------------
     def say_as(self, kind: str, text: str, date_format: str | None = None) -> str | None:
         """``text`` read as ``kind`` (cardinal, ordinal, date, time, telephone); None when it is not one."""
-        written = text.strip()
+        try:
+            return self._say_as(kind, text.strip(), date_format)
+        except (ArithmeticError, LookupError, NotImplementedError, TypeError, ValueError):
+            return None  # a number num2words cannot say (too large): not one this language can read
+
+    def _say_as(self, kind: str, written: str, date_format: str | None) -> str | None:
         if kind == "cardinal":
             value = self.value(written.lstrip("-−"))
             return None if value is None else (f"{self.rules.minus} " if written[:1] in "-−" else "") + \

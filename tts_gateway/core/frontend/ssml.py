@@ -125,6 +125,8 @@ class _Handler(ContentHandler):
             raise SsmlError(f"<{name}> at {where}: <{top.name}> holds text only")
         rate, language = top.rate, top.language
         opened = _Open(name, rate, language)
+        if name == "speak" and attrs.get("xml:lang"):  # the document's language, as a <lang> around all of it
+            opened.language = attrs["xml:lang"]
         if name == "break":
             time, strength = attrs.get("time"), attrs.get("strength")
             if time is not None:
@@ -182,12 +184,10 @@ class _Handler(ContentHandler):
             self.current.append(opened.text)
         elif name in ("p", "s"):
             self.flush(None)
-        elif name in ("prosody", "lang"):
+        elif name in ("prosody", "lang", "speak"):
             self.stack.append(opened)  # the segment so far is spoken with this element's rate and language
-            self.flush(0.0)
+            self.flush(None if name == "speak" else 0.0)
             self.stack.pop()
-        if not self.stack:
-            self.flush(None)
 
     def characters(self, content: str) -> None:
         if not self.stack:

@@ -173,6 +173,23 @@ def test_every_engine_speaks_the_respelling(engines_client: Any, engine: str, la
     assert dry.json()["text"] == respelled and dry.json()["engine"] == engine
 
 
+def test_ipa_entries_reach_the_engines_that_take_phonemes(client: Any) -> None:
+    """Piper takes IPA (as [[ … ]]): the word is spoken from its phonemes; espeak-ng does not: as written."""
+    as_written = {voice: pcm(client, WRITTEN, voice).content for voice in ("piper:joe", "espeak:en")}
+    assert client.put("/v1/lexicon/en/nginx", json={"ipa": "ˈɛndʒɪn ˈɛks"}).status_code == 201
+    piper = pcm(client, WRITTEN, "piper:joe")
+    assert piper.headers["x-lexicon"] == "nginx" and piper.content != as_written["piper:joe"]
+    assert piper.content == pcm(client, "[[ˈɛndʒɪn ˈɛks]] is up.", "piper:joe", normalize=False).content
+    espeak = pcm(client, WRITTEN, "espeak:en")
+    assert "x-lexicon" not in espeak.headers and espeak.content == as_written["espeak:en"]
+    dry = {voice: client.post("/v1/text/normalize", json={"text": WRITTEN, "language": "en", "voice": voice}).json()
+           for voice in ("piper:joe", "espeak:en")}
+    assert dry["piper:joe"]["text"] == "[[ˈɛndʒɪn ˈɛks]] is up." and dry["espeak:en"]["text"] == WRITTEN
+    ssml = pcm(client, '<speak><phoneme alphabet="ipa" ph="ˈɛndʒɪn ˈɛks">Nginx</phoneme> is up.</speak>', "piper:joe",
+               text_format="ssml")
+    assert ssml.content == piper.content
+
+
 @pytest.mark.xtts
 def test_the_openai_route_and_the_old_synthesize_call_apply_it(engines_client: Any, speech_wav: bytes) -> None:
     speech = engines_client.post("/v1/audio/speech", json={"input": WRITTEN, "voice": "espeak:en",

@@ -63,6 +63,9 @@ def test_say_as_sub_and_phoneme_say_what_they_mean() -> None:
                      '</speak>', "en", text_format="ssml")
     assert spoken.text == ("A B C third forty-two May twelfth twenty twenty-six fifteen thirty "
                            "five five five, one two three four World Wide Web tomato")
+    ipa = prepare('<speak>A <phoneme alphabet="ipa" ph="təˈmeɪtoʊ">tomato</phoneme>.</speak>', "en",
+                  text_format="ssml", phonemes=True)
+    assert ipa.text == "A [[təˈmeɪtoʊ]] ."
 
 
 def test_lang_applies_only_where_the_voice_speaks_it() -> None:
@@ -143,6 +146,7 @@ REFUSED = [
     ("bad say-as", '<speak><say-as interpret-as="colour">red</say-as></speak>', ("say-as", "line 1, column 8")),
     ("say-as that does not fit", '<speak><say-as interpret-as="cardinal">many</say-as></speak>', ("say-as", "many")),
     ("sub without alias", "<speak><sub>WWW</sub></speak>", ("<sub>", "alias")),
+    ("phoneme with brackets", '<speak><phoneme ph="a]]b">x</phoneme></speak>', ("<phoneme>", "IPA")),
     ("plain text as ssml", "Hello there", ("not well-formed", "line 1, column 1")),
 ]
 

@@ -315,7 +315,8 @@ class SynthesisService:
             return next((c for c in own if c.split("-")[0] == matched.split("-")[0]), None)
 
         return prepare(text, language, text_format=text_format, normalize_text=normalize,
-                       lexicon=self._entries(voice) if self.lexicon is not None else None, speaks=speaks)
+                       lexicon=self._entries(voice) if self.lexicon is not None else None, speaks=speaks,
+                       phonemes=engine.capabilities.phonemes)
 
     def _entries(self, voice: ResolvedVoice) -> Callable[[str], dict[str, LexiconEntry]]:
         lexicon = self.lexicon

@@ -57,9 +57,9 @@ def check_entry(entry: LexiconEntry) -> LexiconEntry:
         raise InvalidField("respelling", "send exactly one of respelling and ipa")
     for name, value in (("respelling", entry.respelling), ("ipa", entry.ipa)):
         if value is not None and (not value.strip() or len(value) > MAX_SPOKEN_CHARS or
-                                  any(ord(ch) < 32 or ch in "<>&" for ch in value)):
-            raise InvalidField(name, f"must be 1–{MAX_SPOKEN_CHARS} characters of text, without < > & or control "
-                                     "characters")
+                                  any(ord(ch) < 32 or ch in "<>&[]" for ch in value)):
+            raise InvalidField(name, f"must be 1–{MAX_SPOKEN_CHARS} characters of text, without < > & [ ] or "
+                                     "control characters")
     return LexiconEntry(entry.word, lexicon_language(entry.language), entry.respelling, entry.ipa)
 
 

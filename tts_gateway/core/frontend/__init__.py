@@ -30,7 +30,8 @@ def _say_as(language: str) -> Callable[[str, str, str | None, str | None], str |
 
 
 def prepare(text: str, language: str, *, text_format: str = "text", normalize_text: bool = True,
-            lexicon: Entries | None = None, speaks: Callable[[str], str | None] = lambda code: None) -> Spoken:
+            lexicon: Entries | None = None, speaks: Callable[[str], str | None] = lambda code: None,
+            phonemes: bool = False) -> Spoken:
     """``text`` as it will be spoken in ``language``.
 
     Args:
@@ -41,6 +42,8 @@ def prepare(text: str, language: str, *, text_format: str = "text", normalize_te
         lexicon: The entries for a language (the preset's over the gateway's).
         speaks: The engine's code for a ``<lang>`` language, or None when the voice does not speak it (that
             text is then spoken in the request's language).
+        phonemes: The engine takes IPA inline as ``[[ … ]]`` (`Capabilities.phonemes`): IPA lexicon entries and
+            ``<phoneme>`` are given to it so; otherwise the written word is spoken.
 
     Raises:
         InvalidField: unknown ``text_format``; `SsmlError` (a kind of it) for SSML that is refused.
@@ -48,7 +51,7 @@ def prepare(text: str, language: str, *, text_format: str = "text", normalize_te
     if text_format not in TEXT_FORMATS:
         raise InvalidField("text_format", f"{str(text_format)[:20]!r} is not one of {', '.join(TEXT_FORMATS)}")
     if text_format == "ssml":
-        segments, pause_after = parse(text, _say_as(language))
+        segments, pause_after = parse(text, _say_as(language), phonemes=phonemes)
     else:
         segments, pause_after = [Segment(text)], 0.0
     out: list[Segment] = []
@@ -57,7 +60,7 @@ def prepare(text: str, language: str, *, text_format: str = "text", normalize_te
         spoken_in = (speaks(segment.language) if segment.language else None) or language
         words = segment.text
         if lexicon is not None:
-            words, used = respell(words, lexicon(spoken_in))
+            words, used = respell(words, lexicon(spoken_in), phonemes)
             applied.update(dict.fromkeys(used))
         if normalize_text:
             words = normalize(words, spoken_in)

@@ -26,12 +26,12 @@ def _pattern(words: frozenset[str]) -> re.Pattern[str]:
                       rf")(?!{_SPACED_WORD}|['’]|\.\w)")
 
 
-def respell(text: str, entries: Mapping[str, LexiconEntry]) -> tuple[str, list[str]]:
-    """``text`` with every word that has a respelling replaced by it, and the entries' words that applied.
-
-    Entries with IPA only are left out: no engine here takes IPA input, so such a word is spoken as written.
-    """
-    usable = {word: entry.respelling for word, entry in entries.items() if entry.respelling}
+def respell(text: str, entries: Mapping[str, LexiconEntry], phonemes: bool = False) -> tuple[str, list[str]]:
+    """``text`` with every word that has an entry replaced by its respelling, or, for an engine that takes
+    phonemes, by its IPA as ``[[ … ]]``; and the entries' words that applied. An IPA entry is left out for
+    other engines: the word is spoken as written."""
+    usable = {word: entry.respelling or f"[[{entry.ipa}]]" for word, entry in entries.items()
+              if entry.respelling or (phonemes and entry.ipa)}
     if not usable or not text:
         return text, []
     lowered = {word.lower(): spoken for word, spoken in usable.items() if word == word.lower()}

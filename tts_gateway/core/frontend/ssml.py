@@ -45,6 +45,7 @@ class _Open:
     language: str | None
     say_as: tuple[str, str | None] | None = None
     alias: str | None = None  # <sub>: say this instead of the content
+    ipa: str | None = None  # <phoneme ph>
     text: str = ""  # the content of a say-as, sub or phoneme, collected until the element closes
 
 
@@ -72,9 +73,10 @@ def _rate(value: str, where: str) -> float:
 
 
 class _Handler(ContentHandler):
-    def __init__(self, say_as: SayAs) -> None:
+    def __init__(self, say_as: SayAs, phonemes: bool) -> None:
         super().__init__()
         self.say_as = say_as
+        self.phonemes = phonemes
         self.locator: Locator | None = None
         self.stack: list[_Open] = []
         self.segments: list[Segment] = []
@@ -165,6 +167,10 @@ class _Handler(ContentHandler):
             opened.alias = attrs["alias"]
         elif name == "phoneme" and (attrs.get("alphabet", attrs.get("alph", "ipa")) != "ipa" or "ph" not in attrs):
             raise SsmlError(f"<phoneme> at {where} needs alphabet=\"ipa\" and ph")
+        if name == "phoneme":
+            if not attrs["ph"].strip() or any(ch in "[]" for ch in attrs["ph"]):
+                raise SsmlError(f"<phoneme> at {where}: ph must be IPA, without [ or ]")
+            opened.ipa = attrs["ph"].strip()
         self.stack.append(opened)
 
     def endElement(self, name: str) -> None:
@@ -180,8 +186,8 @@ class _Handler(ContentHandler):
         elif opened.alias is not None:
             self.current.append(f" {opened.alias} ")
         elif name == "phoneme":
-            # No engine here takes IPA input yet: the written word is spoken.
-            self.current.append(opened.text)
+            # An engine that takes IPA gets it as [[ … ]]; another speaks the written word.
+            self.current.append(f" [[{opened.ipa}]] " if self.phonemes else opened.text)
         elif name in ("p", "s"):
             self.flush(None)
         elif name in ("prosody", "lang", "speak"):
@@ -203,9 +209,12 @@ class _Handler(ContentHandler):
         return " ".join(ch for ch in text if not ch.isspace())
 
 
-def parse(text: str, say_as: SayAs) -> tuple[list[Segment], float]:
-    """The segments of an SSML document and the pause after the last one; `SsmlError` when it is refused."""
-    handler = _Handler(say_as)
+def parse(text: str, say_as: SayAs, *, phonemes: bool = False) -> tuple[list[Segment], float]:
+    """The segments of an SSML document and the pause after the last one; `SsmlError` when it is refused.
+
+    ``phonemes``: the engine takes IPA as ``[[ … ]]``, so ``<phoneme ph>`` is given to it so.
+    """
+    handler = _Handler(say_as, phonemes)
     try:
         defusedxml.sax.parseString(text.encode("utf-8"), handler, forbid_dtd=True)
     except defusedxml.DTDForbidden:

@@ -3,8 +3,11 @@ percentages, units, phone numbers, abbreviations), through the one front end eve
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from tests.conftest import assert_problem
 from tts_gateway.core.frontend import prepare
 from tts_gateway.core.frontend.normalize import normalize
 
@@ -121,3 +124,31 @@ def test_normalize_false_passes_the_text_through() -> None:
 def test_a_number_num2words_cannot_say_stays_written() -> None:
     huge = "9" * 400  # beyond num2words' range: left as digits, never an error
     assert normalize(f"I have {huge} things.", "en") == f"I have {huge} things."
+
+
+def test_every_request_gets_the_spoken_text_unless_it_says_normalize_false(fake_client: Any) -> None:
+    """The fake engine's tone follows the length of the text it is given, so equal bytes mean equal text."""
+    def say(text: str, **fields: Any) -> bytes:
+        response = fake_client.post("/v1/synthesize", json={"text": text, "format": "pcm", "cache": False, **fields})
+        assert response.status_code == 200, response.text
+        return bytes(response.content)
+
+    written, spoken = "Dr. Smith paid $5.", "Doctor Smith paid five dollars."
+    assert say(written) == say(spoken)
+    assert say(written, normalize=False) != say(spoken) and say(written, normalize=False) == say(written,
+                                                                                                normalize=False)
+    speech = fake_client.post("/v1/audio/speech", json={"input": written, "voice": "fake:one",
+                                                        "response_format": "pcm"})
+    assert speech.status_code == 200 and speech.content == say(spoken, sample_rate=24000)  # OpenAI pcm: 24 kHz
+    dry = fake_client.post("/v1/text/normalize", json={"text": written, "language": "en"})
+    assert dry.status_code == 200 and dry.json()["text"] == spoken
+    raw = fake_client.post("/v1/text/normalize", json={"text": written, "language": "en", "normalize": False})
+    assert raw.json()["text"] == written
+
+
+def test_the_dry_run_checks_what_a_synthesis_checks(fake_client: Any) -> None:
+    assert_problem(fake_client.post("/v1/text/normalize", json={"text": "Hi", "language": "xx"}), 422, "does not speak")
+    assert_problem(fake_client.post("/v1/text/normalize", json={"text": "Hi"}), 422, "language")
+    assert_problem(fake_client.post("/v1/text/normalize", json={"text": " ", "language": "en"}), 422, "empty")
+    assert_problem(fake_client.post("/v1/text/normalize", json={"text": "Hi", "language": "en", "voice": "nobody"}),
+                   404, "nobody")

@@ -86,6 +86,21 @@ class SpeechBody(msgspec.Struct):
     normalize: Normalize = True
 
 
+class NormalizeBody(msgspec.Struct, forbid_unknown_fields=True):
+    text: Text
+    language: Annotated[str, _documented("A language the voice's engine speaks")]
+    voice: Annotated[str, _documented("The voice whose engine and lexicon apply; the default voice when "
+                                      "absent")] | None = None
+    text_format: TextFormat = "text"
+    normalize: Normalize = True
+
+
+class LexiconBody(msgspec.Struct, forbid_unknown_fields=True):
+    respelling: Annotated[str, _documented("How to write the word so that every engine says it right")] | None = None
+    ipa: Annotated[str, _documented("IPA phonemes (kept; engines speak the word as written until they take IPA)")] \
+        | None = None
+
+
 def _form(**rules: Any) -> dict[str, Any]:
     """``field(metadata=...)`` documenting a form field in the OpenAPI schema (see `FormSchemaPlugin`)."""
     return {OPENAPI_METADATA: rules}

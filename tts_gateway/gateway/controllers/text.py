@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-import msgspec
 from litestar import Controller, Response, delete, get, post, put
 from litestar.params import Parameter
 
@@ -15,50 +14,10 @@ from tts_gateway.errors import InvalidField, Unavailable
 from tts_gateway.gateway.auth import auth_problems
 from tts_gateway.gateway.openapi import documented
 from tts_gateway.gateway.requests import json_body
-from tts_gateway.gateway.schemas import Normalize, Text, TextFormat, _documented
+from tts_gateway.gateway.responses import LexiconEntryBody, NormalizeResult, SpokenPiece
+from tts_gateway.gateway.schemas import LexiconBody, NormalizeBody
 from tts_gateway.voices.catalog import VoiceCatalog
 from tts_gateway.voices.lexicon import Lexicon, LexiconEntry, check_entry
-
-
-class NormalizeBody(msgspec.Struct, forbid_unknown_fields=True):
-    text: Text
-    language: Annotated[str, _documented("A language the voice's engine speaks")]
-    voice: Annotated[str, _documented("The voice whose engine and lexicon apply; the default voice when "
-                                      "absent")] | None = None
-    text_format: TextFormat = "text"
-    normalize: Normalize = True
-
-
-class SpokenPiece(msgspec.Struct):
-    text: str
-    language: str
-    speed: float
-    pause_before: float  # seconds of silence before it
-
-
-class NormalizeResult(msgspec.Struct):
-    text: str
-    language: str
-    voice: str
-    engine: str
-    pieces: list[SpokenPiece]
-    pause_after: float
-    lexicon: list[str]
-
-
-class LexiconBody(msgspec.Struct, forbid_unknown_fields=True):
-    respelling: Annotated[str, _documented("How to write the word so that every engine says it right")] | None = None
-    ipa: Annotated[str, _documented("IPA phonemes (kept; engines speak the word as written until they take IPA)")] \
-        | None = None
-
-
-class LexiconEntryBody(msgspec.Struct, omit_defaults=True):
-    word: str
-    language: str
-    respelling: str | None = None
-    ipa: str | None = None
-    voice: str | None = None
-
 
 VoiceQuery = Annotated[str | None, Parameter(query="voice", description="A preset: its own entries instead of "
                                                                         "the gateway's", required=False)]

@@ -268,3 +268,8 @@ def test_wyoming_and_the_cli_apply_it(tmp_path: Path) -> None:
                        env=cli_env, check=True, capture_output=True, timeout=HANG_GUARD_S)
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+    ssml = tmp_path / "ssml.wav"
+    subprocess.run([sys.executable, "-m", "tts_gateway", "say", f"<speak>{WRITTEN}</speak>", "--ssml", "--voice",
+                    "espeak:en", "--out", str(ssml)],
+                   env=cli_env, check=True, capture_output=True, timeout=HANG_GUARD_S)
+    assert ssml.read_bytes() == outputs[1]

@@ -1,10 +1,12 @@
 """The pronunciation lexicon in the registry's PostgreSQL database, shared by every gateway node.
 
 Table ``tts_lexicon`` (scope, language, word) → respelling or ipa, created on first use. A write is one
-statement in autocommit, so it is durable when the call returns.
+committed transaction, so it is durable when the call returns.
 """
 
 from __future__ import annotations
+
+import threading
 
 from tts_gateway.voices.lexicon import LexiconEntry, LexiconEntryNotFound, check_entry, lexicon_language
 from tts_gateway.voices.pg_database import Connection, Database
@@ -24,11 +26,30 @@ class PostgresLexicon:
     """`Lexicon` over PostgreSQL (see `tts_gateway.voices.lexicon.Lexicon`)."""
 
     def __init__(self, url: str, *, pool_size: int = 2) -> None:
-        self._database = Database(url, pool_size=pool_size)
-        self._database.write(lambda conn: conn.execute(SCHEMA))
+        self._url = url
+        self._pool_size = pool_size
+        self._opened: Database | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _database(self) -> Database:
+        # Opened on first use: a process that never reads the lexicon (a Ray replica) holds no connection.
+        with self._lock:
+            if self._opened is None:
+                database = Database(self._url, pool_size=self._pool_size)
+                try:
+                    database.write(lambda conn: conn.execute(SCHEMA))
+                except BaseException:
+                    database.close()
+                    raise
+                self._opened = database
+            return self._opened
 
     def close(self) -> None:
-        self._database.close()
+        with self._lock:
+            if self._opened is not None:
+                self._opened.close()
+                self._opened = None
 
     def entries(self, language: str, scope: str = "") -> dict[str, LexiconEntry]:
         code = lexicon_language(language)

@@ -26,6 +26,7 @@ from tests.conftest import (
     uvicorn_server,
     voice_audio,
     wait_for_warm_up,
+    wait_until,
     wav,
 )
 from tests.fake_cloning_plugin import RATE as CLONE_RATE
@@ -122,7 +123,9 @@ def test_postgres_mode_shares_entries_between_nodes_and_keeps_them(make_settings
     with running_app(one, FakePlugin(FakeEngine())) as first, running_app(two, FakePlugin(FakeEngine())) as second:
         assert first.put("/v1/lexicon/en/nginx", json={"respelling": "engine ex"}).status_code == 201
         assert second.get("/v1/lexicon/en/nginx").json()["respelling"] == "engine ex"
-        assert second.post("/v1/text/normalize", json={"text": WRITTEN, "language": "en"}).json()["text"] == RESPELLED
+        # Synthesis on the other node reads a snapshot refreshed in the background: it sees the entry soon.
+        wait_until(lambda: second.post("/v1/text/normalize", json={"text": WRITTEN, "language": "en"}).json()["text"]
+                   == RESPELLED, "node two speaks node one's new entry")
         assert second.put("/v1/lexicon/en/nginx", json={"ipa": "ˈɛndʒɪn ɛks"}).status_code == 200
         assert first.get("/v1/lexicon/en/nginx").json() == {"word": "nginx", "language": "en", "ipa": "ˈɛndʒɪn ɛks"}
         assert second.delete("/v1/lexicon/en/nginx").status_code == 204

@@ -2,14 +2,26 @@
 
 Table ``tts_lexicon`` (scope, language, word) → respelling or ipa, created on first use. A write is one
 committed transaction, so it is durable when the call returns.
+
+Synthesis reads entries on every request, sometimes on an event loop (Wyoming plans a built-in voice's
+request there), so it reads a snapshot of the table kept in memory: a write on this node replaces it at
+once, and a snapshot older than `REFRESH_S` is read again in the background while the old one still
+answers (another node's write is seen within about a second). The admin calls (`get`) read the table.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 from tts_gateway.voices.lexicon import LexiconEntry, LexiconEntryNotFound, check_entry, lexicon_language
-from tts_gateway.voices.pg_database import Connection, Database
+from tts_gateway.voices.pg_database import Connection, Database, first_line
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 1.0
+Snapshot = dict[tuple[str, str], dict[str, LexiconEntry]]  # (scope, language) → word → entry
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS tts_lexicon (
     scope text NOT NULL,
@@ -30,6 +42,9 @@ class PostgresLexicon:
         self._pool_size = pool_size
         self._opened: Database | None = None
         self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._read_at = 0.0
+        self._refreshing = False
 
     @property
     def _database(self) -> Database:
@@ -51,17 +66,47 @@ class PostgresLexicon:
                 self._opened.close()
                 self._opened = None
 
+    # -- the snapshot synthesis reads --------------------------------------------------------------
+    def _read_all(self) -> Snapshot:
+        rows = self._database.read("SELECT scope, language, word, respelling, ipa FROM tts_lexicon")
+        snapshot: Snapshot = {}
+        for scope, language, word, respelling, ipa in rows:
+            snapshot.setdefault((scope, language), {})[word] = LexiconEntry(word, language, respelling, ipa)
+        with self._lock:
+            self._snapshot, self._read_at = snapshot, time.monotonic()
+        return snapshot
+
+    def _refresh(self) -> None:
+        try:
+            self._read_all()
+        except Exception as exc:  # the last snapshot keeps answering; the next read tries again
+            log.warning("lexicon not refreshed from the database: %s", first_line(exc))
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _current(self) -> Snapshot:
+        with self._lock:
+            snapshot = self._snapshot
+            stale = snapshot is not None and time.monotonic() - self._read_at > REFRESH_S and not self._refreshing
+            if stale:
+                self._refreshing = True
+        if snapshot is None:
+            return self._read_all()
+        if stale:
+            threading.Thread(target=self._refresh, name="tts-lexicon-refresh", daemon=True).start()
+        return snapshot
+
     def entries(self, language: str, scope: str = "") -> dict[str, LexiconEntry]:
-        code = lexicon_language(language)
-        rows = self._database.read("SELECT word, respelling, ipa FROM tts_lexicon WHERE scope = %s AND language = %s",
-                                   (scope, code))
-        return {word: LexiconEntry(word, code, respelling, ipa) for word, respelling, ipa in rows}
+        return dict(self._current().get((scope, lexicon_language(language)), {}))
 
     def get(self, language: str, word: str, scope: str = "") -> LexiconEntry:
-        entry = self.entries(language, scope).get(word)
-        if entry is None:
-            raise LexiconEntryNotFound(lexicon_language(language), word, scope)
-        return entry
+        code = lexicon_language(language)
+        rows = self._database.read("SELECT respelling, ipa FROM tts_lexicon WHERE scope = %s AND language = %s"
+                                   " AND word = %s", (scope, code, word))
+        if not rows:
+            raise LexiconEntryNotFound(code, word, scope)
+        return LexiconEntry(word, code, rows[0][0], rows[0][1])
 
     def put(self, entry: LexiconEntry, scope: str = "") -> bool:
         entry = check_entry(entry)
@@ -74,7 +119,9 @@ class PostgresLexicon:
                 (scope, entry.language, entry.word, entry.respelling, entry.ipa)).fetchone()
             return bool(row and row[0])
 
-        return self._database.write(upsert)
+        new = self._database.write(upsert)
+        self._read_all()
+        return new
 
     def delete(self, language: str, word: str, scope: str = "") -> None:
         code = lexicon_language(language)
@@ -86,6 +133,8 @@ class PostgresLexicon:
 
         if not self._database.write(remove):
             raise LexiconEntryNotFound(code, word, scope)
+        self._read_all()
 
     def drop_scope(self, scope: str) -> None:
         self._database.write(lambda conn: conn.execute("DELETE FROM tts_lexicon WHERE scope = %s", (scope,)))
+        self._read_all()

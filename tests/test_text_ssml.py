@@ -19,6 +19,7 @@ from tests.fake_engine import FakeEngine, FakePlugin
 from tts_gateway.config import Settings
 from tts_gateway.core.frontend import prepare
 from tts_gateway.core.frontend.segments import Segment
+from tts_gateway.engines.base import BuiltinVoice
 
 TOLERANCE_S = 0.020
 
@@ -222,3 +223,21 @@ def test_wyoming_synthesize_takes_ssml_when_the_client_asks(tmp_path: Any) -> No
         assert abs(gaps[1] - gaps[0] - 1.0) <= TOLERANCE_S, gaps
         _, error = asyncio.run(_wyoming_pcm(port, {"text": EXTERNAL, "text_format": "ssml"}))
         assert error is not None and "DOCTYPE" in error
+
+
+class BilingualEngine(FakeEngine):
+    """The fake engine with one voice that speaks English and German."""
+
+    def voices(self) -> list[BuiltinVoice]:
+        return [BuiltinVoice("one", "en", "speaks en and de", languages=("en", "de"))]
+
+
+def test_lang_reaches_the_engine_only_in_a_language_the_voice_speaks(make_settings: Any) -> None:
+    document = '<speak>I have 2. <lang xml:lang="de-DE">Ich habe 2.</lang> <lang xml:lang="fr">J\'ai 2.</lang></speak>'
+    with running_app(make_settings(engines=(), default_voice="fake:one"), FakePlugin(BilingualEngine())) as client:
+        dry = client.post("/v1/text/normalize", json={"text": document, "language": "en", "text_format": "ssml"})
+        assert dry.status_code == 200, dry.text
+        assert [(p["text"], p["language"]) for p in dry.json()["pieces"]] == [
+            ("I have two.", "en"), ("Ich habe zwei.", "de"), ("J'ai two.", "en")]
+        spoken = client.post("/v1/synthesize", json={"text": document, "text_format": "ssml", "format": "pcm"})
+        assert spoken.status_code == 200, spoken.text

@@ -300,17 +300,17 @@ class SynthesisService:
     def speak(self, text: str, language: str, engine: SpeechEngine, voice: ResolvedVoice, *,
               text_format: str = "text", normalize: bool = True) -> Spoken:
         """``text`` as ``engine`` will be given it (the text front end, with the preset's and the gateway's lexicon)."""
-        own: list[str] | None = None
-        if voice.input.builtin is not None:  # a built-in voice speaks its own languages, not all its engine's
-            found = next((v for v in engine.voices() if v.id == voice.input.builtin), None)
-            own = list(found.languages or (found.language,)) if found else []
-
-        def speaks(code: str) -> str | None:
+        def speaks(code: str) -> str | None:  # asked only for SSML's <lang>
             try:
                 matched = match_language(engine, code)
             except UnsupportedLanguage:
                 return None
-            if own is None or matched in own:
+            if voice.input.builtin is None:  # a preset speaks every language of its engine
+                return matched
+            # A built-in voice speaks its own languages, not all its engine's.
+            found = next((v for v in engine.voices() if v.id == voice.input.builtin), None)
+            own = list(found.languages or (found.language,)) if found else []
+            if matched in own:
                 return matched
             return next((c for c in own if c.split("-")[0] == matched.split("-")[0]), None)
 

@@ -276,3 +276,16 @@ def test_wyoming_and_the_cli_apply_it(tmp_path: Path) -> None:
                     "espeak:en", "--out", str(ssml)],
                    env=cli_env, check=True, capture_output=True, timeout=HANG_GUARD_S)
     assert ssml.read_bytes() == outputs[1]
+
+
+def test_speech_goes_on_without_the_lexicon_while_its_database_is_down(tmp_path: Path) -> None:
+    """Synthesis reads entries from memory: an unreachable database gives no entries, never an error."""
+    from tts_gateway.voices.pg_lexicon import PostgresLexicon
+
+    port = free_port()  # nothing listens here
+    lexicon = PostgresLexicon(f"postgresql://nobody:none@127.0.0.1:{port}/none")
+    try:
+        assert lexicon.entries("en") == {}
+        assert lexicon.entries("en", scope="anna") == {}
+    finally:
+        lexicon.close()

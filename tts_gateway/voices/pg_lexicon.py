@@ -6,7 +6,8 @@ committed transaction, so it is durable when the call returns.
 Synthesis reads entries on every request, sometimes on an event loop (Wyoming plans a built-in voice's
 request there), so it reads a snapshot of the table kept in memory: a write on this node replaces it at
 once, and a snapshot older than `REFRESH_S` is read again in the background while the old one still
-answers (another node's write is seen within about a second). The admin calls (`get`) read the table.
+answers (another node's write is seen within about a second); while the database cannot be read, speech
+goes on with the last snapshot (or none). The admin calls read and write the table itself.
 """
 
 from __future__ import annotations
@@ -92,7 +93,16 @@ class PostgresLexicon:
             if stale:
                 self._refreshing = True
         if snapshot is None:
-            return self._read_all()
+            try:
+                return self._read_all()
+            except Exception as exc:
+                # Speech does not wait for pronunciations: without the database it goes on without entries
+                # (a warning), and the next read after REFRESH_S tries again.
+                log.warning("lexicon not read from the database, speaking without it: %s", first_line(exc))
+                with self._lock:
+                    if self._snapshot is None:
+                        self._snapshot, self._read_at = {}, time.monotonic()
+                    return self._snapshot
         if stale:
             threading.Thread(target=self._refresh, name="tts-lexicon-refresh", daemon=True).start()
         return snapshot

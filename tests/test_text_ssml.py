@@ -147,6 +147,7 @@ REFUSED = [
     ("bad say-as", '<speak><say-as interpret-as="colour">red</say-as></speak>', ("say-as", "line 1, column 8")),
     ("say-as that does not fit", '<speak><say-as interpret-as="cardinal">many</say-as></speak>', ("say-as", "many")),
     ("sub without alias", "<speak><sub>WWW</sub></speak>", ("<sub>", "alias")),
+    ("too much silence", "<speak>" + '<break time="10s"/>' * 7 + "Hi</speak>", ("<break>", "more than 60s")),
     ("phoneme with brackets", '<speak><phoneme ph="a]]b">x</phoneme></speak>', ("<phoneme>", "IPA")),
     ("plain text as ssml", "Hello there", ("not well-formed", "line 1, column 1")),
 ]

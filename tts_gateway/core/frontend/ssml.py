@@ -24,6 +24,7 @@ from tts_gateway.errors import InvalidField
 
 MAX_DEPTH = 32
 MAX_BREAK_S = 10.0
+MAX_BREAKS_TOTAL_S = 60.0  # all of a document's breaks: silence costs memory like speech
 STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.2, "medium": 0.4, "strong": 0.75, "x-strong": 1.2}
 RATES = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast": 1.25, "x-fast": 1.75}
 SAY_AS = ("characters", "spell-out", "cardinal", "number", "ordinal", "date", "time", "telephone")
@@ -83,6 +84,7 @@ class _Handler(ContentHandler):
         self.current: list[str] = []
         self.pause: float | None = None  # before the next segment (see `Segment.pause_before`)
         self.seen_root = False
+        self.silence = 0.0  # seconds of breaks so far
 
     def where(self) -> str:
         if self.locator is None:
@@ -105,6 +107,9 @@ class _Handler(ContentHandler):
         self.current = []
 
     def add_break(self, seconds: float) -> None:
+        self.silence += seconds
+        if self.silence > MAX_BREAKS_TOTAL_S:
+            raise SsmlError(f"<break> at {self.where()}: the breaks add up to more than {MAX_BREAKS_TOTAL_S:g}s")
         self.flush(0.0)
         self.pause = (self.pause or 0.0) + seconds  # breaks in a row add up; a break replaces the usual pause
 

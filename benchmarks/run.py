@@ -36,6 +36,7 @@ BENCHMARKS = {
     "xtts_real_size": "benchmarks.xtts_real_size",
     "xtts_batching": "benchmarks.xtts_batching",
     "ray_memory": "benchmarks.ray_memory",
+    "text_frontend": "benchmarks.text_frontend",
 }
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
 

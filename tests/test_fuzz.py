@@ -109,11 +109,18 @@ def problem_json(ctx: Any, response: Any, case: Any) -> None:
 POSITIVE_DATA_DEFAULT = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 POSITIVE_DATA_ALSO: dict[tuple[str, str], tuple[list[str], str]] = {
     ("POST", "/v1/synthesize"): (["422"], "a language the voice's engine lacks; a sample_rate mp3 or opus cannot "
-                                          "encode (both depend on the voice and format)"),
+                                          "encode (both depend on the voice and format); text that is not the "
+                                          "SSML text_format says"),
     ("POST", "/v1/audio/speech"): (["422"], "a model that names no engine; a voice of another engine than the model"),
     ("POST", "/v1/voices"): (["415", "422"], "reference audio that is not 2–60 s of decodable sound (415: not "
                                              "audio); an engine that cannot clone or a language it lacks"),
     ("POST", "/synthesize"): (["415", "422"], "speaker_audio that is not 2–60 s of decodable sound"),
+    ("POST", "/v1/text/normalize"): (["422"], "a language the voice's engine lacks; text that is not the SSML "
+                                              "text_format says"),
+    ("PUT", "/v1/lexicon/{language}/{word}"): (["422"], "a language code or word the lexicon does not take; "
+                                                        "not exactly one of respelling and ipa"),
+    ("GET", "/v1/lexicon/{language}/{word}"): (["422"], "a language code the lexicon does not take"),
+    ("DELETE", "/v1/lexicon/{language}/{word}"): (["422"], "a language code the lexicon does not take"),
 }
 
 # Values worth trying often, so that fuzzing gets past voice/format lookups into synthesis and the registry.

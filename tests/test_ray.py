@@ -255,6 +255,15 @@ def test_job_is_plain_values(ray_env: RayEnv) -> None:
     assert plain(raw)
 
 
+def test_ssml_pauses_and_rates_reach_the_replica(ray_env: RayEnv) -> None:
+    """A plan's per-piece silence, speed and end pause travel in the job: the replica's bytes are the local ones."""
+    document = ('<speak>Ray<break time="700ms"/><prosody rate="slow">runs slowly</prosody> on 3 nodes.'
+                '<break time="300ms"/></speak>')
+    plan = ray_env.service.plan(SynthesisRequest(text=document, voice="piper:joe", seed=5, text_format="ssml"))
+    assert plan.pauses[1] == 0.7 and plan.rates[1] == 0.75 and plan.end_pause == 0.3
+    assert asyncio.run(ray_env.backend.call(plan)) == local_bytes(ray_env, plan)
+
+
 def test_streaming_yields_several_chunks_matching_local(ray_env: RayEnv) -> None:
     text = "First sentence here. A second one follows. And a third to finish."
     plan = ray_env.service.plan(SynthesisRequest(text=text, voice="piper:joe", seed=3, format="pcm", stream=True))

@@ -219,6 +219,8 @@ def say(
         "speech.wav"),
     speed: Annotated[float, typer.Option(help="0.25–4.0")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for repeatable output.")] = None,
+    ssml: Annotated[bool, typer.Option(help="TEXT is an SSML <speak> document.")] = False,
+    normalize: Annotated[bool, typer.Option(help="Spell out numbers, dates and abbreviations.")] = True,
 ) -> None:
     """Synthesize TEXT to a file (no server needed), with progress on model loading and long text."""
     from tts_gateway.core.service import SynthesisRequest
@@ -237,7 +239,8 @@ def say(
     fmt = {"ogg": "opus", "raw": "pcm"}.get(fmt, fmt)
     try:
         plan = service.plan(SynthesisRequest(text=text, voice=voice, language=language, format=fmt,
-                                             speed=speed, seed=seed))
+                                             speed=speed, seed=seed, text_format="ssml" if ssml else "text",
+                                             normalize=normalize))
         with_model(core, plan.engine_name, f"loading {plan.engine_name} model…",
                    lambda: service.engines.ensure_loaded(plan.engine_name))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -378,6 +381,8 @@ def voices_rm(name: Annotated[str, typer.Argument(help="Preset to delete.")]) ->
     core = open_core(load_settings())
     try:
         core.voices.delete(name)
+        if core.lexicon is not None:  # a later preset of this name starts without these entries
+            core.lexicon.drop_scope(name)
     except Exception as exc:
         raise fail(exc) from None
     err.print(f"deleted {name}")

@@ -16,7 +16,7 @@ from tts_gateway.core.phrase_cache import PhraseCache
 from tts_gateway.core.service import SynthesisService
 from tts_gateway.engines.base import BatchingEngine
 from tts_gateway.engines.manager import EngineManager
-from tts_gateway.voices import open_registry
+from tts_gateway.voices import Lexicon, open_lexicon, open_registry
 from tts_gateway.voices.catalog import VoiceCatalog
 from tts_gateway.voices.registry import VoiceRegistry
 
@@ -32,10 +32,13 @@ class Core:
     metrics: Metrics
     service: SynthesisService
     cache: PhraseCache | None = None
+    lexicon: Lexicon | None = None
 
     def close(self) -> None:
         self.engines.close()
         self.registry.close()
+        if self.lexicon is not None:
+            self.lexicon.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -82,5 +85,6 @@ def build_core(
                 engine.observe_batches(metrics.batch_size.labels(name).observe)
     voices = VoiceCatalog(manager, registry, settings.default_voice, require_consent=settings.require_consent)
     cache = PhraseCache(settings.data_dir / "phrase-cache", settings.cache_bytes, metrics) if phrase_cache else None
+    lexicon = open_lexicon(settings)
     return Core(settings=settings, engines=manager, registry=registry, voices=voices, metrics=metrics,
-                service=SynthesisService(settings, manager, voices, metrics), cache=cache)
+                service=SynthesisService(settings, manager, voices, metrics, lexicon), cache=cache, lexicon=lexicon)

@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import numpy as np
 
 from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
 from tts_gateway.config import Settings
+from tts_gateway.core.frontend import Spoken, prepare
 from tts_gateway.core.metrics import Metrics
 from tts_gateway.core.text_limits import check_text
 from tts_gateway.engines.base import (
@@ -32,8 +34,9 @@ from tts_gateway.engines.base import (
 )
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import InvalidField, TTSGatewayError, Unavailable
-from tts_gateway.text import normalise, split_sentences
+from tts_gateway.text import split_sentences
 from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
+from tts_gateway.voices.lexicon import Lexicon, LexiconEntry
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,8 @@ class SynthesisRequest:
     seed: int | None = None
     stream: bool = False
     cache: bool = True
+    text_format: str = "text"
+    normalize: bool = True
 
 
 @dataclass
@@ -154,6 +159,26 @@ class Plan:
     text: str = ""
     cache: bool = True
     started: float = field(default_factory=time.perf_counter)
+    # Per piece, from the text front end (empty: the usual pause, the request's speed and language):
+    # the silence before it (None: the usual pause between sentences), its speed factor and language.
+    pauses: list[float | None] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)
+    end_pause: float = 0.0  # silence after the last piece (an SSML break at the end)
+    lexicon: tuple[str, ...] = ()  # the words the lexicon respelled
+
+    def pause_before(self, index: int) -> float | None:
+        """Seconds of exact silence before piece ``index``; None for the usual pause between sentences."""
+        if index < len(self.pauses) and self.pauses[index] is not None:
+            return self.pauses[index]
+        return None if index else 0.0
+
+    def piece_speed(self, index: int) -> float:
+        rate = self.rates[index] if index < len(self.rates) else 1.0
+        return min(MAX_SPEED, max(MIN_SPEED, self.speed * rate))
+
+    def piece_language(self, index: int) -> str:
+        return self.languages[index] if index < len(self.languages) else self.language
 
     @property
     def streams(self) -> bool:
@@ -167,8 +192,9 @@ class Plan:
             return None
         model = self.engine.model
         return {
-            "v": 1, "engine": self.engine_name, "model": model.sha256 or model.id,
-            "voice": self.voice.voice_sha256 or self.voice.name, "text": normalise(self.text),
+            "v": 2, "engine": self.engine_name, "model": model.sha256 or model.id,
+            "voice": self.voice.voice_sha256 or self.voice.name, "text": self.pieces,  # as spoken
+            "pauses": self.pauses, "rates": self.rates, "languages": self.languages, "end_pause": self.end_pause,
             "language": self.language, "format": self.fmt.name, "rate": self.rate, "speed": self.speed,
             "seed": None if deterministic else self.seed, "stream": self.streams,
         }
@@ -189,6 +215,8 @@ class Plan:
             headers["X-Model-Sha256"] = sha
         if self.voice.voice_sha256:
             headers["X-Voice-Sha256"] = self.voice.voice_sha256
+        if self.lexicon:
+            headers["X-Lexicon"] = ", ".join(quote(word, safe=" '.-") for word in self.lexicon)
         return headers
 
 
@@ -202,11 +230,13 @@ class SynthesisService:
         metrics: Where timings and counts go.
     """
 
-    def __init__(self, settings: Settings, engines: EngineManager, voices: VoiceCatalog, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, engines: EngineManager, voices: VoiceCatalog, metrics: Metrics,
+                 lexicon: Lexicon | None = None) -> None:
         self.settings = settings
         self.engines = engines
         self.voices = voices
         self.metrics = metrics
+        self.lexicon = lexicon
 
     # -- synthesis ------------------------------------------------------------------------------
     def check_text(self, text: str) -> None:
@@ -243,15 +273,65 @@ class SynthesisService:
                 exc.detail = f"{exc.detail}; voices that speak it: {', '.join(speakers)}"
             raise
         rate = request.sample_rate or audio_format.default_rate(engine.sample_rate)
-        pieces = split_sentences(request.text, language, engine.max_chars(language))
+        spoken = self.speak(request.text, language, engine, resolved, text_format=request.text_format,
+                            normalize=request.normalize)
+        pieces: list[str] = []
+        pauses: list[float | None] = []
+        rates: list[float] = []
+        languages: list[str] = []
+        for segment in spoken.segments:
+            segment_language = segment.language or language
+            split = split_sentences(segment.text, segment_language, engine.max_chars(segment_language))
+            for number, piece in enumerate(split):
+                pieces.append(piece)
+                pauses.append(segment.pause_before if number == 0 else None)
+                rates.append(segment.rate)
+                languages.append(segment_language)
         if not pieces:
             raise InvalidField("text", "has nothing to speak")
+        styled = any(p is not None for p in pauses) or any(r != 1.0 for r in rates) or \
+            any(code != language for code in languages) or spoken.pause_after
         return Plan(
             engine_name=resolved.engine, engine=engine, voice=resolved, language=language, pieces=pieces,
             fmt=audio_format, rate=rate, speed=request.speed,
             seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
             repeatable=request.seed is not None, stream=request.stream, text=request.text, cache=request.cache,
+            pauses=pauses if styled else [], rates=rates if styled else [], languages=languages if styled else [],
+            end_pause=spoken.pause_after, lexicon=spoken.lexicon,
         )
+
+    def speak(self, text: str, language: str, engine: SpeechEngine, voice: ResolvedVoice, *,
+              text_format: str = "text", normalize: bool = True) -> Spoken:
+        """``text`` as ``engine`` will be given it (the text front end, with the preset's and the gateway's lexicon)."""
+        def speaks(code: str) -> str | None:  # asked only for SSML's <lang>
+            try:
+                matched = match_language(engine, code)
+            except UnsupportedLanguage:
+                return None
+            if voice.input.builtin is None:  # a preset speaks every language of its engine
+                return matched
+            # A built-in voice speaks its own languages, not all its engine's.
+            found = next((v for v in engine.voices() if v.id == voice.input.builtin), None)
+            own = list(found.languages or (found.language,)) if found else []
+            if matched in own:
+                return matched
+            return next((c for c in own if c.split("-")[0] == matched.split("-")[0]), None)
+
+        return prepare(text, language, text_format=text_format, normalize_text=normalize,
+                       lexicon=self._entries(voice) if self.lexicon is not None else None, speaks=speaks,
+                       phonemes=engine.capabilities.phonemes)
+
+    def _entries(self, voice: ResolvedVoice) -> Callable[[str], dict[str, LexiconEntry]]:
+        lexicon = self.lexicon
+        assert lexicon is not None
+
+        def entries(language: str) -> dict[str, LexiconEntry]:
+            found = lexicon.entries(language)
+            if not voice.builtin:  # a preset's own entries win over the gateway's
+                found.update(lexicon.entries(language, scope=voice.name))
+            return found
+
+        return entries
 
     def _speakers_of(self, language: str) -> list[str]:
         """A few voices that speak ``language`` (for a hint when the chosen one does not)."""
@@ -300,16 +380,30 @@ class SynthesisService:
                     # when its turn comes, it may have them all, unless other requests are about to.
                     alone = index == last or window == 1
                     crowded = turn is not None and turn.crowded()
-                    return engine.synthesize(plan.pieces[index], plan.voice.input,
-                                             options if alone and not crowded else replace(options, side_by_side=True))
+                    piece = options if alone and not crowded else replace(options, side_by_side=True)
+                    speed, language = plan.piece_speed(index), plan.piece_language(index)
+                    if (native_speed and speed != piece.speed) or language != piece.language:
+                        piece = replace(piece, speed=speed if native_speed else 1.0, language=language)
+                    return engine.synthesize(plan.pieces[index], plan.voice.input, piece)
+
+                def pause(seconds: float) -> bytes:
+                    nonlocal produced
+                    block = silence(engine.sample_rate, seconds)
+                    produced += block.size
+                    return encoder.feed(resample(block))
 
                 pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
                 for index in range(len(plan.pieces)):
                     if cancel.is_set():
                         raise SynthesisCancelled("cancelled")
                     pending: list[np.ndarray] = []
-                    if index:
+                    exact = plan.pause_before(index)
+                    if exact is None:  # the usual pause, stretched with the sentence when the speed is
                         pending.append(silence(engine.sample_rate, SENTENCE_PAUSE_S))
+                    elif exact > 0:  # an SSML break: exactly as long as asked, whatever the speed
+                        out = pause(exact)
+                        if out:
+                            yield out
                     for chunk in pieces.chunks(index):
                         if cancel.is_set():
                             raise SynthesisCancelled("cancelled")
@@ -331,7 +425,7 @@ class SynthesisService:
                     if pending:
                         block = np.concatenate(pending)
                         if not native_speed:
-                            block = time_stretch(block, engine.sample_rate, plan.speed)
+                            block = time_stretch(block, engine.sample_rate, plan.piece_speed(index))
                         produced += block.size
                         out = encoder.feed(resample(block))
                         if out:
@@ -339,7 +433,8 @@ class SynthesisService:
                                 self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
                                 first = False
                             yield out
-                tail = encoder.feed(resample(np.zeros(0, np.float32), last=True)) + encoder.close()
+                ending = pause(plan.end_pause) if plan.end_pause > 0 else b""
+                tail = ending + encoder.feed(resample(np.zeros(0, np.float32), last=True)) + encoder.close()
                 if first:
                     self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
                 elapsed = time.perf_counter() - started

@@ -34,6 +34,8 @@ class Capabilities:
     native_speed: bool = False
     # Several sentences of one request may run at once (the engine shares the cores itself).
     parallel_pieces: bool = False
+    # IPA phonemes written inline as ``[[ … ]]`` are spoken as such (lexicon IPA entries, SSML <phoneme>).
+    phonemes: bool = False
 
 
 @dataclass(frozen=True)

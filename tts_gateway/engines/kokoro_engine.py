@@ -18,6 +18,7 @@ on every run, thread count and process (``deterministic``; checked on the model 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -77,11 +78,13 @@ _CHAR_LIMITS = {"ja": 120, "zh": 100}
 _DEFAULT_CHAR_LIMIT = 300
 
 
+_PHONEME_BLOCK = re.compile(r"\[\[(.*?)\]\]")
+
 class KokoroEngine(BaseEngine):
     """Kokoro-82M voices; ``speed`` is the model's own duration control (time stretch past 0.5–2)."""
 
     name = "kokoro"
-    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
+    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True, phonemes=True)
 
     def __init__(self, source: KokoroSource, *, device: str = "auto", threads: int = 0) -> None:
         super().__init__()
@@ -89,7 +92,7 @@ class KokoroEngine(BaseEngine):
         self.device = device
         self.threads = threads
         # Per instance: becomes non-deterministic if a user's model turns out to sample noise.
-        self.capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
+        self.capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True, phonemes=True)
         self._lock = threading.Lock()
         self._voices = VoicesFile(source.voices_path, source.problem)
         self._has_ja_frontend: bool | None = None
@@ -274,7 +277,11 @@ class KokoroEngine(BaseEngine):
         frontends = self._frontends
         if frontends is None:
             raise EngineUnavailable(self.name, "not loaded")
-        return frontends.phonemize(text, language, voice_id)
+        # ``[[ IPA ]]`` blocks are phonemes already (`Capabilities.phonemes`); the text around them is not.
+        parts = _PHONEME_BLOCK.split(text)
+        spoken = [part.strip() if index % 2 else frontends.phonemize(part, language, voice_id) if part.strip() else ""
+                  for index, part in enumerate(parts)]
+        return " ".join(part for part in spoken if part)
 
     def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
         from kokoro_onnx.chunker import pause_after, split_phonemes

@@ -103,8 +103,9 @@ class PiperEngine(BaseEngine):
     """Piper voices; ``speed`` maps to Piper's native length scale, and a time stretch beyond it (`speed_plan`)."""
 
     name = "piper"
+    # Piper reads ``[[ IPA ]]`` in its text as raw phonemes itself.
     capabilities = Capabilities(streaming=True, deterministic=False, native_speed=True,
-                                parallel_pieces=True)
+                                parallel_pieces=True, phonemes=True)
 
     def __init__(self, voices: list[PiperVoiceFiles], threads: int = 0, sessions: int = 1,
                  budget: CoreBudget | None = None) -> None:

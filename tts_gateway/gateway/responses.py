@@ -158,8 +158,40 @@ class OpenAIVoiceList(msgspec.Struct):
     voices: list[OpenAIVoice | str]
 
 
+class SpokenPiece(msgspec.Struct):
+    """One engine call of a dry run (``POST /v1/text/normalize``): its text, language, speed and silence before."""
+
+    text: str
+    language: str
+    speed: float
+    pause_before: float  # seconds of silence before it
+
+
+class NormalizeResult(msgspec.Struct):
+    """What ``POST /v1/text/normalize`` answers: the text as it will be spoken, piece by piece."""
+
+    text: str
+    language: str
+    voice: str
+    engine: str
+    pieces: list[SpokenPiece]
+    pause_after: float
+    lexicon: list[str]
+
+
+class LexiconEntryBody(msgspec.Struct, omit_defaults=True):
+    """One lexicon entry; ``voice`` names the preset whose own entry it is."""
+
+    word: str
+    language: str
+    respelling: str | None = None
+    ipa: str | None = None
+    voice: str | None = None
+
+
 __all__ = [
     "BuiltinVoice", "CacheStats", "Engine", "EngineCapabilities", "EngineList", "EngineModel", "Health",
-    "Language", "OpenAIModel", "OpenAIModelList", "OpenAIVoice", "OpenAIVoiceList",
-    "PresetModel", "PresetVoice", "Ready", "Voice", "VoiceList",
+    "Language", "LexiconEntryBody", "NormalizeResult", "OpenAIModel", "OpenAIModelList", "OpenAIVoice",
+    "OpenAIVoiceList", "PresetModel", "PresetVoice", "Ready", "SpokenPiece", "Voice", "VoiceList",
 ]
+

@@ -41,6 +41,10 @@ SampleRate = Annotated[int, _documented(f"Resample to this rate ({MIN_RATE}–{M
 Seed = Annotated[int, _documented("The same seed with the same voice gives the same bytes", minimum=0,
                                   maximum=MAX_SEED)]
 Format = Annotated[str, _documented("Output format", enum=list(FORMATS))]
+TextFormat = Annotated[str, _documented("`text`, or `ssml`: a <speak> document (break, say-as, sub, phoneme, "
+                                        "prosody rate, lang, p, s)", enum=["text", "ssml"])]
+Normalize = Annotated[bool, _documented("Spell out numbers, dates, times, money, units and abbreviations "
+                                        "(en, de, fr, es; numbers in other languages num2words knows)")]
 
 # The ``response_format`` values OpenAI documents that the gateway can send (``aac`` is refused with 422).
 SPEECH_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")
@@ -59,6 +63,8 @@ class SynthesizeBody(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool = False
     seed: Seed | None = None
     cache: bool = True
+    text_format: TextFormat = "text"
+    normalize: Normalize = True
 
 
 class VoiceId(msgspec.Struct):
@@ -86,6 +92,23 @@ class SpeechBody(msgspec.Struct):
                                               "then `speech.audio.done`", enum=[*STREAM_FORMATS, None])] | None = None
     instructions: Annotated[str, _documented("Accepted and not applied: the response then carries "
                                              "`X-Instructions-Ignored`")] | None = None
+    text_format: TextFormat = "text"
+    normalize: Normalize = True
+
+
+class NormalizeBody(msgspec.Struct, forbid_unknown_fields=True):
+    text: Text
+    language: Annotated[str, _documented("A language the voice's engine speaks")]
+    voice: Annotated[str, _documented("The voice whose engine and lexicon apply; the default voice when "
+                                      "absent")] | None = None
+    text_format: TextFormat = "text"
+    normalize: Normalize = True
+
+
+class LexiconBody(msgspec.Struct, forbid_unknown_fields=True):
+    respelling: Annotated[str, _documented("How to write the word so that every engine says it right")] | None = None
+    ipa: Annotated[str, _documented("IPA phonemes (kept; engines speak the word as written until they take IPA)")] \
+        | None = None
 
 
 def _form(**rules: Any) -> dict[str, Any]:

@@ -137,7 +137,8 @@ class EngineReplica:
         return Plan(
             engine_name=job.engine, engine=engine, voice=voice, language=job.language, pieces=list(job.pieces),
             fmt=fmt, rate=job.rate, speed=job.speed, seed=job.seed, repeatable=job.repeatable, stream=job.stream,
-            text=" ".join(job.pieces), cache=False,
+            text=" ".join(job.pieces), cache=False, pauses=list(job.pauses), rates=list(job.rates),
+            languages=list(job.languages), end_pause=job.end_pause,
         )
 
     async def synthesize(self, job: Mapping[str, Any]) -> bytes:

@@ -53,6 +53,11 @@ class SynthesisJob:
     latents_key: str | None = None
     latents_sha256: str | None = None
     latents_blob: bytes | None = field(default=None, repr=False)
+    # The text front end's per-piece silence, speed factor and language (empty: the defaults).
+    pauses: tuple[float | None, ...] = ()
+    rates: tuple[float, ...] = ()
+    languages: tuple[str, ...] = ()
+    end_pause: float = 0.0
 
     @property
     def multiplexed_id(self) -> str | None:
@@ -61,14 +66,16 @@ class SynthesisJob:
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
-        raw["pieces"] = list(self.pieces)
+        for name in ("pieces", "pauses", "rates", "languages"):
+            raw[name] = list(raw[name])
         return raw
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SynthesisJob:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        values["pieces"] = tuple(values.get("pieces", ()))
+        for name in ("pieces", "pauses", "rates", "languages"):
+            values[name] = tuple(values.get(name, ()))
         return cls(**values)
 
 
@@ -90,6 +97,7 @@ def job_from_plan(plan: Any, latents_key: Callable[[str, str], str | None] = lam
         format=plan.fmt.name, rate=plan.rate, speed=plan.speed, seed=plan.seed, repeatable=plan.repeatable,
         stream=plan.stream, model_sha256=plan.engine.model.sha256, voice_language=voice.language,
         builtin=builtin, latents_key=key, latents_sha256=sha, latents_blob=blob,
+        pauses=tuple(plan.pauses), rates=tuple(plan.rates), languages=tuple(plan.languages), end_pause=plan.end_pause,
     )
 
 

@@ -14,6 +14,7 @@ from tts_gateway.config import Settings, SettingsError
 from tts_gateway.voices.audio import ReferenceAudio, prepare_reference
 from tts_gateway.voices.blobs import CorruptBlob
 from tts_gateway.voices.cache import LatentCache
+from tts_gateway.voices.lexicon import Lexicon, LocalLexicon
 from tts_gateway.voices.local_registry import LocalVoiceRegistry, rebuild_index
 from tts_gateway.voices.names import VOICE_NAME_RE, valid_voice_name
 from tts_gateway.voices.registry import (
@@ -77,11 +78,23 @@ def open_registry(
                               rebuild_damaged=rebuild_damaged)
 
 
+def open_lexicon(settings: Settings) -> Lexicon:
+    """The pronunciation lexicon, kept where the registry is: PostgreSQL when ``registry_url`` is set, else a file
+    in the data directory."""
+    if settings.registry_url:
+        postgres_registry()  # names the extra to install when psycopg is missing
+        from tts_gateway.voices.pg_lexicon import PostgresLexicon
+
+        return PostgresLexicon(settings.registry_url)
+    return LocalLexicon(settings.data_dir)
+
+
 __all__ = [
     "VOICE_NAME_RE",
     "CorruptBlob",
     "LatentCache",
     "LatentStore",
+    "Lexicon",
     "LocalVoiceRegistry",
     "PostgresVoiceRegistry",
     "ReferenceAudio",
@@ -93,6 +106,7 @@ __all__ = [
     "VoiceNotFound",
     "VoiceRecord",
     "VoiceRegistry",
+    "open_lexicon",
     "open_registry",
     "postgres_registry",
     "prepare_reference",

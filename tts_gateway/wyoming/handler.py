@@ -128,8 +128,8 @@ class GatewayHandler(AsyncEventHandler):
         elif Synthesize.is_type(kind):
             if self._stream is not None:
                 return  # streaming clients repeat the whole text for older servers: already spoken
-            request = OneShot(text=text_field(data), choice=VoiceChoice.parse(data))
-            check_text_format(data)
+            request = OneShot(text=text_field(data), choice=VoiceChoice.parse(data),
+                              text_format=check_text_format(data, ssml=True))
             self._refuse_if_closing()
             self._submit(request)
         elif SynthesizeStart.is_type(kind):
@@ -236,7 +236,7 @@ class GatewayHandler(AsyncEventHandler):
         def prepare() -> Plan:
             voice = resolve_voice(self.core, request.choice)
             request.engine = voice.resolved.engine
-            return self.core.service.plan(self._synthesis(request.text, voice), voice.resolved)
+            return self.core.service.plan(self._synthesis(request.text, voice, request.text_format), voice.resolved)
 
         name = request.choice.name
         if name is not None and ":" in name:  # a built-in voice resolves without the registry: no thread hop
@@ -259,10 +259,10 @@ class GatewayHandler(AsyncEventHandler):
             raise stream.nothing_spoken()
 
     @staticmethod
-    def _synthesis(text: str, voice: Voice) -> SynthesisRequest:
+    def _synthesis(text: str, voice: Voice, text_format: str = "text") -> SynthesisRequest:
         # Raw 16-bit mono PCM at the engine's own rate, sent as it is made, sentence by sentence.
         return SynthesisRequest(text=text, voice=voice.resolved.name, language=voice.language, format="pcm",
-                                sample_rate=None, stream=True)
+                                sample_rate=None, stream=True, text_format=text_format)
 
     async def _play(self, plan: Plan, audio: AudioOut, *, pause: bool = False,
                     abandon: Callable[[], bool] = lambda: False) -> None:

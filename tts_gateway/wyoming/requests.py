@@ -48,10 +48,15 @@ def text_field(data: dict[str, Any]) -> str:
     return text
 
 
-def check_text_format(data: dict[str, Any]) -> None:
+def check_text_format(data: dict[str, Any], *, ssml: bool = False) -> str:
+    """The request's ``text_format``: ``text``, or ``ssml`` where a whole document arrives at once (``synthesize``)."""
     fmt = data.get("text_format")
-    if fmt not in (None, "text"):
-        raise InvalidField("text_format", f"only plain text is supported, not {str(fmt)[:20]!r}")
+    if fmt in (None, "text"):
+        return "text"
+    if fmt == "ssml" and ssml:
+        return "ssml"
+    allowed = "text or ssml" if ssml else "only plain text (a stream's chunks cannot carry SSML)"
+    raise InvalidField("text_format", f"{str(fmt)[:20]!r} is not supported here: {allowed}")
 
 
 # -- the voice -----------------------------------------------------------------------------------------
@@ -130,3 +135,4 @@ class OneShot(Request):
 
     text: str = ""
     choice: VoiceChoice = field(default_factory=VoiceChoice)
+    text_format: str = "text"

@@ -9,12 +9,13 @@ from tts_gateway.gateway.controllers.engines import EnginesController
 from tts_gateway.gateway.controllers.openai import OpenAIController
 from tts_gateway.gateway.controllers.operations import OperationsController
 from tts_gateway.gateway.controllers.synthesis import SynthesisController
+from tts_gateway.gateway.controllers.text import TextController
 from tts_gateway.gateway.controllers.voices import VoicesController
 
 CONTROLLERS: list[type[Controller]] = [
     SynthesisController, OpenAIController, VoicesController, EnginesController, CacheController,
-    OperationsController,
+    OperationsController, TextController,
 ]
 
 __all__ = ["CONTROLLERS", "CacheController", "EnginesController", "OpenAIController", "OperationsController",
-           "SynthesisController", "VoicesController"]
+           "SynthesisController", "TextController", "VoicesController"]

@@ -91,6 +91,7 @@ class OpenAIController(Controller):
         synthesis = SynthesisRequest(
             text=data.input, voice=voice, format=fmt, speed=data.speed, stream=True,
             sample_rate=24000 if fmt == "pcm" else None,  # OpenAI's pcm is 24 kHz s16le
+            text_format=data.text_format, normalize=data.normalize,
         )
         plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
         ignored = {INSTRUCTIONS_HEADER: INSTRUCTIONS_NOTE} if data.instructions and data.instructions.strip() else None

@@ -36,6 +36,7 @@ class SynthesisController(Controller):
         synthesis = SynthesisRequest(
             text=data.text, voice=data.voice, language=data.language, format=data.format,
             sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream, cache=data.cache,
+            text_format=data.text_format, normalize=data.normalize,
         )
         plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
         return await respond(dispatcher, plan, request=request)

@@ -11,6 +11,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
 from tts_gateway.core.dispatch import Dispatcher
+from tts_gateway.core.service import SynthesisService
 from tts_gateway.errors import InvalidField
 from tts_gateway.gateway.auth import auth_problems
 from tts_gateway.gateway.openapi import LOCATION_HEADERS, documented
@@ -42,8 +43,10 @@ class VoicesController(Controller):
 
     @delete("/{name:str}", status_code=204, opt={"scope": "voices"}, summary="Delete a preset",
             **documented(*auth_problems("voices"), 404, 409, 503))
-    async def delete_voice(self, name: str, voices: VoiceCatalog) -> None:
+    async def delete_voice(self, name: str, voices: VoiceCatalog, service: SynthesisService) -> None:
         await asyncio.to_thread(voices.delete, name)
+        if service.lexicon is not None:  # a later preset of this name starts without these entries
+            await asyncio.to_thread(service.lexicon.drop_scope, name)
 
     @post("/", status_code=201, opt={"scope": "voices"}, before_request=require_multipart,
           summary="Register a preset: latents are computed once and stored",

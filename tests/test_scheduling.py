@@ -301,9 +301,9 @@ def test_a_lent_admission_slot_serves_the_next_request_and_is_taken_back_in_turn
         assert admission.running == 0 and admission.lent == 0
 
         fourth = await admission.acquire()
-        with pytest.raises(RuntimeError):  # the call ends in an error while lent: it takes no slot back
-            with fourth.lent(threading.Event()):
-                raise RuntimeError("the engine failed")
+        # The call ends in an error while lent: it takes no slot back.
+        with pytest.raises(RuntimeError), fourth.lent(threading.Event()):
+            raise RuntimeError("the engine failed")
         assert not fourth.held and (admission.running, admission.lent, admission.waiting) == (0, 0, 0)
 
     asyncio.run(scenario())

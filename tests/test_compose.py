@@ -1,0 +1,95 @@
+"""compose.yaml and the Dockerfile's settings, read as compose and the gateway would read them.
+
+No compose runs here (the PostgreSQL profile needs a registry to pull postgres from): these tests check
+that the file means what the README says, with every setting one the gateway knows.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tts_gateway.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _interpolate(value: Any) -> str:
+    """A compose value with ``${NAME:-default}`` replaced by its default, as with an empty shell."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", str(value))
+
+
+def _compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _settings(service: dict[str, Any]) -> Settings:
+    return Settings.from_env({key: _interpolate(value) for key, value in service["environment"].items()})
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The final stage's ENV lines (one ENV instruction, ``KEY=VALUE`` pairs joined by backslashes)."""
+    final = (ROOT / "Dockerfile").read_text().split("\nFROM ")[-1]
+    joined = final.replace("\\\n", " ")
+    pairs: dict[str, str] = {}
+    for line in joined.splitlines():
+        if line.startswith("ENV "):
+            pairs.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    return pairs
+
+
+def test_the_image_listens_on_all_addresses_and_keeps_its_data_in_the_volume() -> None:
+    env = _dockerfile_env()
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("TTS_GATEWAY_")})
+    assert settings.unknown_variables == ()
+    assert settings.host == "0.0.0.0" and settings.port == 8001
+    volume = re.search(r"^VOLUME (\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert volume is not None
+    # the registry and every cache a library keeps under HOME or its own variable live in the volume
+    assert str(settings.data_dir) == volume.group(1)
+    for key in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "TTS_HOME"):
+        assert Path(env[key]).is_relative_to(volume.group(1)), (key, env[key])
+
+
+def test_compose_runs_one_gateway_by_default_on_the_image_volume() -> None:
+    services = _compose()["services"]
+    default = [name for name, service in services.items() if not service.get("profiles")]
+    assert default == ["gateway"]
+    gateway = services["gateway"]
+    assert gateway["build"] == "." and gateway["ports"] == ["127.0.0.1:8001:8001"]
+    assert gateway["volumes"] == ["tts-data:/data"]
+    settings = _settings(gateway)
+    assert settings.unknown_variables == () and settings.registry_url is None
+    assert settings.default_voice == "piper:joe" and settings.api_keys == ()
+
+
+def test_compose_postgres_profile_shares_one_registry_between_two_gateways() -> None:
+    compose = _compose()
+    services = compose["services"]
+    profiled = {name for name, service in services.items() if "postgres" in service.get("profiles", [])}
+    gateways = sorted(name for name in profiled if services[name].get("build") == ".")
+    assert len(gateways) == 2 and "postgres" in profiled
+    postgres = services["postgres"]
+    user, database = postgres["environment"]["POSTGRES_USER"], postgres["environment"]["POSTGRES_DB"]
+    password = _interpolate(postgres["environment"]["POSTGRES_PASSWORD"])
+    ports, volumes = set(), set()
+    for name in gateways:
+        service = services[name]
+        settings = _settings(service)
+        assert settings.unknown_variables == ()
+        # the same registry for both, on the postgres service, with its credentials
+        assert settings.registry_url == f"postgresql://{user}:{password}@postgres:5432/{database}"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["image"] == services["gateway"]["image"]
+        ports.update(service["ports"])
+        volumes.update(service["volumes"])
+    assert len(ports) == 2 and len(volumes) == 2  # reachable side by side, caches not shared
+    assert postgres["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    named = {volume.split(":")[0] for service in services.values() for volume in service.get("volumes", [])}
+    assert named <= set(compose["volumes"])

@@ -13,7 +13,8 @@ COPY scripts/install-python.sh /src/scripts/
 COPY pyproject.toml /src/
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p /src/tts_gateway && touch /src/tts_gateway/__init__.py /src/README.md \
-    && TORCH_VERSION="$TORCH_VERSION" /src/scripts/install-python.sh /opt/venv/bin/pip "$TORCH" "/src[postgres]"
+    && TORCH_VERSION="$TORCH_VERSION" /src/scripts/install-python.sh /opt/venv/bin/pip "$TORCH" "/src[postgres]" \
+    && rm -rf /src/tts_gateway /src/README.md /src/build /src/*.egg-info  # setuptools would reuse the stub's build
 COPY README.md /src/
 COPY tts_gateway /src/tts_gateway
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall /src

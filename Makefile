@@ -38,7 +38,8 @@ IMAGE_BUILD_FLAGS ?=
 IMAGE_APT_PACKAGES ?= podman runc iptables debootstrap
 
 # podman: the Docker image format keeps HEALTHCHECK (OCI drops it); its default ulimits can exceed the
-# host's hard limits, and then no build step starts, so it asks for the host's own (nproc at most 32768).
+# host's hard limits, and then no build step starts, so it asks for the host's own (nproc at most 32768);
+# runc when installed (crun fails on hosts with mixed cgroup v1/v2 hierarchies).
 image:
 	@engine="$(CONTAINER)"; \
 	if [ -z "$$engine" ]; then \
@@ -51,6 +52,7 @@ image:
 		files=$$(ulimit -Hn); procs=$$(bash -c "ulimit -Hu"); \
 		if [ "$$procs" = unlimited ] || [ "$$procs" -gt 32768 ]; then procs=32768; fi; \
 		flags="--format docker --ulimit nofile=$$files:$$files --ulimit nproc=$$procs:$$procs"; \
+		if command -v runc >/dev/null; then engine="$$engine --runtime runc"; fi; \
 	fi; \
 	set -x; $$engine build $$flags --build-arg TORCH=$(TORCH) $(IMAGE_BUILD_FLAGS) -t $(IMAGE) .
 

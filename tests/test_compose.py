@@ -40,7 +40,9 @@ def _dockerfile_env() -> dict[str, str]:
     pairs: dict[str, str] = {}
     for line in joined.splitlines():
         if line.startswith("ENV "):
-            pairs.update(word.split("=", 1) for word in shlex.split(line[4:]))
+            for word in shlex.split(line[4:]):
+                key, _, value = word.partition("=")
+                pairs[key] = value
     return pairs
 
 

@@ -45,13 +45,16 @@ def _run_flags() -> list[str]:
     if ENGINE != "podman":
         return []
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    procs = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], 32768)
+    procs = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    procs = 32768 if procs == resource.RLIM_INFINITY else min(procs, 32768)
     return ["--ulimit", f"nofile={files}:{files}", "--ulimit", f"nproc={procs}:{procs}"]
 
 
 def _container(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     assert ENGINE is not None
-    return subprocess.run([ENGINE, *args], capture_output=True, text=True, check=check, timeout=HANG_GUARD_S)
+    # podman: runc when installed, as `make image` does (crun fails on mixed cgroup v1/v2 hierarchies)
+    engine = [ENGINE, "--runtime", "runc"] if ENGINE == "podman" and shutil.which("runc") else [ENGINE]
+    return subprocess.run([*engine, *args], capture_output=True, text=True, check=check, timeout=HANG_GUARD_S)
 
 
 @pytest.fixture(scope="module")

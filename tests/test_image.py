@@ -32,7 +32,7 @@ JAPANESE = "今日はとても良い天気ですね。"
 
 
 def _engine() -> str | None:
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
         return "docker"
     return "podman" if shutil.which("podman") else None
 

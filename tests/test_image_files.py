@@ -1,13 +1,16 @@
-"""compose.yaml and the Dockerfile's settings, read as compose and the gateway would read them.
+"""The image's files without building it: the Dockerfile's settings and compose.yaml, read as the gateway
+and compose would read them, and the one install script `make install` and the Dockerfile share.
 
 No compose runs here (the PostgreSQL profile needs a registry to pull postgres from): these tests check
-that the file means what the README says, with every setting one the gateway knows.
+that compose.yaml means what the README says, with every setting one the gateway knows.
+tests/test_image.py builds the image and runs it.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +98,39 @@ def test_compose_postgres_profile_shares_one_registry_between_two_gateways() -> 
     assert postgres["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
     named = {volume.split(":")[0] for service in services.values() for volume in service.get("volumes", [])}
     assert named <= set(compose["volumes"])
+
+
+def test_make_install_and_the_image_install_through_the_one_script(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "-B", "-C", str(ROOT), "install", f"VENV={venv}"],
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert f"scripts/install-python.sh {venv}/bin/pip cpu -e ." in dry.stdout, dry.stdout
+    assert "torch==" not in dry.stdout  # the recipe is the script's alone
+    assert re.search(r'/src/scripts/install-python\.sh /opt/venv/bin/pip "\$TORCH" "/src\[postgres\]"',
+                     (ROOT / "Dockerfile").read_text())
+
+
+def _install(tmp_path: Path, torch: str, **env: str) -> tuple[int, list[str]]:
+    """Runs scripts/install-python.sh with a pip that records its arguments, one line per call."""
+    calls = tmp_path / "calls"
+    calls.unlink(missing_ok=True)
+    pip = tmp_path / "pip"
+    pip.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    pip.chmod(0o755)
+    result = subprocess.run([str(ROOT / "scripts/install-python.sh"), str(pip), torch, "-e", "."],
+                            env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
+    return result.returncode, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_the_install_script_takes_torch_first_from_the_index_torch_asks_for(tmp_path: Path) -> None:
+    code, calls = _install(tmp_path, "cpu")
+    assert code == 0 and len(calls) == 4, calls
+    assert re.search(r"torch==2\.\d+\.\d+ --extra-index-url https://download\.pytorch\.org/whl/cpu$", calls[0])
+    assert calls[1] == "install -e ."
+    assert calls[2].startswith("install --no-deps pyopenjtalk-plus") and "sudachipy" in calls[2]
+    assert calls[3].startswith("install --no-deps torchaudio==") and "torchcodec==" in calls[3]
+    code, calls = _install(tmp_path, "cuda", TORCH_VERSION="2.12.0")
+    assert code == 0 and calls[0] == "install --retries 1 torch==2.12.0", calls
+    code, calls = _install(tmp_path, "rocm")
+    assert code == 2 and calls == []

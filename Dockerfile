@@ -7,8 +7,8 @@ FROM ${BASE_IMAGE} AS build
 ARG TORCH=cpu
 ARG TORCH_VERSION=
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip setuptools wheel
-# The dependencies first, from pyproject.toml alone (an empty package and README stand in), so a
-# change to the code or the README rebuilds only the last, small layer. The same install script as `make install`.
+# The dependencies first, from pyproject.toml alone (an empty package and README stand in), so a change
+# to the code or the README rebuilds only the last, small layer; the same install script as `make install`.
 COPY scripts/install-python.sh /src/scripts/
 COPY pyproject.toml /src/
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -63,7 +63,7 @@ def image() -> str:
         pytest.skip("neither docker (with its daemon) nor podman is installed")
     flags = os.environ.get("IMAGE_BUILD_FLAGS")
     if flags is None:
-        flags = subprocess.run([str(ROOT / "scripts/container-base.sh")], capture_output=True, text=True,
+        flags = subprocess.run([str(ROOT / "scripts/container-base.sh")], stdout=subprocess.PIPE, text=True,
                                check=True, timeout=HANG_GUARD_S * 10).stdout.strip()
     subprocess.run(["make", "--no-print-directory", "image", f"IMAGE={IMAGE}", f"CONTAINER={ENGINE}",
                     f"IMAGE_BUILD_FLAGS={flags}"], cwd=ROOT, check=True, timeout=BUILD_GUARD_S)

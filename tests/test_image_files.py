@@ -32,8 +32,16 @@ def _compose() -> dict[str, Any]:
     return loaded
 
 
-def _settings(service: dict[str, Any]) -> Settings:
-    return Settings.from_env({key: _interpolate(value) for key, value in service["environment"].items()})
+def _settings(service: dict[str, Any], shell: dict[str, str] | None = None) -> Settings:
+    """The settings a service's container gets; a variable without a value comes from ``shell`` if set there."""
+    environ = {}
+    for key, value in service["environment"].items():
+        if value is None:
+            if shell and key in shell:
+                environ[key] = shell[key]
+        else:
+            environ[key] = _interpolate(value)
+    return Settings.from_env(environ)
 
 
 def _dockerfile_env() -> dict[str, str]:
@@ -71,7 +79,11 @@ def test_compose_runs_one_gateway_by_default_on_the_image_volume() -> None:
     assert gateway["volumes"] == ["tts-data:/data"]
     settings = _settings(gateway)
     assert settings.unknown_variables == () and settings.registry_url is None
+    # with an empty shell every setting is the gateway's default; set there, it passes through
     assert settings.default_voice == "piper:joe" and settings.api_keys == ()
+    shell = {"TTS_GATEWAY_API_KEYS": "k1:admin", "TTS_GATEWAY_DEFAULT_VOICE": "espeak:en"}
+    passed = _settings(gateway, shell)
+    assert passed.default_voice == "espeak:en" and [key.key for key in passed.api_keys] == ["k1"]
 
 
 def test_compose_postgres_profile_shares_one_registry_between_two_gateways() -> None:

@@ -35,7 +35,7 @@ test-ray: install-dev test-system-deps
 CONTAINER ?=
 IMAGE ?= tts-gateway:latest
 IMAGE_BUILD_FLAGS ?=
-IMAGE_APT_PACKAGES ?= podman runc iptables debootstrap
+IMAGE_APT_PACKAGES ?= podman runc iptables debootstrap postgresql
 
 # podman: the Docker image format keeps HEALTHCHECK (OCI drops it); its default ulimits can exceed the
 # host's hard limits, and then no build step starts, so it asks for the host's own (nproc at most 32768);

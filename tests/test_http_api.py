@@ -42,7 +42,8 @@ def test_json_routes_answer_their_declared_types(client: Any) -> None:
     assert {e.name for e in engines.engines} == {"piper", "espeak"}
     assert set(client.get("/v1/engines/piper").json()) == ENGINE_KEYS
     piper = typed(client.get("/v1/engines/piper"), responses.Engine)
-    assert piper.capabilities == responses.EngineCapabilities(cloning=False, streaming=True)
+    assert piper.capabilities == responses.EngineCapabilities(cloning=False, streaming=True,
+                                                              timestamps=["word", "sentence"])
 
     languages = typed(client.get("/v1/languages"), list[responses.Language])
     assert next(entry for entry in languages if entry.code == "en").engines == ["piper", "espeak"]

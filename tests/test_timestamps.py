@@ -272,3 +272,18 @@ def test_kokoro_blend_streams_its_timings(kokoro_client: TestClient[Any]) -> Non
     audio = b"".join(base64.b64decode(data["audio"]) for name, data in events if name == "audio")
     assert [w["text"] for w in done["words"]] == [w.text for w in input_words(JAPANESE)]
     assert done["words"][-1]["end"] == pytest.approx(len(audio) / 2 / done["sample_rate"], abs=END_TOLERANCE_S)
+
+
+# -- XTTS (the tiny random-weight checkpoint): exact sentence timings, no words ---------------------------------
+def test_xtts_gives_sentence_timings_and_refuses_words(tmp_path: Any, tiny_xtts: Any) -> None:
+    settings = Settings(data_dir=tmp_path / "data", engines=("piper", "xtts"), xtts_checkpoint=tiny_xtts,
+                        max_concurrency=2, timeout_s=300, engine_threads=2)
+    with running_app(settings) as client:
+        assert client.get("/v1/engines/xtts").json()["capabilities"]["timestamps"] == ["sentence"]
+        text = "Hello there. I am a studio voice."
+        assert_problem(client.post("/v1/synthesize", json={"text": text, "voice": "xtts:claribel-dervla",
+                                                            "timestamps": "word"}),
+                       422, "timestamps", "xtts", "sentence")
+        body = timed(client, text=text, voice="xtts:claribel-dervla", seed=3, timestamps="sentence",
+                     captions="vtt", speed=1.5, sample_rate=16000)
+        check_timings(body, text, sentences=2, words=False)

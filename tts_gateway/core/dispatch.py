@@ -19,7 +19,7 @@ from tts_gateway.core.phrase_cache import PhraseCache
 from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, TimingRunner, Worker
 from tts_gateway.core.service import Plan, SynthesisRequest
 from tts_gateway.core.timings import TimedBytes, Timings
-from tts_gateway.errors import TTSGatewayError, Unavailable
+from tts_gateway.errors import InvalidField, TTSGatewayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,8 +170,9 @@ class Dispatcher:
     async def run_timed(self, plan: Plan) -> TimedOutcome:
         """Like `run`, for a plan with timestamps: the audio with its timings, whole or as `TimedBytes`."""
         if not isinstance(self.runner, TimingRunner):
-            raise Unavailable("timestamps are not available from this server's runner (Ray Serve replicas)",
-                              retry_after=None)
+            # Not a passing state: the deployment cannot give timings, so the field is what is refused.
+            raise InvalidField("timestamps", "are not available when the engines run on Ray Serve replicas "
+                               "(TTS_GATEWAY_BACKEND=ray)")
         headers = plan.headers()
         cache = self.cache if self.cache is not None and self.cache.enabled else None
         parts = plan.cache_parts() if cache is not None else None

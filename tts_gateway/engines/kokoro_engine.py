@@ -335,7 +335,9 @@ class KokoroEngine(BaseEngine):
         batches = [b for b in split_phonemes(phonemes, MAX_PHONEMES) if any(c in self._vocab for c in b)]
         known = kokoro.tokenizer.known
         words = input_words(text)
-        alone = [list(known(self.phonemize(word.text, options.language, voice.builtin))) for word in words]
+        # One word (a Japanese sentence has no spaces) needs no alignment, nor its phonemes alone.
+        alone = [list(known(self.phonemize(word.text, options.language, voice.builtin))) for word in words
+                 ] if len(words) != 1 else [[]]
         labels = label_phonemes(alone, [p for batch in batches for p in known(batch)])
         clock = WordClock([word.text for word in words])
         position = 0

@@ -281,7 +281,8 @@ class _PhonemeClock:
 
     def __init__(self, piper_voice: Any, text: str) -> None:
         self.words = input_words(text)
-        alone = [[p for sentence in piper_voice.phonemize(word.text) for p in sentence] for word in self.words]
+        alone = [[p for sentence in piper_voice.phonemize(word.text) for p in sentence] for word in self.words
+                 ] if len(self.words) != 1 else [[]]
         spoken = [p for sentence in piper_voice.phonemize(text) for p in sentence]
         self.labels = label_phonemes(alone, spoken)
         self.position = 0

@@ -78,8 +78,11 @@ def label_phonemes(alone: Sequence[Sequence[str]], spoken: Sequence[str]) -> lis
     ``alone[i]``: word i's phonemes when phonemized by itself; ``spoken``: the phonemes of the whole
     text, where the phonemizer may join words ("in the" → one word) or read one as several ("42").
     The two sequences are aligned sound by sound, so every sound takes the word it came from; the
-    labels never go back (words stay in order).
+    labels never go back (words stay in order). With one word there is nothing to align: ``alone``
+    may then be ``[[]]`` (callers skip phonemizing it).
     """
+    if len(alone) == 1:
+        return [None if _is_separator(phoneme) else 0 for phoneme in spoken]
     reference = [(phoneme, index) for index, phonemes in enumerate(alone) for phoneme in phonemes
                  if _is_sound(phoneme)]
     sounds = [position for position, phoneme in enumerate(spoken) if _is_sound(phoneme)]

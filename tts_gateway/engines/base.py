@@ -153,11 +153,12 @@ class CloningEngine(SpeechEngine, Protocol):
 
 
 @runtime_checkable
-class TimingEngine(SpeechEngine, Protocol):
+class TimingEngine(Protocol):
     """An engine that knows when each word is heard, from its own durations or events (not estimates).
 
     Sentence timings need nothing from an engine (the gateway times each sentence it hands over);
-    an engine that implements this gives word timings too.
+    an engine that implements this gives word timings too. Only this method is checked, so asking
+    runs none of an engine's properties.
     """
 
     def synthesize_timed(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[TimedChunk]:

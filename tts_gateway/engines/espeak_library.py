@@ -9,6 +9,7 @@ word starts in the text and the sample where its sound starts.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import re
 import subprocess
 import threading
@@ -43,13 +44,13 @@ class Spoken:
 
 
 def library_path(binary: str) -> str | None:
-    """The libespeak-ng that ``binary`` runs with, or None."""
+    """The libespeak-ng that ``binary`` runs with (else the system's), or None."""
     try:
         out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return None
+        out = ""
     found = re.search(r"libespeak-ng\.so\S*\s+=>\s+(\S+)", out)
-    return found.group(1) if found else None
+    return found.group(1) if found else ctypes.util.find_library("espeak-ng")
 
 
 class EspeakLibrary:

@@ -118,9 +118,14 @@ def _timed_content() -> dict[str, OpenAPIMediaType]:
             "sentences": spans,
             "captions": Schema(type=OpenAPIType.STRING, description="WebVTT or SRT, with `captions`"),
         })
-    events = Schema(type=OpenAPIType.STRING, description=(
-        "With `stream`: `event: audio` events (`data`: `{audio: base64, sentences, words?}`, the timings of what "
-        "the chunk holds) as the audio is made, then `event: done` (`data`: the JSON answer without `audio`)"))
+    # One server-sent event (what SSE-aware tools check each event against).
+    events = Schema(
+        type=OpenAPIType.OBJECT, title="TimedSpeechEvent", required=["event", "data"],
+        properties={"event": Schema(type=OpenAPIType.STRING, enum=["audio", "done"]),
+                    "data": Schema(type=OpenAPIType.STRING, content_media_type="application/json")},
+        description=("With `stream`: `audio` events (`data`: `{audio: base64, sentences, words?}`, the timings "
+                     "of what the chunk holds) as the audio is made, then one `done` event (`data`: the JSON "
+                     "answer without `audio`)"))
     return {"application/json": OpenAPIMediaType(schema=timed), "text/event-stream": OpenAPIMediaType(schema=events)}
 
 

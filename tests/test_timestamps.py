@@ -21,7 +21,7 @@ import srt
 import webvtt
 from litestar.testing import TestClient
 
-from tests.conftest import assert_problem, running_app, wait_for_warm_up
+from tests.conftest import assert_problem, running_app, wait_for_warm_up, wait_until
 from tts_gateway.config import Settings
 from tts_gateway.core.captions import LINE_CHARS
 from tts_gateway.engines.timing import input_words, label_phonemes
@@ -182,6 +182,27 @@ def test_timed_answers_come_from_the_phrase_cache_with_their_timings(client: Tes
     # The untimed request for the same text is another entry: audio bytes, not JSON.
     plain = client.post("/v1/synthesize", json={"text": TEXT, "voice": "espeak:en"})
     assert plain.headers["content-type"] == "audio/wav" and plain.headers["x-cache"] == "miss"
+
+
+def test_a_timed_stream_is_cached_and_replayed_as_events(client: TestClient[Any]) -> None:
+    request = {"text": TEXT, "voice": "piper:joe", "seed": 11, "timestamps": "word", "stream": True, "format": "pcm"}
+    first = client.post("/v1/synthesize", json=request)
+    assert first.headers["x-cache"] == "miss"
+    # A stream is stored once it has been sent, in the background.
+    answers: list[Any] = []
+
+    def hit() -> bool:
+        answers.append(client.post("/v1/synthesize", json=request))
+        return bool(answers[-1].headers["x-cache"] == "hit")
+
+    wait_until(hit, "the stream to be cached")
+    again = answers[-1]
+    assert again.headers["content-type"].startswith("text/event-stream")
+    events, replayed = sse_events(first.text), sse_events(again.text)
+    assert replayed[-1] == events[-1]
+    audio = [b"".join(base64.b64decode(data["audio"]) for name, data in found if name == "audio")
+             for found in (events, replayed)]
+    assert audio[0] == audio[1]
 
 
 @pytest.mark.parametrize(("body", "field", "words"), [

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "intelligibility": "benchmarks.intelligibility",
     "phrase_cache": "benchmarks.phrase_cache",
     "kokoro": "benchmarks.kokoro_bench",
+    "timestamps": "benchmarks.timestamps",
     "xtts_streaming": "benchmarks.xtts_streaming",
     "xtts_real_size": "benchmarks.xtts_real_size",
     "xtts_batching": "benchmarks.xtts_batching",

@@ -49,7 +49,7 @@ def test_engines_listing(client: Any) -> None:
     assert piper["available"] is True
     assert piper["languages"] == ["en"]
     assert piper["sample_rate"] == 22050
-    assert piper["capabilities"] == {"cloning": False, "streaming": True}
+    assert piper["capabilities"] == {"cloning": False, "streaming": True, "timestamps": ["word", "sentence"]}
     assert piper["model"]["licence"] == "CC0-1.0"
     assert len(piper["model"]["sha256"]) == 64
     assert "piper:joe" in piper["voices"]

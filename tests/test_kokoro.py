@@ -400,7 +400,7 @@ def test_app_lists_the_engine_languages_and_voices(kokoro_client: TestClient[Any
     body = kokoro_client.get("/v1/engines/kokoro").json()
     assert body["available"] is True and body["reason"] is None and body["loaded"] is True
     assert body["languages"] == ["ja"] and body["sample_rate"] == 24000
-    assert body["capabilities"] == {"cloning": False, "streaming": True}
+    assert body["capabilities"] == {"cloning": False, "streaming": True, "timestamps": ["word", "sentence"]}
     assert body["model"]["licence"] == "Apache-2.0" and len(body["model"]["sha256"]) == 64
     assert body["voices"] == [f"kokoro:{v}" for v in JA_VOICES]
     languages = {entry["code"]: entry for entry in kokoro_client.get("/v1/languages").json()}

@@ -43,7 +43,7 @@ def test_xtts_engine_description(xtts_client: Any, tiny_xtts: Path) -> None:
     assert engine["languages"] == ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn",
                                    "ja", "hu", "ko"]
     assert engine["sample_rate"] == 24000
-    assert engine["capabilities"] == {"cloning": True, "streaming": True}
+    assert engine["capabilities"] == {"cloning": True, "streaming": True, "timestamps": ["sentence"]}
     assert "CPML" in engine["model"]["licence"]
     import hashlib
 

@@ -19,7 +19,7 @@ This module is the whole plugin API. An engine plugin is a module (or object) wi
         register(Beep())  # context.options_for("beep"): its TTS_GATEWAY_ENGINE_BEEP_<KEY> variables
 
 An engine with an optional feature implements its protocol (`CloningEngine`, `BlendingEngine`,
-`LanguageNamingEngine`, `RetryHinting`, `VoiceHintingEngine`); the gateway asks for it by that protocol.
+`LanguageNamingEngine`, `RetryHinting`, `TimingEngine`, `VoiceHintingEngine`); the gateway asks for it by that protocol.
 Everything else in the package is internal.
 """
 
@@ -38,11 +38,13 @@ from tts_gateway.engines.base import (
     SpeechEngine,
     SynthesisCancelled,
     SynthesisOptions,
+    TimingEngine,
     UnsupportedLanguage,
     VoiceHintingEngine,
     VoiceInput,
 )
 from tts_gateway.engines.hookspecs import Register, hookimpl
+from tts_gateway.engines.timing import TimedChunk, WordTiming
 
 __version__ = "0.1.0"
 
@@ -62,9 +64,12 @@ __all__ = [
     "SpeechEngine",
     "SynthesisCancelled",
     "SynthesisOptions",
+    "TimedChunk",
+    "TimingEngine",
     "UnsupportedLanguage",
     "VoiceHintingEngine",
     "VoiceInput",
+    "WordTiming",
     "__version__",
     "hookimpl",
 ]

@@ -16,10 +16,11 @@ from typing import TypeVar
 
 from tts_gateway.core.compose import Core
 from tts_gateway.core.phrase_cache import PhraseCache
-from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, Worker
+from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, TimingRunner, Worker
 from tts_gateway.core.service import Plan, SynthesisRequest
+from tts_gateway.core.timings import TimedBytes, Timings
 from tts_gateway.engines.base import BatchingEngine
-from tts_gateway.errors import TTSGatewayError
+from tts_gateway.errors import InvalidField, TTSGatewayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +61,36 @@ class Outcome:
         closer = getattr(rest, "aclose", None)
         if closer is not None:
             await closer()
+
+
+@dataclass
+class TimedOutcome:
+    """A timed result: the whole ``audio`` with its ``timings``, or ``first`` + ``rest`` (`TimedBytes`)."""
+
+    headers: dict[str, str]
+    cache: str  # "hit" or "miss"
+    audio: bytes | None = None
+    timings: Timings | None = None
+    first: TimedBytes | None = None
+    rest: AsyncIterator[TimedBytes] | None = None
+
+    async def items(self) -> AsyncIterator[TimedBytes]:
+        """Every part of the result as it becomes available (a whole result is one part)."""
+        if self.audio is not None and self.timings is not None:
+            yield TimedBytes(self.audio, tuple(self.timings.words), tuple(self.timings.sentences),
+                             self.timings.duration)
+            return
+        try:
+            if self.first is not None:
+                yield self.first
+            if self.rest is not None:
+                async for item in self.rest:
+                    yield item
+        finally:
+            rest, self.rest = self.rest, None
+            closer = getattr(rest, "aclose", None)
+            if closer is not None:
+                await closer()
 
 
 @dataclass
@@ -145,6 +176,43 @@ class Dispatcher:
         collected.append(first)
         outcome.first, outcome.rest = first, _Collecting(rest, collected)
         return outcome
+
+    async def run_timed(self, plan: Plan) -> TimedOutcome:
+        """Like `run`, for a plan with timestamps: the audio with its timings, whole or as `TimedBytes`."""
+        if not isinstance(self.runner, TimingRunner):
+            # Not a passing state: the deployment cannot give timings, so the field is what is refused.
+            raise InvalidField("timestamps", "are not available when the engines run on Ray Serve replicas "
+                               "(TTS_GATEWAY_BACKEND=ray)")
+        headers = plan.headers()
+        cache = self.cache if self.cache is not None and self.cache.enabled else None
+        parts = plan.cache_parts() if cache is not None else None
+        key = PhraseCache.key(parts) if parts is not None else None
+        if cache is not None and key is not None:
+            hit = await asyncio.to_thread(cache.get, key)
+            if hit is not None and hit.timings is not None:
+                headers["X-Cache"] = "hit"
+                return TimedOutcome(headers, "hit", audio=hit.audio, timings=Timings.from_dict(hit.timings))
+        headers["X-Cache"] = "miss"
+        if not plan.stream:
+            audio, timings = await self.runner.call_timed(plan)
+            if cache is not None and key is not None:
+                await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers(), timings.as_dict(True))
+            return TimedOutcome(headers, "miss", audio=audio, timings=timings)
+        collected: list[TimedBytes] = []
+
+        def remember() -> None:
+            if cache is not None and key is not None:
+                timings = Timings()
+                for item in collected:
+                    timings.add(item)
+                self.worker.pool.submit(cache.put, key, b"".join(item.audio for item in collected), plan.media_type,
+                                        plan.headers(), timings.as_dict(True))
+
+        first, rest = await self.runner.open_timed_stream(plan, on_complete=remember)
+        if first:
+            collected.append(first)
+        return TimedOutcome(headers, "miss", first=first or None,
+                            rest=_Collecting(rest, collected))  # type: ignore[arg-type]
 
     async def blocking(self, fn: Callable[[], T]) -> T:
         """A blocking call (registration, conditioning) under admission control."""
@@ -257,4 +325,4 @@ class Dispatcher:
         self.core.close()
 
 
-__all__ = ["Dispatcher", "Outcome", "Readiness"]
+__all__ = ["Dispatcher", "Outcome", "Readiness", "TimedOutcome"]

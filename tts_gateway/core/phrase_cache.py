@@ -1,7 +1,8 @@
 """Phrase cache: encoded audio for repeated deterministic requests, answered from disk.
 
 Values are bytes only (no pickle): ``len(meta) | meta JSON | audio``, where the JSON carries the
-audio's sha256. A value that fails the check is deleted and treated as a miss, never served.
+audio's sha256 (and a timed request's timings). A value that fails the check is deleted and
+treated as a miss, never served.
 diskcache writes each entry in one SQLite transaction, so a reader never sees half an entry.
 """
 
@@ -28,6 +29,7 @@ class CachedAudio:
     audio: bytes
     media_type: str
     headers: dict[str, str]
+    timings: dict[str, Any] | None = None  # `Timings.as_dict` of a timed request
 
 
 # What a damaged, full or read-only cache raises; the cache is disposable, so none of it is fatal.
@@ -102,7 +104,10 @@ class PhraseCache:
             audio = value[4 + size :]
             if hashlib.sha256(audio).hexdigest() != meta["sha256"]:
                 raise ValueError("sha256 mismatch")
-            return CachedAudio(audio, str(meta["media_type"]), dict(meta["headers"]))
+            timings = meta.get("timings")
+            if timings is not None and not isinstance(timings, dict):
+                raise ValueError("timings are not an object")
+            return CachedAudio(audio, str(meta["media_type"]), dict(meta["headers"]), timings)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("phrase cache entry %s… is corrupt (%s); dropped", key[:12], exc)
             assert self._cache is not None
@@ -112,11 +117,15 @@ class PhraseCache:
                 pass
             return None
 
-    def put(self, key: str, audio: bytes, media_type: str, headers: dict[str, str]) -> None:
+    def put(self, key: str, audio: bytes, media_type: str, headers: dict[str, str],
+            timings: dict[str, Any] | None = None) -> None:
         if self._cache is None or not audio:
             return
-        meta = json.dumps({"sha256": hashlib.sha256(audio).hexdigest(), "media_type": media_type,
-                           "headers": headers}).encode()
+        fields: dict[str, Any] = {"sha256": hashlib.sha256(audio).hexdigest(), "media_type": media_type,
+                                  "headers": headers}
+        if timings is not None:
+            fields["timings"] = timings
+        meta = json.dumps(fields).encode()
         try:
             self._cache.set(key, len(meta).to_bytes(4, "big") + meta + audio)
             self.metrics.phrase_bytes.set(self._cache.volume())

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from tts_gateway.core.metrics import Metrics
+from tts_gateway.core.timings import Timings
 from tts_gateway.errors import TimedOut, Unavailable
 
 if TYPE_CHECKING:
@@ -397,6 +398,20 @@ class Runner(Protocol):
 
 
 @runtime_checkable
+class TimingRunner(Protocol):
+    """A runner that can return the timings of what it synthesizes (`SynthesisService.run_timed`)."""
+
+    async def call_timed(self, plan: Plan) -> tuple[bytes, Timings]:
+        """The whole encoded result and its timings."""
+        ...
+
+    async def open_timed_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
+                                ) -> tuple[Any, AsyncIterator[Any]]:
+        """Like ``open_stream``, with `TimedBytes` items (the first may be an empty one at the end)."""
+        ...
+
+
+@runtime_checkable
 class HealthReportingRunner(Protocol):
     """A runner whose engines run elsewhere and may be missing there (Ray: each engine needs a live replica)."""
 
@@ -429,3 +444,24 @@ class LocalRunner:
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         turn = await self.admission.acquire()
         return await self.worker.call(fn, threading.Event(), turn.release)
+
+    async def call_timed(self, plan: Plan) -> tuple[bytes, Timings]:
+        turn = await self.admission.acquire()
+        cancel = threading.Event()
+
+        def whole() -> tuple[bytes, Timings]:
+            audio: list[bytes] = []
+            timings = Timings()
+            for item in self.service.run_timed(plan, cancel, turn=turn):
+                audio.append(item.audio)
+                timings.add(item)
+            return b"".join(audio), timings
+
+        return await self.worker.call(whole, cancel, turn.release)
+
+    async def open_timed_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
+                                ) -> tuple[Any, AsyncIterator[Any]]:
+        turn = await self.admission.acquire()
+        cancel = threading.Event()
+        return await self.worker.stream(lambda: self.service.run_timed(plan, cancel, turn=turn),  # type: ignore[arg-type,return-value]
+                                        cancel, turn.release, on_complete=on_complete)

@@ -20,19 +20,24 @@ from urllib.parse import quote
 
 import numpy as np
 
-from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence, time_stretch
+from tts_gateway.audio import FORMATS, AudioFormat, Encoder, Resampler, media_type, silence
 from tts_gateway.config import Settings
+from tts_gateway.core.captions import CAPTION_FORMATS
 from tts_gateway.core.frontend import Spoken, prepare
 from tts_gateway.core.metrics import Metrics
 from tts_gateway.core.text_limits import check_text
+from tts_gateway.core.timings import LEVELS, TimedBytes, TimingClock
 from tts_gateway.engines.base import (
     SpeechEngine,
     SynthesisCancelled,
     SynthesisOptions,
+    TimingEngine,
     UnsupportedLanguage,
     match_language,
+    timestamp_levels,
 )
 from tts_gateway.engines.manager import EngineManager
+from tts_gateway.engines.timing import WORD, TimedChunk
 from tts_gateway.errors import InvalidField, TTSGatewayError, Unavailable
 from tts_gateway.text import split_sentences
 from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
@@ -72,7 +77,7 @@ class _OrderedPieces:
     and queues again (round-robin per sentence).
     """
 
-    def __init__(self, make: Callable[[int], Iterator[np.ndarray]], pieces: list[str], window: int,
+    def __init__(self, make: Callable[[int], Iterator[TimedChunk]], pieces: list[str], window: int,
                  cancel: threading.Event, turn: Turn | None = None) -> None:
         self.make = make
         self.pieces = pieces
@@ -105,7 +110,7 @@ class _OrderedPieces:
         self.threads.append(thread)
         thread.start()
 
-    def chunks(self, index: int) -> Iterator[np.ndarray]:
+    def chunks(self, index: int) -> Iterator[TimedChunk]:
         if self.window == 1:
             yield from self.make(index)
             if self.turn is not None and index + 1 < len(self.pieces):
@@ -141,6 +146,8 @@ class SynthesisRequest:
     cache: bool = True
     text_format: str = "text"
     normalize: bool = True
+    timestamps: str | None = None  # "word" or "sentence": the answer carries timings (`core.timings`)
+    captions: str | None = None  # "vtt" or "srt", built from the timings
 
 
 @dataclass
@@ -158,6 +165,8 @@ class Plan:
     stream: bool
     text: str = ""
     cache: bool = True
+    timestamps: str | None = None
+    captions: str | None = None
     started: float = field(default_factory=time.perf_counter)
     # Per piece, from the text front end (empty: the usual pause, the request's speed and language):
     # the silence before it (None: the usual pause between sentences), its speed factor and language.
@@ -197,6 +206,8 @@ class Plan:
             "pauses": self.pauses, "rates": self.rates, "languages": self.languages, "end_pause": self.end_pause,
             "language": self.language, "format": self.fmt.name, "rate": self.rate, "speed": self.speed,
             "seed": None if deterministic else self.seed, "stream": self.streams,
+            # Timed audio of some engines comes another way (espeak-ng's library): never mixed with untimed.
+            **({"timestamps": self.timestamps} if self.timestamps else {}),
         }
 
     @property
@@ -218,6 +229,21 @@ class Plan:
         if self.lexicon:
             headers["X-Lexicon"] = ", ".join(quote(word, safe=" '.-") for word in self.lexicon)
         return headers
+
+
+def check_timings(engine: SpeechEngine, name: str, timestamps: str | None, captions: str | None) -> str | None:
+    """The timestamp level a request gets: the one it asks for when its engine gives it; captions alone
+    ask for the finest the engine gives. Raises `InvalidField`."""
+    if captions is not None and captions not in CAPTION_FORMATS:
+        raise InvalidField("captions", f"{captions!r} is not one of {', '.join(CAPTION_FORMATS)}")
+    if timestamps is None:
+        return timestamp_levels(engine)[0] if captions is not None else None
+    if timestamps not in LEVELS:
+        raise InvalidField("timestamps", f"{timestamps!r} is not one of {', '.join(LEVELS)}")
+    levels = timestamp_levels(engine)
+    if timestamps not in levels:
+        raise InvalidField("timestamps", f"engine {name!r} gives {' and '.join(levels)} timestamps, not {timestamps}")
+    return timestamps
 
 
 class SynthesisService:
@@ -273,6 +299,7 @@ class SynthesisService:
                 exc.detail = f"{exc.detail}; voices that speak it: {', '.join(speakers)}"
             raise
         rate = request.sample_rate or audio_format.default_rate(engine.sample_rate)
+        timestamps = check_timings(engine, resolved.engine, request.timestamps, request.captions)
         spoken = self.speak(request.text, language, engine, resolved, text_format=request.text_format,
                             normalize=request.normalize)
         pieces: list[str] = []
@@ -297,7 +324,7 @@ class SynthesisService:
             seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
             repeatable=request.seed is not None, stream=request.stream, text=request.text, cache=request.cache,
             pauses=pauses if styled else [], rates=rates if styled else [], languages=languages if styled else [],
-            end_pause=spoken.pause_after, lexicon=spoken.lexicon,
+            end_pause=spoken.pause_after, lexicon=spoken.lexicon, timestamps=timestamps, captions=request.captions,
         )
 
     def speak(self, text: str, language: str, engine: SpeechEngine, voice: ResolvedVoice, *,
@@ -354,11 +381,21 @@ class SynthesisService:
         ``turn``: the request's admission slot; a streamed request passes it on between sentences
         when others wait for one, and while other requests are in flight each sentence takes one core.
         """
+        for item in self.run_timed(plan, cancel, on_piece, turn):
+            if item.audio:
+                yield item.audio
+
+    def run_timed(self, plan: Plan, cancel: threading.Event, on_piece: Callable[[int], None] | None = None,
+                  turn: Turn | None = None) -> Iterator[TimedBytes]:
+        """`run`, each part of the audio with the timings of what it holds (when ``plan.timestamps`` asks
+        for them; the last item carries the whole duration). Items may have no audio: the timings of a
+        sentence come when it ends, and whole formats are encoded at the end."""
         encoder = Encoder(plan.fmt, plan.rate, streaming=plan.stream)
         pieces: _OrderedPieces | None = None
         started = time.perf_counter()
         produced = 0
         first = True
+        timed = plan.timestamps is not None
         try:
             with self.engines.use(plan.engine_name) as engine:
                 native_speed = engine.capabilities.native_speed
@@ -367,84 +404,90 @@ class SynthesisService:
                     cancel=cancel, repeatable=plan.repeatable, streaming=plan.stream,
                     lend=None if turn is None else (lambda: turn.lent(cancel)),
                 )
-                resample = Resampler(engine.sample_rate, plan.rate)
+                rate = engine.sample_rate
+                resample = Resampler(rate, plan.rate)
                 # A whole response comes soonest with its sentences side by side, one core each. A
                 # stream's listener waits for each sentence in turn: alone, it gets every core and the
                 # engine's one warm session; under load, streams take turns sentence by sentence.
                 parallel = engine.capabilities.parallel_pieces and not plan.streams and len(plan.pieces) > 1
                 window = PIECE_WINDOW if parallel else 1
                 last = len(plan.pieces) - 1
+                words = plan.timestamps == WORD and isinstance(engine, TimingEngine)
 
-                def make(index: int) -> Iterator[np.ndarray]:
+                def make(index: int) -> Iterator[TimedChunk]:
                     # The last sentence has no later one to share the cores with: if the others are done
                     # when its turn comes, it may have them all, unless other requests are about to.
                     alone = index == last or window == 1
                     crowded = turn is not None and turn.crowded()
-                    piece = options if alone and not crowded else replace(options, side_by_side=True)
+                    chosen = options if alone and not crowded else replace(options, side_by_side=True)
                     speed, language = plan.piece_speed(index), plan.piece_language(index)
-                    if (native_speed and speed != piece.speed) or language != piece.language:
-                        piece = replace(piece, speed=speed if native_speed else 1.0, language=language)
-                    return engine.synthesize(plan.pieces[index], plan.voice.input, piece)
+                    if (native_speed and speed != chosen.speed) or language != chosen.language:
+                        chosen = replace(chosen, speed=speed if native_speed else 1.0, language=language)
+                    if words:
+                        assert isinstance(engine, TimingEngine)
+                        return engine.synthesize_timed(plan.pieces[index], plan.voice.input, chosen)
+                    return (TimedChunk(chunk) for chunk in engine.synthesize(plan.pieces[index], plan.voice.input,
+                                                                             chosen))
 
                 def pause(seconds: float) -> bytes:
+                    """Exact silence (an SSML break), whatever the speed; the clock counts it."""
                     nonlocal produced
-                    block = silence(engine.sample_rate, seconds)
+                    block = silence(rate, seconds)
                     produced += block.size
+                    clock.emitted += block.size
                     return encoder.feed(resample(block))
 
                 pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
+                clock = TimingClock(rate)
                 for index in range(len(plan.pieces)):
                     if cancel.is_set():
                         raise SynthesisCancelled("cancelled")
-                    pending: list[np.ndarray] = []
                     exact = plan.pause_before(index)
-                    if exact is None:  # the usual pause, stretched with the sentence when the speed is
-                        pending.append(silence(engine.sample_rate, SENTENCE_PAUSE_S))
-                    elif exact > 0:  # an SSML break: exactly as long as asked, whatever the speed
+                    if exact is not None and exact > 0:
                         out = pause(exact)
                         if out:
-                            yield out
+                            yield TimedBytes(out)
+                    # The usual pause between sentences is stretched with the sentence when the speed is.
+                    block = clock.start_piece(silence(rate, SENTENCE_PAUSE_S) if exact is None else None)
                     for chunk in pieces.chunks(index):
                         if cancel.is_set():
                             raise SynthesisCancelled("cancelled")
+                        block.add(chunk)
                         if native_speed:
-                            pending.append(chunk)
-                            produced += sum(p.size for p in pending)
-                            out = encoder.feed(resample(np.concatenate(pending)))
-                            pending = []
-                            if out:
-                                if first:
-                                    self.metrics.ttfa.labels(plan.engine_name).observe(
-                                        time.perf_counter() - plan.started)
-                                    first = False
-                                yield out
-                        else:
-                            pending.append(chunk)
-                    if on_piece is not None:
-                        on_piece(index + 1)
-                    if pending:
-                        block = np.concatenate(pending)
-                        if not native_speed:
-                            block = time_stretch(block, engine.sample_rate, plan.piece_speed(index))
-                        produced += block.size
-                        out = encoder.feed(resample(block))
-                        if out:
-                            if first:
+                            audio, heard = block.take()
+                            produced += audio.size
+                            out = encoder.feed(resample(audio))
+                            if out and first:
                                 self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
                                 first = False
-                            yield out
+                            if out or (timed and heard):
+                                yield TimedBytes(out, heard if words else ())
+                    if on_piece is not None:
+                        on_piece(index + 1)
+                    heard = ()
+                    out = b""
+                    if block.pending:
+                        audio, heard = block.take(1.0 if native_speed else plan.piece_speed(index))
+                        produced += audio.size
+                        out = encoder.feed(resample(audio))
+                        if out and first:
+                            self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
+                            first = False
+                    sentence = block.sentence(plan.pieces[index])
+                    if out or timed:
+                        yield TimedBytes(out, heard if words else (), (sentence,) if timed else ())
                 ending = pause(plan.end_pause) if plan.end_pause > 0 else b""
                 tail = ending + encoder.feed(resample(np.zeros(0, np.float32), last=True)) + encoder.close()
                 if first:
                     self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
                 elapsed = time.perf_counter() - started
-                seconds = produced / engine.sample_rate
+                seconds = produced / rate
                 self.metrics.synthesis_seconds.labels(plan.engine_name).observe(elapsed)
                 self.metrics.audio_seconds.labels(plan.engine_name).inc(seconds)
                 if seconds > 0:
                     self.metrics.rtf.labels(plan.engine_name).observe(elapsed / seconds)
-                if tail:
-                    yield tail
+                if tail or timed:
+                    yield TimedBytes(tail, duration=seconds)
         except TTSGatewayError:
             raise
         except Exception as exc:

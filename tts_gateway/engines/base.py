@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tts_gateway.engines.timing import SENTENCE, WORD, TimedChunk
 from tts_gateway.errors import Cancelled, Invalid, Unavailable
 
 # Named float32 arrays, e.g. XTTS's gpt_cond_latent and speaker_embedding.
@@ -155,6 +156,21 @@ class CloningEngine(SpeechEngine, Protocol):
     reference_sample_rate: int
 
     def compute_latents(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class TimingEngine(Protocol):
+    """An engine that knows when each word is heard, from its own durations or events (not estimates).
+
+    Sentence timings need nothing from an engine (the gateway times each sentence it hands over);
+    an engine that implements this gives word timings too. Only this method is checked, so asking
+    runs none of an engine's properties.
+    """
+
+    def synthesize_timed(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[TimedChunk]:
+        """Like ``synthesize``, each chunk with the words of ``text`` heard in it (`timing.input_words`),
+        every word once and in order."""
+        ...
 
 
 @runtime_checkable
@@ -310,6 +326,11 @@ class BaseEngine:
         languages = list(self.languages)
         if language not in languages:
             raise UnsupportedLanguage(self.name, language, languages)
+
+
+def timestamp_levels(engine: SpeechEngine) -> tuple[str, ...]:
+    """The timestamp levels ``engine`` gives: sentences always, words when it is a `TimingEngine`."""
+    return (WORD, SENTENCE) if isinstance(engine, TimingEngine) else (SENTENCE,)
 
 
 def protocol_members(protocol: type) -> list[str]:

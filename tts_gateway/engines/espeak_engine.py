@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
 import numpy as np
+import soxr
 
 from tts_gateway.audio import time_stretch
 from tts_gateway.engines.base import (
@@ -22,11 +24,16 @@ from tts_gateway.engines.base import (
     SynthesisOptions,
     VoiceInput,
 )
+from tts_gateway.engines.espeak_library import EspeakLibrary, library_path
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.scheduling import shared_budget
+from tts_gateway.engines.timing import InputWord, TimedChunk, WordClock, input_words, scaled
 
 BASE_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450
+# From 450 wpm on, espeak-ng speeds speech up after stamping its events (sonic), unevenly: timed
+# speech stays below and a time stretch makes the rest, which moves every word in proportion.
+TIMED_MAX_WPM = 440
 SAMPLE_RATE = 22050
 
 
@@ -58,6 +65,8 @@ class EspeakEngine(BaseEngine):
         super().__init__()
         self.binary = binary or shutil.which("espeak-ng")
         self._budget = shared_budget()
+        self._espeak: EspeakLibrary | None = None  # loaded at the first timed request
+        self._library_lock = threading.Lock()
 
     @property
     def sample_rate(self) -> int:
@@ -152,6 +161,58 @@ class EspeakEngine(BaseEngine):
         if wpm != wanted:  # beyond espeak's own range: stretch the rest
             samples = time_stretch(samples, SAMPLE_RATE, wanted / wpm)
         yield samples
+
+    def synthesize_timed(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[TimedChunk]:
+        """Through libespeak-ng, whose word events say where each word's sound starts."""
+        self.check_language(options.language)
+        language = options.language if voice.builtin in (None, options.language) else voice.builtin
+        wanted = BASE_WPM * options.speed
+        wpm = int(min(max(wanted, MIN_WPM), TIMED_MAX_WPM))
+        library = self._library()
+        with self._budget.slot(threads=1):
+            spoken = library.speak(text, str(language), wpm)
+        if options.cancel.is_set():
+            raise SynthesisCancelled("cancelled")
+        words = input_words(text)
+        labels, lengths = event_units(words, spoken.words, spoken.clause_ends, spoken.audio.size)
+        timings = WordClock([word.text for word in words]).chunk(labels, lengths, library.sample_rate, last=True)
+        samples = spoken.audio
+        if library.sample_rate != SAMPLE_RATE:
+            samples = soxr.resample(samples, library.sample_rate, SAMPLE_RATE)
+        stretched = time_stretch(samples, SAMPLE_RATE, wanted / wpm) if wpm != wanted else samples
+        yield TimedChunk(stretched, scaled(timings, stretched.size / max(samples.size, 1)))
+
+    def _library(self) -> EspeakLibrary:
+        with self._library_lock:
+            if self._espeak is None:
+                path = library_path(self.binary) if self.binary else None
+                if path is None:
+                    raise EngineUnavailable(self.name, "libespeak-ng (the library espeak-ng runs with) was not found; "
+                                            "word timings need it")
+                self._espeak = EspeakLibrary(path)
+            return self._espeak
+
+
+def event_units(words: list[InputWord], events: list[tuple[int, int]], clause_ends: list[int],
+                total: int) -> tuple[list[int | None], list[int]]:
+    """espeak-ng's events as units for `WordClock`: from each word event (character, sample) to the
+    next event, labelled with the input word at or after that character; None from the start and
+    from each clause end (a pause). Labels never go back, so words stay in order."""
+    marks: dict[int, int | None] = {sample: None for sample in clause_ends if 0 <= sample < total}
+    highest = -1
+    for character, sample in sorted(events, key=lambda event: event[1]):
+        index = next((k for k, word in enumerate(words) if word.end > character), len(words) - 1)
+        highest = max(highest, index)
+        if 0 <= sample < total and highest >= 0:
+            previous = marks.get(sample)
+            marks[sample] = highest if previous is None else max(previous, highest)
+    points = sorted(marks)
+    labels: list[int | None] = [None]
+    lengths = [points[0] if points else total]
+    for k, point in enumerate(points):
+        labels.append(marks[point])
+        lengths.append((points[k + 1] if k + 1 < len(points) else total) - point)
+    return labels, lengths
 
 
 @hookimpl(trylast=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -49,6 +50,7 @@ from tts_gateway.engines.kokoro_models import (
     inspect_model,
     package_model,
     package_vocab,
+    with_durations,
 )
 from tts_gateway.engines.kokoro_styles import (
     LANGUAGE_NAMES,
@@ -61,6 +63,7 @@ from tts_gateway.engines.kokoro_styles import (
     voice_language,
 )
 from tts_gateway.engines.memory import release_memory
+from tts_gateway.engines.timing import TimedChunk, WordClock, input_words, label_phonemes, scaled
 from tts_gateway.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -251,11 +254,17 @@ class KokoroEngine(BaseEngine):
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         providers = self._providers()
-        session = onnxruntime.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        # The session also outputs the phonemes' durations (word timings); the audio is the same. The
+        # graph is read from a file that is deleted once the session holds it (kokoro-onnx checks that
+        # the file exists when it wraps the session).
+        with tempfile.TemporaryDirectory(prefix="tts-gateway-kokoro-") as directory:
+            timed_path = with_durations(model_path, Path(directory))
+            session = onnxruntime.InferenceSession(str(timed_path or model_path), sess_options=options,
+                                                   providers=providers)
+            kokoro = Kokoro.from_session(session, str(source.voices_path), vocab_config=vocab_config)
         if any(p != "CPUExecutionProvider" for p in session.get_providers()):
             # GPU kernels may pick different algorithms run to run: no promise of equal bytes.
             self.capabilities = replace(self.capabilities, deterministic=False)
-        kokoro = Kokoro.from_session(session, str(source.voices_path), vocab_config=vocab_config)
         frontends = Frontends(kokoro.tokenizer, japanese="ja" in self.languages)
         styles = self._voices.table()
         for voice_id in self._voice_ids():
@@ -299,7 +308,10 @@ class KokoroEngine(BaseEngine):
         for index, batch in enumerate(batches):
             if options.cancel.is_set():
                 raise SynthesisCancelled("cancelled")
-            audio, _rate = kokoro.create(batch, voice=style, speed=model_speed, is_phonemes=True, trim=True)
+            # No pauses inserted inside a batch (kokoro-onnx adds them at marks when the model gives
+            # durations): the batches join with the engine's own pauses, timed or not.
+            audio, _rate = kokoro.create(batch, voice=style, speed=model_speed, is_phonemes=True, trim=True,
+                                         sentence_pause=0.0, clause_pause=0.0)
             audio = np.asarray(audio, dtype=np.float32).ravel()
             if index < len(batches) - 1:
                 pause = pause_after(batch, SENTENCE_PAUSE_S, CLAUSE_PAUSE_S)
@@ -309,6 +321,71 @@ class KokoroEngine(BaseEngine):
             if options.cancel.is_set():
                 raise SynthesisCancelled("cancelled")
             yield audio
+
+    def synthesize_timed(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[TimedChunk]:
+        """Word timings from the durations the model predicts (its ``duration`` output, see
+        `kokoro_models.with_durations`), phonemes mapped to the text's words by `timing.label_phonemes`."""
+        from kokoro_onnx.chunker import pause_after, split_phonemes
+
+        self.check_language(options.language)
+        kokoro = self._kokoro
+        if kokoro is None:
+            raise EngineUnavailable(self.name, "not loaded")
+        if not kokoro.has_timings:
+            raise EngineUnavailable(self.name, "this model gives no phoneme durations (the onnx package is needed "
+                                    "to read them)")
+        style = self._voices.style_for(voice)
+        low, high = MODEL_SPEED_RANGE
+        model_speed = min(max(float(options.speed), low), high)
+        stretch = float(options.speed) / model_speed
+        phonemes = self.phonemize(text, options.language, voice.builtin)
+        batches = [b for b in split_phonemes(phonemes, MAX_PHONEMES) if any(c in self._vocab for c in b)]
+        known = kokoro.tokenizer.known
+        words = input_words(text)
+        # One word (a Japanese sentence has no spaces) needs no alignment, nor its phonemes alone.
+        alone = [list(known(self.phonemize(word.text, options.language, voice.builtin))) for word in words
+                 ] if len(words) != 1 else [[]]
+        labels = label_phonemes(alone, [p for batch in batches for p in known(batch)])
+        clock = WordClock([word.text for word in words])
+        position = 0
+        for index, batch in enumerate(batches):
+            if options.cancel.is_set():
+                raise SynthesisCancelled("cancelled")
+            audio, _rate, spoken = kokoro.create_timed(batch, voice=style, speed=model_speed, is_phonemes=True,
+                                                       trim=True, sentence_pause=0.0, clause_pause=0.0)
+            audio = np.asarray(audio, dtype=np.float32).ravel()
+            mine = labels[position:position + len(spoken)]
+            position += len(known(batch))
+            if index < len(batches) - 1:
+                pause = pause_after(batch, SENTENCE_PAUSE_S, CLAUSE_PAUSE_S)
+                audio = np.concatenate([audio, np.zeros(int(pause * SAMPLE_RATE), np.float32)])
+            units, lengths = _phoneme_units(spoken, mine, audio.size)
+            heard = clock.chunk(units, lengths, SAMPLE_RATE, last=index == len(batches) - 1)
+            raw = audio.size
+            if abs(stretch - 1.0) > 1e-6:
+                audio = time_stretch(audio, SAMPLE_RATE, stretch)
+            yield TimedChunk(audio, scaled(heard, audio.size / max(raw, 1)))
+
+
+def _phoneme_units(spoken: list[Any], labels: list[int | None], total: int) -> tuple[list[int | None], list[int]]:
+    """kokoro-onnx's phoneme timings (seconds) as contiguous units for `WordClock`: each phoneme, and
+    the silence before, between and after them as no word's."""
+    units: list[int | None] = []
+    lengths: list[int] = []
+    at = 0
+    for timing, label in zip(spoken, labels, strict=False):
+        start = min(max(round(timing.start * SAMPLE_RATE), at), total)
+        end = min(max(round(timing.end * SAMPLE_RATE), start), total)
+        if start > at:
+            units.append(None)
+            lengths.append(start - at)
+        units.append(label)
+        lengths.append(end - start)
+        at = end
+    if total > at:
+        units.append(None)
+        lengths.append(total - at)
+    return units, lengths
 
 
 @hookimpl(trylast=True)

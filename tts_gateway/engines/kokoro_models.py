@@ -219,3 +219,32 @@ def package_vocab(source: KokoroSource) -> dict[str, Any] | None:
         return None
     vocab: dict[str, Any] = json.loads(source.vocab_path.read_text(encoding="utf-8"))
     return vocab
+
+
+DURATION_OUTPUT = "duration"  # the name kokoro-onnx reads phoneme durations from
+
+
+def with_durations(model_path: Path, directory: Path) -> Path | None:
+    """The model with each token's predicted length in frames (the encoder's rounded, clipped durations,
+    which the decoder is expanded by) as a ``duration`` output, written to ``directory``; None when
+    ``onnx`` is missing, the graph has one already or its durations are not where an export puts them.
+    kokoro-onnx then reports when each phoneme is spoken; the audio is unchanged."""
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    if any(output.name == DURATION_OUTPUT for output in graph.output) or len(graph.output) != 1:
+        return None
+    rounds = [node for node in graph.node if node.op_type == "Round"]
+    clips = [node for node in graph.node if node.op_type == "Clip" and len(rounds) == 1
+             and rounds[0].output[0] in node.input]
+    if len(clips) != 1:
+        return None
+    graph.node.append(helper.make_node("Identity", [clips[0].output[0]], [DURATION_OUTPUT]))
+    graph.output.append(onnx.helper.make_empty_tensor_value_info(DURATION_OUTPUT))
+    path = directory / f"{model_path.stem}.durations.onnx"
+    onnx.save(model, str(path))
+    return path

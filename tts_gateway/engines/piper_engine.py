@@ -29,8 +29,9 @@ from tts_gateway.engines.base import (
 from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
-from tts_gateway.engines.piper_graph import SplitGraph, rewrite, split
+from tts_gateway.engines.piper_graph import SplitGraph, rewrite, split, with_durations
 from tts_gateway.engines.scheduling import CoreBudget, shared_budget
+from tts_gateway.engines.timing import TimedChunk, WordClock, WordTiming, input_words, label_phonemes, scaled
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class PiperEngine(BaseEngine):
         self._budget = budget if not threads else None
         self._sessions = max(1, sessions)
         self._voices: dict[str, queue.Queue[Any]] = {}
+        self._timed: dict[str, bool] = {}  # voice → its sessions output phoneme durations
         self._wide: dict[str, queue.Queue[Any]] = {}
         self._languages: dict[str, str] = {}
         self._sample_rate = 22050
@@ -172,6 +174,7 @@ class PiperEngine(BaseEngine):
 
         loaded: dict[str, queue.Queue[Any]] = {}
         wide: dict[str, queue.Queue[Any]] = {}
+        timed: dict[str, bool] = {}
         # Rewritten graphs are written here once, read by every session made of them, then deleted.
         with tempfile.TemporaryDirectory(prefix="tts-gateway-piper-") as directory:
             for voice in self._files.values():
@@ -180,17 +183,21 @@ class PiperEngine(BaseEngine):
                 scratch = Path(directory) / voice.id
                 scratch.mkdir()
                 base = PiperVoice.load(voice.model_path, config_path=voice.config_path)
+                # Every session also outputs the phoneme durations (word timings); the audio is the same.
+                timed_path = with_durations(voice.model_path, scratch)
+                source = timed_path or voice.model_path
+                timed[voice.id] = timed_path is not None
                 # One entry per call that may run at once. With several sessions (N threads each), last in,
                 # first out: a lone request gets the session used last, whose weights are still in the CPU
                 # caches (a FIFO pool would rotate through cold ones).
                 pool: queue.Queue[Any] = queue.LifoQueue()
                 # One-core sessions run the 2-D graph once it is proven to speak like the original.
                 threads = self._threads if self._budget is None else 1
-                model = voice.model_path
+                model = source
                 checked = None
                 reference = _speak(base) if threads == 1 else None
                 if reference is not None:
-                    model, checked = _narrow_model(base, voice.model_path, reference, scratch)
+                    model, checked = _narrow_model(base, source, reference, scratch)
                 size = self._sessions if self._budget is None else self._budget.cores
                 if threads == 1:
                     # One single-threaded session serves every core: onnxruntime runs a session from
@@ -205,10 +212,11 @@ class PiperEngine(BaseEngine):
                 if self._budget is not None and reference is not None:
                     wide[voice.id] = queue.Queue()
                     wide[voice.id].put(replace(base, session=_wide_session(
-                        base, voice.model_path, self._budget.cores, reference, scratch)))
+                        base, source, self._budget.cores, reference, scratch)))
                 loaded[voice.id] = pool
         self._voices = loaded
         self._wide = wide
+        self._timed = timed
         self._loaded = True
 
     def unload(self) -> None:
@@ -223,12 +231,24 @@ class PiperEngine(BaseEngine):
         release_memory()
 
     def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        for chunk in self._chunks(text, voice, options, timed=False):
+            yield chunk.audio
+
+    def synthesize_timed(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[TimedChunk]:
+        """Word timings from the durations Piper's encoder predicts, phonemes mapped to the text's words
+        by `timing.label_phonemes`."""
+        return self._chunks(text, voice, options, timed=True)
+
+    def _chunks(self, text: str, voice: VoiceInput, options: SynthesisOptions, timed: bool) -> Iterator[TimedChunk]:
         from piper import SynthesisConfig
 
         self.check_language(options.language)
         pool = self._voices.get(voice.builtin or "")
         if pool is None:
             raise EngineUnavailable(self.name, f"voice {voice.builtin!r} is not loaded")
+        if timed and not self._timed.get(voice.builtin or ""):
+            raise EngineUnavailable(self.name, f"voice {voice.builtin!r} gives no phoneme durations "
+                                    "(the onnx package is needed to read them)")
         length_scale, stretch = speed_plan(float(options.speed))
         config = SynthesisConfig(length_scale=length_scale)
         if options.repeatable:
@@ -245,13 +265,45 @@ class PiperEngine(BaseEngine):
                 pool = self._wide[voice.builtin or ""]
             piper_voice = pool.get()
             try:
-                for chunk in piper_voice.synthesize(text, syn_config=config):
+                clock = _PhonemeClock(piper_voice, text) if timed else None
+                for chunk in piper_voice.synthesize(text, syn_config=config, include_alignments=timed):
                     if options.cancel.is_set():
                         raise SynthesisCancelled("cancelled")
-                    yield time_stretch(np.asarray(chunk.audio_float_array, dtype=np.float32), chunk.sample_rate,
-                                       stretch)
+                    raw = np.asarray(chunk.audio_float_array, dtype=np.float32)
+                    audio = time_stretch(raw, chunk.sample_rate, stretch)
+                    words = clock.chunk(chunk, raw.size) if clock is not None else []
+                    yield TimedChunk(audio, scaled(words, audio.size / max(raw.size, 1)))
             finally:
                 pool.put(piper_voice)
+
+
+class _PhonemeClock:
+    """Word timings for one piece of text, chunk by chunk (Piper yields one chunk per sentence it finds)."""
+
+    def __init__(self, piper_voice: Any, text: str) -> None:
+        self.words = input_words(text)
+        alone = [[p for sentence in piper_voice.phonemize(word.text) for p in sentence] for word in self.words
+                 ] if len(self.words) != 1 else [[]]
+        spoken = [p for sentence in piper_voice.phonemize(text) for p in sentence]
+        self.labels = label_phonemes(alone, spoken)
+        self.position = 0
+        self.rate = piper_voice.config.sample_rate
+        self.clock = WordClock([word.text for word in self.words])
+        self.remaining = len(spoken)
+
+    def chunk(self, chunk: Any, samples: int) -> list[WordTiming]:
+        count = len(chunk.phonemes)
+        labels = self.labels[self.position:self.position + count]
+        self.position += count
+        self.remaining -= count
+        last = self.remaining <= 0
+        alignments = chunk.phoneme_alignments
+        if alignments is None or len(alignments) != count + 2:
+            # Phonemes Piper could not align (missing from the voice's id map): the chunk's words share it.
+            return self.clock.chunk([label for label in labels if label is not None][:1] or [None], [samples],
+                                    self.rate, last)
+        # Piper's alignments are BOS, each phoneme, EOS, each with the padding after it.
+        return self.clock.chunk([None, *labels, None], [a.num_samples for a in alignments], self.rate, last)
 
 
 class SplitSession:
@@ -286,7 +338,7 @@ class SplitSession:
     def fit_pad(self, inputs: dict[str, np.ndarray]) -> bool:
         """Use the least padding whose slices decode ``inputs`` exactly as the whole does (float
         rounding aside); False when none does."""
-        (frames,) = self.encoder.run(None, inputs)
+        frames = self.encoder.run(None, inputs)[0]
         whole = self.decoder.run(None, {self.latent: frames})[0]
         for pad in self.PADS:
             if 2 * (pad + 1) > frames.shape[-1]:
@@ -298,13 +350,13 @@ class SplitSession:
         return False
 
     def run(self, output_names: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        (frames,) = self.encoder.run(None, inputs)
+        frames, *extra = self.encoder.run(None, inputs)
         # A slice costs its frames plus the padding, on one core at ~1.5x the per-frame time of the
         # whole decoder on every core: below ~6 pads of frames per slice, slicing does not pay.
         slices = min(self.cores, frames.shape[-1] // (6 * self.pad))
         if slices < 2:
-            return [self.whole.run(None, {self.latent: frames})[0]]
-        return [self._decode(frames, slices)]
+            return [self.whole.run(None, {self.latent: frames})[0], *extra]
+        return [self._decode(frames, slices), *extra]
 
     def _decode(self, frames: np.ndarray, slices: int) -> np.ndarray:
         count = frames.shape[-1]

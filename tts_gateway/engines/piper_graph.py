@@ -41,6 +41,23 @@ def rewrite(model_path: Path, directory: Path) -> Path | None:
     return _save(model, directory / f"{model_path.stem}.2d.onnx") if _to_2d(model) else None
 
 
+def with_durations(model_path: Path, directory: Path) -> Path | None:
+    """The model with each phoneme id's length in frames (its ``Ceil``, the rounded durations the
+    decoder is expanded by) as a second output, written to ``directory``; None when ``onnx`` is
+    missing or the graph has no single such node. Word timings are read from it; the audio is unchanged."""
+    try:
+        import onnx
+    except ImportError:
+        log.info("onnx is not installed: Piper gives no word timings")
+        return None
+    model = onnx.load(str(model_path))
+    ceilings = [node.output[0] for node in model.graph.node if node.op_type == "Ceil"]
+    if len(ceilings) != 1 or len(model.graph.output) != 1:
+        return None
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(ceilings[0]))
+    return _save(model, directory / f"{model_path.stem}.durations.onnx")
+
+
 def _save(model: Any, path: Path) -> Path:
     import onnx
 
@@ -128,11 +145,12 @@ def _to_2d(model: Any) -> bool:
 
 @dataclass(frozen=True)
 class SplitGraph:
-    """A Piper voice in two graphs: ``encoder`` (phoneme ids, scales → latent frames: the text encoder,
-    durations and flow) and ``decoder`` (latent frames → audio: HiFi-GAN, as 2-D convolutions, about
-    two thirds of the work). A convolutional decoder can run on slices of the frames, so a sentence
-    alone can be decoded on every core at once with one-core kernels. ``whole_decoder`` is the
-    decoder as exported, for sentences too short to slice (its 1-D kernels share threads better)."""
+    """A Piper voice in two graphs: ``encoder`` (phoneme ids, scales → latent frames, then the voice's
+    other outputs if any: the text encoder, durations and flow) and ``decoder`` (latent frames →
+    audio: HiFi-GAN, as 2-D convolutions, about two thirds of the work). A convolutional decoder can
+    run on slices of the frames, so a sentence alone can be decoded on every core at once with one-core
+    kernels. ``whole_decoder`` is the decoder as exported, for sentences too short to slice (its 1-D
+    kernels share threads better)."""
 
     encoder: Path
     decoder: Path
@@ -155,8 +173,10 @@ def split(model_path: Path, directory: Path) -> SplitGraph | None:
         return None
     latent = first.input[0]
     extractor = Extractor(model)
-    encoder = extractor.extract_model([value.name for value in model.graph.input], [latent])
-    decoder = extractor.extract_model([latent], [value.name for value in model.graph.output])
+    # The audio comes from the decoder; other outputs (the durations of `with_durations`) from the encoder.
+    audio, *extra = [value.name for value in model.graph.output]
+    encoder = extractor.extract_model([value.name for value in model.graph.input], [latent, *extra])
+    decoder = extractor.extract_model([latent], [audio])
     # A multi-speaker decoder also reads the speaker embedding: such voices run whole.
     if [value.name for value in decoder.graph.input] != [latent]:
         return None

@@ -97,9 +97,41 @@ def _audio_content(formats: Iterable[str]) -> dict[str, OpenAPIMediaType]:
     return content
 
 
+def _timed_content() -> dict[str, OpenAPIMediaType]:
+    """The answers of a request with ``timestamps``: JSON whole, server-sent events when it streams."""
+    number = Schema(type=OpenAPIType.NUMBER, minimum=0, description="Seconds from the start of the audio")
+    span = Schema(type=OpenAPIType.OBJECT, required=["text", "start", "end"],
+                  properties={"text": Schema(type=OpenAPIType.STRING), "start": number, "end": number})
+    spans = Schema(type=OpenAPIType.ARRAY, items=span)
+    timed = Schema(
+        type=OpenAPIType.OBJECT, title="TimedSpeech",
+        required=["audio", "format", "sample_rate", "duration", "sentences"],
+        properties={
+            "audio": Schema(type=OpenAPIType.STRING, content_encoding="base64",
+                            description="The audio, encoded in `format`"),
+            "format": Schema(type=OpenAPIType.STRING, enum=list(FORMATS)),
+            "sample_rate": Schema(type=OpenAPIType.INTEGER),
+            "duration": Schema(type=OpenAPIType.NUMBER, description="Seconds of audio"),
+            "words": Schema(type=OpenAPIType.ARRAY, items=span,
+                            description="With `timestamps: word`: each word of the text (as written, without its "
+                                        "outer punctuation), in order"),
+            "sentences": spans,
+            "captions": Schema(type=OpenAPIType.STRING, description="WebVTT or SRT, with `captions`"),
+        })
+    # One server-sent event (what SSE-aware tools check each event against).
+    events = Schema(
+        type=OpenAPIType.OBJECT, title="TimedSpeechEvent", required=["event", "data"],
+        properties={"event": Schema(type=OpenAPIType.STRING, enum=["audio", "done"]),
+                    "data": Schema(type=OpenAPIType.STRING, content_media_type="application/json")},
+        description=("With `stream`: `audio` events (`data`: `{audio: base64, sentences, words?}`, the timings "
+                     "of what the chunk holds) as the audio is made, then one `done` event (`data`: the JSON "
+                     "answer without `audio`)"))
+    return {"application/json": OpenAPIMediaType(schema=timed), "text/event-stream": OpenAPIMediaType(schema=events)}
+
+
 def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Mapping[str, OpenAPIHeader] | None = None,
                       can_be_malformed: bool = False, content: Mapping[str, OpenAPIMediaType] | None = None,
-                      ) -> type[Operation]:
+                      timed: bool = False) -> type[Operation]:
     """An `Operation` class that makes a route's documented responses match what it really sends.
 
     Args:
@@ -108,6 +140,7 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
         can_be_malformed: Whether the route reads a body (and so can answer 400); otherwise Litestar's
             generic 400 entry is removed.
         content: More media types of the success response (e.g. the events of a ``text/event-stream``).
+        timed: The route answers requests with ``timestamps`` with JSON or server-sent events.
     """
     formats = tuple(audio or ())
     headers = dict(success_headers or {})
@@ -127,6 +160,9 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
                     success.description = ("Audio in the requested format; sent as it is made (chunked) when the "
                                            "request streams and the format allows it")
                     success.headers = {**(success.headers or {}), **SYNTHESIS_HEADERS}
+                if timed:
+                    success.content = {**(success.content or {}), **_timed_content()}
+                    success.description = f"{success.description}; with `timestamps`, JSON or server-sent events"
                 if headers:
                     success.headers = {**(success.headers or {}), **headers}
                 if content:
@@ -141,7 +177,7 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
 
 def documented(*problems: int, audio: Iterable[str] | None = None, body: bool = False,
                headers: Mapping[str, OpenAPIHeader] | None = None,
-               content: Mapping[str, OpenAPIMediaType] | None = None) -> dict[str, Any]:
+               content: Mapping[str, OpenAPIMediaType] | None = None, timed: bool = False) -> dict[str, Any]:
     """Route decorator keywords that document a route's errors (and audio): ``@post(..., **documented(404))``.
 
     Every route may answer 500 (an internal problem, never for anything a client sent); a route with a
@@ -153,7 +189,7 @@ def documented(*problems: int, audio: Iterable[str] | None = None, body: bool = 
     return {
         "responses": problem_responses(statuses),
         "operation_class": gateway_operation(audio=audio, success_headers=headers, can_be_malformed=body,
-                                             content=content),
+                                             content=content, timed=timed),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from litestar import Request, Response
 from litestar.response import Stream
@@ -15,6 +15,8 @@ from tts_gateway.core.service import Plan
 from tts_gateway.errors import Cancelled, TTSGatewayError
 from tts_gateway.gateway.problems import status_of
 
+T = TypeVar("T")
+
 
 async def _disconnected(request: Request[Any, Any, Any]) -> None:
     """Returns when the client goes away (the body has been read, so nothing else can arrive)."""
@@ -22,7 +24,7 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-async def _unless_client_leaves(work: Awaitable[Outcome], request: Request[Any, Any, Any]) -> Outcome:
+async def unless_client_leaves(work: Awaitable[T], request: Request[Any, Any, Any]) -> T:
     """``work``, cancelled as soon as the client disconnects (the engine stops at its next chunk)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -50,7 +52,7 @@ async def outcome_of(dispatcher: Dispatcher, plan: Plan, request: Request[Any, A
     metrics = dispatcher.core.metrics
     try:
         if request is not None and not plan.streams:
-            outcome = await _unless_client_leaves(dispatcher.run(plan), request)
+            outcome = await unless_client_leaves(dispatcher.run(plan), request)
         else:
             outcome = await dispatcher.run(plan)
     except TTSGatewayError as exc:
@@ -76,4 +78,4 @@ async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str]
     return Stream(outcome.chunks(), media_type=outcome.media_type, headers=all_headers)
 
 
-__all__ = ["outcome_of", "respond"]
+__all__ = ["outcome_of", "respond", "unless_client_leaves"]

@@ -61,6 +61,7 @@ class VoiceList(msgspec.Struct):
 class EngineCapabilities(msgspec.Struct):
     cloning: bool
     streaming: bool
+    timestamps: list[str]  # the levels `POST /v1/synthesize` can time: "sentence", and "word" when the engine can
 
 
 class EngineModel(msgspec.Struct):

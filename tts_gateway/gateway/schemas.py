@@ -14,7 +14,9 @@ import msgspec
 from litestar.datastructures import UploadFile
 
 from tts_gateway.audio import FORMATS
+from tts_gateway.core.captions import CAPTION_FORMATS
 from tts_gateway.core.service import MAX_RATE, MAX_SEED, MAX_SPEED, MIN_RATE, MIN_SPEED
+from tts_gateway.core.timings import LEVELS
 from tts_gateway.gateway.openapi import OPENAPI_METADATA
 from tts_gateway.gateway.speech_events import STREAM_FORMATS
 from tts_gateway.voices.catalog import MAX_DESCRIPTION_CHARS
@@ -46,6 +48,13 @@ TextFormat = Annotated[str, _documented("`text`, or `ssml`: a <speak> document (
 Normalize = Annotated[bool, _documented("Spell out numbers, dates, times, money, units and abbreviations "
                                         "(en, de, fr, es; numbers in other languages num2words knows)")]
 
+Timestamps = Annotated[str, _documented(
+    "Answer with JSON (`TimedSpeech`: base64 audio and when each word or sentence is heard) instead of audio "
+    "bytes; with `stream`, server-sent events. `word` needs an engine that gives words (see GET /v1/engines)",
+    enum=list(LEVELS))]
+Captions = Annotated[str, _documented("Add WebVTT or SRT captions to the timed answer (implies `timestamps`)",
+                                      enum=list(CAPTION_FORMATS))]
+
 # The ``response_format`` values OpenAI documents that the gateway can send (``aac`` is refused with 422).
 SPEECH_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")
 SpeechFormat = Annotated[str, _documented("Output format (OpenAI's `aac` is not supported)", enum=list(SPEECH_FORMATS))]
@@ -65,6 +74,8 @@ class SynthesizeBody(msgspec.Struct, forbid_unknown_fields=True):
     cache: bool = True
     text_format: TextFormat = "text"
     normalize: Normalize = True
+    timestamps: Timestamps | None = None
+    captions: Captions | None = None
 
 
 class VoiceId(msgspec.Struct):

@@ -8,7 +8,7 @@ from litestar import Controller, get, post
 
 from tts_gateway.core.dispatch import Dispatcher
 from tts_gateway.core.metrics import Metrics
-from tts_gateway.engines.base import CloningEngine, LanguageNamingEngine, ReplicatedEngine
+from tts_gateway.engines.base import CloningEngine, LanguageNamingEngine, ReplicatedEngine, timestamp_levels
 from tts_gateway.engines.manager import EngineManager
 from tts_gateway.errors import Conflict
 from tts_gateway.gateway.auth import auth_problems
@@ -41,7 +41,8 @@ def describe_engine(engines: EngineManager, name: str) -> Engine:
         loaded=engine.loaded,
         languages=list(engine.languages) if available else [],
         capabilities=EngineCapabilities(cloning=isinstance(engine, CloningEngine),
-                                        streaming=engine.capabilities.streaming),
+                                        streaming=engine.capabilities.streaming,
+                                        timestamps=list(timestamp_levels(engine))),
         sample_rate=engine.sample_rate,
         model=EngineModel(id=model.id, sha256=model.sha256, licence=model.licence) if model else None,
         voices=[f"{name}:{v.id}" for v in engine.voices()] if available else [],

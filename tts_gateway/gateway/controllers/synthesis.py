@@ -18,6 +18,7 @@ from tts_gateway.gateway.openapi import documented
 from tts_gateway.gateway.requests import json_body, require_multipart
 from tts_gateway.gateway.respond import respond
 from tts_gateway.gateway.schemas import LegacyForm, SynthesizeBody
+from tts_gateway.gateway.timed import respond_timed
 from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
 
 LEGACY_RATE = 16000
@@ -29,16 +30,20 @@ class SynthesisController(Controller):
 
     @post("/v1/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["synthesis"],
           before_request=json_body(SynthesizeBody), summary="Synthesize speech",
-          **documented(*auth_problems("synthesize"), 404, 409, 503, 504, audio=FORMATS, body=True))
+          **documented(*auth_problems("synthesize"), 404, 409, 503, 504, audio=FORMATS, body=True, timed=True))
     async def synthesize(self, data: SynthesizeBody, dispatcher: Dispatcher,
                          service: SynthesisService, request: Request[Any, Any, Any]) -> Response[bytes]:
-        """Text → audio with a built-in voice (`engine:voice`) or a registered preset."""
+        """Text → audio with a built-in voice (`engine:voice`) or a registered preset; with `timestamps`, JSON
+        with the audio and when each word or sentence is heard (server-sent events when it streams)."""
         synthesis = SynthesisRequest(
             text=data.text, voice=data.voice, language=data.language, format=data.format,
             sample_rate=data.sample_rate, speed=data.speed, seed=data.seed, stream=data.stream, cache=data.cache,
             text_format=data.text_format, normalize=data.normalize,
+            timestamps=data.timestamps, captions=data.captions,
         )
         plan = await asyncio.to_thread(service.plan, synthesis)  # checks the text too: never on the event loop
+        if plan.timestamps is not None:
+            return await respond_timed(dispatcher, plan, request)
         return await respond(dispatcher, plan, request=request)
 
     @post("/synthesize", status_code=200, opt={"scope": "synthesize"}, tags=["legacy"],

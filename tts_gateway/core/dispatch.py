@@ -147,12 +147,16 @@ class Dispatcher:
     def cache(self) -> PhraseCache | None:
         return self.core.cache
 
+    def _cache_for(self, plan: Plan) -> tuple[PhraseCache | None, str | None]:
+        """The phrase cache when it is on, and the plan's key in it (None: the plan is never cached)."""
+        cache = self.cache if self.cache is not None and self.cache.enabled else None
+        parts = plan.cache_parts() if cache is not None else None
+        return cache, PhraseCache.key(parts) if parts is not None else None
+
     async def run(self, plan: Plan) -> Outcome:
         """The phrase cache, then the runner; raises `TTSGatewayError` kinds before any audio exists."""
         headers = plan.headers()
-        cache = self.cache if self.cache is not None and self.cache.enabled else None
-        parts = plan.cache_parts() if cache is not None else None
-        key = PhraseCache.key(parts) if parts is not None else None
+        cache, key = self._cache_for(plan)
         if cache is not None and key is not None:
             hit = await asyncio.to_thread(cache.get, key)
             if hit is not None:
@@ -184,9 +188,7 @@ class Dispatcher:
             raise InvalidField("timestamps", "are not available when the engines run on Ray Serve replicas "
                                "(TTS_GATEWAY_BACKEND=ray)")
         headers = plan.headers()
-        cache = self.cache if self.cache is not None and self.cache.enabled else None
-        parts = plan.cache_parts() if cache is not None else None
-        key = PhraseCache.key(parts) if parts is not None else None
+        cache, key = self._cache_for(plan)
         if cache is not None and key is not None:
             hit = await asyncio.to_thread(cache.get, key)
             if hit is not None and hit.timings is not None:

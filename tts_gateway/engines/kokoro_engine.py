@@ -22,7 +22,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +292,10 @@ class KokoroEngine(BaseEngine):
                   for index, part in enumerate(parts)]
         return " ".join(part for part in spoken if part)
 
-    def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
-        from kokoro_onnx.chunker import pause_after, split_phonemes
+    def _batches(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> _Batches:
+        """What both ways of speaking ``text`` start from: the model, the voice's style, the speed the model
+        takes and the stretch that makes up the rest, and the phoneme batches."""
+        from kokoro_onnx.chunker import split_phonemes
 
         self.check_language(options.language)
         kokoro = self._kokoro
@@ -302,22 +304,27 @@ class KokoroEngine(BaseEngine):
         style = self._voices.style_for(voice)
         low, high = MODEL_SPEED_RANGE
         model_speed = min(max(float(options.speed), low), high)
-        stretch = float(options.speed) / model_speed
         phonemes = self.phonemize(text, options.language, voice.builtin)
         batches = [b for b in split_phonemes(phonemes, MAX_PHONEMES) if any(c in self._vocab for c in b)]
-        for index, batch in enumerate(batches):
+        return _Batches(kokoro, style, model_speed, float(options.speed) / model_speed, batches)
+
+    def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
+        from kokoro_onnx.chunker import pause_after
+
+        run = self._batches(text, voice, options)
+        for index, batch in enumerate(run.batches):
             if options.cancel.is_set():
                 raise SynthesisCancelled("cancelled")
             # No pauses inserted inside a batch (kokoro-onnx adds them at marks when the model gives
             # durations): the batches join with the engine's own pauses, timed or not.
-            audio, _rate = kokoro.create(batch, voice=style, speed=model_speed, is_phonemes=True, trim=True,
-                                         sentence_pause=0.0, clause_pause=0.0)
+            audio, _rate = run.kokoro.create(batch, voice=run.style, speed=run.model_speed, is_phonemes=True,
+                                             trim=True, sentence_pause=0.0, clause_pause=0.0)
             audio = np.asarray(audio, dtype=np.float32).ravel()
-            if index < len(batches) - 1:
+            if index < len(run.batches) - 1:
                 pause = pause_after(batch, SENTENCE_PAUSE_S, CLAUSE_PAUSE_S)
                 audio = np.concatenate([audio, np.zeros(int(pause * SAMPLE_RATE), np.float32)])
-            if abs(stretch - 1.0) > 1e-6:
-                audio = time_stretch(audio, SAMPLE_RATE, stretch)
+            if abs(run.stretch - 1.0) > 1e-6:
+                audio = time_stretch(audio, SAMPLE_RATE, run.stretch)
             if options.cancel.is_set():
                 raise SynthesisCancelled("cancelled")
             yield audio
@@ -325,21 +332,13 @@ class KokoroEngine(BaseEngine):
     def synthesize_timed(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[TimedChunk]:
         """Word timings from the durations the model predicts (its ``duration`` output, see
         `kokoro_models.with_durations`), phonemes mapped to the text's words by `timing.label_phonemes`."""
-        from kokoro_onnx.chunker import pause_after, split_phonemes
+        from kokoro_onnx.chunker import pause_after
 
-        self.check_language(options.language)
-        kokoro = self._kokoro
-        if kokoro is None:
-            raise EngineUnavailable(self.name, "not loaded")
+        run = self._batches(text, voice, options)
+        kokoro, style, model_speed, stretch, batches = run.kokoro, run.style, run.model_speed, run.stretch, run.batches
         if not kokoro.has_timings:
             raise EngineUnavailable(self.name, "this model gives no phoneme durations (the onnx package is needed "
                                     "to read them)")
-        style = self._voices.style_for(voice)
-        low, high = MODEL_SPEED_RANGE
-        model_speed = min(max(float(options.speed), low), high)
-        stretch = float(options.speed) / model_speed
-        phonemes = self.phonemize(text, options.language, voice.builtin)
-        batches = [b for b in split_phonemes(phonemes, MAX_PHONEMES) if any(c in self._vocab for c in b)]
         known = kokoro.tokenizer.known
         words = input_words(text)
         # One word (a Japanese sentence has no spaces) needs no alignment, nor its phonemes alone.
@@ -365,6 +364,15 @@ class KokoroEngine(BaseEngine):
             if abs(stretch - 1.0) > 1e-6:
                 audio = time_stretch(audio, SAMPLE_RATE, stretch)
             yield TimedChunk(audio, scaled(heard, audio.size / max(raw, 1)))
+
+
+@dataclass(frozen=True)
+class _Batches:
+    kokoro: Any
+    style: Any
+    model_speed: float
+    stretch: float
+    batches: list[str]
 
 
 def _phoneme_units(spoken: list[Any], labels: list[int | None], total: int) -> tuple[list[int | None], list[int]]:

@@ -49,12 +49,16 @@ async def outcome_of(dispatcher: Dispatcher, plan: Plan, request: Request[Any, A
         request: The HTTP request: a whole-audio synthesis stops when its client disconnects (a stream
             stops by itself when its body can no longer be sent).
     """
+    if request is not None and not plan.streams:
+        return await counted(dispatcher, plan, unless_client_leaves(dispatcher.run(plan), request))
+    return await counted(dispatcher, plan, dispatcher.run(plan))
+
+
+async def counted(dispatcher: Dispatcher, plan: Plan, work: Awaitable[T]) -> T:
+    """``work`` (the start of a synthesis), counted in ``tts_requests_total{engine,status}`` by how it ends."""
     metrics = dispatcher.core.metrics
     try:
-        if request is not None and not plan.streams:
-            outcome = await unless_client_leaves(dispatcher.run(plan), request)
-        else:
-            outcome = await dispatcher.run(plan)
+        result = await work
     except TTSGatewayError as exc:
         metrics.requests.labels(plan.engine_name, str(status_of(exc))).inc()
         raise
@@ -62,7 +66,7 @@ async def outcome_of(dispatcher: Dispatcher, plan: Plan, request: Request[Any, A
         metrics.requests.labels(plan.engine_name, "500").inc()
         raise
     metrics.requests.labels(plan.engine_name, "200").inc()
-    return outcome
+    return result
 
 
 async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str] | None = None,
@@ -78,4 +82,4 @@ async def respond(dispatcher: Dispatcher, plan: Plan, headers: Mapping[str, str]
     return Stream(outcome.chunks(), media_type=outcome.media_type, headers=all_headers)
 
 
-__all__ = ["outcome_of", "respond", "unless_client_leaves"]
+__all__ = ["counted", "outcome_of", "respond", "unless_client_leaves"]

@@ -20,9 +20,7 @@ from tts_gateway.core.dispatch import Dispatcher, TimedOutcome
 from tts_gateway.core.service import Plan
 from tts_gateway.core.timings import Timings, as_dict
 from tts_gateway.engines.timing import WORD
-from tts_gateway.errors import TTSGatewayError
-from tts_gateway.gateway.problems import status_of
-from tts_gateway.gateway.respond import unless_client_leaves
+from tts_gateway.gateway.respond import counted, unless_client_leaves
 
 EVENT_STREAM = "text/event-stream"
 
@@ -57,17 +55,8 @@ async def _events(plan: Plan, outcome: TimedOutcome) -> AsyncIterator[bytes]:
 
 async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
     """Run a plan with ``timestamps`` and answer with JSON or, when it streams, server-sent events."""
-    metrics = dispatcher.core.metrics
-    try:
-        work = dispatcher.run_timed(plan)
-        outcome = await (work if plan.stream else unless_client_leaves(work, request))
-    except TTSGatewayError as exc:
-        metrics.requests.labels(plan.engine_name, str(status_of(exc))).inc()
-        raise
-    except Exception:
-        metrics.requests.labels(plan.engine_name, "500").inc()
-        raise
-    metrics.requests.labels(plan.engine_name, "200").inc()
+    work = dispatcher.run_timed(plan)
+    outcome = await counted(dispatcher, plan, work if plan.stream else unless_client_leaves(work, request))
     if plan.stream:
         return Stream(_events(plan, outcome), media_type=EVENT_STREAM,
                       headers={**outcome.headers, "Cache-Control": "no-cache"})

@@ -55,8 +55,9 @@ async def _events(plan: Plan, outcome: TimedOutcome) -> AsyncIterator[bytes]:
     yield _event("done", summary(plan, timings))
 
 
-async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
-    """Run a plan with ``timestamps`` and answer with JSON or, when it streams, server-sent events."""
+async def run_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any]) -> TimedOutcome:
+    """Run a plan with ``timestamps`` (stopped when a whole answer's client leaves); counts
+    ``tts_requests_total{engine,status}``."""
     metrics = dispatcher.core.metrics
     try:
         work = dispatcher.run_timed(plan)
@@ -68,6 +69,12 @@ async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any
         metrics.requests.labels(plan.engine_name, "500").inc()
         raise
     metrics.requests.labels(plan.engine_name, "200").inc()
+    return outcome
+
+
+async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
+    """Run a plan with ``timestamps`` and answer with JSON or, when it streams, server-sent events."""
+    outcome = await run_timed(dispatcher, plan, request)
     if plan.stream:
         return Stream(_events(plan, outcome), media_type=EVENT_STREAM,
                       headers={**outcome.headers, "Cache-Control": "no-cache"})
@@ -76,4 +83,4 @@ async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any
     return Response(body, media_type="application/json", headers=outcome.headers)
 
 
-__all__ = ["respond_timed"]
+__all__ = ["respond_timed", "run_timed"]

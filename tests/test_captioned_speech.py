@@ -106,8 +106,8 @@ def test_mp3_default_sends_its_words_with_the_audio(client: TestClient[Any]) -> 
 
 
 def test_without_timestamps(client: TestClient[Any]) -> None:
-    whole = client.post(ROUTE, json={"input": TEXT, "voice": "piper:joe", "response_format": "wav",
-                                     "stream": False, "return_timestamps": False})
+    whole = client.post("/dev/captioned_speech", json={"input": TEXT, "voice": "piper:joe", "response_format": "wav",
+                                                       "stream": False, "return_timestamps": False})
     assert whole.status_code == 200, whole.text
     assert whole.json()["timestamps"] is None
     assert sf.read(io.BytesIO(base64.b64decode(whole.json()["audio"])))[0].size > 0

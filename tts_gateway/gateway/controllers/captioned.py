@@ -46,8 +46,9 @@ RENAMED = {"text": "input", "format": "response_format", "language": "lang_code"
 PCM_RATE = 24000  # Kokoro-FastAPI's raw PCM is 24 kHz s16le, and its clients assume it
 
 
-def _doc(description: str) -> msgspec.Meta:
-    return msgspec.Meta(extra_json_schema={"description": description})
+def _doc(description: str, **schema: Any) -> msgspec.Meta:
+    """OpenAPI-only description and rules (the handler enforces them, with its own 422s)."""
+    return msgspec.Meta(extra_json_schema={"description": description, "extra": schema})
 
 
 class CaptionedSpeechBody(msgspec.Struct):
@@ -58,19 +59,20 @@ class CaptionedSpeechBody(msgspec.Struct):
                                "then belong to)")] = "kokoro"
     voice: Annotated[str, _doc("A Kokoro voice name (`af_heart`: `kokoro:af_heart`), a built-in voice "
                                "(`engine:voice`), a preset, or an OpenAI name; the default voice when "
-                               "absent. Combinations (`a+b`) are not supported: register a blend")] | None = None
+                               "absent. Combinations (`a+b`) are not supported: register a blend",
+                               pattern=r"^[^+(]*$")] | None = None
     response_format: SpeechFormat = "mp3"
     speed: Speed = 1.0
     stream: Annotated[bool, _doc("One JSON object per line as the audio is made (Kokoro-FastAPI's default)")] = True
     return_timestamps: bool = True
     lang_code: Annotated[str, _doc("Kokoro's one-letter code (`a`, `b`, `j`...) or a language code")] | None = None
-    volume_multiplier: Annotated[float, _doc("Only 1 (not supported here)")] | None = 1.0
+    volume_multiplier: Annotated[float, _doc("Only 1 (not supported here)", enum=[1, None])] | None = 1.0
     normalization_options: Annotated[dict[str, Any], _doc("Accepted; the gateway's own text front end "
                                                           "normalizes")] | None = None
-    return_download_link: Annotated[bool, _doc("Only false (no download files here)")] = False
-    allow_voice_tags: Annotated[bool, _doc("Only false")] = False
-    ssml: Annotated[bool, _doc("Only false")] = False
-    voice_aliases: Annotated[dict[str, Any], _doc("Only absent")] | None = None
+    return_download_link: Annotated[bool, _doc("Only false (no download files here)", enum=[False])] = False
+    allow_voice_tags: Annotated[bool, _doc("Only false", enum=[False])] = False
+    ssml: Annotated[bool, _doc("Only false", enum=[False])] = False
+    voice_aliases: Annotated[dict[str, Any], _doc("Only absent or empty", max_properties=0)] | None = None
 
 
 def _refuse_unsupported(data: CaptionedSpeechBody) -> None:

@@ -112,6 +112,8 @@ POSITIVE_DATA_ALSO: dict[tuple[str, str], tuple[list[str], str]] = {
                                           "encode (both depend on the voice and format); text that is not the "
                                           "SSML text_format says"),
     ("POST", "/v1/audio/speech"): (["422"], "a model that names no engine; a voice of another engine than the model"),
+    ("POST", "/dev/captioned_speech"): (["422"], "a model that names no engine; a lang_code the voice's engine "
+                                                 "lacks; word timestamps from an engine that gives only sentences"),
     ("POST", "/v1/voices"): (["415", "422"], "reference audio that is not 2–60 s of decodable sound (415: not "
                                              "audio); an engine that cannot clone or a language it lacks"),
     ("POST", "/synthesize"): (["415", "422"], "speaker_audio that is not 2–60 s of decodable sound"),

@@ -221,17 +221,25 @@ def say(
     seed: Annotated[int | None, typer.Option(help="Seed for repeatable output.")] = None,
     ssml: Annotated[bool, typer.Option(help="TEXT is an SSML <speak> document.")] = False,
     normalize: Annotated[bool, typer.Option(help="Spell out numbers, dates and abbreviations.")] = True,
+    captions_file: Annotated[Path | None, typer.Option(
+        "--captions", help="Also write captions of the same audio here (.vtt WebVTT, .srt SubRip).")] = None,
+    captions_format: Annotated[str | None, typer.Option(
+        help="vtt or srt, whatever the --captions file's extension.")] = None,
 ) -> None:
     """Synthesize TEXT to a file (no server needed), with progress on model loading and long text."""
+    from tts_gateway.core.captions import render
     from tts_gateway.core.service import SynthesisRequest
+    from tts_gateway.core.timings import Timings
 
     if text == "-":
         text = sys.stdin.read()
-    # Checked before any work: a synthesis must not be thrown away because the file cannot be written.
-    if out_file.is_dir() or not out_file.resolve().parent.is_dir():
-        err.print(f"[red]error:[/red] --out {escape(str(out_file))}: "
-                  + ("is a directory" if out_file.is_dir() else "its directory does not exist"))
-        raise typer.Exit(2)
+    # Checked before any work: a synthesis must not be thrown away because a file cannot be written.
+    for option, path in (("--out", out_file), ("--captions", captions_file)):
+        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
+            err.print(f"[red]error:[/red] {option} {escape(str(path))}: "
+                      + ("is a directory" if path.is_dir() else "its directory does not exist"))
+            raise typer.Exit(2)
+    captions = _captions_format(captions_file, captions_format)
     settings = load_settings()
     core = open_core(settings)
     service = core.service
@@ -240,19 +248,51 @@ def say(
     try:
         plan = service.plan(SynthesisRequest(text=text, voice=voice, language=language, format=fmt,
                                              speed=speed, seed=seed, text_format="ssml" if ssml else "text",
-                                             normalize=normalize))
+                                             normalize=normalize, captions=captions))
         with_model(core, plan.engine_name, f"loading {plan.engine_name} model…",
                    lambda: service.engines.ensure_loaded(plan.engine_name))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, disable=len(plan.pieces) < 3) as progress:
             task = progress.add_task("synthesizing", total=len(plan.pieces))
-            audio = b"".join(service.run(plan, threading.Event(),
-                                         on_piece=lambda done: progress.update(task, completed=done)))
+            timings = Timings()
+            parts: list[bytes] = []
+            for item in service.run_timed(plan, threading.Event(),
+                                          on_piece=lambda done: progress.update(task, completed=done)):
+                parts.append(item.audio)
+                timings.add(item)
+            audio = b"".join(parts)
     except Exception as exc:
         raise fail(exc) from None
     out_file.write_bytes(audio)
     err.print(f"wrote {out_file} ({len(audio)} bytes, {plan.engine_name}, voice {plan.voice.name}, "
               f"seed {plan.seed})")
+    if captions_file is not None and plan.captions is not None:
+        captions_file.write_text(render(plan.captions, timings.sentences, timings.words), encoding="utf-8")
+        err.print(f"wrote {captions_file} ({plan.captions}, {len(timings.sentences)} sentences, "
+                  f"{plan.timestamps} timings)")
+
+
+CAPTION_SUFFIXES = {".vtt": "vtt", ".webvtt": "vtt", ".srt": "srt"}
+
+
+def _captions_format(path: Path | None, chosen: str | None) -> str | None:
+    """The caption format for ``--captions``: ``--captions-format``, else the file's extension."""
+    from tts_gateway.core.captions import CAPTION_FORMATS
+
+    if chosen is not None and chosen not in CAPTION_FORMATS:
+        err.print(f"[red]error:[/red] --captions-format {escape(chosen)}: use {' or '.join(CAPTION_FORMATS)}")
+        raise typer.Exit(2)
+    if path is None:
+        if chosen is not None:
+            err.print("[red]error:[/red] --captions-format needs --captions FILE")
+            raise typer.Exit(2)
+        return None
+    found = chosen or CAPTION_SUFFIXES.get(path.suffix.lower())
+    if found is None:
+        err.print(f"[red]error:[/red] --captions {escape(str(path))}: name a .vtt or .srt file, or add "
+                  "--captions-format vtt|srt")
+        raise typer.Exit(2)
+    return found
 
 
 REASON_CHARS = 48  # a reason in the engines table; --json gives it whole

@@ -53,10 +53,16 @@ async def _events(plan: Plan, outcome: TimedOutcome) -> AsyncIterator[bytes]:
     yield _event("done", summary(plan, timings))
 
 
+async def run_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any]) -> TimedOutcome:
+    """Run a plan with ``timestamps`` (stopped when a whole answer's client leaves); counts
+    ``tts_requests_total{engine,status}``."""
+    work = dispatcher.run_timed(plan)
+    return await counted(dispatcher, plan, work if plan.stream else unless_client_leaves(work, request))
+
+
 async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any, Any, Any]) -> Response[Any]:
     """Run a plan with ``timestamps`` and answer with JSON or, when it streams, server-sent events."""
-    work = dispatcher.run_timed(plan)
-    outcome = await counted(dispatcher, plan, work if plan.stream else unless_client_leaves(work, request))
+    outcome = await run_timed(dispatcher, plan, request)
     if plan.stream:
         return Stream(_events(plan, outcome), media_type=EVENT_STREAM,
                       headers={**outcome.headers, "Cache-Control": "no-cache"})
@@ -65,4 +71,4 @@ async def respond_timed(dispatcher: Dispatcher, plan: Plan, request: Request[Any
     return Response(body, media_type="application/json", headers=outcome.headers)
 
 
-__all__ = ["respond_timed"]
+__all__ = ["respond_timed", "run_timed"]

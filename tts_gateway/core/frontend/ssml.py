@@ -30,8 +30,8 @@ RATES = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast": 1.2
 SAY_AS = ("characters", "spell-out", "cardinal", "number", "ordinal", "date", "time", "telephone")
 ELEMENTS = {"speak", "p", "s", "break", "say-as", "sub", "phoneme", "prosody", "lang"}
 MIN_RATE, MAX_RATE = 0.25, 4.0
-# Elements that stand between words in the spoken text, so also in the written text content.
-_PARTS_WORDS = {"p", "s", "break", "say-as", "sub"}
+# Elements that end a word (a sentence or a pause): in the written text content too.
+_PARTS_WORDS = {"p", "s", "break"}
 
 SayAs = Callable[[str, str, str | None, str | None], str | None]  # (kind, text, format, language) → words
 

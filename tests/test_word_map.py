@@ -70,3 +70,14 @@ def test_a_lexicon_respelling_is_a_known_pair() -> None:
     spans = [*reader.feed(heard([spoken])), *reader.finish()]
     assert [(s.text, s.start, s.end) for s in spans] == [
         ("Run", 0, 1), ("nginx", 1, 3), ("and", 3, 4), ("2", 4, 5), ("apps", 5, 6)]
+
+
+def test_a_long_rewrite_is_still_one_entry() -> None:
+    """A written word said as more words than the alignment looks ahead (a long <sub> alias) still spans
+    them all, and the words after it keep their own."""
+    alias = " ".join(f"word{n}" for n in range(40))
+    spoken = f"Call {alias} now, please."
+    words = build_word_map("Call W3C now, please.", [spoken], lambda word: word)
+    reader = words.reader()
+    spans = [(s.text, s.start, s.end) for s in (*reader.feed(heard([spoken])), *reader.finish())]
+    assert spans == [("Call", 0, 1), ("W3C", 1, 41), ("now", 41, 42), ("please", 42, 43)]

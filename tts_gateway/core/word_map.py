@@ -90,24 +90,64 @@ def build_word_map(written_text: str, pieces: Sequence[str], expand: Callable[[s
                    _sentences(written_text, written, groups, piece_ends))
 
 
+# How far apart (in words, on either side) the alignment looks for the next pair of words the two sides
+# share after they part; beyond it, the rest is aligned as a whole (difflib, quadratic in the worst case).
+_RESYNC_WORDS = 16
+
+
 def _label(reference: list[tuple[str, int]], spoken: list[str], count: int) -> list[int]:
-    """The written word each spoken word belongs to: never decreasing."""
+    """The written word each spoken word belongs to: never decreasing.
+
+    The sides are walked together while their words agree; where they part, the nearest pair of agreeing
+    words (confirmed by the word after) ends the run that differs, so the cost stays linear in the text.
+    """
     if not spoken or not count:
         return [0] * len(spoken)
+    forms = [form for form, _ in reference]
+    owners = [owner for _, owner in reference]
     labels: list[int | None] = [None] * len(spoken)
-    matcher = difflib.SequenceMatcher(None, [form for form, _ in reference], spoken, autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag in ("equal", "replace"):
-            for j in range(j1, j2):
-                labels[j] = reference[i1 + (j - j1) * (i2 - i1) // (j2 - j1)][1]
+    i = j = 0
+    while i < len(forms) and j < len(spoken):
+        if forms[i] == spoken[j]:
+            labels[j] = owners[i]
+            i, j = i + 1, j + 1
+            continue
+        found = _resync(forms, spoken, i, j)
+        if found is None:
+            matcher = difflib.SequenceMatcher(None, forms[i:], spoken[j:], autojunk=False)
+            for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+                if tag in ("equal", "replace"):
+                    _share(labels, owners, i + i1, i + i2, j + j1, j + j2)
+            break
+        _share(labels, owners, i, i + found[0], j, j + found[1])
+        i, j = i + found[0], j + found[1]
     # A spoken word the written ones lack belongs to the word before it (at the start: the one after).
-    found = [label for label in labels if label is not None]
-    last = found[0] if found else 0
+    known = [label for label in labels if label is not None]
+    last = known[0] if known else 0
     out = []
     for label in labels:
         last = max(last, label) if label is not None else last
         out.append(last)
     return out
+
+
+def _resync(forms: list[str], spoken: list[str], i: int, j: int) -> tuple[int, int] | None:
+    """The fewest words to skip on each side (written, spoken) to where they agree again, or None."""
+    for total in range(1, 2 * _RESYNC_WORDS + 1):
+        for skip in range(max(0, total - _RESYNC_WORDS), min(total, _RESYNC_WORDS) + 1):
+            a, b = i + skip, j + total - skip
+            if a < len(forms) and b < len(spoken) and forms[a] == spoken[b] and \
+                    (a + 1 == len(forms) or b + 1 == len(spoken) or forms[a + 1] == spoken[b + 1]):
+                return skip, total - skip
+    return None
+
+
+def _share(labels: list[int | None], owners: list[int], i1: int, i2: int, j1: int, j2: int) -> None:
+    """Spoken words ``[j1, j2)`` said for written forms ``[i1, i2)``: in order, in proportion."""
+    if i1 == i2:
+        return
+    for j in range(j1, j2):
+        labels[j] = owners[i1 + (j - j1) * (i2 - i1) // (j2 - j1)]
 
 
 def _groups(labels: list[int], count: int) -> list[Group]:

@@ -15,14 +15,23 @@ from benchmarks.texts import HARVARD
 
 def _compare(result: Result, label: str, engine: Any, pieces: list[str], voice: str, language: str,
              rounds: int, budget: Budget) -> None:
+    from tts_gateway.core.frontend import prepare
+    from tts_gateway.core.word_map import build_word_map
     from tts_gateway.engines.base import SynthesisOptions, VoiceInput
 
     def run(make: Callable[..., Iterator[Any]]) -> float:
         started = time.perf_counter()
-        for piece in pieces:
-            for _ in make(piece, VoiceInput(builtin=voice),
-                          SynthesisOptions(language=language, seed=1, repeatable=True, cancel=threading.Event())):
-                pass
+        timed = make == engine.synthesize_timed
+        # The timed side also maps the spoken words back to the written ones, as the core does.
+        reader = build_word_map(" ".join(pieces), pieces, lambda word: prepare(word, language).text).reader() \
+            if timed else None
+        for index, piece in enumerate(pieces):
+            for chunk in make(piece, VoiceInput(builtin=voice),
+                              SynthesisOptions(language=language, seed=1, repeatable=True, cancel=threading.Event())):
+                if reader is not None:
+                    reader.feed(chunk.words)
+            if reader is not None:
+                reader.end_piece(index)
         return time.perf_counter() - started
 
     run(engine.synthesize)

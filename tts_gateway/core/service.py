@@ -27,6 +27,7 @@ from tts_gateway.core.frontend import Spoken, prepare
 from tts_gateway.core.metrics import Metrics
 from tts_gateway.core.text_limits import check_text
 from tts_gateway.core.timings import LEVELS, TimedBytes, TimingClock
+from tts_gateway.core.word_map import WordMap, build_word_map
 from tts_gateway.engines.base import (
     SpeechEngine,
     SynthesisCancelled,
@@ -37,7 +38,7 @@ from tts_gateway.engines.base import (
     timestamp_levels,
 )
 from tts_gateway.engines.manager import EngineManager
-from tts_gateway.engines.timing import WORD, TimedChunk
+from tts_gateway.engines.timing import WORD, TimedChunk, WordTiming
 from tts_gateway.errors import InvalidField, TTSGatewayError, Unavailable
 from tts_gateway.text import split_sentences
 from tts_gateway.voices.catalog import ResolvedVoice, VoiceCatalog
@@ -175,6 +176,7 @@ class Plan:
     languages: list[str] = field(default_factory=list)
     end_pause: float = 0.0  # silence after the last piece (an SSML break at the end)
     lexicon: tuple[str, ...] = ()  # the words the lexicon respelled
+    words: WordMap | None = None  # with timestamps: the spoken words → the input's words
 
     def pause_before(self, index: int) -> float | None:
         """Seconds of exact silence before piece ``index``; None for the usual pause between sentences."""
@@ -207,7 +209,8 @@ class Plan:
             "language": self.language, "format": self.fmt.name, "rate": self.rate, "speed": self.speed,
             "seed": None if deterministic else self.seed, "stream": self.streams,
             # Timed audio of some engines comes another way (espeak-ng's library): never mixed with untimed.
-            **({"timestamps": self.timestamps} if self.timestamps else {}),
+            # Timings name the words as written: "$42" and "42 dollars" sound alike but are timed apart.
+            **({"timestamps": self.timestamps, "written": self.text} if self.timestamps else {}),
         }
 
     @property
@@ -316,6 +319,7 @@ class SynthesisService:
                 languages.append(segment_language)
         if not pieces:
             raise InvalidField("text", "has nothing to speak")
+        words = self._word_map(spoken, pieces, language, engine, resolved, request.normalize) if timestamps else None
         styled = any(p is not None for p in pauses) or any(r != 1.0 for r in rates) or \
             any(code != language for code in languages) or spoken.pause_after
         return Plan(
@@ -325,7 +329,20 @@ class SynthesisService:
             repeatable=request.seed is not None, stream=request.stream, text=request.text, cache=request.cache,
             pauses=pauses if styled else [], rates=rates if styled else [], languages=languages if styled else [],
             end_pause=spoken.pause_after, lexicon=spoken.lexicon, timestamps=timestamps, captions=request.captions,
+            words=words,
         )
+
+    def _word_map(self, spoken: Spoken, pieces: list[str], language: str, engine: SpeechEngine,
+                  voice: ResolvedVoice, normalize: bool) -> WordMap:
+        """How the words of ``pieces`` map back to the words as written (`core.word_map`)."""
+        entries = self._entries(voice)(language) if self.lexicon is not None else {}
+        phonemes = engine.capabilities.phonemes
+
+        def expand(word: str) -> str:  # a written word as the front end says it alone
+            return prepare(word, language, normalize_text=normalize, lexicon=lambda _: entries,
+                           phonemes=phonemes).text
+
+        return build_word_map(spoken.written, pieces, expand)
 
     def speak(self, text: str, language: str, engine: SpeechEngine, voice: ResolvedVoice, *,
               text_format: str = "text", normalize: bool = True) -> Spoken:
@@ -439,6 +456,11 @@ class SynthesisService:
 
                 pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
                 clock = TimingClock(rate)
+                # Engines time the words they speak; the answer names the words as written.
+                reader = plan.words.reader() if words and plan.words is not None else None
+
+                def written(heard: tuple[WordTiming, ...]) -> tuple[WordTiming, ...]:
+                    return reader.feed(heard) if reader is not None else heard if words else ()
                 for index in range(len(plan.pieces)):
                     if cancel.is_set():
                         raise SynthesisCancelled("cancelled")
@@ -460,8 +482,9 @@ class SynthesisService:
                             if out and first:
                                 self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
                                 first = False
+                            heard = written(heard)
                             if out or (timed and heard):
-                                yield TimedBytes(out, heard if words else ())
+                                yield TimedBytes(out, heard)
                     if on_piece is not None:
                         on_piece(index + 1)
                     heard = ()
@@ -473,9 +496,12 @@ class SynthesisService:
                         if out and first:
                             self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
                             first = False
-                    sentence = block.sentence(plan.pieces[index])
+                    heard = written(heard)
+                    if reader is not None:
+                        heard += reader.end_piece(index)
+                    sentence = block.sentence(plan.words.sentences[index] if plan.words else plan.pieces[index])
                     if out or timed:
-                        yield TimedBytes(out, heard if words else (), (sentence,) if timed else ())
+                        yield TimedBytes(out, heard, (sentence,) if timed else ())
                 ending = pause(plan.end_pause) if plan.end_pause > 0 else b""
                 tail = ending + encoder.feed(resample(np.zeros(0, np.float32), last=True)) + encoder.close()
                 if first:
@@ -487,7 +513,7 @@ class SynthesisService:
                 if seconds > 0:
                     self.metrics.rtf.labels(plan.engine_name).observe(elapsed / seconds)
                 if tail or timed:
-                    yield TimedBytes(tail, duration=seconds)
+                    yield TimedBytes(tail, reader.finish() if reader is not None else (), duration=seconds)
         except TTSGatewayError:
             raise
         except Exception as exc:

@@ -51,9 +51,9 @@ def prepare(text: str, language: str, *, text_format: str = "text", normalize_te
     if text_format not in TEXT_FORMATS:
         raise InvalidField("text_format", f"{str(text_format)[:20]!r} is not one of {', '.join(TEXT_FORMATS)}")
     if text_format == "ssml":
-        segments, pause_after = parse(text, _say_as(language), phonemes=phonemes)
+        segments, pause_after, written = parse(text, _say_as(language), phonemes=phonemes)
     else:
-        segments, pause_after = [Segment(text)], 0.0
+        segments, pause_after, written = [Segment(text)], 0.0, text
     out: list[Segment] = []
     applied: dict[str, None] = {}
     for segment in segments:
@@ -65,7 +65,7 @@ def prepare(text: str, language: str, *, text_format: str = "text", normalize_te
         if normalize_text:
             words = normalize(words, spoken_in)
         out.append(Segment(words, segment.pause_before, segment.rate, spoken_in if spoken_in != language else None))
-    return Spoken(tuple(out), pause_after, tuple(applied))
+    return Spoken(tuple(out), pause_after, tuple(applied), written)
 
 
 __all__ = ["TEXT_FORMATS", "Segment", "Spoken", "SsmlError", "normalize", "prepare"]

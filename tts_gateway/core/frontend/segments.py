@@ -34,6 +34,9 @@ class Spoken:
     segments: tuple[Segment, ...]
     pause_after: float = 0.0  # a ``<break>`` at the very end
     lexicon: tuple[str, ...] = field(default=())  # the words a lexicon entry respelled
+    # The text as written, whose words timings name: the request's text, or an SSML document's text
+    # content (a <sub>'s or <say-as>'s content as written, not what it is spoken as).
+    written: str = ""
 
     @property
     def text(self) -> str:

@@ -30,6 +30,8 @@ RATES = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast": 1.2
 SAY_AS = ("characters", "spell-out", "cardinal", "number", "ordinal", "date", "time", "telephone")
 ELEMENTS = {"speak", "p", "s", "break", "say-as", "sub", "phoneme", "prosody", "lang"}
 MIN_RATE, MAX_RATE = 0.25, 4.0
+# Elements that end a word (a sentence or a pause): in the written text content too.
+_PARTS_WORDS = {"p", "s", "break"}
 
 SayAs = Callable[[str, str, str | None, str | None], str | None]  # (kind, text, format, language) → words
 
@@ -85,6 +87,7 @@ class _Handler(ContentHandler):
         self.pause: float | None = None  # before the next segment (see `Segment.pause_before`)
         self.seen_root = False
         self.silence = 0.0  # seconds of breaks so far
+        self.written: list[str] = []  # the document's text content, words apart where elements part them
 
     def where(self) -> str:
         if self.locator is None:
@@ -116,6 +119,8 @@ class _Handler(ContentHandler):
     # -- SAX ------------------------------------------------------------------------------------------
     def startElement(self, name: str, attrs: AttributesImpl) -> None:
         where = self.where()
+        if name in _PARTS_WORDS:
+            self.written.append(" ")
         if len(self.stack) >= MAX_DEPTH:
             raise SsmlError(f"<{name}> at {where} is nested more than {MAX_DEPTH} deep")
         if name not in ELEMENTS:
@@ -180,6 +185,8 @@ class _Handler(ContentHandler):
 
     def endElement(self, name: str) -> None:
         opened = self.stack.pop()
+        if name in _PARTS_WORDS:
+            self.written.append(" ")
         if opened.say_as is not None:
             kind, fmt = opened.say_as
             words = self.spell(opened.text) if kind in ("characters", "spell-out") else \
@@ -203,6 +210,7 @@ class _Handler(ContentHandler):
     def characters(self, content: str) -> None:
         if not self.stack:
             return
+        self.written.append(content)
         top = self.stack[-1]
         if top.say_as or top.alias is not None or top.name == "phoneme":
             top.text += content
@@ -214,8 +222,9 @@ class _Handler(ContentHandler):
         return " ".join(ch for ch in text if not ch.isspace())
 
 
-def parse(text: str, say_as: SayAs, *, phonemes: bool = False) -> tuple[list[Segment], float]:
-    """The segments of an SSML document and the pause after the last one; `SsmlError` when it is refused.
+def parse(text: str, say_as: SayAs, *, phonemes: bool = False) -> tuple[list[Segment], float, str]:
+    """The segments of an SSML document, the pause after the last one and the document's text content as
+    written (`Spoken.written`); `SsmlError` when it is refused.
 
     ``phonemes``: the engine takes IPA as ``[[ … ]]``, so ``<phoneme ph>`` is given to it so.
     """
@@ -234,4 +243,4 @@ def parse(text: str, say_as: SayAs, *, phonemes: bool = False) -> tuple[list[Seg
         raise SsmlError(f"not well-formed XML at line {line}, column {column}: {exc.getMessage()}") from None
     if not handler.seen_root:
         raise SsmlError("the document must be one <speak> element")
-    return handler.segments, handler.pause or 0.0
+    return handler.segments, handler.pause or 0.0, "".join(handler.written)

@@ -446,13 +446,21 @@ class SynthesisService:
                     return (TimedChunk(chunk) for chunk in engine.synthesize(plan.pieces[index], plan.voice.input,
                                                                              chosen))
 
+                def emit(audio: np.ndarray) -> bytes:
+                    """Engine-rate audio, counted, resampled and encoded (the first bytes time the TTFA)."""
+                    nonlocal produced, first
+                    produced += audio.size
+                    out = encoder.feed(resample(audio))
+                    if out and first:
+                        self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
+                        first = False
+                    return out
+
                 def pause(seconds: float) -> bytes:
                     """Exact silence (an SSML break), whatever the speed; the clock counts it."""
-                    nonlocal produced
                     block = silence(rate, seconds)
-                    produced += block.size
                     clock.emitted += block.size
-                    return encoder.feed(resample(block))
+                    return emit(block)
 
                 pieces = _OrderedPieces(make, plan.pieces, window, cancel, turn=turn if plan.streams else None)
                 clock = TimingClock(rate)
@@ -477,11 +485,7 @@ class SynthesisService:
                         block.add(chunk)
                         if native_speed:
                             audio, heard = block.take()
-                            produced += audio.size
-                            out = encoder.feed(resample(audio))
-                            if out and first:
-                                self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
-                                first = False
+                            out = emit(audio)
                             heard = written(heard)
                             if out or (timed and heard):
                                 yield TimedBytes(out, heard)
@@ -491,11 +495,7 @@ class SynthesisService:
                     out = b""
                     if block.pending:
                         audio, heard = block.take(1.0 if native_speed else plan.piece_speed(index))
-                        produced += audio.size
-                        out = encoder.feed(resample(audio))
-                        if out and first:
-                            self.metrics.ttfa.labels(plan.engine_name).observe(time.perf_counter() - plan.started)
-                            first = False
+                        out = emit(audio)
                     heard = written(heard)
                     if reader is not None:
                         heard += reader.end_piece(index)

@@ -84,11 +84,21 @@ class Gateway:
             network = ["--network", "host", "--env=TTS_GATEWAY_HOST=127.0.0.1", f"--env=TTS_GATEWAY_PORT={host_port}"]
         _container("run", "--detach", "--name", name, *_run_flags(), *network, *settings,
                    "--volume", f"{volume}:/data", image)
-        if host_port is None:
-            mapped = _container("port", name, "8001").stdout.split()[0]
+        self.host_port = host_port
+        self._find_url()
+
+    def _find_url(self) -> None:
+        if self.host_port is None:  # a published port is chosen again at every start
+            mapped = _container("port", self.name, "8001").stdout.split()[0]
             self.url = "http://" + mapped.replace("0.0.0.0", "127.0.0.1")
         else:
-            self.url = f"http://127.0.0.1:{host_port}"
+            self.url = f"http://127.0.0.1:{self.host_port}"
+
+    def restart(self) -> None:
+        """Stop the container as `docker stop` does (SIGTERM, then a grace period) and start it again."""
+        _container("stop", "--time", "30", self.name)
+        _container("start", self.name)
+        self._find_url()
 
     def logs(self) -> str:
         result = _container("logs", self.name, check=False)
@@ -194,7 +204,14 @@ def test_the_image_serves_speaks_keeps_presets_in_its_volume_and_runs_as_a_user(
     assert "0" not in uids, status
     _assert_healthy(first.name)
 
-    # stopped and replaced by a new container on the same volume: the preset is still there and speaks
+    # stopped and started again: the preset is still there and speaks
+    first.restart()
+    first.wait_ready()
+    found = httpx.get(first.url + "/v1/voices/my-blend", timeout=HANG_GUARD_S)
+    assert found.status_code == 200, found.text
+    _speech(first.synthesize(text=JAPANESE, voice="my-blend"), 24000)
+
+    # stopped and replaced by a new container on the same volume: the preset lives in the volume
     _container("stop", "--time", "30", first.name)
     second = containers.start(volume)
     second.wait_ready()

@@ -25,6 +25,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.espeak_library import EspeakLibrary, library_path
+from tts_gateway.engines.espeak_phonemes import espeak_text
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.scheduling import shared_budget
 from tts_gateway.engines.timing import InputWord, TimedChunk, WordClock, input_words, scaled
@@ -59,7 +60,8 @@ def wav_samples(data: bytes) -> np.ndarray:
 
 class EspeakEngine(BaseEngine):
     name = "espeak"
-    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True)
+    # IPA in ``[[ … ]]`` is turned into espeak-ng's own phoneme names (`espeak_phonemes`), which it reads inline.
+    capabilities = Capabilities(streaming=True, deterministic=True, native_speed=True, phonemes=True)
 
     def __init__(self, binary: str | None = None) -> None:
         super().__init__()
@@ -142,6 +144,7 @@ class EspeakEngine(BaseEngine):
         wanted = BASE_WPM * options.speed
         wpm = int(min(max(wanted, MIN_WPM), MAX_WPM))
         assert self.binary is not None
+        text = espeak_text(text, str(language))
         with self._budget.slot(threads=1):  # espeak-ng uses one core; it waits for one like any engine call
             # Text goes through stdin, never argv, so nothing in it is parsed as an option.
             process = subprocess.Popen(
@@ -169,13 +172,17 @@ class EspeakEngine(BaseEngine):
         wanted = BASE_WPM * options.speed
         wpm = int(min(max(wanted, MIN_WPM), TIMED_MAX_WPM))
         library = self._library()
+        given = espeak_text(text, str(language))
         with self._budget.slot(threads=1):
-            spoken = library.speak(text, str(language), wpm)
+            spoken = library.speak(given, str(language), wpm)
         if options.cancel.is_set():
             raise SynthesisCancelled("cancelled")
-        words = input_words(text)
+        words = input_words(given)  # the events count characters of what espeak-ng was given
+        named = [word.text for word in input_words(text)]  # the words as the engine was asked to say them
+        if len(named) != len(words):
+            named = [word.text for word in words]
         labels, lengths = event_units(words, spoken.words, spoken.clause_ends, spoken.audio.size)
-        timings = WordClock([word.text for word in words]).chunk(labels, lengths, library.sample_rate, last=True)
+        timings = WordClock(named).chunk(labels, lengths, library.sample_rate, last=True)
         samples = spoken.audio
         if library.sample_rate != SAMPLE_RATE:
             samples = soxr.resample(samples, library.sample_rate, SAMPLE_RATE)

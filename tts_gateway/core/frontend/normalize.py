@@ -41,12 +41,17 @@ def _words(text: str) -> str:
     return text.replace(",", "")
 
 
+SMALL = 100
+_DIGIT = re.compile(r"\d")
+
+
 class Normalizer:
     """The spoken form of text in one language (built once per language: the patterns are compiled here)."""
 
     def __init__(self, rules: LanguageRules) -> None:
         self.rules = rules
         self.lang = rules.code
+        self._small: dict[int, str] = {}  # 0…100 in words: the numbers text has most (digits of phones, times)
         base = rules.code.split("_")[0]
         self.base = base
         dec = re.escape(rules.decimal)
@@ -59,10 +64,11 @@ class Normalizer:
         plain = r"\d+(?:[.,]\d+)?" if rules.decimal == "," else rf"\d+(?:{dec}\d+)?"
         self.num = f"(?:{grouped}|{plain})" if grouped else f"(?:{plain})"
         self.number_re = re.compile(rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{self.num})(?![\d])")
-        self.passes: list[Callable[[str], str]] = []
+        self.passes: list[Callable[[str], str]] = []  # words (abbreviations), first
+        self.digit_passes: list[Callable[[str], str]] = []  # what only rewrites text with digits, in order
         if rules.full:
             self._full_passes()
-        self.passes.append(lambda text: self.number_re.sub(self._number_match, text))
+        self.digit_passes.append(lambda text: self.number_re.sub(self._number_match, text))
 
     # -- numbers ------------------------------------------------------------------------------------
     def value(self, written: str) -> Decimal | None:
@@ -82,7 +88,13 @@ class Normalizer:
     def cardinal(self, value: Decimal | int) -> str:
         if isinstance(value, Decimal) and value != value.to_integral_value():
             return self.decimal(value)
-        return _words(num2words(int(value), lang=self.lang))
+        number = int(value)
+        if 0 <= number <= SMALL:
+            words = self._small.get(number)
+            if words is None:
+                words = self._small[number] = _words(num2words(number, lang=self.lang))
+            return words
+        return _words(num2words(number, lang=self.lang))
 
     def decimal(self, value: Decimal) -> str:
         sign, digits, exponent = value.as_tuple()
@@ -96,7 +108,7 @@ class Normalizer:
         if self.base in ("fr", "es") and not fraction.startswith("0") and len(fraction) <= 2:
             tail = self.cardinal(int(fraction))  # French and Spanish read "3,14" as "trois virgule quatorze"
         else:
-            tail = " ".join(_words(num2words(int(d), lang=self.lang)) for d in fraction)
+            tail = " ".join(self.cardinal(int(d)) for d in fraction)
         out = f"{self.cardinal(whole)} {point} {tail}"
         return f"{self.rules.minus} {out}" if sign else out
 
@@ -154,22 +166,22 @@ class Normalizer:
         symbols = "".join(re.escape(s) for s in r.currencies)
         before = re.compile(rf"(?P<neg>-)?(?P<sym>[{symbols}])\s?(?P<num>{num})(?![\d])")
         after = re.compile(rf"(?<![\d.,])(?P<neg>-)?(?P<num>{num})\s?(?P<sym>[{symbols}])")
-        self.passes.append(lambda text: after.sub(self._money, before.sub(self._money, text)))
-        self.passes.append(self._times)
-        self.passes.append(self._dates)
-        self.passes.append(self._phones)
+        self.digit_passes.append(lambda text: after.sub(self._money, before.sub(self._money, text)))
+        self.digit_passes.append(self._times)
+        self.digit_passes.append(self._dates)
+        self.digit_passes.append(self._phones)
         if r.ordinal_suffix:
             ordinal = re.compile(rf"(?<![\d.,])(\d+)(?:{r.ordinal_suffix})(?!\w)")
-            self.passes.append(lambda text: ordinal.sub(self._ordinal_match, text))
+            self.digit_passes.append(lambda text: ordinal.sub(self._ordinal_match, text))
         ranged = re.compile(r"(?<![\d.,\w-])(\d+(?:[.,]\d+)?)\s?[-–]\s?(\d+(?:[.,]\d+)?)(?![\d.,]\d)")
-        self.passes.append(lambda text: ranged.sub(rf"\1 {r.range_word} \2", text))
+        self.digit_passes.append(lambda text: ranged.sub(rf"\1 {r.range_word} \2", text))
         percent = re.compile(rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{num})\s?%")
-        self.passes.append(lambda text: percent.sub(lambda m: f"{self._signed(m)} {r.percent}", text))
+        self.digit_passes.append(lambda text: percent.sub(lambda m: f"{self._signed(m)} {r.percent}", text))
         if r.units:
             keys = sorted(r.units, key=len, reverse=True)
             unit_re = re.compile(rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{num})\s?"
                                  r"(?P<unit>" + "|".join(re.escape(k) for k in keys) + r")(?![\w/])")
-            self.passes.append(lambda text: unit_re.sub(self._unit_match, text))
+            self.digit_passes.append(lambda text: unit_re.sub(self._unit_match, text))
 
     def _signed(self, m: re.Match[str]) -> str:
         value = self.value(m["num"])
@@ -336,9 +348,11 @@ class Normalizer:
         return None
 
     def __call__(self, text: str) -> str:
-        if not any(ch.isdigit() for ch in text) and not self.rules.full:
-            return text
         for step in self.passes:
+            text = step(text)
+        for step in self.digit_passes:
+            if not _DIGIT.search(text):  # the passes spell digits out: once none are left, none has work
+                break
             text = step(text)
         return text
 

@@ -21,7 +21,7 @@ import srt
 import webvtt
 from litestar.testing import TestClient
 
-from tests.conftest import assert_problem, running_app, wait_for_warm_up, wait_until
+from tests.conftest import assert_problem, register, running_app, wait_for_warm_up, wait_until
 from tts_gateway.config import Settings
 from tts_gateway.core.captions import LINE_CHARS
 from tts_gateway.engines.timing import input_words, label_phonemes
@@ -363,7 +363,7 @@ def test_kokoro_blend_streams_its_timings(kokoro_client: TestClient[Any]) -> Non
 
 
 # -- XTTS (the tiny random-weight checkpoint): exact sentence timings, no words ---------------------------------
-def test_xtts_gives_sentence_timings_and_refuses_words(tmp_path: Any, tiny_xtts: Any) -> None:
+def test_xtts_gives_sentence_timings_and_refuses_words(tmp_path: Any, tiny_xtts: Any, speech_wav: bytes) -> None:
     settings = Settings(data_dir=tmp_path / "data", engines=("piper", "xtts"), xtts_checkpoint=tiny_xtts,
                         max_concurrency=2, timeout_s=300, engine_threads=2)
     with running_app(settings) as client:
@@ -375,3 +375,8 @@ def test_xtts_gives_sentence_timings_and_refuses_words(tmp_path: Any, tiny_xtts:
         body = timed(client, text=text, voice="xtts:claribel-dervla", seed=3, timestamps="sentence",
                      captions="vtt", speed=1.5, sample_rate=16000)
         check_timings(body, text, sentences=2, words=False)
+        # A cloned preset (its latents from the registry) is timed the same way.
+        assert register(client, "clone", speech_wav, engine="xtts").status_code == 201
+        cloned = timed(client, text="A cloned voice. It speaks two sentences.", voice="clone", seed=4,
+                       timestamps="sentence")
+        check_timings(cloned, "A cloned voice. It speaks two sentences.", sentences=2, words=False)

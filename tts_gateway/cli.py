@@ -254,13 +254,9 @@ def say(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, disable=len(plan.pieces) < 3) as progress:
             task = progress.add_task("synthesizing", total=len(plan.pieces))
-            timings = Timings()
-            parts: list[bytes] = []
-            for item in service.run_timed(plan, threading.Event(),
-                                          on_piece=lambda done: progress.update(task, completed=done)):
-                parts.append(item.audio)
-                timings.add(item)
-            audio = b"".join(parts)
+            items = list(service.run_timed(plan, threading.Event(),
+                                           on_piece=lambda done: progress.update(task, completed=done)))
+            audio, timings = b"".join(item.audio for item in items), Timings.of(items)
     except Exception as exc:
         raise fail(exc) from None
     out_file.write_bytes(audio)

@@ -204,11 +204,8 @@ class Dispatcher:
 
         def remember() -> None:
             if cache is not None and key is not None:
-                timings = Timings()
-                for item in collected:
-                    timings.add(item)
                 self.worker.pool.submit(cache.put, key, b"".join(item.audio for item in collected), plan.media_type,
-                                        plan.headers(), timings.as_dict(True))
+                                        plan.headers(), Timings.of(collected).as_dict(True))
 
         first, rest = await self.runner.open_timed_stream(plan, on_complete=remember)
         if first:

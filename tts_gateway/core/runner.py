@@ -450,12 +450,8 @@ class LocalRunner:
         cancel = threading.Event()
 
         def whole() -> tuple[bytes, Timings]:
-            audio: list[bytes] = []
-            timings = Timings()
-            for item in self.service.run_timed(plan, cancel, turn=turn):
-                audio.append(item.audio)
-                timings.add(item)
-            return b"".join(audio), timings
+            items = list(self.service.run_timed(plan, cancel, turn=turn))
+            return b"".join(item.audio for item in items), Timings.of(items)
 
         return await self.worker.call(whole, cancel, turn.release)
 

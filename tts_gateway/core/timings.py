@@ -8,6 +8,7 @@ of what the client receives; resampling keeps times in seconds as they are.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,14 @@ class Timings:
     words: list[WordTiming] = field(default_factory=list)
     sentences: list[WordTiming] = field(default_factory=list)
     duration: float = 0.0
+
+    @classmethod
+    def of(cls, items: Iterable[TimedBytes]) -> Timings:
+        """The timings of a whole answer, from its items."""
+        found = cls()
+        for item in items:
+            found.add(item)
+        return found
 
     def add(self, item: TimedBytes) -> None:
         self.words.extend(item.words)

@@ -6,10 +6,27 @@ from __future__ import annotations
 from benchmarks.common import Budget, Context, Result, interleave, median, paired
 from benchmarks.texts import ONE_SENTENCE
 
-# Every kind of written form the normalizer rewrites, in SSML with breaks, say-as, sub and prosody.
-PARAGRAPH = ("Dr. Smith paid $1,234.50 on 12/05/2026 at 3:30 pm for 21 items, e.g. 3.5 kg of apples at 20% off. "
-             'Call 555-123-4567.<break time="300ms"/> It was -5 °C, pages 10-20, the 21st of 1999. ')
-DOCUMENT = ('<speak><p><s>' + PARAGRAPH * 2 + '</s><s><say-as interpret-as="characters">ABC</say-as> '
+# Every kind of written form the normalizer rewrites, in SSML with breaks, say-as, sub and prosody. Each
+# paragraph has its own numbers (nothing repeats within the document), and the document is about 1000
+# characters, timed as one call: the target is per 1000 characters.
+PARAGRAPH = ("Dr. Smith paid ${amount} on {month}/{day:02d}/{year} at {hour}:{minute:02d} pm for {count} items, e.g. "
+             "{kilos} kg of apples at {percent}% off. "
+             'Call 555-{exchange}-{line}.<break time="300ms"/> It was -{cold} °C, pages {first}-{last}, the {nth} of '
+             "{old_year}. ")
+ORDINALS = {1: "st", 2: "nd", 3: "rd"}
+
+
+def paragraph(index: int) -> str:
+    nth = 21 + 10 * index
+    return PARAGRAPH.format(
+        amount=f"{1234 + 1111 * index:,}.{50 + index}", month=1 + index, day=5 + index, year=2026 - index,
+        hour=1 + index, minute=30 + index, count=21 + index, kilos=f"{3 + index}.5", percent=20 + 5 * index,
+        exchange=123 + index, line=4567 + index, cold=5 + index, first=10 + index, last=20 + index,
+        nth=f"{nth}{ORDINALS.get(nth % 10, 'th')}", old_year=1999 - 37 * index)
+
+
+DOCUMENT = ('<speak><p><s>' + "".join(paragraph(i) for i in range(5)) +
+            '</s><s><say-as interpret-as="characters">ABC</say-as> '
             '<sub alias="World Wide Web">WWW</sub> <prosody rate="slow">Nginx serves 42 sites.</prosody>'
             '</s></p></speak>')
 

@@ -43,6 +43,18 @@ def _words(text: str) -> str:
 
 SMALL = 100
 _DIGIT = re.compile(r"\d")
+_PLAIN = re.compile(r"\d+(?:\.\d+)?")
+_YEARISH = re.compile(r"1[1-9]\d\d|20\d\d")
+
+
+def _scan(first: str, pattern: str) -> re.Pattern[str]:
+    """``pattern``, led by a lookahead of the characters a match can start with.
+
+    It changes nothing a pattern matches: a pattern that opens with a lookbehind gets no fast scan from
+    Python's engine, which then tries every position in full; the lookahead (``first``: a class such as
+    ``[-\\d]``) rules out most positions at once — three times faster on text with few digits.
+    """
+    return re.compile(f"(?={first}){pattern}")
 
 
 class Normalizer:
@@ -52,6 +64,8 @@ class Normalizer:
         self.rules = rules
         self.lang = rules.code
         self._small: dict[int, str] = {}  # 0…100 in words: the numbers text has most (digits of phones, times)
+        self._small_ordinal: dict[int, str] = {}  # 1st…100th, days of dates
+        self._years: dict[int, str] | None = None  # the years read in pairs ("nineteen ninety-nine")
         base = rules.code.split("_")[0]
         self.base = base
         dec = re.escape(rules.decimal)
@@ -63,7 +77,8 @@ class Normalizer:
         # A period or comma between digits that is not a thousands group reads as a decimal sign.
         plain = r"\d+(?:[.,]\d+)?" if rules.decimal == "," else rf"\d+(?:{dec}\d+)?"
         self.num = f"(?:{grouped}|{plain})" if grouped else f"(?:{plain})"
-        self.number_re = re.compile(rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{self.num})(?![\d])")
+        self.number_re = _scan(r"[-−\d]", rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{self.num})(?![\d])")
+        self._grouped = [re.compile(rf"\d{{1,3}}(?:{re.escape(sep)}\d{{3}})+(?:{dec}\d+)?") for sep in rules.thousands]
         self.passes: list[Callable[[str], str]] = []  # words (abbreviations), first
         self.digit_passes: list[Callable[[str], str]] = []  # what only rewrites text with digits, in order
         if rules.full:
@@ -74,11 +89,11 @@ class Normalizer:
     def value(self, written: str) -> Decimal | None:
         """The number ``written`` (with this language's separators), or None."""
         text = written
-        for sep in self.rules.thousands:
-            if re.fullmatch(rf"\d{{1,3}}(?:{re.escape(sep)}\d{{3}})+(?:{re.escape(self.rules.decimal)}\d+)?", text):
+        for sep, grouped in zip(self.rules.thousands, self._grouped, strict=True):
+            if grouped.fullmatch(text):
                 text = text.replace(sep, "")
         text = text.replace(",", ".") if self.rules.decimal == "," else text
-        if not re.fullmatch(r"\d+(?:\.\d+)?", text):  # Decimal also reads "NaN", "1e5" and "Infinity"
+        if not _PLAIN.fullmatch(text):  # Decimal also reads "NaN", "1e5" and "Infinity"
             return None
         try:
             return Decimal(text)
@@ -113,11 +128,21 @@ class Normalizer:
         return f"{self.rules.minus} {out}" if sign else out
 
     def ordinal(self, value: int) -> str:
+        if 0 <= value <= SMALL:
+            words = self._small_ordinal.get(value)
+            if words is None:
+                words = self._small_ordinal[value] = _words(num2words(value, lang=self.lang, to="ordinal"))
+            return words
         return _words(num2words(value, lang=self.lang, to="ordinal"))
 
     def year(self, value: int) -> str:
         if (self.base in ("en", "de") and 1100 <= value <= 1999) or (self.base == "en" and 2010 <= value <= 2099):
-            return _words(num2words(value, lang=self.lang, to="year"))
+            if self._years is None:
+                # Every year of the range at once, on first use (15 ms in English, 40 in German): text is full
+                # of years, and num2words takes 16-70 µs for each, more than the rest of a sentence's rules.
+                self._years = {year: _words(num2words(year, lang=self.lang, to="year")) for year in
+                               (*range(1100, 2000), *(range(2010, 2100) if self.base == "en" else ()))}
+            return self._years[value]
         return self.cardinal(value)
 
     def _number_match(self, match: re.Match[str]) -> str:
@@ -135,7 +160,7 @@ class Normalizer:
             return match.group()
         neg = match["neg"]
         written = match["num"]
-        if not neg and self.rules.full and re.fullmatch(r"1[1-9]\d\d|20\d\d", written):
+        if not neg and self.rules.full and _YEARISH.fullmatch(written):
             return self.year(int(written))  # a bare four-digit number in this range is most often a year
         words = self.cardinal(value)
         if neg:
@@ -151,8 +176,9 @@ class Normalizer:
             keys = sorted(table, key=len, reverse=True)
             # German capitalises every noun: there only the end of the text ends a sentence for sure.
             ends = r"\s*$" if self.base == "de" else r"\s*[A-ZÀ-Ý]|\s*$"
-            pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in keys) +
-                                 rf")(?!\w)(?P<next>{ends})?")
+            starts = "".join(sorted({re.escape(k[0]) for k in keys}))
+            pattern = _scan(f"[{starts}]", r"(?<![\w.])(" + "|".join(re.escape(k) for k in keys) +
+                            rf")(?!\w)(?P<next>{ends})?")
 
             def abbreviation(m: re.Match[str]) -> str:
                 key = m.group(1)
@@ -164,23 +190,23 @@ class Normalizer:
 
             self.passes.append(lambda text: pattern.sub(abbreviation, text))
         symbols = "".join(re.escape(s) for s in r.currencies)
-        before = re.compile(rf"(?P<neg>-)?(?P<sym>[{symbols}])\s?(?P<num>{num})(?![\d])")
-        after = re.compile(rf"(?<![\d.,])(?P<neg>-)?(?P<num>{num})\s?(?P<sym>[{symbols}])")
+        before = _scan(f"[-{symbols}]", rf"(?P<neg>-)?(?P<sym>[{symbols}])\s?(?P<num>{num})(?![\d])")
+        after = _scan(r"[-\d]", rf"(?<![\d.,])(?P<neg>-)?(?P<num>{num})\s?(?P<sym>[{symbols}])")
         self.digit_passes.append(lambda text: after.sub(self._money, before.sub(self._money, text)))
         self.digit_passes.append(self._times)
         self.digit_passes.append(self._dates)
         self.digit_passes.append(self._phones)
         if r.ordinal_suffix:
-            ordinal = re.compile(rf"(?<![\d.,])(\d+)(?:{r.ordinal_suffix})(?!\w)")
+            ordinal = _scan(r"\d", rf"(?<![\d.,])(\d+)(?:{r.ordinal_suffix})(?!\w)")
             self.digit_passes.append(lambda text: ordinal.sub(self._ordinal_match, text))
-        ranged = re.compile(r"(?<![\d.,\w-])(\d+(?:[.,]\d+)?)\s?[-–]\s?(\d+(?:[.,]\d+)?)(?![\d.,]\d)")
+        ranged = _scan(r"\d", r"(?<![\d.,\w-])(\d+(?:[.,]\d+)?)\s?[-–]\s?(\d+(?:[.,]\d+)?)(?![\d.,]\d)")
         self.digit_passes.append(lambda text: ranged.sub(rf"\1 {r.range_word} \2", text))
-        percent = re.compile(rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{num})\s?%")
+        percent = _scan(r"[-−\d]", rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{num})\s?%")
         self.digit_passes.append(lambda text: percent.sub(lambda m: f"{self._signed(m)} {r.percent}", text))
         if r.units:
             keys = sorted(r.units, key=len, reverse=True)
-            unit_re = re.compile(rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{num})\s?"
-                                 r"(?P<unit>" + "|".join(re.escape(k) for k in keys) + r")(?![\w/])")
+            unit_re = _scan(r"[-−\d]", rf"(?<![\d.,])(?P<neg>(?<![\w\d])[-−])?(?P<num>{num})\s?"
+                            r"(?P<unit>" + "|".join(re.escape(k) for k in keys) + r")(?![\w/])")
             self.digit_passes.append(lambda text: unit_re.sub(self._unit_match, text))
 
     def _signed(self, m: re.Match[str]) -> str:
@@ -228,9 +254,9 @@ class Normalizer:
         return f"{self.rules.minus} {spoken}" if m["neg"] else spoken
 
     # -- times ----------------------------------------------------------------------------------------
-    _TIME = re.compile(r"(?<![\d.,:])(?P<h>\d{1,2})(?::|(?P<fr>h))(?P<m>\d{2})(?![\d:])"
+    _TIME = _scan(r"\d", r"(?<![\d.,:])(?P<h>\d{1,2})(?::|(?P<fr>h))(?P<m>\d{2})(?![\d:])"
                        r"(?:\s?(?P<ampm>[AaPp])(?:\.?[Mm]\.(?=\s+[a-z0-9])|\.?[Mm](?!\w)))?(?P<uhr>\s?Uhr\b)?")
-    _FR_HOUR = re.compile(r"(?<![\d.,:])(?P<h>\d{1,2})h(?![\w])")
+    _FR_HOUR = _scan(r"\d", r"(?<![\d.,:])(?P<h>\d{1,2})h(?![\w])")
 
     def _times(self, text: str) -> str:
         text = self._TIME.sub(self._time_match, text)
@@ -263,8 +289,8 @@ class Normalizer:
         return hours + (f" {self.cardinal(minute)}" if minute else "")
 
     # -- dates ----------------------------------------------------------------------------------------
-    _DATE = re.compile(r"(?<![\d.,/])(?P<a>\d{1,2})(?P<sep>[/.])(?P<b>\d{1,2})(?P=sep)(?P<y>\d{4})(?![\d])")
-    _ISO = re.compile(r"(?<![\d.,/-])(?P<y>\d{4})-(?P<m>\d{2})-(?P<d>\d{2})(?![\d])")
+    _DATE = _scan(r"\d", r"(?<![\d.,/])(?P<a>\d{1,2})(?P<sep>[/.])(?P<b>\d{1,2})(?P=sep)(?P<y>\d{4})(?![\d])")
+    _ISO = _scan(r"\d", r"(?<![\d.,/-])(?P<y>\d{4})-(?P<m>\d{2})-(?P<d>\d{2})(?![\d])")
 
     def _dates(self, text: str) -> str:
         def slashed(m: re.Match[str]) -> str:
@@ -288,7 +314,7 @@ class Normalizer:
         return f"{'primero' if day == 1 else self.cardinal(day)} de {name} de {self.year(year)}"
 
     # -- phone numbers --------------------------------------------------------------------------------
-    _PHONE = re.compile(r"(?<![\w.,+-])(?:\+\d{1,3}[ -]?)?(?:\(\d{2,4}\)[ -]?)?\d{2,4}(?:[ -]\d{2,4}){2,}"
+    _PHONE = _scan(r"[+(\d]", r"(?<![\w.,+-])(?:\+\d{1,3}[ -]?)?(?:\(\d{2,4}\)[ -]?)?\d{2,4}(?:[ -]\d{2,4}){2,}"
                         r"(?![\w.,-]?\d)")
 
     def _phones(self, text: str) -> str:

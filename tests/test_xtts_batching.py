@@ -388,7 +388,10 @@ def test_another_engine_speaks_between_xtts_steps(make_settings: Any, tiny_xtts:
 def test_load_puts_the_gpt_on_measured_kernels_and_int8_is_opt_in(engine: XttsEngine, tiny_xtts: Path) -> None:
     from torch import nn
 
-    assert engine.kernels["precision"] == "fp32" and engine.kernels["kernel"] in ("default", "onednn")
+    assert engine.kernels["precision"] == "fp32"
+    assert engine.kernels["kernel"] in ("default", "onednn", "onednn-packed")
+    times = {name: ms for name, ms in engine.kernels.items() if name.endswith("_ms")}
+    assert times[engine.kernels["kernel"].replace("-", "_") + "_ms"] == min(times.values())  # the fastest measured
     block = batcher(engine).stack.blocks[0]
     assert not hasattr(block.attn.c_attn, "nf")  # transformers' Conv1D became a linear layer
     int8 = XttsEngine(tiny_xtts, precision="int8")
@@ -401,6 +404,33 @@ def test_load_puts_the_gpt_on_measured_kernels_and_int8_is_opt_in(engine: XttsEn
         assert audio.size > 2400 and np.isfinite(audio).all() and np.abs(audio).max() > 0
     finally:
         int8.unload()
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "onednn-packed"])
+def test_every_fp32_kernel_computes_what_the_default_gemm_does(kernel: str) -> None:
+    """Real GPT-2 blocks (transformers'), their Conv1D made linear, then put on each kernel the load may
+    choose: the hidden states match the default GEMM's for one row, a batch of rows and a prompt."""
+    import types
+
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    from tts_gateway.engines import xtts_kernels
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=10)).eval()
+    gpt = types.SimpleNamespace(gpt=model)
+    assert xtts_kernels.linearize(gpt) == 8
+    inputs = [torch.randn(1, 1, 64), torch.randn(4, 1, 64), torch.randn(1, 23, 64)]
+    with torch.inference_mode():
+        expected = [model(inputs_embeds=x).last_hidden_state for x in inputs]
+        if kernel == "onednn":
+            xtts_kernels.to_onednn(gpt)
+        else:
+            xtts_kernels.to_packed(gpt, 8)
+        assert not isinstance(model.h[0].mlp.c_fc, torch.nn.Linear)
+        for x, want in zip(inputs, expected, strict=True):
+            torch.testing.assert_close(model(inputs_embeds=x).last_hidden_state, want, rtol=1e-4, atol=1e-5)
 
 
 def test_the_precision_setting_is_checked() -> None:

@@ -296,7 +296,7 @@ class XttsEngine(BaseEngine):
         self._model = model
         stack = GptStack(model.gpt)
         self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
-                               batch=min(4, self.max_batch))
+                               batch=min(4, self.max_batch), pack_rows=self.max_batch)
         log.info("XTTS's GPT runs on %s", self.kernels)
         self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer)
         self._active = checkpoint

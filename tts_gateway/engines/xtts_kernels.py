@@ -5,9 +5,12 @@ PyTorch's dynamic quantization and oneDNN do not know. Here they become ``nn.Lin
 transposed): on a CPU that alone made a real-size sentence ~25 % faster (issue 31's figures), and it
 opens the two other kernels:
 
-* ``fp32`` (default): the faster, measured at load on a batched step, of PyTorch's default GEMM (MKL on
-  x86) and oneDNN (``torch.utils.mkldnn``) — the default GEMM gains little from a few rows on some CPUs,
-  oneDNN does; which one wins depends on the CPU, so the machine decides.
+* ``fp32`` (default): the fastest, measured at load on a batched step, of PyTorch's default GEMM (MKL on
+  x86), oneDNN on plain weights (``torch.utils.mkldnn``) and oneDNN on weights packed once into its own
+  blocked layout (the ops PyTorch's compiler uses for CPU linear layers) — the default GEMM gains little
+  from a few rows on some CPUs; ``torch.utils.mkldnn`` converts its plain weights on every call, which
+  costs about what the product does; packed weights do not (24 layers of 1024 × 4096, 4 rows, 2 threads
+  here: 39, 16 and 9 ms). Which one wins depends on the CPU and the PyTorch build, so the machine decides.
 * ``int8`` (``TTS_GATEWAY_XTTS_PRECISION=int8``, opt-in): dynamic int8 quantization of those linear layers
   (fbgemm): several times faster on a CPU, with a small numeric error whose effect on real voices could
   not be heard here (no real weights): measure it on yours with ``tts-gateway dev compare-precision``.
@@ -67,6 +70,35 @@ def quantize_int8(gpt: Any) -> None:
             setattr(owner, name, quantized)
 
 
+def _packed_linear(layer: Any, rows: int) -> Any:
+    """``layer`` (an ``nn.Linear``) on a weight packed once for oneDNN's inner product, for about ``rows``
+    rows (any number works); a module like ``torch.utils.mkldnn``'s, with the packed weight as a buffer."""
+    import torch
+    from torch import nn
+
+    class PackedLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features, self.out_features = int(layer.in_features), int(layer.out_features)
+            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows))
+            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+        def forward(self, x: Any) -> Any:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+
+    return PackedLinear()
+
+
+def to_packed(gpt: Any, rows: int) -> None:
+    """The linear layers through oneDNN on weights packed for ``rows`` rows."""
+    from torch import nn
+
+    for owner, name in _linears(gpt):
+        layer = getattr(owner, name)
+        if isinstance(layer, nn.Linear):
+            setattr(owner, name, _packed_linear(layer, rows))
+
+
 def to_onednn(gpt: Any) -> None:
     """The linear layers through oneDNN (``torch.utils.mkldnn``; dense tensors in and out)."""
     import torch.utils.mkldnn
@@ -83,9 +115,10 @@ def _restore(gpt: Any, saved: dict[tuple[int, str], Any]) -> None:
         setattr(owner, name, saved[(id(owner), name)])
 
 
-def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int = 4,
+def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int = 4, pack_rows: int = 8,
             rounds: int = 3) -> dict[str, Any]:
-    """Put the GPT on its kernels for ``precision``; ``step(n)`` runs one batched GPT step of ``n`` rows.
+    """Put the GPT on its kernels for ``precision``; ``step(n)`` runs one batched GPT step of ``n`` rows
+    (``batch`` of them to measure); packed weights are laid out for ``pack_rows`` rows (the batch limit).
 
     Returns what was chosen and measured (milliseconds per step), for the log and the engine's description.
     """
@@ -110,23 +143,22 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
         return sorted(samples)[len(samples) // 2] * 1000
 
     with torch.inference_mode():
-        default_ms = timed()
+        measured = {"default": timed()}
         saved = {(id(owner), name): getattr(owner, name) for owner, name in _linears(gpt)}
-        try:
-            to_onednn(gpt)
-            onednn_ms = timed()
-        except RuntimeError as exc:  # a build without oneDNN's linear
-            log.info("oneDNN linear layers unavailable (%s); XTTS's GPT keeps the default GEMM", exc)
+        for kernel, convert in (("onednn", to_onednn), ("onednn-packed", lambda g: to_packed(g, pack_rows))):
+            try:
+                convert(gpt)
+                measured[kernel] = timed()
+            except (AttributeError, RuntimeError) as exc:  # a build without oneDNN's linear or its packed ops
+                log.info("XTTS's GPT cannot use %s (%s)", kernel, exc)
             _restore(gpt, saved)
-            return {"precision": "fp32", "kernel": "default", "default_ms": round(default_ms, 1)}
-    chosen = {"precision": "fp32", "batch": batch, "default_ms": round(default_ms, 1),
-              "onednn_ms": round(onednn_ms, 1)}
-    if onednn_ms < default_ms:
-        chosen["kernel"] = "onednn"
-    else:
-        _restore(gpt, saved)
-        chosen["kernel"] = "default"
-    return chosen
+        kernel = min(measured, key=measured.__getitem__)
+        if kernel == "onednn":
+            to_onednn(gpt)
+        elif kernel == "onednn-packed":
+            to_packed(gpt, pack_rows)
+    return {"precision": "fp32", "kernel": kernel, "batch": batch,
+            **{f"{name.replace('-', '_')}_ms": round(ms, 1) for name, ms in measured.items()}}
 
 
-__all__ = ["PRECISIONS", "linearize", "prepare", "quantize_int8", "to_onednn"]
+__all__ = ["PRECISIONS", "linearize", "prepare", "quantize_int8", "to_onednn", "to_packed"]

@@ -397,7 +397,7 @@ def test_load_puts_the_gpt_on_measured_kernels_and_int8_is_opt_in(engine: XttsEn
     int8 = XttsEngine(tiny_xtts, precision="int8")
     int8.load()
     try:
-        assert int8.kernels == {"precision": "int8", "kernel": "fbgemm"}
+        assert (int8.kernels["precision"], int8.kernels["kernel"]) == ("int8", "fbgemm")
         layer = batcher(int8).stack.blocks[0].mlp.c_fc
         assert not isinstance(layer, nn.Linear) and "quantized" in type(layer).__module__
         audio = say(int8, TEXTS[0][0], "en", speakers(int8)[0], seed=3)
@@ -431,6 +431,36 @@ def test_every_fp32_kernel_computes_what_the_default_gemm_does(kernel: str) -> N
         assert not isinstance(model.h[0].mlp.c_fc, torch.nn.Linear)
         for x, want in zip(inputs, expected, strict=True):
             torch.testing.assert_close(model(inputs_embeds=x).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_decoder_computes_its_weight_norms_once_and_gives_the_same_audio(engine: XttsEngine,
+                                                                           tiny_xtts: Path) -> None:
+    """coqui loads XTTS's HiFi-GAN with training's weight norm, recomputed on every call; the engine folds it
+    at load: the loaded engine's decoder has none left, and folding gives the very same samples."""
+    import torch
+    from torch.nn.utils import parametrize
+    from TTS.tts.configs.xtts_config import XttsConfig
+    from TTS.tts.models.xtts import Xtts
+
+    from tts_gateway.engines.xtts_kernels import fold_weight_norm
+
+    loaded = engine._require_model().hifigan_decoder
+    assert engine.kernels["decoder_weight_norms_folded"] > 0
+    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
+    def coqui() -> Any:  # two loads: a weight-normed module does not survive copy.deepcopy
+        config = XttsConfig()
+        config.load_json(str(tiny_xtts / "config.json"))
+        model = Xtts(config)
+        model.load_checkpoint(config, checkpoint_dir=str(tiny_xtts), eval=True)
+        return model
+
+    model = coqui()
+    decoder, folded = model.hifigan_decoder, coqui().hifigan_decoder
+    assert fold_weight_norm(folded) == engine.kernels["decoder_weight_norms_folded"]
+    torch.manual_seed(0)
+    latents, speaker = torch.randn(1, 9, model.args.gpt_n_model_channels), torch.randn(1, 512, 1)
+    with torch.inference_mode():
+        assert torch.equal(folded(latents, g=speaker), decoder(latents, g=speaker))
 
 
 def test_the_precision_setting_is_checked() -> None:

@@ -43,7 +43,7 @@ from tts_gateway.engines.xtts_batching import (
     lent_while_seated,
     probe_step,
 )
-from tts_gateway.engines.xtts_kernels import prepare
+from tts_gateway.engines.xtts_kernels import fold_weight_norm, prepare
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
@@ -297,6 +297,7 @@ class XttsEngine(BaseEngine):
         stack = GptStack(model.gpt)
         self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
                                batch=min(4, self.max_batch), pack_rows=self.max_batch)
+        self.kernels["decoder_weight_norms_folded"] = fold_weight_norm(model.hifigan_decoder)
         log.info("XTTS's GPT runs on %s", self.kernels)
         self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer)
         self._active = checkpoint

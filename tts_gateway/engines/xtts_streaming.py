@@ -134,7 +134,7 @@ class _Conv:
         if conv.stride[0] != 1 or conv.groups != 1 or 2 * pad != dilation * (kernel - 1):
             raise ValueError(f"cannot stream {conv}")
         self.conv, self.pad = conv, pad
-        # Weight norm recomputes ``conv.weight`` at every access: once per stream, not once per chunk.
+        # Read once per stream: under weight norm (unless folded at load) every access recomputes it.
         self.weight, self.bias = conv.weight.detach(), conv.bias
         self.kept = like.new_zeros(1, conv.in_channels, pad)  # the left zero padding
 
@@ -167,7 +167,7 @@ class _Upsample:
         if conv.groups != 1 or conv.dilation[0] != 1 or conv.output_padding[0] != 0 or 2 * pad != kernel - stride:
             raise ValueError(f"cannot stream {conv}")
         self.conv, self.stride, self.pad = conv, stride, pad
-        self.weight, self.bias = conv.weight.detach(), conv.bias  # once per stream (weight norm)
+        self.weight, self.bias = conv.weight.detach(), conv.bias  # once per stream (see _Conv)
         self.history = (kernel - 1) // stride
         self.buffer = like.new_zeros(1, conv.in_channels, self.history)  # zero inputs add nothing
         self.crop = pad  # leading outputs the padding removes

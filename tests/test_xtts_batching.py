@@ -71,6 +71,42 @@ def test_seeded_requests_in_one_batch_give_what_they_give_alone(engine: XttsEngi
     assert len({a.tobytes() for a in alone}) == len(alone)
 
 
+def test_a_voice_conditioning_is_computed_once_and_seeded_bytes_do_not_depend_on_it(tiny_xtts: Path) -> None:
+    """The prompt's conditioning positions are run apart and kept per voice: the second sentence of a voice
+    runs only its text, and a seeded request gives the same bytes whether its voice was cached or not."""
+    fresh = XttsEngine(tiny_xtts, max_batch=4)
+    fresh.load()
+    try:
+        prefixes = batcher(fresh).prefixes
+        first, second = speakers(fresh)[:2]
+        cold = say(fresh, TEXTS[0][0], "en", first, seed=5)
+        assert (prefixes.misses, prefixes.hits) == (1, 0)
+        warm = say(fresh, TEXTS[0][0], "en", first, seed=5)
+        assert (prefixes.misses, prefixes.hits) == (1, 1) and np.array_equal(cold, warm)
+        other = say(fresh, TEXTS[0][0], "en", second, seed=5)
+        assert prefixes.misses == 2 and not np.array_equal(other[: cold.size], cold[: other.size])
+        streamed = say(fresh, TEXTS[1][0], TEXTS[1][1], first, seed=6, streaming=True)
+        assert prefixes.hits == 2 and streamed.size > 2400
+    finally:
+        fresh.unload()
+
+
+def test_the_conditioning_cache_is_bounded(engine: XttsEngine) -> None:
+    import torch
+
+    from tts_gateway.engines.xtts_batching import PrefixCache
+
+    stack = batcher(engine).stack
+    cache = PrefixCache(stack, voices=3)
+    with torch.inference_mode():
+        conditionings = [torch.randn(1, 4, stack.width) for _ in range(4)]
+        kept = [cache.get(c) for c in conditionings]
+        assert len(kept[0]) == stack.layers and kept[0][0][0].shape == (stack.heads, 4, stack.head_dim)
+        assert cache.get(conditionings[3]) is kept[3] and cache.hits == 1
+        assert cache.get(conditionings[0]) is not kept[0]  # the oldest voice was dropped for the fourth
+        assert cache.misses == 5 and len(cache._kept) == 3
+
+
 def test_unseeded_requests_share_each_step(engine: XttsEngine) -> None:
     voices = speakers(engine)
     first = batcher(engine)

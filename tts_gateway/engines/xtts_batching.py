@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Rows of the shared cache: enough for several listeners, bounded memory (TTS_GATEWAY_XTTS_MAX_BATCH).
 DEFAULT_MAX_BATCH = 8
+# Voices whose conditioning keys and values are kept (~8 MB each at XTTS v2's size): presets in use.
+PREFIX_CACHE_VOICES = 16
 _INITIAL_LENGTH = 128  # cache positions first allocated; doubled when a row needs more
 
 
@@ -87,6 +89,15 @@ class KVCache:
     def add_row(self) -> int:
         self.lengths.append(0)
         return len(self.lengths) - 1
+
+    def load_prefix(self, row: int, prefix: list[tuple[Any, Any]]) -> None:
+        """Start ``row`` with a computed prefix: per layer, keys and values ``[heads, L, head_dim]``."""
+        length = int(prefix[0][0].shape[1])
+        self.reserve(length)
+        for layer, (keys, values) in enumerate(prefix):
+            self.keys[layer][row, :, :length] = keys
+            self.values[layer][row, :, :length] = values
+        self.lengths[row] = length
 
     def drop_row(self, row: int) -> int | None:
         """Free ``row``; the last row moves into its place (rows stay 0…n-1). Returns the row that moved."""
@@ -266,6 +277,9 @@ class Sequence:
     prompt: Any  # [1, P, C]
     seed: int
     repeatable: bool
+    # The prompt's first positions that are the voice's conditioning (the same for every sentence of a voice):
+    # run apart, their keys and values are kept per voice (`PrefixCache`). 0: the prompt runs in one piece.
+    prefix: int = 0
     sampling: Sampling = field(default_factory=Sampling)
     tokens: list[int] = field(default_factory=list)
     _out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
@@ -325,6 +339,53 @@ def lent_while_seated(sequence: Sequence, latents: Iterator[Any],
         yield from latents
 
 
+class PrefixCache:
+    """Keys and values of the conditioning positions of recent voices, by the conditioning's content.
+
+    A prompt is the voice's 32 conditioning latents, then the sentence's text: causal attention makes the
+    conditioning's keys and values the same for every sentence of a voice, so they are computed once and
+    the prompt runs only its text (the larger part of a prompt's cost for a short sentence). The
+    conditioning is always run apart, cached or not, so a seeded request's arithmetic — and its bytes — do
+    not depend on what the cache held.
+    """
+
+    def __init__(self, stack: GptStack, voices: int = PREFIX_CACHE_VOICES) -> None:
+        self.stack = stack
+        self.voices = voices
+        self._kept: collections.OrderedDict[bytes, list[tuple[Any, Any]]] = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, conditioning: Any) -> list[tuple[Any, Any]]:
+        """Per layer, the keys and values ``[heads, L, head_dim]`` of ``conditioning`` ``[1, L, C]``."""
+        import hashlib
+
+        import torch
+
+        data = conditioning.detach().to("cpu", torch.float32).contiguous()
+        digest = hashlib.blake2b(repr(tuple(data.shape)).encode() + data.numpy().tobytes(), digest_size=16).digest()
+        kept = self._kept.get(digest)
+        if kept is not None:
+            self._kept.move_to_end(digest)
+            self.hits += 1
+            return kept
+        self.misses += 1
+        scratch = self.stack.cache(1)
+        scratch.add_row()
+        scratch.reserve(int(conditioning.shape[1]))
+        self.stack.forward(conditioning, scratch, [0])
+        length = int(conditioning.shape[1])
+        kept = [(keys[0, :, :length].clone(), values[0, :, :length].clone())
+                for keys, values in zip(scratch.keys, scratch.values, strict=True)]
+        self._kept[digest] = kept
+        while len(self._kept) > self.voices:
+            self._kept.popitem(last=False)
+        return kept
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
 class GptBatcher:
     """The thread that decodes every active `Sequence` together, one GPT step at a time.
 
@@ -341,6 +402,7 @@ class GptBatcher:
         self.observer = observer  # told the number of sequences of every step
         self.max_batch = max(1, max_batch)
         self.cores = cores
+        self.prefixes = PrefixCache(stack)  # the batcher thread's own: no lock
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._shared = stack.cache(self.max_batch)
@@ -431,7 +493,11 @@ class GptBatcher:
             cache.reserve(prompt_length + 1)  # later steps grow every row by doubling, as they need
             try:
                 with self.cores():
-                    latent = stack.forward(sequence.prompt, cache, [row])
+                    prompt, prefix = sequence.prompt, sequence.prefix
+                    if 0 < prefix < prompt_length:
+                        cache.load_prefix(row, self.prefixes.get(prompt[:, :prefix]))
+                        prompt = prompt[:, prefix:]
+                    latent = stack.forward(prompt, cache, [row])
                     token = sample(stack.logits(latent)[0], sequence.seen, sequence.generator, sequence.sampling)
             except Exception:
                 cache.drop_row(row)
@@ -528,4 +594,5 @@ class GptBatcher:
                 log.exception("batch observer failed")
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "GptBatcher", "GptStack", "KVCache", "Sampling", "Sequence", "probe_step", "sample"]
+__all__ = ["DEFAULT_MAX_BATCH", "GptBatcher", "GptStack", "KVCache", "PrefixCache", "Sampling", "Sequence",
+           "probe_step", "sample"]

@@ -357,7 +357,8 @@ class XttsEngine(BaseEngine):
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
         prompt = self._prompt(batcher, gpt_cond_latent, text, options.language)
-        sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable)
+        sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable,
+                            prefix=int(gpt_cond_latent.shape[1]))
         batcher.submit(sequence)
         latents = lent_while_seated(sequence, sequence.latents(options.cancel), options.lend, options.cancel)
         chunks: Generator[Any, None, None]
@@ -422,7 +423,7 @@ class XttsEngine(BaseEngine):
             cache.add_row()
             logits = batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
         started = time.perf_counter()
-        sequence = Sequence(prompt=prompt, seed=seed, repeatable=True)
+        sequence = Sequence(prompt=prompt, seed=seed, repeatable=True, prefix=int(gpt_cond_latent.shape[1]))
         batcher.submit(sequence)
         options = SynthesisOptions(language=language, seed=seed, repeatable=True)
         with torch.inference_mode():

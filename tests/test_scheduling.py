@@ -193,6 +193,57 @@ def test_a_call_of_fixed_threads_waits_for_them_in_turn() -> None:
     assert order == ["fixed:2", "later:1"] and budget.in_use == 0
 
 
+def test_urgent_calls_go_ahead_of_the_queue_in_their_own_order() -> None:
+    """A stream's first audio (urgent) is served before calls queued earlier, after urgent ones before it."""
+    budget = CoreBudget(cores=2)
+    order: list[str] = []
+
+    def call(name: str, **ask: Any) -> None:
+        with budget.slot(threads=2, **ask):
+            order.append(name)
+
+    callers = []
+    with budget.slot(threads=2):  # the cores are taken: everyone queues
+        for name, urgent in (("step", False), ("first-a", True), ("step-2", False), ("first-b", True)):
+            callers.append(threading.Thread(target=call, args=(name,), kwargs={"urgent": urgent}))
+            callers[-1].start()
+            wait_until(lambda n=len(callers): len(budget._queue) == n, f"{name} to queue")
+        assert order == []
+    for caller in callers:
+        caller.join(HANG_GUARD_S)
+    assert order == ["first-a", "first-b", "step", "step-2"] and budget.in_use == 0 and not budget._urgent
+
+
+def test_a_streams_first_decode_is_urgent_and_the_rest_are_not(tiny_xtts: Path) -> None:
+    """The real XTTS streaming path asks the budget for its first audio's decode ahead of the queue."""
+    from contextlib import contextmanager
+
+    from tts_gateway.engines.xtts_engine import XttsEngine
+
+    engine = XttsEngine(tiny_xtts, device="cpu")
+    engine.load()
+    asked: list[bool] = []
+    real = engine._cores
+
+    @contextmanager
+    def recording(urgent: bool = False) -> Iterator[int]:
+        asked.append(urgent)
+        with real(urgent=urgent) as threads:
+            yield threads
+
+    engine._cores = recording  # type: ignore[method-assign]
+    try:
+        speaker = engine.voices()[0].id
+        chunks = list(engine.synthesize("A stream of several chunks of audio, to hear the first one early.",
+                                        VoiceInput(builtin=speaker), SynthesisOptions(language="en", seed=4,
+                                                                                      streaming=True)))
+    finally:
+        engine.unload()
+    # One decode a chunk; only the first audio's is urgent (the batcher's steps, holding the budget's own
+    # callable from load, and the later decodes queue in turn).
+    assert len(chunks) >= 2 and asked == [True] + [False] * (len(asked) - 1) and len(asked) >= len(chunks)
+
+
 def _held_engine_call(run: Callable[[], Any]) -> Any:
     """Run an engine call while the process's budget is taken by another call: it must queue for a core
     and finish once the cores are free."""

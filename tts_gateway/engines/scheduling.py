@@ -36,6 +36,7 @@ class CoreBudget:
         self._used = 0
         self._wide = False
         self._queue: deque[int] = deque()
+        self._urgent: set[int] = set()  # tickets queued ahead of the others (in their own arrival order)
         self._tickets = itertools.count()
         self._cond = threading.Condition()
 
@@ -56,23 +57,31 @@ class CoreBudget:
         return None
 
     @contextmanager
-    def slot(self, wide: bool = True, threads: int | None = None) -> Iterator[int]:
+    def slot(self, wide: bool = True, threads: int | None = None, urgent: bool = False) -> Iterator[int]:
         """Wait for a slot; yields how many intra-op threads the call may use (``cores`` or 1).
 
         ``wide=False`` always asks for one thread: for output that must not depend on the load
         (floating-point sums split across a different number of threads may round differently).
         ``threads=N`` asks for exactly N (at most ``cores``), for a call whose thread count is fixed.
+        ``urgent``: queued ahead of every call that is not (a short call a listener is waiting on: a
+        stream's first audio), behind the urgent ones that came first.
         """
         exactly = None if threads is None else min(max(1, threads), self.cores)
         with self._cond:
             ticket = next(self._tickets)
-            self._queue.append(ticket)
+            if urgent:
+                ahead = sum(1 for t in self._queue if t in self._urgent)  # the urgent ones lead the queue
+                self._queue.insert(ahead, ticket)
+                self._urgent.add(ticket)
+            else:
+                self._queue.append(ticket)
             try:
                 while (granted := self._grant(ticket, wide, exactly)) is None:
                     wide = False  # it waited: there is load, the next call will overlap this one
                     self._cond.wait()
             finally:
                 self._queue.remove(ticket)
+                self._urgent.discard(ticket)
                 self._cond.notify_all()
             self._used += granted
             self._wide = granted == self.cores and self.cores > 1

@@ -455,14 +455,14 @@ class XttsEngine(BaseEngine):
         raise EngineUnavailable(self.name, "XTTS needs a voice: a studio speaker (xtts:NAME), a preset or reference "
                                            "audio")
 
-    def _cores(self) -> AbstractContextManager[int]:
+    def _cores(self, urgent: bool = False) -> AbstractContextManager[int]:
         """A slot in the process's core budget for torch's threads (its count is fixed per process, so
         the bytes of a seeded request do not depend on the load); on a GPU the cores stay free."""
         import torch
 
         if next(self._require_model().parameters()).device.type != "cpu":
             return nullcontext(0)
-        return self._budget.slot(threads=torch.get_num_threads())
+        return self._budget.slot(threads=torch.get_num_threads(), urgent=urgent)
 
     def _require_model(self) -> Any:
         model = self._model

@@ -383,23 +383,27 @@ def text_tokens(model: Any, text: str, language: str) -> Any:
 def decode_latents(model: Any, latents: Iterable[Any], speaker_embedding: Any, *, speed: float = 1.0,
                    first_chunk: int = FIRST_CHUNK_TOKENS, chunk: int = CHUNK_TOKENS,
                    stats: dict[str, int] | None = None,
-                   cores: Callable[[], AbstractContextManager[Any]] = nullcontext) -> Generator[Any, None, None]:
+                   cores: Callable[..., AbstractContextManager[Any]] = lambda urgent=False: nullcontext(),
+                   ) -> Generator[Any, None, None]:
     """Audio chunks (1-D tensors) from GPT latents ``[1, C]`` as they come: the first after ``first_chunk``
-    tokens, then every ``chunk``; each decode holds ``cores`` (a slot of the core budget) only while it runs."""
+    tokens, then every ``chunk``; each decode holds ``cores(urgent=…)`` (a slot of the core budget) only while
+    it runs — the first one urgent: a listener is waiting for it, and it is short."""
     decoder = IncrementalDecoder(model.hifigan_decoder, speaker_embedding, 1.0 / max(speed, 0.05))
     due = first_chunk
+    heard = False  # no audio yielded yet: the next decode is the listener's first audio
     for latent in latents:
         decoder.push(latent)
         if decoder.source.tokens >= due and decoder.pending() > 0:
-            with cores():
+            with cores(urgent=not heard):
                 audio = decoder.decode()
             if audio.numel():
+                heard = True
                 yield audio
                 due = decoder.source.tokens + chunk
             else:  # all within the decoder's look-ahead (a fast speed): try again at the next token
                 due = decoder.source.tokens + 1
     decoder.finish()
-    with cores():
+    with cores(urgent=not heard):
         audio = decoder.decode()
     if audio.numel():
         yield audio

@@ -372,7 +372,7 @@ def test_a_row_that_leaves_the_middle_of_the_shared_batch_leaves_the_others_inta
 
 
 def _sequence_unsubmitted(engine: XttsEngine, text: str, speaker: str, seed: int,
-                          repeatable: bool = False) -> Sequence:
+                          repeatable: bool = False, prefix: bool = False) -> Sequence:
     import torch
 
     from tts_gateway.engines.xtts_streaming import text_tokens
@@ -380,7 +380,50 @@ def _sequence_unsubmitted(engine: XttsEngine, text: str, speaker: str, seed: int
     cond, _ = engine._conditioning(VoiceInput(builtin=speaker))
     with torch.inference_mode():
         prompt = batcher(engine).stack.prompt(cond, text_tokens(engine._model, text, "en"))
-    return Sequence(prompt=prompt, seed=seed, repeatable=repeatable)
+    return Sequence(prompt=prompt, seed=seed, repeatable=repeatable, prefix=int(cond.shape[1]) if prefix else 0)
+
+
+def test_prompts_that_arrive_together_run_as_one_pass_and_give_what_they_give_alone(engine: XttsEngine) -> None:
+    """Unseeded sentences of different lengths and voices seated at the same step run their prompts' text as
+    one padded pass: each gets the tokens and latents it gets when its prompt runs alone."""
+    import torch
+
+    voices = speakers(engine)
+    texts = [TEXTS[0][0], TEXTS[2][0] + " " + TEXTS[2][0], TEXTS[1][0]]
+    jobs = [(text, voices[i % len(voices)], 80 + i) for i, text in enumerate(texts)]
+    alone = []
+    for text, voice, seed in jobs:
+        sequence = _sequence_unsubmitted(engine, text, voice, seed, prefix=True)
+        batcher(engine).submit(sequence)
+        alone.append((list(sequence.latents()), list(sequence.tokens)))
+    before = batcher(engine).prompts_together
+    with batcher(engine)._lock:  # all three are seated at the same step
+        shared = [_sequence_unsubmitted(engine, text, voice, seed, prefix=True) for text, voice, seed in jobs]
+        batcher(engine)._waiting.extend(shared)
+        batcher(engine)._lock.notify()
+    results = [list(sequence.latents()) for sequence in shared]
+    assert batcher(engine).prompts_together == before + 3
+    assert len({int(s.prompt.shape[1]) for s in shared}) == 3  # three lengths: padding was needed
+    for (latents, tokens), sequence, got in zip(alone, shared, results, strict=True):
+        assert sequence.tokens == tokens
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(latents, got, strict=True))
+
+
+def test_a_prompt_that_cannot_run_with_the_others_fails_alone(engine: XttsEngine) -> None:
+    """One sequence whose prompt is malformed (not the model's width) joins with two good ones: the batched
+    pass fails, each then runs alone, and only the malformed one fails."""
+    import torch
+
+    voices = speakers(engine)
+    good = [_sequence_unsubmitted(engine, TEXTS[i][0], voices[0], 90 + i, prefix=True) for i in range(2)]
+    broken = Sequence(prompt=torch.zeros(1, 40, 3), seed=1, repeatable=False, prefix=32)
+    with batcher(engine)._lock:
+        batcher(engine)._waiting.extend([good[0], broken, good[1]])
+        batcher(engine)._lock.notify()
+    with pytest.raises(RuntimeError):
+        list(broken.latents())
+    for sequence in good:
+        assert len(list(sequence.latents())) == len(sequence.tokens) > 0
 
 
 def test_another_engine_speaks_between_xtts_steps(make_settings: Any, tiny_xtts: Path) -> None:

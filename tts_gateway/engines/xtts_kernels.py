@@ -74,17 +74,23 @@ def _linears(gpt: Any) -> list[tuple[Any, str]]:
                                 (block.mlp, "c_proj"))]
 
 
-def quantize_int8(gpt: Any) -> None:
-    """Dynamic int8 quantization (per tensor, fbgemm) of the GPT-2 blocks' linear layers."""
-    import torch
+def _replace_linears(gpt: Any, make: Callable[[Any], Any]) -> None:
+    """Each ``nn.Linear`` projection of the GPT-2 blocks replaced by ``make(layer)``."""
     from torch import nn
 
     for owner, name in _linears(gpt):
         layer = getattr(owner, name)
         if isinstance(layer, nn.Linear):
-            quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear},
-                                                               dtype=torch.qint8)[0]
-            setattr(owner, name, quantized)
+            setattr(owner, name, make(layer))
+
+
+def quantize_int8(gpt: Any) -> None:
+    """Dynamic int8 quantization (per tensor, fbgemm) of the GPT-2 blocks' linear layers."""
+    import torch
+    from torch import nn
+
+    _replace_linears(gpt, lambda layer: torch.ao.quantization.quantize_dynamic(
+        nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)[0])
 
 
 def _packed_linear(layer: Any, rows: int) -> Any:
@@ -108,12 +114,7 @@ def _packed_linear(layer: Any, rows: int) -> Any:
 
 def to_packed(gpt: Any, rows: int) -> None:
     """The linear layers through oneDNN on weights packed for ``rows`` rows."""
-    from torch import nn
-
-    for owner, name in _linears(gpt):
-        layer = getattr(owner, name)
-        if isinstance(layer, nn.Linear):
-            setattr(owner, name, _packed_linear(layer, rows))
+    _replace_linears(gpt, lambda layer: _packed_linear(layer, rows))
 
 
 def to_onednn(gpt: Any) -> None:
@@ -121,10 +122,7 @@ def to_onednn(gpt: Any) -> None:
     import torch.utils.mkldnn
     from torch import nn
 
-    for owner, name in _linears(gpt):
-        layer = getattr(owner, name)
-        if isinstance(layer, nn.Linear):
-            setattr(owner, name, torch.utils.mkldnn.to_mkldnn(nn.Sequential(layer))[0])
+    _replace_linears(gpt, lambda layer: torch.utils.mkldnn.to_mkldnn(nn.Sequential(layer))[0])
 
 
 def _restore(gpt: Any, saved: dict[tuple[int, str], Any]) -> None:
@@ -161,21 +159,25 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
         # (a median of three still picked the slower kernel on a noisy host).
         return min(samples) * 1000
 
+    converters: dict[str, Callable[[Any], None]] = {"onednn": to_onednn,
+                                                     "onednn-packed": lambda g: to_packed(g, pack_rows)}
     with torch.inference_mode():
         measured = {"default": timed()}
         saved = {(id(owner), name): getattr(owner, name) for owner, name in _linears(gpt)}
-        for kernel, convert in (("onednn", to_onednn), ("onednn-packed", lambda g: to_packed(g, pack_rows))):
+        in_place = "default"  # the kernel the layers are on (a failed conversion may have left some)
+        for kernel, convert in converters.items():
+            _restore(gpt, saved)  # conversions start from the linear layers
+            in_place = kernel
             try:
                 convert(gpt)
                 measured[kernel] = timed()
             except (AttributeError, RuntimeError) as exc:  # a build without oneDNN's linear or its packed ops
                 log.info("XTTS's GPT cannot use %s (%s)", kernel, exc)
-            _restore(gpt, saved)
         kernel = min(measured, key=measured.__getitem__)
-        if kernel == "onednn":
-            to_onednn(gpt)
-        elif kernel == "onednn-packed":
-            to_packed(gpt, pack_rows)
+        if kernel != in_place:  # the last one measured, when it wins, is kept as converted
+            _restore(gpt, saved)
+            if kernel in converters:
+                converters[kernel](gpt)
     return {"precision": "fp32", "kernel": kernel, "batch": batch,
             **{f"{name.replace('-', '_')}_ms": round(ms, 1) for name, ms in measured.items()}}
 

@@ -306,6 +306,11 @@ class Sequence:
 
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
 
+    @property
+    def split(self) -> bool:
+        """Its prompt runs as the voice's conditioning (from `PrefixCache`), then the text."""
+        return 0 < self.prefix < int(self.prompt.shape[1])
+
     def cancel(self) -> None:
         self._cancelled.set()
 
@@ -384,18 +389,14 @@ class PrefixCache:
         self.misses += 1
         scratch = self.stack.cache(1)
         scratch.add_row()
-        scratch.reserve(int(conditioning.shape[1]))
         self.stack.forward(conditioning, scratch, [0])
-        length = int(conditioning.shape[1])
+        length = scratch.lengths[0]
         kept = [(keys[0, :, :length].clone(), values[0, :, :length].clone())
                 for keys, values in zip(scratch.keys, scratch.values, strict=True)]
         self._kept[digest] = kept
         while len(self._kept) > self.voices:
             self._kept.popitem(last=False)
         return kept
-
-    def clear(self) -> None:
-        self._kept.clear()
 
 
 class GptBatcher:
@@ -489,8 +490,7 @@ class GptBatcher:
         one batched forward pass (a prompt is compute-bound: four together cost ~15 % less than one by one);
         seeded ones alone, as their bytes must not depend on company. If the batched pass fails, each is
         joined alone, so only a sequence whose own prompt fails fails."""
-        together = [s for s in joining if not s.repeatable and 0 < s.prefix < int(s.prompt.shape[1])
-                    and not s.cancelled]
+        together = [s for s in joining if not s.repeatable and s.split and not s.cancelled]
         if len(together) < 2:
             together = []
         for sequence in joining:
@@ -509,15 +509,15 @@ class GptBatcher:
         for sequence in group:
             sequence.seated.set()
         try:
-            texts = [s.prompt[:, s.prefix:] for s in group]
-            lengths = [int(t.shape[1]) for t in texts]
-            width = max(lengths)
-            padded = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in texts])
+            cache.reserve(max(int(s.prompt.shape[1]) for s in group) + 1)
             with self.cores():
+                texts = []
                 for sequence in group:
                     rows.append(cache.add_row())
-                    cache.reserve(int(sequence.prompt.shape[1]) + 1)
-                    cache.load_prefix(rows[-1], self.prefixes.get(sequence.prompt[:, :sequence.prefix]))
+                    texts.append(self._start(sequence, cache, rows[-1]))
+                lengths = [int(t.shape[1]) for t in texts]
+                width = max(lengths)
+                padded = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in texts])
                 latents = stack.forward(padded, cache, rows, lengths)
                 logits = stack.logits(latents)
         except Exception:
@@ -528,7 +528,6 @@ class GptBatcher:
         self.prompts_together += len(group)
         for i, sequence in enumerate(group):
             self._rows.append(sequence)
-            sequence.seen = torch.tensor(sorted({1, stack.start_audio_token}), dtype=torch.long)
             try:
                 token = sample(logits[i], sequence.seen, sequence.generator, sequence.sampling)
             except Exception as exc:  # its own draw: it alone fails (its row goes at the next step)
@@ -538,32 +537,35 @@ class GptBatcher:
             self._deliver(sequence, token, latents[i: i + 1])
         return True
 
-    def _join(self, sequence: Sequence) -> None:
-        """Run the prompt of a new sequence (alone) and deliver its first token's latent."""
+    def _start(self, sequence: Sequence, cache: KVCache, row: int) -> Any:
+        """Start ``sequence`` in ``row`` (its voice's conditioning loaded when its prompt is split); returns the
+        part of its prompt still to run."""
         import torch
 
+        # generate's ids: a placeholder (1) per prompt position, the start token last; all are penalised.
+        sequence.seen = torch.tensor(sorted({1, self.stack.start_audio_token}), dtype=torch.long)
+        if not sequence.split:
+            return sequence.prompt
+        cache.load_prefix(row, self.prefixes.get(sequence.prompt[:, :sequence.prefix]))
+        return sequence.prompt[:, sequence.prefix:]
+
+    def _join(self, sequence: Sequence) -> None:
+        """Run the prompt of a new sequence (alone) and deliver its first token's latent."""
         sequence.seated.set()
         if sequence.cancelled:
             sequence.put(_END)
             return
         stack = self.stack
         try:
-            prompt_length = int(sequence.prompt.shape[1])
-            # generate's ids: a placeholder (1) per prompt position, the start token last; all are penalised.
-            sequence.seen = torch.tensor(sorted({1, stack.start_audio_token}), dtype=torch.long)
             if sequence.repeatable:
                 cache = stack.cache(1)
                 row = cache.add_row()
             else:
                 cache, row = self._shared, self._shared.add_row()
-            cache.reserve(prompt_length + 1)  # later steps grow every row by doubling, as they need
+            cache.reserve(int(sequence.prompt.shape[1]) + 1)  # later steps grow every row by doubling, as they need
             try:
                 with self.cores():
-                    prompt, prefix = sequence.prompt, sequence.prefix
-                    if 0 < prefix < prompt_length:
-                        cache.load_prefix(row, self.prefixes.get(prompt[:, :prefix]))
-                        prompt = prompt[:, prefix:]
-                    latent = stack.forward(prompt, cache, [row])
+                    latent = stack.forward(self._start(sequence, cache, row), cache, [row])
                     token = sample(stack.logits(latent)[0], sequence.seen, sequence.generator, sequence.sampling)
             except Exception:
                 cache.drop_row(row)

@@ -240,17 +240,23 @@ def test_concurrent_http_requests_are_decoded_together(make_settings: Any, tiny_
         assert client.post("/v1/engines/xtts/load").status_code == 200
         engine = app_engine(client)
         engine._batcher.widest = 0  # type: ignore[union-attr]
-
-        def post(i: int) -> httpx.Response:
-            return client.post("/v1/synthesize", json={"text": TEXTS[i][0], "language": TEXTS[i][1],
-                                                       "voice": voice, "format": "wav", "stream": i % 2 == 0})
-
-        responses = together([lambda i=i: post(i) for i in range(4)])
+        responses = _four_at_once(client, voice, streamed=0)
         for response in responses:
             assert response.status_code == 200, response.text
             audio, rate = decode(response.content)
             assert rate == 24000 and audio.size > 2400
         assert engine._batcher.widest >= 2  # type: ignore[union-attr]
+
+
+def _four_at_once(client: Any, voice: str, streamed: int) -> list[httpx.Response]:
+    """Four XTTS requests (TEXTS' first four, in their languages) sent together; those whose index has the
+    parity ``streamed`` are streamed."""
+
+    def post(i: int) -> httpx.Response:
+        return client.post("/v1/synthesize", json={"text": TEXTS[i][0], "language": TEXTS[i][1], "voice": voice,
+                                                   "format": "wav", "stream": i % 2 == streamed})
+
+    return together([lambda i=i: post(i) for i in range(4)])
 
 
 @pytest.fixture(scope="module")
@@ -280,12 +286,7 @@ def test_requests_in_the_batch_lend_their_admission_slot(make_settings: Any, lon
         assert client.post("/v1/engines/xtts/load").status_code == 200
         engine = app_engine(client)
         batcher(engine).widest = 0
-
-        def post(i: int) -> httpx.Response:
-            return client.post("/v1/synthesize", json={"text": TEXTS[i][0], "language": TEXTS[i][1],
-                                                       "voice": voice, "format": "wav", "stream": i % 2 == 1})
-
-        responses = together([lambda i=i: post(i) for i in range(4)])
+        responses = _four_at_once(client, voice, streamed=1)
         for response in responses:
             assert response.status_code == 200, response.text
             assert decode(response.content)[0].size > 24000

@@ -63,8 +63,8 @@ class Normalizer:
     def __init__(self, rules: LanguageRules) -> None:
         self.rules = rules
         self.lang = rules.code
-        self._small: dict[int, str] = {}  # 0…100 in words: the numbers text has most (digits of phones, times)
-        self._small_ordinal: dict[int, str] = {}  # 1st…100th, days of dates
+        # 0…100 in words, cardinal and ordinal: the numbers text has most (digits of phones, times, days)
+        self._small: dict[tuple[str, int], str] = {}
         self._years: dict[int, str] | None = None  # the years read in pairs ("nineteen ninety-nine")
         base = rules.code.split("_")[0]
         self.base = base
@@ -103,13 +103,16 @@ class Normalizer:
     def cardinal(self, value: Decimal | int) -> str:
         if isinstance(value, Decimal) and value != value.to_integral_value():
             return self.decimal(value)
-        number = int(value)
-        if 0 <= number <= SMALL:
-            words = self._small.get(number)
-            if words is None:
-                words = self._small[number] = _words(num2words(number, lang=self.lang))
-            return words
-        return _words(num2words(number, lang=self.lang))
+        return self._spell(int(value), "cardinal")
+
+    def _spell(self, number: int, to: str) -> str:
+        """num2words' ``to`` form of ``number``; from 0 to 100 spelled once."""
+        if not 0 <= number <= SMALL:
+            return _words(num2words(number, lang=self.lang, to=to))
+        words = self._small.get((to, number))
+        if words is None:
+            words = self._small[(to, number)] = _words(num2words(number, lang=self.lang, to=to))
+        return words
 
     def decimal(self, value: Decimal) -> str:
         sign, digits, exponent = value.as_tuple()
@@ -128,12 +131,7 @@ class Normalizer:
         return f"{self.rules.minus} {out}" if sign else out
 
     def ordinal(self, value: int) -> str:
-        if 0 <= value <= SMALL:
-            words = self._small_ordinal.get(value)
-            if words is None:
-                words = self._small_ordinal[value] = _words(num2words(value, lang=self.lang, to="ordinal"))
-            return words
-        return _words(num2words(value, lang=self.lang, to="ordinal"))
+        return self._spell(value, "ordinal")
 
     def year(self, value: int) -> str:
         if (self.base in ("en", "de") and 1100 <= value <= 1999) or (self.base == "en" and 2010 <= value <= 2099):

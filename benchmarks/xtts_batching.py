@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -119,9 +120,11 @@ def _in_process(ctx: Context, result: Result, checkpoint: Any, rounds: int) -> N
     from tts_gateway.engines.xtts_engine import XttsEngine
     from tts_gateway.engines.xtts_streaming import text_tokens
 
-    torch.set_num_threads(2)
+    # Every torch call here goes to the engine's torch thread, as the engine's own do: torch work on a second
+    # thread would give OpenMP a second pool and slow both (see tts_gateway/engines/torch_thread.py).
     engine = XttsEngine(checkpoint, device="cpu", threads=2)
     engine.load()
+    on_torch = engine._torch.call
     before = XttsEngine(checkpoint, device="cpu", threads=2)  # coqui's generate on an untouched copy
     before.load()
     try:
@@ -134,13 +137,16 @@ def _in_process(ctx: Context, result: Result, checkpoint: Any, rounds: int) -> N
             audio = np.concatenate(list(engine.synthesize(TEXT, voice, SynthesisOptions(language="en", seed=seed))))
             return time.perf_counter() - begin, audio.size / engine.sample_rate
 
-        def today(seed: int) -> float:
-            begin = time.perf_counter()
+        def coqui(seed: int) -> None:
             torch.manual_seed(seed)
             with torch.inference_mode():
                 for _ in before._model.inference_stream(TEXT, "en", cond, embedding, enable_text_splitting=False,
                                                         stream_chunk_size=0):
                     pass
+
+        def today(seed: int) -> float:
+            begin = time.perf_counter()
+            on_torch(lambda: coqui(seed))
             return time.perf_counter() - begin
 
         now(0)
@@ -160,22 +166,24 @@ def _in_process(ctx: Context, result: Result, checkpoint: Any, rounds: int) -> N
                                      kernels=engine.kernels, audio_s=round(audio_s, 2)))
         rtf = {}
         for threads in (1, 2):
-            torch.set_num_threads(threads)
+            on_torch(partial(torch.set_num_threads, threads))  # OpenMP's count is per thread
             rtf[threads] = median([w / a for w, a in (now(40 + i) for i in range(max(1, rounds - 1)))])
-        torch.set_num_threads(2)
+        on_torch(lambda: torch.set_num_threads(2))
         result.figures.append(Figure("lone XTTS request real-time factor (1 thread; 2 threads in medians)", rtf[1],
                                      "s/s", medians={"rtf_1_thread": rtf[1], "rtf_2_threads": rtf[2]}))
 
         stack = GptStack(engine._model.gpt)
-        per_batch = {}
-        for rows in (1, 2, 4, 8):
+
+        def step_seconds(rows: int) -> float:
             probe_step(stack, rows)
             samples = []
             for _ in range(3):
                 begin = time.perf_counter()
                 probe_step(stack, rows)
                 samples.append(time.perf_counter() - begin)
-            per_batch[rows] = rows / median(samples)
+            return median(samples)
+
+        per_batch = {rows: rows / on_torch(partial(step_seconds, rows)) for rows in (1, 2, 4, 8)}
         result.figures.append(Figure("batched GPT step: tokens per second at batch 4 ÷ batch 1",
                                      per_batch[4] / per_batch[1], "×",
                                      medians={f"tokens_per_s_batch_{k}": v for k, v in per_batch.items()}))
@@ -185,14 +193,16 @@ def _in_process(ctx: Context, result: Result, checkpoint: Any, rounds: int) -> N
         int8 = XttsEngine(checkpoint, device="cpu", threads=2, precision="int8")
         int8.load()
         try:
-            with torch.inference_mode():
-                tokens = text_tokens(engine._model, TEXT, "en")
-                logits = {}
-                for name, e in (("fp32", engine), ("int8", int8)):
+            tokens = text_tokens(engine._model, TEXT, "en")
+
+            def first_logits(e: XttsEngine) -> Any:
+                with torch.inference_mode():
                     s = e._batcher.stack  # type: ignore[union-attr]
                     cache = s.cache(1)
                     cache.add_row()
-                    logits[name] = s.logits(s.forward(s.prompt(cond, tokens), cache, [0]))[0]
+                    return s.logits(s.forward(s.prompt(cond, tokens), cache, [0]))[0]
+
+            logits = {name: on_torch(partial(first_logits, e)) for name, e in (("fp32", engine), ("int8", int8))}
             error = (logits["int8"] - logits["fp32"]).abs()
             now(0, int8)
             fp32_lone = [now(60 + i)[0] for i in range(max(1, rounds - 1))]

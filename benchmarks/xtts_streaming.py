@@ -23,6 +23,7 @@ import math
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,8 @@ def run(ctx: Context, result: Result) -> None:
                 order = ["one_shot", "ours", "coqui"] if r % 2 == 0 else ["coqui", "ours", "one_shot"]
                 waves: dict[str, np.ndarray] = {}
                 for kind in order:
-                    total, first, wave = timed(kind, seed=100 + r)
+                    # on the engine's torch thread: one OpenMP pool (tts_gateway/engines/torch_thread.py)
+                    total, first, wave = engine._torch.call(partial(timed, kind, 100 + r))
                     totals[kind].append(total)
                     firsts[kind].append(first)
                     waves[kind] = wave

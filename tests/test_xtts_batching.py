@@ -357,12 +357,9 @@ def test_a_row_that_leaves_the_middle_of_the_shared_batch_leaves_the_others_inta
     original = stack.stop_audio_token
     stack.stop_audio_token = stop
     try:
-        with batcher(engine)._lock:  # all three join at the same step
-            shared = [_sequence_unsubmitted(engine, text, voices[i % len(voices)], seed=50 + i)
-                      for i, text in enumerate(texts)]
-            for sequence in shared:
-                batcher(engine)._waiting.append(sequence)
-            batcher(engine)._lock.notify()
+        shared = [_sequence_unsubmitted(engine, text, voices[i % len(voices)], seed=50 + i)
+                  for i, text in enumerate(texts)]
+        batcher(engine).submit(*shared)  # all three join at the same step
         results = [list(sequence.latents()) for sequence in shared]
     finally:
         stack.stop_audio_token = original
@@ -398,10 +395,8 @@ def test_prompts_that_arrive_together_run_as_one_pass_and_give_what_they_give_al
         batcher(engine).submit(sequence)
         alone.append((list(sequence.latents()), list(sequence.tokens)))
     before = batcher(engine).prompts_together
-    with batcher(engine)._lock:  # all three are seated at the same step
-        shared = [_sequence_unsubmitted(engine, text, voice, seed, prefix=True) for text, voice, seed in jobs]
-        batcher(engine)._waiting.extend(shared)
-        batcher(engine)._lock.notify()
+    shared = [_sequence_unsubmitted(engine, text, voice, seed, prefix=True) for text, voice, seed in jobs]
+    batcher(engine).submit(*shared)  # all three are seated at the same step
     results = [list(sequence.latents()) for sequence in shared]
     assert batcher(engine).prompts_together == before + 3
     assert len({int(s.prompt.shape[1]) for s in shared}) == 3  # three lengths: padding was needed
@@ -418,9 +413,7 @@ def test_a_prompt_that_cannot_run_with_the_others_fails_alone(engine: XttsEngine
     voices = speakers(engine)
     good = [_sequence_unsubmitted(engine, TEXTS[i][0], voices[0], 90 + i, prefix=True) for i in range(2)]
     broken = Sequence(prompt=torch.zeros(1, 40, 3), seed=1, repeatable=False, prefix=32)
-    with batcher(engine)._lock:
-        batcher(engine)._waiting.extend([good[0], broken, good[1]])
-        batcher(engine)._lock.notify()
+    batcher(engine).submit(good[0], broken, good[1])
     with pytest.raises(RuntimeError):
         list(broken.latents())
     for sequence in good:

@@ -15,10 +15,12 @@ a batched matrix product rounds a row differently from the same row alone (measu
 more), so a request whose client asked for its seed (``repeatable``) runs its steps as a batch of one,
 and gives the same bytes alone and among others.
 
-The batcher thread takes a slot of the process's core budget for each step (or prompt), not for a whole
-sentence, so another engine's request waits for one such call, not for the sentence. A request with a
-seat in the batch lends its admission slot to the next request (`lent_while_seated`): it waits on the
-steps then, and the seats (``max_batch``) bound such requests instead of MAX_CONCURRENCY.
+The batcher runs in rounds (a join, a step) on the process's torch thread (`torch_thread`), where the
+engine's other torch calls (decoders, conditioning) run between them. It takes a slot of the process's
+core budget for each step (or prompt), not for a whole sentence, so another engine's request waits for one
+such call, not for the sentence. A request with a seat in the batch lends its admission slot to the next
+request (`lent_while_seated`): it waits on the steps then, and the seats (``max_batch``) bound such
+requests instead of MAX_CONCURRENCY.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
+
+from tts_gateway.engines.torch_thread import TorchThread, torch_thread
 
 log = logging.getLogger(__name__)
 
@@ -400,22 +404,23 @@ class PrefixCache:
 
 
 class GptBatcher:
-    """The thread that decodes every active `Sequence` together, one GPT step at a time.
+    """Decodes every active `Sequence` together, one GPT step at a time, in rounds on the torch thread.
 
     Args:
         stack: The model's GPT, run by hand.
         max_batch: Most sequences in the shared batch; more wait for a row.
         cores: Context manager factory for a slot of the process's core budget (held per step).
         observer: Told how many sequences each step carried (the gateway's batch-size histogram).
+        runner: The thread its rounds run on (the process's torch thread by default).
     """
 
     def __init__(self, stack: GptStack, max_batch: int, cores: Callable[[], AbstractContextManager[Any]], *,
-                 observer: Callable[[int], None] | None = None) -> None:
+                 observer: Callable[[int], None] | None = None, runner: TorchThread | None = None) -> None:
         self.stack = stack
         self.observer = observer  # told the number of sequences of every step
         self.max_batch = max(1, max_batch)
         self.cores = cores
-        self.prefixes = PrefixCache(stack)  # the batcher thread's own: no lock
+        self.prefixes = PrefixCache(stack)  # used on the torch thread only: no lock
         self._lock = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._shared = stack.cache(self.max_batch)
@@ -425,8 +430,8 @@ class GptBatcher:
         self.steps = 0  # GPT steps run, shared or alone (for tests and benchmarks)
         self.widest = 0  # most sequences in one step
         self.prompts_together = 0  # prompts run in a batched pass with others (for tests and benchmarks)
-        self._thread = threading.Thread(target=self._run, name="xtts-gpt-batcher", daemon=True)
-        self._thread.start()
+        self._runner = runner or torch_thread()  # its rounds run there, between the engine's other torch calls
+        self._runner.attach(self)
 
     @property
     def active(self) -> int:
@@ -438,52 +443,57 @@ class GptBatcher:
         with self._lock:
             return len(self._waiting)
 
-    def submit(self, sequence: Sequence) -> None:
+    def submit(self, *sequences: Sequence) -> None:
+        """Queue ``sequences`` for seats; several given at once arrive together (seated in one round)."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the XTTS batcher is stopped (the model was unloaded)")
-            self._waiting.append(sequence)
-            self._lock.notify()
+            self._waiting.extend(sequences)
+        self._runner.wake()
 
     def close(self) -> None:
+        """Stop: every sequence still waiting or decoding fails with "unloaded" (run between two rounds)."""
+        self._runner.call(self._shutdown, urgent=True)
+
+    def _shutdown(self) -> None:
+        self._runner.detach(self)
         with self._lock:
             self._stopped = True
-            self._lock.notify()
-        self._thread.join(timeout=60)
-
-    # -- the loop -----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        import torch
-
-        while True:
-            with self._lock:
-                while not self._stopped and not self._waiting and not self._rows and not self._alone:
-                    self._lock.wait()
-                if self._stopped:
-                    break
-                joining: list[Sequence] = []
-                # Seeded sequences step alone but take seats too: the seats bound the requests that wait
-                # here without an admission slot (see `lent_while_seated`).
-                while self._waiting and len(self._rows) + len(self._alone) + len(joining) < self.max_batch:
-                    joining.append(self._waiting.popleft())
-            try:
-                with torch.inference_mode():
-                    self._join_all(joining)
-                    self._step_shared()
-                    for sequence, cache in list(self._alone):
-                        self._step_alone(sequence, cache)
-            except Exception as exc:  # a failure of the whole step fails every sequence in it
-                log.exception("XTTS batched step failed")
-                for sequence in [*self._rows, *(s for s, _ in self._alone)]:
-                    sequence.put(exc)
-                self._rows.clear()
-                self._alone.clear()
-                self._shared = self.stack.cache(self.max_batch)
-        with self._lock:
             left = [*self._waiting, *self._rows, *(s for s, _ in self._alone)]
             self._waiting.clear()
+            self._rows.clear()
+            self._alone.clear()
         for sequence in left:
             sequence.put(RuntimeError("the XTTS model was unloaded"))
+
+    # -- the rounds (on the torch thread) --------------------------------------------------------------
+    def busy(self) -> bool:
+        with self._lock:
+            return not self._stopped and bool(self._waiting or self._rows or self._alone)
+
+    def tick(self) -> None:
+        """One round: seat the sequences that wait (as many as there are seats), then one GPT step of each."""
+        import torch
+
+        with self._lock:
+            joining: list[Sequence] = []
+            # Seeded sequences step alone but take seats too: the seats bound the requests that wait
+            # here without an admission slot (see `lent_while_seated`).
+            while self._waiting and len(self._rows) + len(self._alone) + len(joining) < self.max_batch:
+                joining.append(self._waiting.popleft())
+        try:
+            with torch.inference_mode():
+                self._join_all(joining)
+                self._step_shared()
+                for sequence, cache in list(self._alone):
+                    self._step_alone(sequence, cache)
+        except Exception as exc:  # a failure of the whole step fails every sequence in it
+            log.exception("XTTS batched step failed")
+            for sequence in [*self._rows, *(s for s, _ in self._alone)]:
+                sequence.put(exc)
+            self._rows.clear()
+            self._alone.clear()
+            self._shared = self.stack.cache(self.max_batch)
 
     def _join_all(self, joining: list[Sequence]) -> None:
         """Seat the sequences that arrived together. Unseeded ones of a cached voice run their prompts' text as
@@ -641,7 +651,7 @@ class GptBatcher:
     def _step_shared(self) -> None:
         self._prune()
         if self._rows:
-            self._step(list(self._rows), self._shared)  # a failed forward pass fails the whole batch (_run)
+            self._step(list(self._rows), self._shared)  # a failed forward pass fails the whole batch (tick)
         self._prune()
 
     def _step_alone(self, sequence: Sequence, cache: KVCache) -> None:

@@ -35,6 +35,7 @@ from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import shared_budget
+from tts_gateway.engines.torch_thread import torch_thread
 from tts_gateway.engines.xtts_batching import (
     DEFAULT_MAX_BATCH,
     GptBatcher,
@@ -170,6 +171,7 @@ class XttsEngine(BaseEngine):
         self.precision = precision
         self.kernels: dict[str, Any] = {}  # what load() chose and measured
         self._budget = shared_budget()
+        self._torch = torch_thread()  # all of its torch work runs there (see `torch_thread` for why)
         self.configured = checkpoint
         self.device_setting = device
         self.threads = threads
@@ -276,6 +278,9 @@ class XttsEngine(BaseEngine):
             reason = self.hub.start()
             self.hub.availability()  # what the start led to (running, or failed at once), for Retry-After
             raise EngineUnavailable(self.name, reason, retry_after=self.retry_after() or DOWNLOAD_POLL_S)
+        self._torch.call(lambda: self._load(checkpoint))
+
+    def _load(self, checkpoint: Path) -> None:
         import torch
 
         from tts_gateway.engines.torch_compat import import_torchaudio
@@ -299,7 +304,7 @@ class XttsEngine(BaseEngine):
                                batch=min(4, self.max_batch), pack_rows=self.max_batch)
         self.kernels["decoder_weight_norms_folded"] = fold_weight_norm(model.hifigan_decoder)
         log.info("XTTS's GPT runs on %s", self.kernels)
-        self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer)
+        self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer, runner=self._torch)
         self._active = checkpoint
         self._loaded = True
 
@@ -321,13 +326,14 @@ class XttsEngine(BaseEngine):
         model = self._require_model()
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, :]
         config = model.config
-        with self._lock, self._cores(), torch.inference_mode():
-            gpt_cond_latent = model.get_gpt_cond_latents(
-                wav, self.reference_sample_rate,
-                length=int(getattr(config, "gpt_cond_len", 30)),
-                chunk_length=int(getattr(config, "gpt_cond_chunk_len", 4)),
-            )
-            speaker_embedding = self._speaker_embedding(model, audio, self.reference_sample_rate)
+        def conditioning() -> tuple[Any, Any]:
+            return (model.get_gpt_cond_latents(wav, self.reference_sample_rate,
+                                               length=int(getattr(config, "gpt_cond_len", 30)),
+                                               chunk_length=int(getattr(config, "gpt_cond_chunk_len", 4))),
+                    self._speaker_embedding(model, audio, self.reference_sample_rate))
+
+        with self._lock:
+            gpt_cond_latent, speaker_embedding = self._run(conditioning)
         return {
             "gpt_cond_latent": gpt_cond_latent.detach().cpu().numpy().astype(np.float32),
             "speaker_embedding": speaker_embedding.detach().cpu().numpy().astype(np.float32),
@@ -363,7 +369,7 @@ class XttsEngine(BaseEngine):
         latents = lent_while_seated(sequence, sequence.latents(options.cancel), options.lend, options.cancel)
         chunks: Generator[Any, None, None]
         if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
-            chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, cores=self._cores)
+            chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, run=self._run)
         else:
             chunks = self._decode_whole(model, latents, speaker_embedding, options)
         try:
@@ -391,20 +397,29 @@ class XttsEngine(BaseEngine):
         collected = list(latents)
         if not collected or options.cancel.is_set():
             return
-        gpt_latents = torch.cat(collected, dim=0)[None, :]
-        length_scale = 1.0 / max(options.speed, 0.05)
-        if length_scale != 1.0:
-            gpt_latents = F.interpolate(gpt_latents.transpose(1, 2), scale_factor=length_scale,
-                                        mode="linear").transpose(1, 2)
-        with self._cores():  # released before the yield: a consumer that stops must not keep the cores
-            audio = model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
-        yield audio
+
+        def decode() -> Any:
+            gpt_latents = torch.cat(collected, dim=0)[None, :]
+            length_scale = 1.0 / max(options.speed, 0.05)
+            if length_scale != 1.0:
+                gpt_latents = F.interpolate(gpt_latents.transpose(1, 2), scale_factor=length_scale,
+                                            mode="linear").transpose(1, 2)
+            return model.hifigan_decoder(gpt_latents, g=speaker_embedding).squeeze()
+
+        # The cores are released before the yield: a consumer that stops must not keep them.
+        yield self._run(decode)
 
     def _prompt(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, language: str) -> Any:
+        """The prompt's embeddings (a short call on the torch thread, ahead of the queue: a request waits)."""
         import torch
 
-        with torch.inference_mode():
-            return batcher.stack.prompt(gpt_cond_latent, text_tokens(self._require_model(), text, language))
+        tokens = text_tokens(self._require_model(), text, language)
+
+        def embed() -> Any:
+            with torch.inference_mode():
+                return batcher.stack.prompt(gpt_cond_latent, tokens)
+
+        return self._torch.call(embed, urgent=True)
 
     def trace(self, text: str, language: str, voice: VoiceInput, seed: int) -> dict[str, Any]:
         """One seeded sentence, alone, with what a precision comparison needs: its audio tokens, the first
@@ -418,25 +433,26 @@ class XttsEngine(BaseEngine):
         assert batcher is not None
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         prompt = self._prompt(batcher, gpt_cond_latent, text, language)
-        with torch.inference_mode():
-            cache = batcher.stack.cache(1)
-            cache.add_row()
-            logits = batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
+        def first_logits() -> Any:
+            with torch.inference_mode():
+                cache = batcher.stack.cache(1)
+                cache.add_row()
+                return batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
+
+        logits = self._run(first_logits)
         started = time.perf_counter()
         sequence = Sequence(prompt=prompt, seed=seed, repeatable=True, prefix=int(gpt_cond_latent.shape[1]))
         batcher.submit(sequence)
         options = SynthesisOptions(language=language, seed=seed, repeatable=True)
-        with torch.inference_mode():
-            audio = next(self._decode_whole(model, sequence.latents(), speaker_embedding, options))
+        audio = next(self._decode_whole(model, sequence.latents(), speaker_embedding, options))
         return {"tokens": list(sequence.tokens), "logits": logits, "audio": audio.cpu().numpy(),
                 "seconds": time.perf_counter() - started}
 
     def speaker_embedding(self, audio: np.ndarray) -> np.ndarray:
         """XTTS's speaker encoder's embedding of audio at the output rate (for comparing two outputs)."""
-        import torch
 
-        with torch.inference_mode():
-            embedding = self._speaker_embedding(self._require_model(), audio, self.sample_rate)
+        model = self._require_model()
+        embedding = self._run(lambda: self._speaker_embedding(model, audio, self.sample_rate))
         return np.asarray(embedding.detach().cpu().numpy(), dtype=np.float32).reshape(-1)
 
     def _conditioning(self, voice: VoiceInput) -> tuple[Any, Any]:
@@ -463,6 +479,16 @@ class XttsEngine(BaseEngine):
         if next(self._require_model().parameters()).device.type != "cpu":
             return nullcontext(0)
         return self._budget.slot(threads=torch.get_num_threads(), urgent=urgent)
+
+    def _run(self, fn: Callable[[], Any], urgent: bool = False) -> Any:
+        """``fn()`` on the torch thread, in inference mode, holding a slot of the core budget while it runs."""
+        import torch
+
+        def held() -> Any:
+            with self._cores(urgent=urgent), torch.inference_mode():
+                return fn()
+
+        return self._torch.call(held, urgent=urgent)
 
     def _require_model(self) -> Any:
         model = self._model

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Generator, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 # GPT tokens before the first chunk (time to first audio) and between later ones. A chunk carries the
@@ -380,22 +379,27 @@ def text_tokens(model: Any, text: str, language: str) -> Any:
     return tokens.to(model.device)
 
 
+def _inline(fn: Callable[[], Any], urgent: bool) -> Any:
+    return fn()
+
+
 def decode_latents(model: Any, latents: Iterable[Any], speaker_embedding: Any, *, speed: float = 1.0,
                    first_chunk: int = FIRST_CHUNK_TOKENS, chunk: int = CHUNK_TOKENS,
                    stats: dict[str, int] | None = None,
-                   cores: Callable[..., AbstractContextManager[Any]] = lambda urgent=False: nullcontext(),
+                   run: Callable[[Callable[[], Any], bool], Any] = _inline,
                    ) -> Generator[Any, None, None]:
     """Audio chunks (1-D tensors) from GPT latents ``[1, C]`` as they come: the first after ``first_chunk``
-    tokens, then every ``chunk``; each decode holds ``cores(urgent=…)`` (a slot of the core budget) only while
-    it runs — the first one urgent: a listener is waiting for it, and it is short."""
-    decoder = IncrementalDecoder(model.hifigan_decoder, speaker_embedding, 1.0 / max(speed, 0.05))
+    tokens, then every ``chunk``. The decoder's torch work goes through ``run(fn, urgent)`` (the engine's:
+    on its torch thread, holding a slot of the core budget only while it runs), the first audio's
+    urgent: a listener is waiting for it, and it is short."""
+    decoder: IncrementalDecoder = run(
+        lambda: IncrementalDecoder(model.hifigan_decoder, speaker_embedding, 1.0 / max(speed, 0.05)), True)
     due = first_chunk
     heard = False  # no audio yielded yet: the next decode is the listener's first audio
     for latent in latents:
         decoder.push(latent)
         if decoder.source.tokens >= due and decoder.pending() > 0:
-            with cores(urgent=not heard):
-                audio = decoder.decode()
+            audio = run(decoder.decode, not heard)
             if audio.numel():
                 heard = True
                 yield audio
@@ -403,8 +407,7 @@ def decode_latents(model: Any, latents: Iterable[Any], speaker_embedding: Any, *
             else:  # all within the decoder's look-ahead (a fast speed): try again at the next token
                 due = decoder.source.tokens + 1
     decoder.finish()
-    with cores(urgent=not heard):
-        audio = decoder.decode()
+    audio = run(decoder.decode, not heard)
     if audio.numel():
         yield audio
     if stats is not None:

@@ -1,0 +1,147 @@
+"""One thread for all of the process's torch compute.
+
+PyTorch's CPU kernels run in parallel through OpenMP (libgomp), which gives every thread that starts a
+parallel region a pool of worker threads of its own, kept while that thread lives. Once more pooled threads
+are alive than the machine has cores, libgomp's workers stop spinning between regions and go to sleep
+(its "throttled" spin), so every region pays a wake-up. A server runs requests on many threads: with the
+decoder in the request's thread and the GPT in the batcher's, a second pool was always alive, and on 2
+cores a small attention call took 52 µs instead of 13, a real-size GPT step 50 ms instead of 40 (measured
+here). So XTTS's torch work (loading, prompts, GPT steps, decoders, conditioning) runs on this one thread;
+other threads hand it calls (`TorchThread.call`) and wait for the answer.
+
+The GPT batcher's loop runs here too, as a `Stepper`: between two of its rounds (a join or a GPT step) the
+thread runs the calls that came meanwhile, the urgent ones (a listener's first audio) first.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Stepper(Protocol):
+    """Work the thread runs in rounds, between calls (the GPT batcher)."""
+
+    def busy(self) -> bool:
+        """Whether it has a round to run (thread-safe)."""
+
+    def tick(self) -> None:
+        """One round; handles its own errors."""
+
+
+class _Call:
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # handed to the caller, never lost in this thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class TorchThread:
+    """A thread that runs calls and `Stepper` rounds, one at a time (see the module docstring)."""
+
+    def __init__(self, name: str = "torch") -> None:
+        self._cond = threading.Condition()
+        self._urgent: collections.deque[_Call] = collections.deque()
+        self._calls: collections.deque[_Call] = collections.deque()
+        self._steppers: list[Stepper] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def here(self) -> bool:
+        """Whether the caller is this thread."""
+        return threading.current_thread() is self._thread
+
+    def call(self, fn: Callable[[], T], *, urgent: bool = False) -> T:
+        """``fn()`` run on this thread (at once when called from it); its value, or its exception re-raised.
+        ``urgent``: ahead of every call that is not, and before the next round of any stepper."""
+        if self.here:
+            return fn()
+        call = _Call(fn)
+        with self._cond:
+            (self._urgent if urgent else self._calls).append(call)
+            self._cond.notify()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.value
+
+    def attach(self, stepper: Stepper) -> None:
+        with self._cond:
+            self._steppers.append(stepper)
+            self._cond.notify()
+
+    def detach(self, stepper: Stepper) -> None:
+        with self._cond:
+            if stepper in self._steppers:
+                self._steppers.remove(stepper)
+
+    def wake(self) -> None:
+        """A stepper has new work."""
+        with self._cond:
+            self._cond.notify()
+
+    def _next(self, normal: int) -> tuple[_Call | None, bool]:
+        """The next call to run and whether it is a normal one: an urgent one first, else one of the
+        ``normal`` calls that were queued when the round began (under the lock)."""
+        if self._urgent:
+            return self._urgent.popleft(), False
+        if normal > 0 and self._calls:
+            return self._calls.popleft(), True
+        return None, False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._urgent and not self._calls and not any(s.busy() for s in self._steppers):
+                    self._cond.wait()
+                # The calls queued now run before the next rounds; those that come meanwhile wait for them
+                # (so a stream of calls cannot starve the steppers), except urgent ones.
+                normal = len(self._calls)
+            while True:
+                with self._cond:
+                    call, was_normal = self._next(normal)
+                if call is None:
+                    break
+                normal -= was_normal
+                call.run()
+            with self._cond:
+                steppers = list(self._steppers)
+            for stepper in steppers:
+                try:
+                    if stepper.busy():
+                        stepper.tick()
+                except Exception:  # a stepper's own bug must not stop every other call
+                    log.exception("torch thread: a stepper's round failed")
+
+
+_shared: TorchThread | None = None
+_shared_lock = threading.Lock()
+
+
+def torch_thread() -> TorchThread:
+    """The process's one torch thread."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = TorchThread()
+        return _shared
+
+
+__all__ = ["Stepper", "TorchThread", "torch_thread"]

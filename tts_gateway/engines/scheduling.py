@@ -16,12 +16,14 @@ ask for an exact number of threads instead, in the same queue. One budget serves
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 
 class CoreBudget:
@@ -95,14 +97,26 @@ class CoreBudget:
                 self._cond.notify_all()
 
 
-_shared: CoreBudget | None = None
-_shared_lock = threading.Lock()
+T = TypeVar("T")
 
 
+def process_once(factory: Callable[[], T]) -> Callable[[], T]:
+    """A function giving the one ``factory()`` of the process: made at the first call, under a lock (two
+    callers at once never make two, as ``functools.cache`` may)."""
+    made: list[T] = []
+    lock = threading.Lock()
+
+    @functools.wraps(factory)
+    def get() -> T:
+        with lock:
+            if not made:
+                made.append(factory())
+            return made[0]
+
+    return get
+
+
+@process_once
 def shared_budget() -> CoreBudget:
     """The process's one budget, shared by every engine that runs here."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = CoreBudget()
-        return _shared
+    return CoreBudget()

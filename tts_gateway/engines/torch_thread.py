@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from tts_gateway.engines.scheduling import process_once
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -131,17 +133,10 @@ class TorchThread:
                     log.exception("torch thread: a stepper's round failed")
 
 
-_shared: TorchThread | None = None
-_shared_lock = threading.Lock()
-
-
+@process_once
 def torch_thread() -> TorchThread:
     """The process's one torch thread."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = TorchThread()
-        return _shared
+    return TorchThread()
 
 
 __all__ = ["Stepper", "TorchThread", "torch_thread"]

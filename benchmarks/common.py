@@ -122,8 +122,8 @@ def interleave(
 
     Runs ``warmup`` untimed rounds first, then at most ``rounds`` timed ones, and stops early
     once ``budget`` is spent and at least ``min_rounds`` are done. Returns wall-clock seconds;
-    ``cpu``, if given, also gets the calling thread's CPU seconds per call (all of the work when
-    the engine runs single-threaded in the caller, and far less disturbed by other processes).
+    ``cpu``, if given, also gets the process's CPU seconds per call (all of the work when the engine
+    runs single-threaded — XTTS on its torch thread —, and far less disturbed by other processes).
     ``quiet``: `settle` before each timed call.
     """
     names = list(sides)
@@ -136,10 +136,10 @@ def interleave(
         for name in order:
             if quiet:
                 settle()
-            cpu_started = time.thread_time()
+            cpu_started = time.process_time()
             seconds, value = timed(sides[name])
             if cpu is not None:
-                cpu.setdefault(name, []).append(time.thread_time() - cpu_started)
+                cpu.setdefault(name, []).append(time.process_time() - cpu_started)
             samples[name].append(seconds)
             if on_value is not None:
                 on_value(name, value)

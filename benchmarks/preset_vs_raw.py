@@ -73,8 +73,8 @@ def in_process(ctx: Context, result: Result) -> None:
     same = outputs["service"] == outputs["raw"]
     result.figures.append(ratio_figure("XTTS preset via service / raw engine (same text, seed)", samples,
                                        "service", "raw", target=("<=", 1.02), identical_audio=same))
-    if ctx.threads == 1:  # torch runs single-threaded in the caller: its CPU time is all the work
-        result.figures.append(ratio_figure("  same, CPU time of the calling thread", cpu, "service", "raw",
+    if ctx.threads == 1:  # torch runs single-threaded (on XTTS's torch thread): the process's CPU time is the work
+        result.figures.append(ratio_figure("  same, CPU time of the process", cpu, "service", "raw",
                                            target=("<=", 1.02), identical_audio=same))
     calls = len(inside)  # warm-up included: each call is its own pair
     result.figures.append(paired(

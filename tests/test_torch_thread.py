@@ -154,3 +154,24 @@ def test_every_torch_call_of_the_xtts_engine_runs_on_the_torch_thread(tiny_xtts:
         engine.unload()
     assert all(n > 2400 for n in outs[:3]) and set(outs[3]) == {"gpt_cond_latent", "speaker_embedding"}
     assert ran == {torch_thread()._thread.name}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end, on purpose
+def test_a_call_to_a_thread_that_has_stopped_fails_instead_of_waiting_forever(monkeypatch: Any) -> None:
+    from tts_gateway.engines import torch_thread as module
+
+    monkeypatch.setattr(module, "_ALIVE_CHECK_S", 0.05)
+    runner = TorchThread(name="torch-dies")
+
+    class Fatal:
+        def busy(self) -> bool:
+            return True
+
+        def tick(self) -> None:
+            raise SystemExit("not an Exception: it ends the thread")
+
+    runner.attach(Fatal())
+    runner._thread.join(HANG_GUARD_S)
+    assert not runner._thread.is_alive()
+    with pytest.raises(RuntimeError, match="torch thread has stopped"):
+        runner.call(lambda: "never runs")

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_ALIVE_CHECK_S = 1.0  # how often a waiting caller checks that the thread still runs
+
 
 class Stepper(Protocol):
     """Work the thread runs in rounds, between calls (the GPT batcher)."""
@@ -79,7 +81,9 @@ class TorchThread:
         with self._cond:
             (self._urgent if urgent else self._calls).append(call)
             self._cond.notify()
-        call.done.wait()
+        while not call.done.wait(_ALIVE_CHECK_S):
+            if not self._thread.is_alive():  # never wait forever on a thread that is gone
+                raise RuntimeError("the torch thread has stopped; restart the process")
         if call.error is not None:
             raise call.error
         return call.value

@@ -277,6 +277,36 @@ def test_streaming_yields_several_chunks_matching_local(ray_env: RayEnv) -> None
     assert b"".join(chunks) == local_bytes(ray_env, plan)
 
 
+def test_timed_requests_run_on_replicas_with_the_local_timings(ray_env: RayEnv) -> None:
+    """Word timings are made where the engine runs and name the words as written (the word map travels in
+    the job): whole and streamed, the replica's audio and timings are the local backend's."""
+    from tts_gateway.core.timings import Timings
+    from tts_gateway.engines.timing import input_words
+
+    text = "Dr. Smith paid $42 on 3 May. Then he left."
+    for stream in (False, True):
+        plan = ray_env.service.plan(SynthesisRequest(text=text, voice="piper:joe", seed=4, format="pcm",
+                                                     stream=stream, timestamps="word"))
+        assert plan.words is not None and ray_env.backend.job(plan).words is not None
+        local = list(ray_env.service.run_timed(plan, threading.Event()))
+        local_audio, local_timings = b"".join(item.audio for item in local), Timings.of(local)
+        assert [w.text for w in local_timings.words] == [w.text for w in input_words(text)]  # as written
+
+        async def remote(plan: Any = plan, stream: bool = stream) -> tuple[bytes, Timings, int]:
+            if not stream:
+                audio, timings = await ray_env.backend.call_timed(plan)
+                return audio, timings, 1
+            first, rest = await ray_env.backend.open_timed_stream(plan)
+            items = [first] + [item async for item in rest]
+            return b"".join(item.audio for item in items), Timings.of(items), len(items)
+
+        audio, timings, parts = asyncio.run(remote())
+        assert audio == local_audio and len(audio) > 1000, stream
+        assert timings == local_timings, stream
+        assert parts >= (3 if stream else 1)
+        assert timings.duration == pytest.approx(len(audio) / 2 / plan.rate, abs=0.01)
+
+
 def test_preset_runs_on_a_replica_by_latents_sha(ray_env: RayEnv) -> None:
     plan = ray_env.service.plan(SynthesisRequest(text="cloned voice", voice=ray_env.preset, seed=5))
     record = ray_env.service.voices.registry.get(ray_env.preset)
@@ -386,6 +416,23 @@ def test_through_the_app(ray_env: RayEnv) -> None:
         assert streamed.status_code == 200 and len(streamed.content) > 1000
         preset = client.post("/v1/synthesize", json={"text": "preset voice", "voice": ray_env.preset, "seed": 2})
         assert preset.status_code == 200 and preset.headers["x-voice-sha256"]
+
+        # timestamps: words where the engine's replicas give them, 422 where they give only sentences
+        timed = client.post("/v1/synthesize", json={**body, "timestamps": "word", "captions": "vtt"})
+        assert timed.status_code == 200, timed.text
+        answer = timed.json()
+        assert [w["text"] for w in answer["words"]] == ["Through", "the", "front", "door"]
+        assert answer["words"][-1]["end"] == pytest.approx(answer["duration"], abs=0.01)
+        assert "WEBVTT" in answer["captions"] and answer["sentences"][0]["text"] == body["text"]
+        events = client.post("/v1/synthesize", json={**body, "timestamps": "word", "stream": True, "format": "pcm"})
+        assert events.status_code == 200 and events.headers["content-type"].startswith("text/event-stream")
+        assert '"Through"' in events.text and '"door"' in events.text
+        words_of_clone = client.post("/v1/synthesize", json={"text": "no words here", "voice": ray_env.preset,
+                                                             "timestamps": "word"})
+        assert words_of_clone.status_code == 422 and "sentence" in words_of_clone.json()["detail"]
+        sentences = client.post("/v1/synthesize", json={"text": "One. Two.", "voice": ray_env.preset,
+                                                        "timestamps": "sentence"})
+        assert sentences.status_code == 200 and len(sentences.json()["sentences"]) == 2
 
         # what the gateway knows about each engine comes from its replicas, one entry per replica
         piper = client.get("/v1/engines/piper").json()

@@ -16,11 +16,11 @@ from typing import TypeVar
 
 from tts_gateway.core.compose import Core
 from tts_gateway.core.phrase_cache import PhraseCache
-from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, TimingRunner, Worker
+from tts_gateway.core.runner import Admission, HealthReportingRunner, LocalRunner, Runner, Worker
 from tts_gateway.core.service import Plan, SynthesisRequest
 from tts_gateway.core.timings import TimedBytes, Timings
 from tts_gateway.engines.base import BatchingEngine
-from tts_gateway.errors import InvalidField, TTSGatewayError
+from tts_gateway.errors import TTSGatewayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,10 +183,6 @@ class Dispatcher:
 
     async def run_timed(self, plan: Plan) -> TimedOutcome:
         """Like `run`, for a plan with timestamps: the audio with its timings, whole or as `TimedBytes`."""
-        if not isinstance(self.runner, TimingRunner):
-            # Not a passing state: the deployment cannot give timings, so the field is what is refused.
-            raise InvalidField("timestamps", "are not available when the engines run on Ray Serve replicas "
-                               "(TTS_GATEWAY_BACKEND=ray)")
         headers = plan.headers()
         cache, key = self._cache_for(plan)
         if cache is not None and key is not None:

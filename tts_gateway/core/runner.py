@@ -396,11 +396,6 @@ class Runner(Protocol):
         """A blocking call (registration, conditioning) under the same admission control."""
         ...
 
-
-@runtime_checkable
-class TimingRunner(Protocol):
-    """A runner that can return the timings of what it synthesizes (`SynthesisService.run_timed`)."""
-
     async def call_timed(self, plan: Plan) -> tuple[bytes, Timings]:
         """The whole encoded result and its timings."""
         ...

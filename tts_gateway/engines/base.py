@@ -329,7 +329,11 @@ class BaseEngine:
 
 
 def timestamp_levels(engine: SpeechEngine) -> tuple[str, ...]:
-    """The timestamp levels ``engine`` gives: sentences always, words when it is a `TimingEngine`."""
+    """The timestamp levels ``engine`` gives: sentences always, words when it is a `TimingEngine`. A
+    stand-in for an engine that runs elsewhere (Ray) says what that engine gives (``timestamp_levels``)."""
+    relayed = getattr(engine, "timestamp_levels", None)
+    if relayed is not None:
+        return tuple(relayed)
     return (WORD, SENTENCE) if isinstance(engine, TimingEngine) else (SENTENCE,)
 
 

@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 from tts_gateway.config import Settings
+from tts_gateway.core.timings import TimedBytes, Timings
 from tts_gateway.errors import Conflict, TimedOut, Unavailable
 from tts_gateway.ray.cluster import ServeCluster
 from tts_gateway.ray.engines import RemotePlugin, remote_engine
 from tts_gateway.ray.replica import MAX_VOICES_PER_REPLICA
 from tts_gateway.ray.streams import RemoteChunks, awaited, cancel, next_of
-from tts_gateway.ray.wire import SynthesisJob, app_name, busy, job_from_plan, translate
+from tts_gateway.ray.wire import SynthesisJob, app_name, busy, job_from_plan, timed_from_values, translate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,10 +154,34 @@ class RayBackend:
 
     async def call(self, plan: Any) -> bytes:
         """The whole result; 503 (Retry-After) when the engine's replicas and queue are full."""
+        audio: bytes = await self._call(plan, "synthesize")
+        return audio
+
+    async def call_timed(self, plan: Any) -> tuple[bytes, Timings]:
+        """A plan with timestamps: the whole result and its timings, made on a replica like any other."""
+        items = [timed_from_values(raw) for raw in await self._call(plan, "synthesize_timed")]
+        return b"".join(item.audio for item in items), Timings.of(items)
+
+    async def open_stream(self, plan: Any, on_complete: Callable[[], None] | None = None,
+                          ) -> tuple[bytes, RemoteChunks]:
+        """The first chunk (awaited, so early errors keep their status) and an iterator over the rest.
+
+        ``on_complete`` runs only when the replica finished normally. Leaving the iterator early
+        (client disconnect) cancels the replica's work.
+        """
+        first, rest = await self._open(plan, "stream", on_complete)
+        return first if first is not None else b"", rest
+
+    async def open_timed_stream(self, plan: Any, on_complete: Callable[[], None] | None = None,
+                                ) -> tuple[TimedBytes | None, RemoteChunks]:
+        """Like `open_stream`, with `TimedBytes` items."""
+        return await self._open(plan, "stream_timed", on_complete, timed_from_values)
+
+    async def _call(self, plan: Any, method: str) -> Any:
         from ray.serve.exceptions import BackPressureError
 
         job = await asyncio.to_thread(self.job, plan) if self._needs_lookup(plan) else self.job(plan)
-        response = self._handle(job, stream=False).synthesize.remote(job.to_dict())
+        response = getattr(self._handle(job, stream=False), method).remote(job.to_dict())
         try:
             return await asyncio.wait_for(awaited(response), self.timeout_s)
         except BackPressureError as exc:  # rejected before it ran: nothing to cancel
@@ -170,31 +195,28 @@ class RayBackend:
         except Exception as exc:
             raise translate(exc, job.engine) from None
 
-    async def open_stream(self, plan: Any, on_complete: Callable[[], None] | None = None,
-                          ) -> tuple[bytes, RemoteChunks]:
-        """The first chunk (awaited, so early errors keep their status) and an iterator over the rest.
-
-        ``on_complete`` runs only when the replica finished normally. Leaving the iterator early
-        (client disconnect) cancels the replica's work.
-        """
+    async def _open(self, plan: Any, method: str, on_complete: Callable[[], None] | None,
+                    decode: Callable[[Any], Any] | None = None) -> tuple[Any, RemoteChunks]:
+        """The first item of the replica's stream ``method`` (None when it ended at once) and the rest."""
         from ray.serve.exceptions import BackPressureError
 
         job = await asyncio.to_thread(self.job, plan) if self._needs_lookup(plan) else self.job(plan)
-        generator = self._handle(job, stream=True).stream.remote(job.to_dict())
+        generator = getattr(self._handle(job, stream=True), method).remote(job.to_dict())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
 
-        async def next_chunk() -> bytes:
+        async def next_item() -> Any:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(next_of(generator), remaining)
+            item = await asyncio.wait_for(next_of(generator), remaining)
+            return item if decode is None else decode(item)
 
         finished = False
         try:
-            first = await next_chunk()
+            first = await next_item()
         except StopAsyncIteration:
-            finished, first = True, b""
+            finished, first = True, None
             if on_complete is not None:
                 on_complete()
         except BackPressureError as exc:  # rejected before its first chunk: never cancel it
@@ -208,7 +230,7 @@ class RayBackend:
         except Exception as exc:
             raise translate(exc, job.engine) from None
 
-        return first, RemoteChunks(generator, next_chunk, finished, on_complete, job.engine, self.timeout_s)
+        return first, RemoteChunks(generator, next_item, finished, on_complete, job.engine, self.timeout_s)
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Registration in a thread of the gateway process; its conditioning is a call to a replica."""

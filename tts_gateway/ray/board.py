@@ -84,7 +84,7 @@ def board_handle(create: bool) -> Any:
 # -- what a replica says about its engine ------------------------------------------------------------
 def describe(engine: Any) -> dict[str, Any]:
     """An engine's description as plain values: what the gateway needs to plan and to list it."""
-    from tts_gateway.engines.base import BlendingEngine, CloningEngine, LanguageNamingEngine
+    from tts_gateway.engines.base import BlendingEngine, CloningEngine, LanguageNamingEngine, timestamp_levels
 
     available, reason = engine.availability()
     try:
@@ -103,6 +103,7 @@ def describe(engine: Any) -> dict[str, Any]:
         "voices": [{**asdict(v), "languages": list(v.languages)} for v in engine.voices()] if available else [],
         "max_chars": {code: int(engine.max_chars(code)) for code in languages},
         "cloning": cloning, "blending": isinstance(engine, BlendingEngine),
+        "timestamps": list(timestamp_levels(engine)),
         "reference_sample_rate": int(engine.reference_sample_rate) if cloning else None,
     }
 

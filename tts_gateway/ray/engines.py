@@ -24,6 +24,7 @@ from tts_gateway.engines.base import (
     VoiceInput,
 )
 from tts_gateway.engines.hookspecs import hookimpl
+from tts_gateway.engines.timing import SENTENCE
 
 DEFAULT_MAX_CHARS = 400
 
@@ -114,6 +115,11 @@ class RemoteEngine:
                              description=str(v.get("description", "")), licence=str(v.get("licence", "unknown")),
                              languages=tuple(v.get("languages") or ()))
                 for v in self._described().get("voices") or []]
+
+    @property
+    def timestamp_levels(self) -> tuple[str, ...]:
+        """The timestamp levels the engine gives on its replicas (`base.timestamp_levels` asks)."""
+        return tuple(self._described().get("timestamps") or (SENTENCE,))
 
     def max_chars(self, language: str) -> int:
         return int((self._described().get("max_chars") or {}).get(language, DEFAULT_MAX_CHARS))

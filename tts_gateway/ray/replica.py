@@ -15,11 +15,20 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tts_gateway.engines.base import BlendingEngine, CloningEngine
 from tts_gateway.errors import Conflict, Invalid, TTSGatewayError, Unavailable
-from tts_gateway.ray.wire import ReplicaError, SynthesisJob, settings_from_values
+from tts_gateway.ray.wire import (
+    ReplicaError,
+    SynthesisJob,
+    settings_from_values,
+    timed_values,
+    word_map_from_values,
+)
+
+if TYPE_CHECKING:
+    from tts_gateway.core.timings import TimedBytes
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +147,32 @@ class EngineReplica:
             engine_name=job.engine, engine=engine, voice=voice, language=job.language, pieces=list(job.pieces),
             fmt=fmt, rate=job.rate, speed=job.speed, seed=job.seed, repeatable=job.repeatable, stream=job.stream,
             text=" ".join(job.pieces), cache=False, pauses=list(job.pauses), rates=list(job.rates),
-            languages=list(job.languages), end_pause=job.end_pause,
+            languages=list(job.languages), end_pause=job.end_pause, timestamps=job.timestamps,
+            words=None if job.words is None else word_map_from_values(job.words),
         )
 
     async def synthesize(self, job: Mapping[str, Any]) -> bytes:
         """The whole result at once."""
-        return b"".join([chunk async for chunk in self.stream(job)])
+        return b"".join([item.audio async for item in self._items(job)])
 
     async def stream(self, job: Mapping[str, Any]) -> AsyncIterator[bytes]:
         """Encoded bytes as they are ready; a cancelled request (client gone) stops the engine."""
+        async for item in self._items(job):
+            if item.audio:
+                yield item.audio
+
+    async def synthesize_timed(self, job: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """A timed job's whole result: its parts with their timings, as plain values (`wire.timed_values`)."""
+        return [timed_values(item) async for item in self._items(job)]
+
+    async def stream_timed(self, job: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A timed job's parts as they are ready, each with the timings of what it holds."""
+        async for item in self._items(job):
+            yield timed_values(item)
+
+    async def _items(self, job: Mapping[str, Any]) -> AsyncIterator[TimedBytes]:
+        """The local backend's `SynthesisService.run_timed` on this replica; a cancelled request (client
+        gone) stops the engine, errors travel as `ReplicaError`s."""
         from tts_gateway.core.runner import DONE, ThreadStream
         from tts_gateway.engines.base import SynthesisCancelled
 
@@ -157,7 +183,7 @@ class EngineReplica:
         cancel = threading.Event()
         self._counts["running"] += 1
         outcome = "cancelled"
-        stream = ThreadStream(lambda: self.service.run(plan, cancel), cancel)
+        stream = ThreadStream(lambda: self.service.run_timed(plan, cancel), cancel)
         try:
             while True:
                 try:

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class RemoteChunks:
-    """The rest of a stream. ``aclose()`` — even before the first ``__anext__``, when an async
-    generator's ``finally`` would never run — cancels the replica's work unless the stream ended."""
+    """The rest of a stream (encoded bytes, or a timed stream's `TimedBytes`). ``aclose()`` — even before
+    the first ``__anext__``, when an async generator's ``finally`` would never run — cancels the replica's
+    work unless the stream ended."""
 
     def __init__(self, generator: Any, next_chunk: Callable[[], Any], finished: bool,
                  on_complete: Callable[[], None] | None, engine: str, timeout_s: float) -> None:
@@ -33,7 +34,7 @@ class RemoteChunks:
     def __aiter__(self) -> RemoteChunks:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
         try:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tts_gateway.config import Settings
+from tts_gateway.core.timings import TimedBytes
+from tts_gateway.core.word_map import Group, WordMap
+from tts_gateway.engines.timing import WordTiming
 from tts_gateway.errors import TTSGatewayError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,9 @@ class SynthesisJob:
     rates: tuple[float, ...] = ()
     languages: tuple[str, ...] = ()
     end_pause: float = 0.0
+    # With timestamps: the level, and how the spoken words map back to the written ones (`word_map_values`).
+    timestamps: str | None = None
+    words: dict[str, Any] | None = None
 
     @property
     def multiplexed_id(self) -> str | None:
@@ -98,7 +104,37 @@ def job_from_plan(plan: Any, latents_key: Callable[[str, str], str | None] = lam
         stream=plan.stream, model_sha256=plan.engine.model.sha256, voice_language=voice.language,
         builtin=builtin, latents_key=key, latents_sha256=sha, latents_blob=blob,
         pauses=tuple(plan.pauses), rates=tuple(plan.rates), languages=tuple(plan.languages), end_pause=plan.end_pause,
+        timestamps=plan.timestamps, words=None if plan.words is None else word_map_values(plan.words),
     )
+
+
+# -- timings: the word map out, timed audio back ------------------------------------------------------
+def word_map_values(words: WordMap) -> dict[str, Any]:
+    return {"written": list(words.written), "sentences": list(words.sentences), "piece_ends": list(words.piece_ends),
+            "groups": [[g.first, g.end, g.spoken_first, g.spoken_end] for g in words.groups]}
+
+
+def word_map_from_values(raw: Mapping[str, Any]) -> WordMap:
+    return WordMap(written=tuple(raw["written"]), groups=tuple(Group(*map(int, g)) for g in raw["groups"]),
+                   piece_ends=tuple(int(end) for end in raw["piece_ends"]), sentences=tuple(raw["sentences"]))
+
+
+def timed_values(item: TimedBytes) -> dict[str, Any]:
+    """A part of a timed answer as plain values (times unrounded: the gateway rounds as it answers)."""
+    def spans(found: tuple[WordTiming, ...]) -> list[list[Any]]:
+        return [[span.text, span.start, span.end] for span in found]
+
+    return {"audio": item.audio, "words": spans(item.words), "sentences": spans(item.sentences),
+            "duration": item.duration}
+
+
+def timed_from_values(raw: Mapping[str, Any]) -> TimedBytes:
+    def spans(key: str) -> tuple[WordTiming, ...]:
+        return tuple(WordTiming(str(text), float(start), float(end)) for text, start, end in raw.get(key) or ())
+
+    duration = raw.get("duration")
+    return TimedBytes(bytes(raw["audio"]), spans("words"), spans("sentences"),
+                      None if duration is None else float(duration))
 
 
 # -- settings as plain values ---------------------------------------------------------------------

@@ -84,7 +84,8 @@ def run(ctx: Context, result: Result) -> None:
     engine.load()
     load_s = time.perf_counter() - started
     model = engine._model
-    params = sum(p.numel() for p in model.parameters())
+    # Weights packed for oneDNN at load are buffers, no longer parameters: count both.
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.is_mkldnn)
     rss_mb = psutil.Process().memory_info().rss / 1e6
     ctx.log(f"real-size XTTS: {params / 1e6:.0f} M parameters, loaded in {load_s:.1f} s, RSS {rss_mb:.0f} MB, "
             f"torch threads {torch.get_num_threads()}")

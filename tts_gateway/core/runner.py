@@ -424,35 +424,37 @@ class LocalRunner:
         self.worker = worker
 
     async def call(self, plan: Plan) -> bytes:
-        turn = await self.admission.acquire()
-        cancel = threading.Event()
-        return await self.worker.call(lambda: self.service.synthesize_bytes(plan, cancel, turn), cancel, turn.release)
+        return await self._whole(lambda cancel, turn: self.service.synthesize_bytes(plan, cancel, turn))
+
+    async def call_timed(self, plan: Plan) -> tuple[bytes, Timings]:
+        def whole(cancel: threading.Event, turn: Turn) -> tuple[bytes, Timings]:
+            items = list(self.service.run_timed(plan, cancel, turn=turn))
+            return b"".join(item.audio for item in items), Timings.of(items)
+
+        return await self._whole(whole)
 
     async def open_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
                           ) -> tuple[bytes, AsyncIterator[bytes]]:
-        turn = await self.admission.acquire()
-        cancel = threading.Event()
-        # A stream passes its slot on between sentences when others wait: first audio for everyone.
-        return await self.worker.stream(lambda: self.service.run(plan, cancel, turn=turn), cancel, turn.release,
-                                        on_complete=on_complete)
+        return await self._stream(lambda cancel, turn: self.service.run(plan, cancel, turn=turn), on_complete)
+
+    async def open_timed_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
+                                ) -> tuple[Any, AsyncIterator[Any]]:
+        return await self._stream(lambda cancel, turn: self.service.run_timed(plan, cancel, turn=turn), on_complete)
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         turn = await self.admission.acquire()
         return await self.worker.call(fn, threading.Event(), turn.release)
 
-    async def call_timed(self, plan: Plan) -> tuple[bytes, Timings]:
+    async def _whole(self, work: Callable[[threading.Event, Turn], T]) -> T:
+        """``work(cancel, turn)`` in a worker thread once admitted; the slot is freed when the thread is done."""
         turn = await self.admission.acquire()
         cancel = threading.Event()
+        return await self.worker.call(lambda: work(cancel, turn), cancel, turn.release)
 
-        def whole() -> tuple[bytes, Timings]:
-            items = list(self.service.run_timed(plan, cancel, turn=turn))
-            return b"".join(item.audio for item in items), Timings.of(items)
-
-        return await self.worker.call(whole, cancel, turn.release)
-
-    async def open_timed_stream(self, plan: Plan, on_complete: Callable[[], None] | None = None,
-                                ) -> tuple[Any, AsyncIterator[Any]]:
+    async def _stream(self, make: Callable[[threading.Event, Turn], Iterator[Any]],
+                      on_complete: Callable[[], None] | None) -> tuple[Any, AsyncIterator[Any]]:
+        """The generator ``make(cancel, turn)`` in a worker thread once admitted. A stream passes its slot on
+        between sentences when others wait (``turn``): first audio for everyone."""
         turn = await self.admission.acquire()
         cancel = threading.Event()
-        return await self.worker.stream(lambda: self.service.run_timed(plan, cancel, turn=turn),  # type: ignore[arg-type,return-value]
-                                        cancel, turn.release, on_complete=on_complete)
+        return await self.worker.stream(lambda: make(cancel, turn), cancel, turn.release, on_complete=on_complete)

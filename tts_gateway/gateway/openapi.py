@@ -131,7 +131,7 @@ def _timed_content() -> dict[str, OpenAPIMediaType]:
 
 def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Mapping[str, OpenAPIHeader] | None = None,
                       can_be_malformed: bool = False, content: Mapping[str, OpenAPIMediaType] | None = None,
-                      timed: bool = False) -> type[Operation]:
+                      timed: bool = False, description: str | None = None) -> type[Operation]:
     """An `Operation` class that makes a route's documented responses match what it really sends.
 
     Args:
@@ -141,6 +141,7 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
             generic 400 entry is removed.
         content: More media types of the success response (e.g. the events of a ``text/event-stream``).
         timed: The route answers requests with ``timestamps`` with JSON or server-sent events.
+        description: What the success response holds, when the route's own words say it better.
     """
     formats = tuple(audio or ())
     headers = dict(success_headers or {})
@@ -167,6 +168,8 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
                     success.headers = {**(success.headers or {}), **headers}
                 if content:
                     success.content = {**(success.content or {}), **content}
+                if description:
+                    success.description = description
             unavailable = responses.get("503")
             if isinstance(unavailable, OpenAPIResponse):
                 unavailable.headers = {**(unavailable.headers or {}), "Retry-After": RETRY_AFTER}
@@ -177,7 +180,8 @@ def gateway_operation(*, audio: Iterable[str] | None = None, success_headers: Ma
 
 def documented(*problems: int, audio: Iterable[str] | None = None, body: bool = False,
                headers: Mapping[str, OpenAPIHeader] | None = None,
-               content: Mapping[str, OpenAPIMediaType] | None = None, timed: bool = False) -> dict[str, Any]:
+               content: Mapping[str, OpenAPIMediaType] | None = None, timed: bool = False,
+               description: str | None = None) -> dict[str, Any]:
     """Route decorator keywords that document a route's errors (and audio): ``@post(..., **documented(404))``.
 
     Every route may answer 500 (an internal problem, never for anything a client sent); a route with a
@@ -189,7 +193,7 @@ def documented(*problems: int, audio: Iterable[str] | None = None, body: bool = 
     return {
         "responses": problem_responses(statuses),
         "operation_class": gateway_operation(audio=audio, success_headers=headers, can_be_malformed=body,
-                                             content=content, timed=timed),
+                                             content=content, timed=timed, description=description),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from tts_gateway.config import Settings
@@ -170,29 +170,14 @@ def _captioned_content() -> dict[str, OpenAPIMediaType]:
     return {"application/json": OpenAPIMediaType(schema=answer)}
 
 
-def _operation_keywords() -> dict[str, Any]:
-    keywords = documented(*auth_problems("synthesize"), 404, 409, 503, 504, body=True)
-    base = keywords["operation_class"]
-
-    class CaptionedOperation(base):  # type: ignore[misc, valid-type]
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            success = (self.responses or {}).get("200")
-            if isinstance(success, OpenAPIResponse):
-                success.content = _captioned_content()
-                success.description = ("The audio (base64) and its word timings; with `stream`, one JSON object "
-                                       "per line")
-
-    return {**keywords, "operation_class": CaptionedOperation}
-
-
 class CaptionedSpeechController(Controller):
     path = "/dev"
     tags = ("kokoro-fastapi",)
 
     @post("/captioned_speech", status_code=200, opt={"scope": "synthesize"},
           before_request=json_body(CaptionedSpeechBody), summary="Kokoro-FastAPI's captioned speech",
-          **_operation_keywords())
+          **documented(*auth_problems("synthesize"), 404, 409, 503, 504, body=True, content=_captioned_content(),
+                       description="The audio (base64) and its word timings; with `stream`, one JSON object per line"))
     async def captioned_speech(self, data: CaptionedSpeechBody, dispatcher: Dispatcher, service: SynthesisService,
                                settings: Settings, engines: EngineManager, voices: VoiceCatalog,
                                request: Request[Any, Any, Any]) -> Response[Any]:

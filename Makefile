@@ -68,7 +68,7 @@ lint: install-dev
 	$(BIN)/lint-imports
 
 bench: install system-deps
-	$(BIN)/pip install -e ".[ray]"  # the ray_memory benchmark
+	$(BIN)/pip install -e ".[ray,bench]"  # ray_memory; wyoming_ttfa's peer and intelligibility's recogniser
 	$(BIN)/python -m benchmarks.run
 
 fuzz: install-dev

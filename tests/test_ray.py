@@ -287,7 +287,9 @@ def test_timed_requests_run_on_replicas_with_the_local_timings(ray_env: RayEnv) 
     for stream in (False, True):
         plan = ray_env.service.plan(SynthesisRequest(text=text, voice="piper:joe", seed=4, format="pcm",
                                                      stream=stream, timestamps="word"))
-        assert plan.words is not None and ray_env.backend.job(plan).words is not None
+        job = ray_env.backend.job(plan)
+        assert plan.words is not None and job.timestamps == "word"
+        assert SynthesisJob.from_dict(job.to_dict()) == job  # the word map travels as plain values
         local = list(ray_env.service.run_timed(plan, threading.Event()))
         local_audio, local_timings = b"".join(item.audio for item in local), Timings.of(local)
         assert [w.text for w in local_timings.words] == [w.text for w in input_words(text)]  # as written

@@ -326,6 +326,7 @@ class XttsEngine(BaseEngine):
         model = self._require_model()
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, :]
         config = model.config
+
         def conditioning() -> tuple[Any, Any]:
             return (model.get_gpt_cond_latents(wav, self.reference_sample_rate,
                                                length=int(getattr(config, "gpt_cond_len", 30)),
@@ -426,18 +427,16 @@ class XttsEngine(BaseEngine):
         step's logits (a pass of their own, not timed), the audio (numpy) and the wall time of the sentence."""
         import time
 
-        import torch
-
         model = self._require_model()
         batcher = self._batcher
         assert batcher is not None
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         prompt = self._prompt(batcher, gpt_cond_latent, text, language)
-        def first_logits() -> Any:
-            with torch.inference_mode():
-                cache = batcher.stack.cache(1)
-                cache.add_row()
-                return batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
+
+        def first_logits() -> Any:  # `_run` holds inference mode
+            cache = batcher.stack.cache(1)
+            cache.add_row()
+            return batcher.stack.logits(batcher.stack.forward(prompt, cache, [0]))[0].cpu().numpy()
 
         logits = self._run(first_logits)
         started = time.perf_counter()
@@ -450,7 +449,6 @@ class XttsEngine(BaseEngine):
 
     def speaker_embedding(self, audio: np.ndarray) -> np.ndarray:
         """XTTS's speaker encoder's embedding of audio at the output rate (for comparing two outputs)."""
-
         model = self._require_model()
         embedding = self._run(lambda: self._speaker_embedding(model, audio, self.sample_rate))
         return np.asarray(embedding.detach().cpu().numpy(), dtype=np.float32).reshape(-1)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import assert_problem, running_app, wait_until
+from tests.conftest import assert_problem, running_app
 from tts_gateway.config import Settings
+from tts_gateway.core.phrase_cache import PhraseCache
 
 
 def stats(client: Any) -> dict[str, Any]:
@@ -52,15 +54,34 @@ def test_only_deterministic_requests_are_cached(client: Any) -> None:
     assert client.post("/v1/synthesize", json=opted_out).headers["x-cache"] == "miss"
 
 
-def test_streaming_hit_streams_cached_bytes(client: Any) -> None:
+def test_streaming_hit_streams_cached_bytes(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed answer ends only once the cache holds it: asking again at once is a hit, even when the
+    write is slow (a busy disk)."""
+    put = PhraseCache.put
+
+    def slow_put(self: PhraseCache, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        put(self, *args, **kwargs)
+
+    monkeypatch.setattr(PhraseCache, "put", slow_put)
     body = {"text": "Streamed once. Streamed twice.", "seed": 3, "stream": True}
     first = client.post("/v1/synthesize", json=body)
-    # A streamed response is stored by a background task once the stream has ended, so the entry may land
-    # a moment after the last byte: wait for it instead of racing it.
-    wait_until(lambda: stats(client)["entries"] == 1, "the streamed response to reach the cache")
     second = client.post("/v1/synthesize", json=body)
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
-    assert first.content == second.content
+    assert first.content == second.content and stats(client)["entries"] == 1
+
+
+def test_a_broken_cache_write_never_costs_a_stream(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: PhraseCache, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in the cache")
+
+    body = {"text": "Streamed once. Streamed twice.", "seed": 3, "stream": True}
+    monkeypatch.setattr(PhraseCache, "put", broken)
+    streamed = client.post("/v1/synthesize", json=body)
+    monkeypatch.undo()
+    again = client.post("/v1/synthesize", json=body)  # nothing was stored, so this one is synthesized too
+    assert streamed.status_code == 200 and (streamed.headers["x-cache"], again.headers["x-cache"]) == ("miss", "miss")
+    assert streamed.content == again.content and len(again.content) > 44
 
 
 def test_corrupt_entry_is_a_miss_and_replaced(client: Any, make_settings: Any) -> None:

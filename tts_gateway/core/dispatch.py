@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -103,17 +104,28 @@ class Readiness:
 
 class _Collecting:
     """The rest of a stream, remembered for the phrase cache. ``aclose()`` stops the work even when
-    iteration never started (an async generator's ``finally`` would not run then)."""
+    iteration never started (an async generator's ``finally`` would not run then). The stream ends
+    only once the cache holds it, so a client that asks again as soon as its answer is over hits."""
 
-    def __init__(self, rest: AsyncIterator[bytes], collected: list[bytes]) -> None:
+    def __init__(self, rest: AsyncIterator[bytes], collected: list[bytes],
+                 writes: list[Future[None]]) -> None:
         self._rest = rest
         self._collected = collected
+        self._writes = writes
 
     def __aiter__(self) -> _Collecting:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._rest.__anext__()
+        try:
+            chunk = await self._rest.__anext__()
+        except StopAsyncIteration:
+            for write in self._writes:
+                try:
+                    await asyncio.wrap_future(write)
+                except Exception:  # the client has all its audio; only the cache misses it
+                    log.exception("phrase cache write failed")
+            raise
         self._collected.append(chunk)
         return chunk
 
@@ -169,16 +181,18 @@ class Dispatcher:
                 await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers())
             return Outcome(headers, plan.media_type, "miss", audio=audio)
         collected: list[bytes] = []
+        writes: list[Future[None]] = []
         outcome = Outcome(headers, plan.media_type, "miss", complete=False)
 
         def remember() -> None:  # runs only when the synthesis finished normally
             outcome.complete = True
             if cache is not None and key is not None:
-                self.worker.pool.submit(cache.put, key, b"".join(collected), plan.media_type, plan.headers())
+                writes.append(self.worker.pool.submit(cache.put, key, b"".join(collected), plan.media_type,
+                                                      plan.headers()))
 
         first, rest = await self.runner.open_stream(plan, on_complete=remember)
         collected.append(first)
-        outcome.first, outcome.rest = first, _Collecting(rest, collected)
+        outcome.first, outcome.rest = first, _Collecting(rest, collected, writes)
         return outcome
 
     async def run_timed(self, plan: Plan) -> TimedOutcome:
@@ -197,17 +211,19 @@ class Dispatcher:
                 await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers(), timings.as_dict(True))
             return TimedOutcome(headers, "miss", audio=audio, timings=timings)
         collected: list[TimedBytes] = []
+        writes: list[Future[None]] = []
 
         def remember() -> None:
             if cache is not None and key is not None:
-                self.worker.pool.submit(cache.put, key, b"".join(item.audio for item in collected), plan.media_type,
-                                        plan.headers(), Timings.of(collected).as_dict(True))
+                writes.append(self.worker.pool.submit(
+                    cache.put, key, b"".join(item.audio for item in collected), plan.media_type, plan.headers(),
+                    Timings.of(collected).as_dict(True)))
 
         first, rest = await self.runner.open_timed_stream(plan, on_complete=remember)
         if first:
             collected.append(first)
         return TimedOutcome(headers, "miss", first=first or None,
-                            rest=_Collecting(rest, collected))  # type: ignore[arg-type]
+                            rest=_Collecting(rest, collected, writes))  # type: ignore[arg-type]
 
     async def blocking(self, fn: Callable[[], T]) -> T:
         """A blocking call (registration, conditioning) under admission control."""

@@ -16,6 +16,7 @@ from tests.conftest import HANG_GUARD_S, decode, running_app, wait_for_warm_up, 
 from tts_gateway.engines.base import SynthesisCancelled, SynthesisOptions, VoiceInput
 from tts_gateway.engines.xtts_batching import GptBatcher, Sequence
 from tts_gateway.engines.xtts_engine import XttsEngine
+from tts_gateway.engines.xtts_kernels import INT8_KERNELS, choose_kernel
 
 pytestmark = pytest.mark.xtts
 
@@ -470,13 +471,88 @@ def test_load_puts_the_gpt_on_measured_kernels_and_int8_is_opt_in(engine: XttsEn
     int8 = XttsEngine(tiny_xtts, precision="int8")
     int8.load()
     try:
-        assert (int8.kernels["precision"], int8.kernels["kernel"]) == ("int8", "fbgemm")
+        assert int8.kernels["precision"] == "int8" and int8.kernels["kernel"] in INT8_KERNELS
+        int8_times = {name: ms for name, ms in int8.kernels.items() if name.endswith("_ms")}
+        assert len(int8_times) >= 2  # fbgemm at least, per tensor and per channel (a build's oneDNN too)
+        assert choose_kernel({name[:-3].replace("_", "-"): ms for name, ms in int8_times.items()}) \
+            == int8.kernels["kernel"]
         layer = batcher(int8).stack.blocks[0].mlp.c_fc
         assert not isinstance(layer, nn.Linear) and "quantized" in type(layer).__module__
         audio = say(int8, TEXTS[0][0], "en", speakers(int8)[0], seed=3)
         assert audio.size > 2400 and np.isfinite(audio).all() and np.abs(audio).max() > 0
     finally:
         int8.unload()
+
+
+def test_int8_keeps_per_channel_scales_unless_per_tensor_is_clearly_faster() -> None:
+    assert choose_kernel({"fbgemm": 10.0, "fbgemm-per-channel": 10.4, "onednn": 12.0}) == "fbgemm-per-channel"
+    assert choose_kernel({"fbgemm": 10.0, "fbgemm-per-channel": 11.0, "onednn-per-channel": 10.2}) \
+        == "onednn-per-channel"
+    assert choose_kernel({"fbgemm": 10.0, "fbgemm-per-channel": 10.6, "onednn": 12.0}) == "fbgemm"
+    assert choose_kernel({"default": 5.0, "onednn": 3.0, "onednn-packed": 4.0}) == "onednn"  # fp32: the fastest
+
+
+def _tiny_gpt2(layers: int) -> Any:
+    """Real GPT-2 blocks (transformers'), small: what XTTS's GPT is made of."""
+    from tts_gateway.engines.torch_compat import import_torchaudio
+
+    import_torchaudio()  # transformers imports torchaudio when it is installed: through the stub
+    from transformers import GPT2Config, GPT2Model
+
+    return GPT2Model(GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_positions=64, vocab_size=10)).eval()
+
+
+def _int8_error(kernel: str) -> float:
+    """The largest difference from fp32 of two real GPT-2 blocks (transformers') on int8 ``kernel``, whose
+    MLP weights differ in size by 100× from one output channel to the next (where per channel pays)."""
+    import types
+
+    import torch
+
+    from tts_gateway.engines import xtts_kernels
+
+    torch.manual_seed(0)
+    model = _tiny_gpt2(2)
+    for block in model.h:
+        with torch.no_grad():
+            block.mlp.c_fc.weight.mul_(torch.logspace(-2, 0, block.mlp.c_fc.weight.shape[1]))
+    gpt = types.SimpleNamespace(gpt=model)
+    xtts_kernels.linearize(gpt)
+    x = torch.randn(4, 3, 64)
+    engine = torch.backends.quantized.engine
+    with torch.inference_mode():
+        want = model(inputs_embeds=x).last_hidden_state
+        xtts_kernels.quantize_int8(gpt, kernel)
+        assert torch.backends.quantized.engine == engine  # packed for its engine, the process's is back
+        assert "quantized" in type(model.h[0].mlp.c_fc).__module__
+        return float((model(inputs_embeds=x).last_hidden_state - want).abs().max())
+
+
+def test_int8_off_the_cpu_is_a_clear_error() -> None:
+    """PyTorch quantizes dynamically for the CPU only: int8 with the model on another device (here the meta
+    device stands in for a GPU) fails the load with a message, instead of running fp32 and saying int8."""
+
+    import torch
+
+    from tts_gateway.engines import xtts_kernels
+
+    with torch.device("meta"):
+        model = _tiny_gpt2(1)
+    holder = torch.nn.Module()  # like XTTS's GPT: the GPT-2 model is its .gpt
+    holder.gpt = model
+    with pytest.raises(RuntimeError, match="CPU only"):
+        xtts_kernels.prepare(holder, "int8", lambda rows: None)
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "onednn"])
+def test_every_int8_kernel_stays_close_to_fp32_and_per_channel_closer(engine: str) -> None:
+    """Each int8 kernel the load may choose, per tensor and per channel: near fp32, per channel nearer."""
+    import torch
+
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"this PyTorch has no {engine} engine")
+    per_tensor, per_channel = _int8_error(engine), _int8_error(f"{engine}-per-channel")
+    assert 0 < per_channel < per_tensor < 0.5, (per_channel, per_tensor)
 
 
 @pytest.mark.parametrize("kernel", ["onednn", "onednn-packed"])
@@ -486,12 +562,11 @@ def test_every_fp32_kernel_computes_what_the_default_gemm_does(kernel: str) -> N
     import types
 
     import torch
-    from transformers import GPT2Config, GPT2Model
 
     from tts_gateway.engines import xtts_kernels
 
     torch.manual_seed(0)
-    model = GPT2Model(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=10)).eval()
+    model = _tiny_gpt2(2)
     gpt = types.SimpleNamespace(gpt=model)
     assert xtts_kernels.linearize(gpt) == 8
     inputs = [torch.randn(1, 1, 64), torch.randn(4, 1, 64), torch.randn(1, 23, 64)]

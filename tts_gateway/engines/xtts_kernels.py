@@ -11,13 +11,17 @@ opens the two other kernels:
   from a few rows on some CPUs; ``torch.utils.mkldnn`` converts its plain weights on every call, which
   costs about what the product does; packed weights do not (24 layers of 1024 × 4096, 4 rows, 2 threads
   here: 39, 16 and 9 ms). Which one wins depends on the CPU and the PyTorch build, so the machine decides.
-* ``int8`` (``TTS_GATEWAY_XTTS_PRECISION=int8``, opt-in): dynamic int8 quantization of those linear layers
-  (fbgemm): several times faster on a CPU, with a small numeric error whose effect on real voices could
-  not be heard here (no real weights): measure it on yours with ``tts-gateway dev compare-precision``.
+* ``int8`` (``TTS_GATEWAY_XTTS_PRECISION=int8``, opt-in): dynamic int8 quantization of those linear layers,
+  several times faster on a CPU, with a small numeric error whose effect on real voices could not be heard
+  here (no real weights): measure it on yours with ``tts-gateway dev compare-precision``. The quantized
+  kernels are measured at load too: fbgemm and oneDNN (each a PyTorch quantization engine; oneDNN uses
+  AMX's int8 tiles where the CPU has them), each with one scale per weight tensor and one per output
+  channel. Per channel is the more faithful, so it is kept unless per tensor is more than 5 % faster.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -84,13 +88,29 @@ def _replace_linears(gpt: Any, make: Callable[[Any], Any]) -> None:
             setattr(owner, name, make(layer))
 
 
-def quantize_int8(gpt: Any) -> None:
-    """Dynamic int8 quantization (per tensor, fbgemm) of the GPT-2 blocks' linear layers."""
+INT8_KERNELS = ("fbgemm", "fbgemm-per-channel", "onednn", "onednn-per-channel")
+PER_TENSOR_MARGIN = 1.05  # per tensor is kept only when this much faster than the best per channel
+
+
+def quantize_int8(gpt: Any, kernel: str = "fbgemm") -> None:
+    """Dynamic int8 quantization of the GPT-2 blocks' linear layers on ``kernel`` (one of `INT8_KERNELS`:
+    a PyTorch quantization engine, per tensor or ``-per-channel``). The weights are packed for that engine;
+    a packed layer keeps its engine whatever the process-wide setting is afterwards."""
     import torch
     from torch import nn
+    from torch.ao import quantization
 
-    _replace_linears(gpt, lambda layer: torch.ao.quantization.quantize_dynamic(
-        nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)[0])
+    engine, _, granularity = kernel.partition("-")
+    if kernel not in INT8_KERNELS or engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"no int8 kernel {kernel!r} in this PyTorch build")
+    qconfig = quantization.per_channel_dynamic_qconfig if granularity else quantization.default_dynamic_qconfig
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        _replace_linears(gpt, lambda layer: quantization.quantize_dynamic(
+            nn.Sequential(layer), {nn.Linear: qconfig}, dtype=torch.qint8)[0])
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def _packed_linear(layer: Any, rows: int) -> Any:
@@ -142,10 +162,8 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     linearize(gpt)
-    if precision == "int8":
-        quantize_int8(gpt)
-        return {"precision": "int8", "kernel": "fbgemm"}
-    if not torch.backends.mkldnn.is_available() or next(gpt.parameters()).device.type != "cpu":
+    on_cpu = next(gpt.parameters()).device.type == "cpu"
+    if precision == "fp32" and (not torch.backends.mkldnn.is_available() or not on_cpu):
         return {"precision": "fp32", "kernel": "default"}
 
     def timed() -> float:
@@ -159,12 +177,18 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
         # (a median of three still picked the slower kernel on a noisy host).
         return min(samples) * 1000
 
-    converters: dict[str, Callable[[Any], None]] = {"onednn": to_onednn,
-                                                     "onednn-packed": lambda g: to_packed(g, pack_rows)}
+    converters: dict[str, Callable[[Any], None]]
+    if precision == "int8":
+        if not on_cpu:  # PyTorch's dynamically quantized layers exist for the CPU only
+            raise RuntimeError("TTS_GATEWAY_XTTS_PRECISION=int8 runs on the CPU only; use fp32 on a GPU")
+        converters = {kernel: functools.partial(quantize_int8, kernel=kernel) for kernel in INT8_KERNELS}
+    else:
+        converters = {"default": lambda g: None, "onednn": to_onednn,
+                      "onednn-packed": lambda g: to_packed(g, pack_rows)}
     with torch.inference_mode():
-        measured = {"default": timed()}
+        measured: dict[str, float] = {}
         saved = {(id(owner), name): getattr(owner, name) for owner, name in _linears(gpt)}
-        in_place = "default"  # the kernel the layers are on (a failed conversion may have left some)
+        in_place = ""  # the kernel the layers are on (a failed conversion may have left some)
         for kernel, convert in converters.items():
             _restore(gpt, saved)  # conversions start from the linear layers
             in_place = kernel
@@ -173,13 +197,26 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
                 measured[kernel] = timed()
             except (AttributeError, RuntimeError) as exc:  # a build without oneDNN's linear or its packed ops
                 log.info("XTTS's GPT cannot use %s (%s)", kernel, exc)
-        kernel = min(measured, key=measured.__getitem__)
+        if not measured:
+            raise RuntimeError(f"no {precision} kernel for XTTS's GPT works in this PyTorch build")
+        kernel = choose_kernel(measured)
         if kernel != in_place:  # the last one measured, when it wins, is kept as converted
             _restore(gpt, saved)
-            if kernel in converters:
-                converters[kernel](gpt)
-    return {"precision": "fp32", "kernel": kernel, "batch": batch,
+            converters[kernel](gpt)
+    return {"precision": precision, "kernel": kernel, "batch": batch,
             **{f"{name.replace('-', '_')}_ms": round(ms, 1) for name, ms in measured.items()}}
 
 
-__all__ = ["PRECISIONS", "fold_weight_norm", "linearize", "prepare", "quantize_int8", "to_onednn", "to_packed"]
+def choose_kernel(measured: dict[str, float]) -> str:
+    """The fastest kernel; among int8 ones, the fastest per channel unless per tensor beats it by more
+    than `PER_TENSOR_MARGIN` (one scale per output channel follows each row's weights more closely)."""
+    fastest = min(measured, key=measured.__getitem__)
+    per_channel = [kernel for kernel in measured if kernel.endswith("-per-channel")]
+    if not per_channel:
+        return fastest
+    best_channel = min(per_channel, key=measured.__getitem__)
+    return best_channel if measured[best_channel] <= measured[fastest] * PER_TENSOR_MARGIN else fastest
+
+
+__all__ = ["INT8_KERNELS", "PRECISIONS", "choose_kernel", "fold_weight_norm", "linearize", "prepare",
+           "quantize_int8", "to_onednn", "to_packed"]

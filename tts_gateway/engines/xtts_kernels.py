@@ -14,14 +14,14 @@ opens the two other kernels:
 * ``int8`` (``TTS_GATEWAY_XTTS_PRECISION=int8``, opt-in): dynamic int8 quantization of those linear layers,
   several times faster on a CPU, with a small numeric error whose effect on real voices could not be heard
   here (no real weights): measure it on yours with ``tts-gateway dev compare-precision``. The quantized
-  kernels are measured at load too: fbgemm and oneDNN (each a PyTorch quantization engine; oneDNN uses
-  AMX's int8 tiles where the CPU has them), each with one scale per weight tensor and one per output
-  channel. Per channel is the more faithful, so it is kept unless per tensor is more than 5 % faster.
+  kernels are measured at load too, on the projections of the first blocks (quantizing the whole GPT
+  takes seconds per kernel): fbgemm and oneDNN (each a PyTorch quantization engine; oneDNN uses AMX's
+  int8 tiles where the CPU has them), each with one scale per weight tensor and one per output channel.
+  Per channel is the more faithful, so it is kept unless per tensor is more than 5 % faster.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -92,10 +92,10 @@ INT8_KERNELS = ("fbgemm", "fbgemm-per-channel", "onednn", "onednn-per-channel")
 PER_TENSOR_MARGIN = 1.05  # per tensor is kept only when this much faster than the best per channel
 
 
-def quantize_int8(gpt: Any, kernel: str = "fbgemm") -> None:
-    """Dynamic int8 quantization of the GPT-2 blocks' linear layers on ``kernel`` (one of `INT8_KERNELS`:
-    a PyTorch quantization engine, per tensor or ``-per-channel``). The weights are packed for that engine;
-    a packed layer keeps its engine whatever the process-wide setting is afterwards."""
+def _quantized(layer: Any, kernel: str) -> Any:
+    """``layer`` (an ``nn.Linear``) quantized dynamically to int8 on ``kernel`` (one of `INT8_KERNELS`: a
+    PyTorch quantization engine, per tensor or ``-per-channel``). The weight is packed for that engine; a
+    packed layer keeps its engine whatever the process-wide setting is afterwards."""
     import torch
     from torch import nn
     from torch.ao import quantization
@@ -107,10 +107,40 @@ def quantize_int8(gpt: Any, kernel: str = "fbgemm") -> None:
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
-        _replace_linears(gpt, lambda layer: quantization.quantize_dynamic(
-            nn.Sequential(layer), {nn.Linear: qconfig}, dtype=torch.qint8)[0])
+        return quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
     finally:
         torch.backends.quantized.engine = previous
+
+
+def quantize_int8(gpt: Any, kernel: str = "fbgemm") -> None:
+    """Dynamic int8 quantization of the GPT-2 blocks' linear layers on ``kernel`` (see `_quantized`)."""
+    _replace_linears(gpt, lambda layer: _quantized(layer, kernel))
+
+
+def _time_int8(gpt: Any, rows: int, rounds: int, blocks: int = 4) -> dict[str, float]:
+    """Milliseconds for ``rows`` rows through the projections of the first ``blocks`` GPT-2 blocks, on each
+    int8 kernel this build has. Only the projections change with the kernel, and quantizing a few blocks
+    takes a fraction of the seconds quantizing the whole GPT does (measured: ~5 s per kernel at real size)."""
+    import torch
+
+    layers = [getattr(owner, name) for owner, name in _linears(gpt)[:4 * blocks]]
+    inputs = [torch.randn(rows, layer.in_features) for layer in layers]
+    measured: dict[str, float] = {}
+    for kernel in INT8_KERNELS:
+        try:
+            quantized = [_quantized(layer, kernel) for layer in layers]
+        except RuntimeError as exc:  # a build without this engine
+            log.info("XTTS's GPT cannot use int8 %s (%s)", kernel, exc)
+            continue
+        samples = []
+        for round_ in range(rounds + 1):
+            started = time.perf_counter()
+            for layer, x in zip(quantized, inputs, strict=True):
+                layer(x)
+            if round_:  # the first round warms up
+                samples.append(time.perf_counter() - started)
+        measured[kernel] = min(samples) * 1000
+    return measured
 
 
 def _packed_linear(layer: Any, rows: int) -> Any:
@@ -177,16 +207,21 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
         # (a median of three still picked the slower kernel on a noisy host).
         return min(samples) * 1000
 
-    converters: dict[str, Callable[[Any], None]]
+    measured: dict[str, float] = {}
     if precision == "int8":
         if not on_cpu:  # PyTorch's dynamically quantized layers exist for the CPU only
             raise RuntimeError("TTS_GATEWAY_XTTS_PRECISION=int8 runs on the CPU only; use fp32 on a GPU")
-        converters = {kernel: functools.partial(quantize_int8, kernel=kernel) for kernel in INT8_KERNELS}
-    else:
-        converters = {"default": lambda g: None, "onednn": to_onednn,
-                      "onednn-packed": lambda g: to_packed(g, pack_rows)}
+        with torch.inference_mode():
+            measured = _time_int8(gpt, batch, rounds * 4)  # a round takes milliseconds: more of them
+        if not measured:
+            raise RuntimeError("no int8 kernel for XTTS's GPT works in this PyTorch build")
+        kernel = choose_kernel(measured)
+        quantize_int8(gpt, kernel)
+        return {"precision": "int8", "kernel": kernel, "batch": batch, "measured_on": "projections of 4 blocks",
+                **{f"{name.replace('-', '_')}_ms": round(ms, 2) for name, ms in measured.items()}}
+    converters: dict[str, Callable[[Any], None]] = {
+        "default": lambda g: None, "onednn": to_onednn, "onednn-packed": lambda g: to_packed(g, pack_rows)}
     with torch.inference_mode():
-        measured: dict[str, float] = {}
         saved = {(id(owner), name): getattr(owner, name) for owner, name in _linears(gpt)}
         in_place = ""  # the kernel the layers are on (a failed conversion may have left some)
         for kernel, convert in converters.items():
@@ -197,13 +232,11 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
                 measured[kernel] = timed()
             except (AttributeError, RuntimeError) as exc:  # a build without oneDNN's linear or its packed ops
                 log.info("XTTS's GPT cannot use %s (%s)", kernel, exc)
-        if not measured:
-            raise RuntimeError(f"no {precision} kernel for XTTS's GPT works in this PyTorch build")
         kernel = choose_kernel(measured)
         if kernel != in_place:  # the last one measured, when it wins, is kept as converted
             _restore(gpt, saved)
             converters[kernel](gpt)
-    return {"precision": precision, "kernel": kernel, "batch": batch,
+    return {"precision": "fp32", "kernel": kernel, "batch": batch,
             **{f"{name.replace('-', '_')}_ms": round(ms, 1) for name, ms in measured.items()}}
 
 

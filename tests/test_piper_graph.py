@@ -173,3 +173,48 @@ def test_the_engine_runs_the_rewritten_graph_on_its_one_core_sessions(monkeypatc
     made.clear()
     piper_engine.PiperEngine([joe], threads=2, sessions=2).load()
     assert made == [("original", 2)] * 2
+
+
+def test_a_voice_is_proven_once_per_process_and_again_when_its_file_changes(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path) -> None:
+    """Loading the engine again (after an idle unload, or another app in the same process) reuses the
+    proofs: no checking synthesis, the same graphs and padding, the same samples. A voice file that has
+    changed since is proven again."""
+    import os
+    import shutil
+
+    joe = _joe()
+    copy = replace(joe, model_path=tmp_path / joe.model_path.name, config_path=tmp_path / joe.config_path.name)
+    shutil.copy(joe.model_path, copy.model_path)
+    shutil.copy(joe.config_path, copy.config_path)
+    checks: list[int] = []
+    real = piper_engine._speak
+    monkeypatch.setattr(piper_engine, "_speak", lambda voice: (checks.append(1), real(voice))[1])
+
+    def load() -> tuple[int, piper_engine.PiperEngine]:
+        checks.clear()
+        engine = piper_engine.PiperEngine([copy], budget=CoreBudget(cores=2))
+        engine.load()
+        return len(checks), engine
+
+    def heard(engine: piper_engine.PiperEngine) -> tuple[np.ndarray, np.ndarray, int]:
+        one_core, wide = engine._voices[copy.id].queue[0], engine._wide[copy.id].queue[0]
+        assert isinstance(wide.session, piper_engine.SplitSession)
+        return real(one_core), real(wide), wide.session.pad
+
+    first_checks, first = load()
+    assert first_checks >= 3  # the original's voice, then the one-core graph's and the split graph's
+    first_heard = heard(first)
+    first.unload()
+    again_checks, again = load()
+    assert again_checks == 0
+    again_heard = heard(again)
+    assert again_heard[2] == first_heard[2]
+    for ours, theirs in zip(again_heard[:2], first_heard[:2], strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    again.unload()
+    stat = copy.model_path.stat()
+    os.utime(copy.model_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    changed_checks, changed = load()
+    assert changed_checks >= 3
+    changed.unload()

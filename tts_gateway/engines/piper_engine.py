@@ -195,9 +195,21 @@ class PiperEngine(BaseEngine):
                 threads = self._threads if self._budget is None else 1
                 model = source
                 checked = None
-                reference = _speak(base) if threads == 1 else None
-                if reference is not None:
-                    model, checked = _narrow_model(base, source, reference, scratch)
+                key = (*_file_key(voice.model_path), timed_path is not None)
+                spoken: list[np.ndarray] = []  # the original graph's voice, made when a proof needs it
+
+                def reference(base: Any = base, spoken: list[np.ndarray] = spoken) -> np.ndarray:
+                    if not spoken:
+                        spoken.append(_speak(base))
+                    return spoken[0]
+
+                if threads == 1:
+                    narrow = _PROVEN.get((*key, "narrow"))
+                    if narrow is None:
+                        model, checked = _narrow_model(base, source, reference(), scratch)
+                        _PROVEN[(*key, "narrow")] = checked is not None
+                    elif narrow:
+                        model, checked = _narrow_model(base, source, None, scratch)
                 size = self._sessions if self._budget is None else self._budget.cores
                 if threads == 1:
                     # One single-threaded session serves every core: onnxruntime runs a session from
@@ -209,10 +221,13 @@ class PiperEngine(BaseEngine):
                 else:
                     for _ in range(size):
                         pool.put(replace(base, session=_session(model, threads)))
-                if self._budget is not None and reference is not None:
+                if self._budget is not None and threads == 1:
+                    cores = self._budget.cores
+                    pad = _PROVEN.get((*key, "wide", cores), 0)  # 0: not proven yet; None: refused
+                    session = _wide_session(base, source, cores, reference() if pad == 0 else None, scratch, pad)
+                    _PROVEN[(*key, "wide", cores)] = session.pad if isinstance(session, SplitSession) else None
                     wide[voice.id] = queue.Queue()
-                    wide[voice.id].put(replace(base, session=_wide_session(
-                        base, source, self._budget.cores, reference, scratch)))
+                    wide[voice.id].put(replace(base, session=session))
                 loaded[voice.id] = pool
         self._voices = loaded
         self._wide = wide
@@ -391,11 +406,25 @@ def _sounds_the_same(voice: Any, reference: np.ndarray) -> bool:
     return heard.shape == reference.shape and float(np.max(np.abs(heard - reference))) <= 1e-4
 
 
-def _narrow_model(base: Any, model_path: Path, reference: np.ndarray, scratch: Path) -> tuple[Path, Any | None]:
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+# What each voice file's rewritten graphs were proven to do in this process (the narrow graph speaks like
+# the original; the split graph does with this padding, or None: it does not), so that loading the engine
+# again (after an idle unload; in tests, every app) skips the proofs: about a second of synthesis per voice.
+# Keyed by the file's path, size and modification time: a changed file is proven again.
+_PROVEN: dict[tuple[Any, ...], Any] = {}
+
+
+def _narrow_model(base: Any, model_path: Path, reference: np.ndarray | None,
+                  scratch: Path) -> tuple[Path, Any | None]:
     """The graph for one-core sessions, `piper_graph.rewrite`'s when it speaks like the original, and
     the one-core voice that proved it (None when it is the original).
 
-    ``base``: the voice as loaded by Piper; ``reference``: its `_speak` on the original graph;
+    ``base``: the voice as loaded by Piper; ``reference``: its `_speak` on the original graph (None: the
+    rewrite of this file was proven in this process, so it is not checked again);
     ``scratch``: where the rewritten graph is written.
     """
     try:
@@ -403,7 +432,7 @@ def _narrow_model(base: Any, model_path: Path, reference: np.ndarray, scratch: P
         if rewritten is None:
             return model_path, None
         checked = replace(base, session=_session(rewritten, 1))
-        if _sounds_the_same(checked, reference):
+        if reference is None or _sounds_the_same(checked, reference):
             return rewritten, checked
         log.warning("Piper voice %s: the 2-D convolution graph sounds different; using the original", model_path)
     except Exception:  # an unusual graph: the original always works
@@ -411,13 +440,22 @@ def _narrow_model(base: Any, model_path: Path, reference: np.ndarray, scratch: P
     return model_path, None
 
 
-def _wide_session(base: Any, model_path: Path, cores: int, reference: np.ndarray, scratch: Path) -> Any:
+def _wide_session(base: Any, model_path: Path, cores: int, reference: np.ndarray | None, scratch: Path,
+                  pad: int | None = 0) -> Any:
     """The session for a call alone: a `SplitSession` when it speaks like the original, else the
-    original graph with ``cores`` intra-op threads. ``scratch``: where the split graphs are written."""
+    original graph with ``cores`` intra-op threads. ``scratch``: where the split graphs are written.
+    ``pad``: 0 to fit the padding and check the result against ``reference``; a padding proven in this
+    process to speak like the original (no check); None: the split was refused (the original graph)."""
+    if pad is None:
+        return _session(model_path, cores, spin=True)
     try:
         graph = split(model_path, scratch)
         if graph is not None:
             session = SplitSession(graph, cores, base.config.hop_length)
+            if pad:
+                session.pad = pad
+                return session
+            assert reference is not None
             ids = base.phonemes_to_ids(base.phonemize(CHECK_TEXT)[0])
             inputs: dict[str, np.ndarray] = {
                 "input": np.array([ids], dtype=np.int64), "input_lengths": np.array([len(ids)], dtype=np.int64),

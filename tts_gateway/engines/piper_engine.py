@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -196,13 +197,8 @@ class PiperEngine(BaseEngine):
                 model = source
                 checked = None
                 key = (*_file_key(voice.model_path), timed_path is not None)
-                spoken: list[np.ndarray] = []  # the original graph's voice, made when a proof needs it
-
-                def reference(base: Any = base, spoken: list[np.ndarray] = spoken) -> np.ndarray:
-                    if not spoken:
-                        spoken.append(_speak(base))
-                    return spoken[0]
-
+                # The original graph's voice, made once and only when a proof needs it.
+                reference = functools.cache(functools.partial(_speak, base))
                 if threads == 1:
                     narrow = _PROVEN.get((*key, "narrow"))
                     if narrow is None:

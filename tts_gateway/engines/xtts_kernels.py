@@ -90,6 +90,7 @@ def _replace_linears(gpt: Any, make: Callable[[Any], Any]) -> None:
 
 INT8_KERNELS = ("fbgemm", "fbgemm-per-channel", "onednn", "onednn-per-channel")
 PER_TENSOR_MARGIN = 1.05  # per tensor is kept only when this much faster than the best per channel
+INT8_PROBE_BLOCKS = 4  # the int8 kernels are timed on the projections of this many GPT-2 blocks
 
 
 def _quantized(layer: Any, kernel: str) -> Any:
@@ -112,18 +113,18 @@ def _quantized(layer: Any, kernel: str) -> Any:
         torch.backends.quantized.engine = previous
 
 
-def quantize_int8(gpt: Any, kernel: str = "fbgemm") -> None:
+def quantize_int8(gpt: Any, kernel: str) -> None:
     """Dynamic int8 quantization of the GPT-2 blocks' linear layers on ``kernel`` (see `_quantized`)."""
     _replace_linears(gpt, lambda layer: _quantized(layer, kernel))
 
 
-def _time_int8(gpt: Any, rows: int, rounds: int, blocks: int = 4) -> dict[str, float]:
-    """Milliseconds for ``rows`` rows through the projections of the first ``blocks`` GPT-2 blocks, on each
+def _time_int8(gpt: Any, rows: int, rounds: int) -> dict[str, float]:
+    """Milliseconds for ``rows`` rows through the projections of the first `INT8_PROBE_BLOCKS` blocks, on each
     int8 kernel this build has. Only the projections change with the kernel, and quantizing a few blocks
     takes a fraction of the seconds quantizing the whole GPT does (measured: ~5 s per kernel at real size)."""
     import torch
 
-    layers = [getattr(owner, name) for owner, name in _linears(gpt)[:4 * blocks]]
+    layers = [getattr(owner, name) for owner, name in _linears(gpt)[:4 * INT8_PROBE_BLOCKS]]  # 4 a block
     inputs = [torch.randn(rows, layer.in_features) for layer in layers]
     measured: dict[str, float] = {}
     for kernel in INT8_KERNELS:
@@ -217,7 +218,8 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
             raise RuntimeError("no int8 kernel for XTTS's GPT works in this PyTorch build")
         kernel = choose_kernel(measured)
         quantize_int8(gpt, kernel)
-        return {"precision": "int8", "kernel": kernel, "batch": batch, "measured_on": "projections of 4 blocks",
+        return {"precision": "int8", "kernel": kernel, "batch": batch,
+                "measured_on": f"projections of {INT8_PROBE_BLOCKS} blocks",
                 **{f"{name.replace('-', '_')}_ms": round(ms, 2) for name, ms in measured.items()}}
     converters: dict[str, Callable[[Any], None]] = {
         "default": lambda g: None, "onednn": to_onednn, "onednn-packed": lambda g: to_packed(g, pack_rows)}

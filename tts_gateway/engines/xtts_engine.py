@@ -303,7 +303,8 @@ class XttsEngine(BaseEngine):
         self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
                                batch=min(4, self.max_batch), pack_rows=self.max_batch)
         self.kernels["decoder_weight_norms_folded"] = fold_weight_norm(model.hifigan_decoder)
-        log.info("XTTS's GPT runs on %s", self.kernels)
+        log.info("XTTS's GPT runs on %s",
+                 {name: round(value, 2) if isinstance(value, float) else value for name, value in self.kernels.items()})
         self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer, runner=self._torch)
         self._active = checkpoint
         self._loaded = True

@@ -186,7 +186,8 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
     """Put the GPT on its kernels for ``precision``; ``step(n)`` runs one batched GPT step of ``n`` rows
     (``batch`` of them to measure); packed weights are laid out for ``pack_rows`` rows (the batch limit).
 
-    Returns what was chosen and measured (milliseconds per step), for the log and the engine's description.
+    Returns what was chosen and measured (milliseconds per step, unrounded: the choice can be checked
+    against them), for the log and the engine's description.
     """
     import torch
 
@@ -220,7 +221,7 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
         quantize_int8(gpt, kernel)
         return {"precision": "int8", "kernel": kernel, "batch": batch,
                 "measured_on": f"projections of {INT8_PROBE_BLOCKS} blocks",
-                **{f"{name.replace('-', '_')}_ms": round(ms, 2) for name, ms in measured.items()}}
+                **{f"{name.replace('-', '_')}_ms": ms for name, ms in measured.items()}}
     converters: dict[str, Callable[[Any], None]] = {
         "default": lambda g: None, "onednn": to_onednn, "onednn-packed": lambda g: to_packed(g, pack_rows)}
     with torch.inference_mode():
@@ -239,7 +240,7 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
             _restore(gpt, saved)
             converters[kernel](gpt)
     return {"precision": "fp32", "kernel": kernel, "batch": batch,
-            **{f"{name.replace('-', '_')}_ms": round(ms, 1) for name, ms in measured.items()}}
+            **{f"{name.replace('-', '_')}_ms": ms for name, ms in measured.items()}}
 
 
 def choose_kernel(measured: dict[str, float]) -> str:

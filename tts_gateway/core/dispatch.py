@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tts_gateway.core.compose import Core
 from tts_gateway.core.phrase_cache import PhraseCache
@@ -38,7 +37,7 @@ class Outcome:
     first: bytes = b""
     rest: AsyncIterator[bytes] | None = None
     # Headers are sent before a stream ends, so an engine failure or timeout after the first chunk cannot
-    # change the status: the stream just stops. This says whether it reached the end (read once it is drained).
+    # change the status: the stream just stops. This says whether it reached the end (known once closed).
     complete: bool = True
 
     async def chunks(self, size: int = 32768) -> AsyncIterator[bytes]:
@@ -59,6 +58,7 @@ class Outcome:
     async def close(self) -> None:
         """Stop the work behind a stream the consumer left early (a client that went away)."""
         rest, self.rest = self.rest, None
+        self.complete = bool(getattr(rest, "complete", self.complete))
         closer = getattr(rest, "aclose", None)
         if closer is not None:
             await closer()
@@ -107,26 +107,37 @@ class _Collecting:
     iteration never started (an async generator's ``finally`` would not run then). The stream ends
     only once the cache holds it, so a client that asks again as soon as its answer is over hits."""
 
-    def __init__(self, rest: AsyncIterator[bytes], collected: list[bytes],
-                 writes: list[Future[None]]) -> None:
+    def __init__(self, store: Callable[[list[Any]], Awaitable[None]] | None) -> None:
+        self._store = store  # writes what was collected to the cache; None: the plan is never cached
+        self._rest: AsyncIterator[Any] | None = None
+        self.collected: list[Any] = []
+        self.complete = False
+
+    def completed(self) -> None:
+        """The runner's ``on_complete``: the synthesis finished normally (called before the end is seen)."""
+        self.complete = True
+
+    def follow(self, first: Any, rest: AsyncIterator[Any]) -> _Collecting:
+        if first:
+            self.collected.append(first)
         self._rest = rest
-        self._collected = collected
-        self._writes = writes
+        return self
 
     def __aiter__(self) -> _Collecting:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> Any:
+        assert self._rest is not None, "follow() comes first"
         try:
             chunk = await self._rest.__anext__()
         except StopAsyncIteration:
-            for write in self._writes:
+            if self.complete and self._store is not None:
                 try:
-                    await asyncio.wrap_future(write)
+                    await self._store(self.collected)
                 except Exception:  # the client has all its audio; only the cache misses it
                     log.exception("phrase cache write failed")
             raise
-        self._collected.append(chunk)
+        self.collected.append(chunk)
         return chunk
 
     async def aclose(self) -> None:
@@ -180,20 +191,14 @@ class Dispatcher:
             if cache is not None and key is not None:
                 await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers())
             return Outcome(headers, plan.media_type, "miss", audio=audio)
-        collected: list[bytes] = []
-        writes: list[Future[None]] = []
-        outcome = Outcome(headers, plan.media_type, "miss", complete=False)
 
-        def remember() -> None:  # runs only when the synthesis finished normally
-            outcome.complete = True
-            if cache is not None and key is not None:
-                writes.append(self.worker.pool.submit(cache.put, key, b"".join(collected), plan.media_type,
-                                                      plan.headers()))
+        async def store(chunks: list[bytes]) -> None:
+            assert cache is not None and key is not None
+            await asyncio.to_thread(cache.put, key, b"".join(chunks), plan.media_type, plan.headers())
 
-        first, rest = await self.runner.open_stream(plan, on_complete=remember)
-        collected.append(first)
-        outcome.first, outcome.rest = first, _Collecting(rest, collected, writes)
-        return outcome
+        rest = _Collecting(store if key is not None else None)
+        first, chunks = await self.runner.open_stream(plan, on_complete=rest.completed)
+        return Outcome(headers, plan.media_type, "miss", first=first, rest=rest.follow(first, chunks), complete=False)
 
     async def run_timed(self, plan: Plan) -> TimedOutcome:
         """Like `run`, for a plan with timestamps: the audio with its timings, whole or as `TimedBytes`."""
@@ -210,20 +215,15 @@ class Dispatcher:
             if cache is not None and key is not None:
                 await asyncio.to_thread(cache.put, key, audio, plan.media_type, plan.headers(), timings.as_dict(True))
             return TimedOutcome(headers, "miss", audio=audio, timings=timings)
-        collected: list[TimedBytes] = []
-        writes: list[Future[None]] = []
 
-        def remember() -> None:
-            if cache is not None and key is not None:
-                writes.append(self.worker.pool.submit(
-                    cache.put, key, b"".join(item.audio for item in collected), plan.media_type, plan.headers(),
-                    Timings.of(collected).as_dict(True)))
+        async def store(items: list[TimedBytes]) -> None:
+            assert cache is not None and key is not None
+            await asyncio.to_thread(cache.put, key, b"".join(item.audio for item in items), plan.media_type,
+                                    plan.headers(), Timings.of(items).as_dict(True))
 
-        first, rest = await self.runner.open_timed_stream(plan, on_complete=remember)
-        if first:
-            collected.append(first)
-        return TimedOutcome(headers, "miss", first=first or None,
-                            rest=_Collecting(rest, collected, writes))  # type: ignore[arg-type]
+        rest = _Collecting(store if key is not None else None)
+        first, items = await self.runner.open_timed_stream(plan, on_complete=rest.completed)
+        return TimedOutcome(headers, "miss", first=first or None, rest=rest.follow(first, items))
 
     async def blocking(self, fn: Callable[[], T]) -> T:
         """A blocking call (registration, conditioning) under admission control."""

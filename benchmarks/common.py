@@ -216,6 +216,18 @@ def wav_seconds(data: bytes) -> float:
 _HANDED_OUT: set[int] = set()
 
 
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL if it has not stopped within 30 s."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
 def free_port() -> int:
     """A free loopback port, never one this process handed out before: the OS may offer a just-closed
     port again, and a server given the same port for HTTP and Wyoming cannot start."""
@@ -302,14 +314,8 @@ class Server:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        if process is not None:
+            terminate(process)
 
     def rss(self) -> int:
         import psutil

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, Budget, Context, Result, Server, Skip, free_port, interleave, median, paired
+from benchmarks.common import (
+    ROOT,
+    Budget,
+    Context,
+    Result,
+    Server,
+    Skip,
+    free_port,
+    interleave,
+    median,
+    paired,
+    terminate,
+)
 from benchmarks.texts import sentences
 
 PIPER_VOICE = "en_US-joe-medium"
@@ -145,13 +156,7 @@ def wyoming_piper(workdir: Path, threads: int) -> Iterator[int]:
         _wait_wyoming(port, process, log)
         yield port
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        terminate(process)
 
 
 def run(ctx: Context, result: Result) -> None:

@@ -64,7 +64,7 @@ test-image: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/mypy tts_gateway
+	$(BIN)/mypy tts_gateway benchmarks
 	$(BIN)/lint-imports
 
 bench: install system-deps

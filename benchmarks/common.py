@@ -114,7 +114,7 @@ def interleave(
     *,
     warmup: int = 1,
     min_rounds: int = 2,
-    on_value: Callable[[str, Any], None] | None = None,
+    on_value: Callable[[str, Any], object] | None = None,
     cpu: dict[str, list[float]] | None = None,
     quiet: bool = False,
 ) -> dict[str, list[float]]:

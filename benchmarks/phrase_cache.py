@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 
@@ -32,7 +33,7 @@ def run(ctx: Context, result: Result) -> None:
             seed = next(seeds)
             # A hit can only follow its miss, so this pair cannot alternate its order.
             for side in ("miss", "hit"):
-                seconds, response = timed(lambda s=seed: post(s))
+                seconds, response = timed(functools.partial(post, seed))
                 samples[side].append(seconds)
                 labels.append(f"{side}:{response.headers.get('x-cache')}")
             if budget.spent():

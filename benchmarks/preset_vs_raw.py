@@ -31,6 +31,7 @@ def in_process(ctx: Context, result: Result) -> None:
     inproc = ctx.inproc()
     preset = ctx.inproc_preset()
     engine = inproc.engines.ensure_loaded("xtts")
+    assert isinstance(engine, XttsEngine)
     latents = inproc.registry.latents(inproc.registry.get(preset))  # verified, then kept in memory
 
     inside: list[float] = []  # seconds spent inside engine.synthesize during each service call
@@ -108,7 +109,10 @@ def over_http(ctx: Context, result: Result) -> None:
     server = ctx.server()
     preset = ctx.server_preset()
     no_cache = ctx.no_cache()
+    from tts_gateway.engines.xtts_engine import XttsEngine
+
     engine = ctx.inproc().engines.ensure_loaded("xtts")
+    assert isinstance(engine, XttsEngine)
     uploads = variants(ctx.speech_wav())
     seeds = itertools.count(SEED)
     client = httpx.Client(base_url=server.base, timeout=600)

@@ -3,6 +3,7 @@ the real-time factor (seconds of compute per second of audio)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from benchmarks.common import Budget, Context, Figure, Result, linear_fit, median, timed, wav_seconds
@@ -10,7 +11,7 @@ from benchmarks.texts import sentences
 
 # Tiny XTTS always makes 48 audio tokens (~2 s) a sentence at ~3 s of compute on this box, so
 # 100 sentences would take minutes and add nothing a shorter line does not show.
-COUNTS = {
+COUNTS: dict[str, dict[str, tuple[int, ...]]] = {
     "full": {"piper": (1, 10, 100), "espeak": (1, 10, 100), "xtts": (1, 5, 20)},
     "quick": {"piper": (1, 5, 10), "espeak": (1, 5, 10), "xtts": (1, 2)},
 }
@@ -38,7 +39,7 @@ def run(ctx: Context, result: Result) -> None:
             order = counts if index % 2 == 0 else counts[::-1]
             for count in order:
                 ctx.log(f"{engine}: {count} sentence(s), round {index + 1}")
-                seconds, data = timed(lambda c=count, v=voice: inproc.synthesize(sentences(c), voice=v, seed=1))
+                seconds, data = timed(functools.partial(inproc.synthesize, sentences(count), voice=voice, seed=1))
                 times[count].append(seconds)
                 audio[count] = wav_seconds(data)
             if budget.spent():

@@ -117,7 +117,7 @@ def run(ctx: Context, result: Result) -> None:
                 for kind in snrs:
                     snrs[kind].append(snr_db(waves["one_shot"], waves[kind]))
             medians = {f"{k}_cpu_s": median(v) for k, v in totals.items()}
-            detail = {"tokens": tokens, "audio_seconds": round(audio_s, 2), "rounds": rounds}
+            detail: dict[str, Any] = {"tokens": tokens, "audio_seconds": round(audio_s, 2), "rounds": rounds}
             result.figures.append(paired(f"N={tokens}: ours streamed / unstreamed compute", totals["ours"],
                                          totals["one_shot"], medians, target=("<=", 1.15), **detail))
             result.figures.append(paired(f"N={tokens}: coqui inference_stream / unstreamed compute",

@@ -22,6 +22,7 @@ opens the two other kernels:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -118,6 +119,24 @@ def quantize_int8(gpt: Any, kernel: str) -> None:
     _replace_linears(gpt, lambda layer: _quantized(layer, kernel))
 
 
+def _fastest_ms(run: Callable[[], Any], rounds: int) -> float:
+    """Milliseconds of ``run``'s fastest of ``rounds`` runs, after one that warms up (the first call
+    allocates and packs). The fastest: a kernel is as fast as its best run; a busy machine only ever slows
+    one down (a median of three still picked the slower kernel on a noisy host)."""
+    run()
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - started)
+    return min(samples) * 1000
+
+
+def _through(layers: list[Any], inputs: list[Any]) -> None:
+    for layer, x in zip(layers, inputs, strict=True):
+        layer(x)
+
+
 def _time_int8(gpt: Any, rows: int, rounds: int) -> dict[str, float]:
     """Milliseconds for ``rows`` rows through the projections of the first `INT8_PROBE_BLOCKS` blocks, on each
     int8 kernel this build has. Only the projections change with the kernel, and quantizing a few blocks
@@ -133,14 +152,7 @@ def _time_int8(gpt: Any, rows: int, rounds: int) -> dict[str, float]:
         except RuntimeError as exc:  # a build without this engine
             log.info("XTTS's GPT cannot use int8 %s (%s)", kernel, exc)
             continue
-        samples = []
-        for round_ in range(rounds + 1):
-            started = time.perf_counter()
-            for layer, x in zip(quantized, inputs, strict=True):
-                layer(x)
-            if round_:  # the first round warms up
-                samples.append(time.perf_counter() - started)
-        measured[kernel] = min(samples) * 1000
+        measured[kernel] = _fastest_ms(functools.partial(_through, quantized, inputs), rounds)
     return measured
 
 
@@ -198,17 +210,6 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
     if precision == "fp32" and (not torch.backends.mkldnn.is_available() or not on_cpu):
         return {"precision": "fp32", "kernel": "default"}
 
-    def timed() -> float:
-        step(batch)  # warm: the first call allocates and packs
-        samples = []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            step(batch)
-            samples.append(time.perf_counter() - started)
-        # The fastest round: a kernel is as fast as its best run; a busy machine only ever slows one down
-        # (a median of three still picked the slower kernel on a noisy host).
-        return min(samples) * 1000
-
     measured: dict[str, float] = {}
     if precision == "int8":
         if not on_cpu:  # PyTorch's dynamically quantized layers exist for the CPU only
@@ -220,8 +221,7 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
         kernel = choose_kernel(measured)
         quantize_int8(gpt, kernel)
         return {"precision": "int8", "kernel": kernel, "batch": batch,
-                "measured_on": f"projections of {INT8_PROBE_BLOCKS} blocks",
-                **{f"{name.replace('-', '_')}_ms": ms for name, ms in measured.items()}}
+                "measured_on": f"projections of {INT8_PROBE_BLOCKS} blocks", **_reported(measured)}
     converters: dict[str, Callable[[Any], None]] = {
         "default": lambda g: None, "onednn": to_onednn, "onednn-packed": lambda g: to_packed(g, pack_rows)}
     with torch.inference_mode():
@@ -232,15 +232,19 @@ def prepare(gpt: Any, precision: str, step: Callable[[int], None], *, batch: int
             in_place = kernel
             try:
                 convert(gpt)
-                measured[kernel] = timed()
+                measured[kernel] = _fastest_ms(lambda: step(batch), rounds)
             except (AttributeError, RuntimeError) as exc:  # a build without oneDNN's linear or its packed ops
                 log.info("XTTS's GPT cannot use %s (%s)", kernel, exc)
         kernel = choose_kernel(measured)
         if kernel != in_place:  # the last one measured, when it wins, is kept as converted
             _restore(gpt, saved)
             converters[kernel](gpt)
-    return {"precision": "fp32", "kernel": kernel, "batch": batch,
-            **{f"{name.replace('-', '_')}_ms": ms for name, ms in measured.items()}}
+    return {"precision": "fp32", "kernel": kernel, "batch": batch, **_reported(measured)}
+
+
+def _reported(measured: dict[str, float]) -> dict[str, float]:
+    """Each kernel's milliseconds under a key of its own (``onednn-packed`` → ``onednn_packed_ms``)."""
+    return {f"{name.replace('-', '_')}_ms": ms for name, ms in measured.items()}
 
 
 def choose_kernel(measured: dict[str, float]) -> str:

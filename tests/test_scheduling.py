@@ -226,11 +226,13 @@ def test_a_streams_first_decode_is_urgent_and_the_rest_are_not(tiny_xtts: Path) 
     real = engine._cores
 
     @contextmanager
-    def recording(urgent: bool = False) -> Iterator[int]:
+    def recording(threads: int | None, urgent: bool = False) -> Iterator[int]:
         asked.append(urgent)
-        with real(urgent=urgent) as threads:
-            yield threads
+        with real(threads, urgent=urgent) as granted:
+            yield granted
 
+    assert engine._batcher is not None
+    engine._batcher.cores = lambda repeatable: real(engine._threads if repeatable else None)  # steps: not recorded
     engine._cores = recording  # type: ignore[method-assign]
     try:
         speaker = engine.voices()[0].id
@@ -240,8 +242,7 @@ def test_a_streams_first_decode_is_urgent_and_the_rest_are_not(tiny_xtts: Path) 
     finally:
         engine.unload()
     # The decoder's set-up, then one decode a chunk; only the first audio's calls (the set-up and its decode)
-    # are urgent (the batcher's steps, holding the budget's own callable from load, and the later decodes
-    # queue in turn).
+    # are urgent (the later decodes queue in turn, or run beside the GPT's steps on the narrow thread).
     assert len(chunks) >= 2 and len(asked) >= len(chunks) + 1
     assert asked == [True, True] + [False] * (len(asked) - 2)
 
@@ -254,7 +255,7 @@ def _held_engine_call(run: Callable[[], Any]) -> Any:
     with budget.slot():  # alone: the whole machine
         caller = threading.Thread(target=lambda: out.append(run()))
         caller.start()
-        wait_until(lambda: len(budget._queue) == 1, "the engine call to queue for a core")
+        wait_until(lambda: len(budget._queue) >= 1, "the engine call to queue for a core")
         assert out == []
     caller.join(HANG_GUARD_S)
     assert budget.in_use == 0

@@ -437,9 +437,9 @@ def test_another_engine_speaks_between_xtts_steps(make_settings: Any, tiny_xtts:
         permits = threading.Semaphore(3)  # the prompt and two steps, then the sentence waits between steps
 
         @contextmanager
-        def gated() -> Iterator[Any]:
+        def gated(repeatable: bool) -> Iterator[Any]:
             assert permits.acquire(timeout=4 * HANG_GUARD_S)
-            with real_cores() as threads:
+            with real_cores(repeatable) as threads:
                 yield threads
 
         shared.cores = gated
@@ -708,14 +708,15 @@ def test_an_idle_batch_gives_back_the_cache_a_long_sentence_grew(engine: XttsEng
     assert shared._shared.capacity == xtts_batching._INITIAL_LENGTH and shared._shared.lengths == []
 
 
-def test_a_whole_sentence_gives_back_the_cores_before_its_audio_is_taken(engine: XttsEngine) -> None:
+@pytest.mark.parametrize("repeatable", [True, False])
+def test_a_whole_sentence_gives_back_the_cores_before_its_audio_is_taken(engine: XttsEngine, repeatable: bool) -> None:
     """The decode of an unstreamed sentence holds the core budget only while it runs: a consumer that takes
     the audio and then stops (a cancel, a timeout; its traceback keeps the generator alive) must not keep
     the cores, or every engine of the process would wait forever."""
     from tts_gateway.engines.scheduling import shared_budget
 
     cancel = threading.Event()
-    options = SynthesisOptions(language="en", seed=3, repeatable=True, cancel=cancel)
+    options = SynthesisOptions(language="en", seed=3, repeatable=repeatable, cancel=cancel)
     chunks = engine.synthesize(TEXTS[2][0], VoiceInput(builtin=speakers(engine)[0]), options)
     assert next(chunks).size > 2400
     assert shared_budget().in_use == 0
@@ -725,3 +726,72 @@ def test_a_whole_sentence_gives_back_the_cores_before_its_audio_is_taken(engine:
     assert stopped.value.__traceback__ is not None and shared_budget().in_use == 0
     with shared_budget().slot(threads=shared_budget().cores):  # the whole machine is free to take
         pass
+
+
+def test_an_unseeded_sentence_is_decoded_beside_its_gpt_steps_on_one_core(engine: XttsEngine, monkeypatch: Any) -> None:
+    """While a whole unseeded sentence still has GPT steps to come, its audio so far is decoded on the
+    narrow thread with one intra-op thread (the steps take the other core); held after its first chunk's
+    tokens, the GPT waits for that decode. The answer is one piece, as long as the same sentence decoded
+    once at the end (a seeded request's path); a seeded request's decodes never leave the torch thread."""
+    import torch
+
+    shared = batcher(engine)
+    narrow = engine._narrow
+    beside: list[tuple[str, int]] = []  # (text, intra-op threads) of each call run on the narrow thread
+    decoded = threading.Event()
+    current = {"text": ""}
+
+    def spied(fn: Any, urgent: bool = False) -> Any:
+        def run() -> Any:
+            value = fn()
+            beside.append((current["text"], torch.get_num_threads()))
+            decoded.set()
+            return value
+
+        return narrow.call(run, urgent=urgent)
+
+    monkeypatch.setattr(engine, "_narrow", type("Spy", (), {"call": staticmethod(spied)})())
+    real_cores = shared.cores
+    held_at = shared.steps + 30  # past the first chunk's 24 tokens, before the sentence's last (48)
+
+    def gated(repeatable: bool) -> Any:
+        if shared.steps >= held_at and not decoded.is_set():
+            decoded.wait(HANG_GUARD_S)  # on the torch thread: a missing decode fails below, never hangs
+        return real_cores(repeatable)
+
+    monkeypatch.setattr(shared, "cores", gated)
+    speaker = speakers(engine)[0]
+    current["text"] = TEXTS[3][0]
+    options = SynthesisOptions(language="en", seed=4, repeatable=False)
+    chunks = list(engine.synthesize(TEXTS[3][0], VoiceInput(builtin=speaker), options))
+    assert decoded.is_set() and beside and {threads for _, threads in beside} == {1}
+    assert len(chunks) == 1
+    current["text"] = "seeded"
+    seeded = say(engine, TEXTS[3][0], "en", speaker, seed=4)
+    assert chunks[0].size == seeded.size > 2400
+    assert all(text != "seeded" for text, _ in beside)
+
+
+def test_an_unseeded_gpt_step_takes_the_cores_that_are_free_and_a_seeded_one_its_fixed_count(
+        engine: XttsEngine) -> None:
+    """The core budget's slot decides torch's threads on the thread that computes: every free core for an
+    unseeded step, one while another call holds a core, the engine's count for a seeded step."""
+    import torch
+
+    from tts_gateway.engines.scheduling import shared_budget
+
+    def threads_for(repeatable: bool) -> tuple[int, int]:
+        def inside() -> tuple[int, int]:
+            with batcher(engine).cores(repeatable) as granted:
+                return granted, torch.get_num_threads()
+
+        return engine._torch.call(inside)
+
+    budget = shared_budget()
+    full = min(budget.cores, engine._threads)
+    assert threads_for(False) == (full, full)
+    assert threads_for(True) == (engine._threads, engine._threads)
+    if budget.cores > 1:
+        with budget.slot(threads=1):  # a decode beside, or another engine's call
+            assert threads_for(False) == (1, 1)
+    assert threads_for(False) == (full, full)

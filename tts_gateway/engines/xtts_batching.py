@@ -16,9 +16,11 @@ more), so a request whose client asked for its seed (``repeatable``) runs its st
 and gives the same bytes alone and among others.
 
 The batcher runs in rounds (a join, a step) on the process's torch thread (`torch_thread`), where the
-engine's other torch calls (decoders, conditioning) run between them. It takes a slot of the process's
+engine's other torch calls (conditioning, some decodes) run between them. It takes a slot of the process's
 core budget for each step (or prompt), not for a whole sentence, so another engine's request waits for one
-such call, not for the sentence. A request with a seat in the batch lends its admission slot to the next
+such call, not for the sentence; an unseeded step takes every core when they are free and one when another
+call (a decode on the narrow thread, a Piper request) holds the other, a seeded one the engine's fixed
+thread count. A request with a seat in the batch lends its admission slot to the next
 request (`lent_while_seated`): it waits on the steps then, and the seats (``max_batch``) bound such
 requests instead of MAX_CONCURRENCY.
 """
@@ -367,7 +369,8 @@ class PrefixCache:
     conditioning's keys and values the same for every sentence of a voice, so they are computed once and
     the prompt runs only its text (the larger part of a prompt's cost for a short sentence). The
     conditioning is always run apart, cached or not, so a seeded request's arithmetic — and its bytes — do
-    not depend on what the cache held.
+    not depend on what the cache held. Kept per thread count too (an unseeded join may run on fewer threads
+    than a seeded one, and a sum split across other threads may round differently).
     """
 
     def __init__(self, stack: GptStack, voices: int = PREFIX_CACHE_VOICES) -> None:
@@ -384,7 +387,8 @@ class PrefixCache:
         import torch
 
         data = conditioning.detach().to("cpu", torch.float32).contiguous()
-        digest = hashlib.blake2b(repr(tuple(data.shape)).encode() + data.numpy().tobytes(), digest_size=16).digest()
+        shape = repr((tuple(data.shape), torch.get_num_threads())).encode()
+        digest = hashlib.blake2b(shape + data.numpy().tobytes(), digest_size=16).digest()
         kept = self._kept.get(digest)
         if kept is not None:
             self._kept.move_to_end(digest)
@@ -409,12 +413,13 @@ class GptBatcher:
     Args:
         stack: The model's GPT, run by hand.
         max_batch: Most sequences in the shared batch; more wait for a row.
-        cores: Context manager factory for a slot of the process's core budget (held per step).
+        cores: Context manager factory for a slot of the process's core budget (held per step), given whether
+            the call is a seeded sequence's (its thread count must be fixed).
         observer: Told how many sequences each step carried (the gateway's batch-size histogram).
         runner: The thread its rounds run on (the process's torch thread by default).
     """
 
-    def __init__(self, stack: GptStack, max_batch: int, cores: Callable[[], AbstractContextManager[Any]], *,
+    def __init__(self, stack: GptStack, max_batch: int, cores: Callable[[bool], AbstractContextManager[Any]], *,
                  observer: Callable[[int], None] | None = None, runner: TorchThread | None = None) -> None:
         self.stack = stack
         self.observer = observer  # told the number of sequences of every step
@@ -442,6 +447,12 @@ class GptBatcher:
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)
+
+    def stepping(self) -> bool:
+        """Whether GPT steps of unseeded sequences are to come (one waits for a seat or has tokens to make)."""
+        with self._lock:
+            return any(not s.repeatable and not s.cancelled and not (s.tokens and self._ended(s))
+                       for s in (*self._waiting, *self._rows))
 
     def submit(self, *sequences: Sequence) -> None:
         """Queue ``sequences`` for seats; several given at once arrive together (seated in one round)."""
@@ -520,7 +531,7 @@ class GptBatcher:
             sequence.seated.set()
         try:
             cache.reserve(max(int(s.prompt.shape[1]) for s in group) + 1)
-            with self.cores():
+            with self.cores(False):
                 texts = []
                 for sequence in group:
                     rows.append(cache.add_row())
@@ -574,7 +585,7 @@ class GptBatcher:
                 cache, row = self._shared, self._shared.add_row()
             cache.reserve(int(sequence.prompt.shape[1]) + 1)  # later steps grow every row by doubling, as they need
             try:
-                with self.cores():
+                with self.cores(sequence.repeatable):
                     latent = stack.forward(self._start(sequence, cache, row), cache, [row])
                     token = sample(stack.logits(latent)[0], sequence.seen, sequence.generator, sequence.sampling)
             except Exception:
@@ -628,7 +639,7 @@ class GptBatcher:
         (a draw that fails, e.g. on probabilities that are not finite, fails that sequence only)."""
         stack = self.stack
         device = next(stack.gpt.parameters()).device
-        with self.cores():
+        with self.cores(any(s.repeatable for s in sequences)):
             x = stack.token_embedding([s.tokens[-1] for s in sequences], [len(s.tokens) for s in sequences], device)
             latents = stack.forward(x, cache, list(range(len(sequences))))
             logits = stack.logits(latents)

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Generator, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from tts_gateway.engines.files import file_sha256
 from tts_gateway.engines.hookspecs import hookimpl
 from tts_gateway.engines.memory import release_memory
 from tts_gateway.engines.scheduling import shared_budget
-from tts_gateway.engines.torch_thread import torch_thread
+from tts_gateway.engines.torch_thread import narrow_thread, torch_thread
 from tts_gateway.engines.xtts_batching import (
     DEFAULT_MAX_BATCH,
     GptBatcher,
@@ -59,7 +59,7 @@ from tts_gateway.engines.xtts_models import (
     not_accepted_reason,
 )
 from tts_gateway.engines.xtts_speakers import SPEAKERS_FILE, SpeakerCache
-from tts_gateway.engines.xtts_streaming import decode_latents, text_tokens
+from tts_gateway.engines.xtts_streaming import CHUNK_TOKENS, FIRST_CHUNK_TOKENS, decode_latents, text_tokens
 from tts_gateway.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,9 @@ class XttsEngine(BaseEngine):
         self.precision = precision
         self.kernels: dict[str, Any] = {}  # what load() chose and measured
         self._budget = shared_budget()
-        self._torch = torch_thread()  # all of its torch work runs there (see `torch_thread` for why)
+        self._torch = torch_thread()  # all of its torch work runs there (see `torch_thread` for why)…
+        self._narrow = narrow_thread()  # …but decodes beside the GPT's steps, on one core
+        self._threads = 1  # torch's intra-op threads when the cores are free (fixed at load)
         self.configured = checkpoint
         self.device_setting = device
         self.threads = threads
@@ -292,6 +294,7 @@ class XttsEngine(BaseEngine):
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        self._threads = torch.get_num_threads()
         config = XttsConfig()
         config.load_json(str(checkpoint / "config.json"))
         model = Xtts(config)
@@ -305,7 +308,8 @@ class XttsEngine(BaseEngine):
         self.kernels["decoder_weight_norms_folded"] = fold_weight_norm(model.hifigan_decoder)
         log.info("XTTS's GPT runs on %s",
                  {name: round(value, 2) if isinstance(value, float) else value for name, value in self.kernels.items()})
-        self._batcher = GptBatcher(stack, self.max_batch, self._cores, observer=self._observer, runner=self._torch)
+        self._batcher = GptBatcher(stack, self.max_batch, self._gpt_cores, observer=self._observer,
+                                   runner=self._torch)
         self._active = checkpoint
         self._loaded = True
 
@@ -352,8 +356,9 @@ class XttsEngine(BaseEngine):
         return model.get_speaker_embedding(torch.from_numpy(wav16)[None, :], 16000)
 
     def synthesize(self, text: str, voice: VoiceInput, options: SynthesisOptions) -> Iterator[np.ndarray]:
-        """The sentence's GPT tokens are decoded in the shared batch (`xtts_batching`), its audio here, in the
-        caller's thread: streamed chunk by chunk, or decoded once at the end (faster when nobody listens yet)."""
+        """The sentence's GPT tokens are made in the shared batch (`xtts_batching`), its audio chunk by chunk as
+        they come (`decode_latents`; see `_decoder_calls` for where) — a seeded whole request's decoded once
+        at the end, on the fixed thread count."""
         import torch
 
         self.check_language(options.language)
@@ -370,10 +375,15 @@ class XttsEngine(BaseEngine):
         batcher.submit(sequence)
         latents = lent_while_seated(sequence, sequence.latents(options.cancel), options.lend, options.cancel)
         chunks: Generator[Any, None, None]
-        if options.streaming:  # the decoder run incrementally, each frame decoded once (linear cost)
-            chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, run=self._run)
-        else:
+        if options.repeatable and not options.streaming:
             chunks = self._decode_whole(model, latents, speaker_embedding, options)
+        else:  # the decoder run incrementally, each frame decoded once (linear cost)
+            # A whole answer's chunks are decoded while its later tokens are made: nobody hears the first sooner.
+            first = FIRST_CHUNK_TOKENS if options.streaming else CHUNK_TOKENS
+            chunks = decode_latents(model, latents, speaker_embedding, speed=options.speed, first_chunk=first,
+                                    run=self._decoder_calls(options.repeatable, listener=options.streaming))
+            if not options.streaming:
+                chunks = _joined(chunks)
         try:
             while True:
                 with torch.inference_mode():
@@ -470,30 +480,77 @@ class XttsEngine(BaseEngine):
         raise EngineUnavailable(self.name, "XTTS needs a voice: a studio speaker (xtts:NAME), a preset or reference "
                                            "audio")
 
-    def _cores(self, urgent: bool = False) -> AbstractContextManager[int]:
-        """A slot in the process's core budget for torch's threads (its count is fixed per process, so
-        the bytes of a seeded request do not depend on the load); on a GPU the cores stay free."""
+    @contextmanager
+    def _cores(self, threads: int | None, urgent: bool = False) -> Iterator[int]:
+        """A slot in the process's core budget, torch's intra-op threads on the calling thread set to it.
+        ``threads``: exactly so many (the engine's count for a seeded request: its bytes must not depend on
+        the load); None: every core when the machine is free, one beside other calls. On a GPU the cores stay
+        free."""
         import torch
 
         if next(self._require_model().parameters()).device.type != "cpu":
-            return nullcontext(0)
-        return self._budget.slot(threads=torch.get_num_threads(), urgent=urgent)
+            yield 0
+            return
+        with self._budget.slot(threads=threads, urgent=urgent) as granted:
+            granted = min(granted, self._threads)
+            if torch.get_num_threads() != granted:  # per thread (OpenMP's and MKL's settings are thread-local)
+                torch.set_num_threads(granted)
+            yield granted
 
-    def _run(self, fn: Callable[[], Any], urgent: bool = False) -> Any:
-        """``fn()`` on the torch thread, in inference mode, holding a slot of the core budget while it runs."""
+    def _gpt_cores(self, repeatable: bool) -> AbstractContextManager[int]:
+        """The batcher's slot for a GPT step or prompt: a seeded sequence's on the fixed thread count."""
+        return self._cores(self._threads if repeatable else None)
+
+    def _run(self, fn: Callable[[], Any], urgent: bool = False, wide: bool = False) -> Any:
+        """``fn()`` on the torch thread, in inference mode, holding a slot of the core budget while it runs: on
+        the engine's fixed thread count, or ``wide`` (every free core, see `_cores`)."""
         import torch
 
         def held() -> Any:
-            with self._cores(urgent=urgent), torch.inference_mode():
+            with self._cores(None if wide else self._threads, urgent=urgent), torch.inference_mode():
                 return fn()
 
         return self._torch.call(held, urgent=urgent)
+
+    def _decoder_calls(self, repeatable: bool, listener: bool) -> Callable[[Callable[[], Any], bool], Any]:
+        """Where a request's decoder calls run (`decode_latents`'s ``run``). A seeded request's: on the torch
+        thread at the fixed thread count. Otherwise, while unseeded sentences have GPT steps to come: on the
+        narrow thread, one core, beside the steps (which then take the other core); a listener's first
+        audio excepted (on the torch thread, ahead of the steps: it is short and someone waits). Else on
+        the torch thread with every free core (a lone sentence's last chunk)."""
+        import torch
+
+        def run(fn: Callable[[], Any], urgent: bool) -> Any:
+            if repeatable:
+                return self._run(fn, urgent)
+            urgent = urgent and listener
+            batcher = self._batcher
+            if urgent or batcher is None or not batcher.stepping():
+                return self._run(fn, urgent, wide=True)
+
+            def beside() -> Any:
+                with self._cores(1), torch.inference_mode():
+                    return fn()
+
+            return self._narrow.call(beside)
+
+        return run
 
     def _require_model(self) -> Any:
         model = self._model
         if model is None:
             raise EngineUnavailable(self.name, "model is not loaded")
         return model
+
+
+def _joined(chunks: Generator[Any, None, None]) -> Generator[Any, None, None]:
+    """The chunks as one (a whole answer is one piece of audio)."""
+    import torch
+
+    with closing(chunks):
+        parts = list(chunks)
+    if parts:
+        yield torch.cat(parts)
 
 
 @hookimpl(trylast=True)

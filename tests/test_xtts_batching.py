@@ -611,6 +611,44 @@ def test_the_decoder_computes_its_weight_norms_once_and_gives_the_same_audio(eng
         assert torch.equal(folded(latents, g=speaker), decoder(latents, g=speaker))
 
 
+def test_the_decoder_runs_on_the_faster_measured_layout_and_both_give_the_same_audio(engine: XttsEngine,
+                                                                                   tiny_xtts: Path) -> None:
+    """The decoder's convolutions run plain or channels-last, whichever was faster at load (both timings
+    kept); channels-last computes the plain samples up to float rounding, whole and streamed, and turning it
+    back gives the plain samples exactly."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from tests.test_xtts_streaming import snr_db
+    from tts_gateway.engines.xtts_kernels import to_channels_last, to_plain
+    from tts_gateway.engines.xtts_streaming import decode_latents
+
+    kernels = engine.kernels
+    assert kernels["decoder_layout"] in ("plain", "channels-last")
+    if "decoder_channels_last_ms" in kernels:
+        faster = "channels-last" if kernels["decoder_channels_last_ms"] < kernels["decoder_plain_ms"] else "plain"
+        assert kernels["decoder_layout"] == faster
+    model = engine._require_model()
+    decoder = copy.deepcopy(model.hifigan_decoder)  # weight norms are folded: a deep copy is safe
+    to_plain(decoder)
+    torch.manual_seed(1)
+    latents = torch.randn(1, 30, model.args.gpt_n_model_channels)
+    speaker = torch.nn.functional.normalize(torch.randn(1, 512, 1), dim=1)
+    with torch.inference_mode():
+        plain = decoder(latents, g=speaker).reshape(-1)
+        assert to_channels_last(decoder) > 10
+        channels_last = decoder(latents, g=speaker).reshape(-1)
+        streamed = torch.cat(list(decode_latents(SimpleNamespace(hifigan_decoder=decoder), latents[0].split(1),
+                                                 speaker)))
+        to_plain(decoder)
+        again = decoder(latents, g=speaker).reshape(-1)
+    assert snr_db(plain.numpy(), channels_last.numpy()) > 60
+    assert snr_db(channels_last.numpy(), streamed.numpy()) > 60
+    assert torch.equal(plain, again)
+
+
 def test_the_precision_setting_is_checked() -> None:
     from tts_gateway.config import Settings, SettingsError
 

@@ -44,7 +44,7 @@ from tts_gateway.engines.xtts_batching import (
     lent_while_seated,
     probe_step,
 )
-from tts_gateway.engines.xtts_kernels import fold_weight_norm, prepare
+from tts_gateway.engines.xtts_kernels import prepare, prepare_decoder
 from tts_gateway.engines.xtts_models import (
     REQUIRED_FILES,
     CoquiModel,
@@ -305,7 +305,7 @@ class XttsEngine(BaseEngine):
         stack = GptStack(model.gpt)
         self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
                                batch=min(4, self.max_batch), pack_rows=self.max_batch)
-        self.kernels["decoder_weight_norms_folded"] = fold_weight_norm(model.hifigan_decoder)
+        self.kernels.update(prepare_decoder(model.hifigan_decoder, lambda: _probe_decoder(model)))
         log.info("XTTS's GPT runs on %s",
                  {name: round(value, 2) if isinstance(value, float) else value for name, value in self.kernels.items()})
         self._batcher = GptBatcher(stack, self.max_batch, self._gpt_cores, observer=self._observer,
@@ -541,6 +541,18 @@ class XttsEngine(BaseEngine):
         if model is None:
             raise EngineUnavailable(self.name, "model is not loaded")
         return model
+
+
+def _probe_decoder(model: Any, tokens: int = 24) -> None:
+    """One decode of ``tokens`` latents (a streamed chunk's worth), to measure the decoder's kernels."""
+    import torch
+
+    decoder = model.hifigan_decoder
+    latents = torch.zeros(1, tokens, model.gpt.gpt.config.n_embd, device=next(decoder.parameters()).device)
+    generator = decoder.waveform_decoder
+    cond = getattr(generator, "cond_layer", None)
+    g = None if cond is None else torch.ones(1, cond.in_channels, 1, device=latents.device)
+    decoder(latents, g=g)
 
 
 def _joined(chunks: Generator[Any, None, None]) -> Generator[Any, None, None]:

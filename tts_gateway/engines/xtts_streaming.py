@@ -24,6 +24,8 @@ import math
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
+from tts_gateway.engines.xtts_kernels import convolve
+
 # GPT tokens before the first chunk (time to first audio) and between later ones. A chunk carries the
 # audio of its tokens less the decoder's look-ahead (about 13 frames, 3 tokens), which the next one
 # delivers.
@@ -123,6 +125,14 @@ def _source_index(j: int, scale: float) -> int:
     return int(_sources(torch.tensor([j]), scale).floor()[0])
 
 
+def _empty(like: Any, channels: int, length: int) -> Any:
+    """An uninitialised ``[1, channels, length]`` in the layout of ``like``: channels-last when it is (the
+    decoder's convolutions may run so, `to_channels_last`), so that copying into it is no transposition."""
+    if like.dim() == 3 and like.shape[1] > 1 and like.stride(1) == 1:
+        return like.new_empty(1, length, channels).transpose(1, 2)
+    return like.new_empty(1, channels, length)
+
+
 class _Conv:
     """A stride-1, "same"-padded ``Conv1d`` after a leaky ReLU, run on a stream: it keeps the activated
     inputs its next outputs still need. The activation writes straight into the buffer the convolution
@@ -141,7 +151,7 @@ class _Conv:
         import torch
 
         kept, n = self.kept.shape[-1], x.shape[-1]
-        buffer = x.new_empty(1, x.shape[1], kept + n + (self.pad if final else 0))
+        buffer = _empty(x, x.shape[1], kept + n + (self.pad if final else 0))
         buffer[..., :kept] = self.kept
         if slope is None:
             buffer[..., kept: kept + n] = x
@@ -154,7 +164,7 @@ class _Conv:
             self.kept = buffer
             return buffer.new_zeros(1, self.conv.out_channels, 0)
         self.kept = buffer[..., ready:].clone()  # not a view: the buffer is large
-        return torch.nn.functional.conv1d(buffer, self.weight, self.bias, dilation=self.conv.dilation)
+        return convolve(self.conv, buffer, padding=0, weight=self.weight)
 
 
 class _Upsample:
@@ -173,11 +183,10 @@ class _Upsample:
 
     def __call__(self, x: Any, final: bool) -> Any:
         import torch
-        import torch.nn.functional as F
 
         buffer = torch.cat([self.buffer, x], dim=-1)
         self.buffer = buffer[..., buffer.shape[-1] - self.history:].clone()  # not a view of the large input
-        y = F.conv_transpose1d(buffer, self.weight, self.bias, stride=self.stride)
+        y = convolve(self.conv, buffer, padding=0, weight=self.weight)
         start = self.history * self.stride  # outputs before it were complete already
         # the last outputs wait for the next input, unless there is none (then the padding crops them)
         stop = y.shape[-1] - self.pad if final else start + x.shape[-1] * self.stride
@@ -203,7 +212,7 @@ class _Join:
             w = waits[i]
             return self.waiting[i][..., a:b] if b <= w else parts[i][..., a - w: b - w]
 
-        total = parts[0].new_empty(1, parts[0].shape[1], ready)
+        total = _empty(parts[0], parts[0].shape[1], ready)
         cuts = sorted({0, ready} | {w for w in waits if w < ready})
         for a, b in itertools.pairwise(cuts):
             torch.add(piece(0, a, b), piece(1, a, b), out=total[..., a:b])

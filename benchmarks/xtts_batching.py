@@ -138,6 +138,7 @@ def _in_process(ctx: Context, result: Result, checkpoint: Any, rounds: int) -> N
             return time.perf_counter() - begin, audio.size / engine.sample_rate
 
         def coqui(seed: int) -> None:
+            torch.set_num_threads(2)  # as the engine: its calls set the torch thread's count per call
             torch.manual_seed(seed)
             with torch.inference_mode():
                 for _ in before._model.inference_stream(TEXT, "en", cond, embedding, enable_text_splitting=False,
@@ -166,9 +167,8 @@ def _in_process(ctx: Context, result: Result, checkpoint: Any, rounds: int) -> N
                                      kernels=engine.kernels, audio_s=round(audio_s, 2)))
         rtf = {}
         for threads in (1, 2):
-            on_torch(partial(torch.set_num_threads, threads))  # OpenMP's count is per thread
+            engine._threads = threads  # the engine's count: its calls set torch's (per thread) to at most this
             rtf[threads] = median([w / a for w, a in (now(40 + i) for i in range(max(1, rounds - 1)))])
-        on_torch(lambda: torch.set_num_threads(2))
         result.figures.append(Figure("lone XTTS request real-time factor (1 thread; 2 threads in medians)", rtf[1],
                                      "s/s", medians={"rtf_1_thread": rtf[1], "rtf_2_threads": rtf[2]}))
 

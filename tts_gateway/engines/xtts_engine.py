@@ -306,7 +306,7 @@ class XttsEngine(BaseEngine):
         self.kernels = prepare(model.gpt, self.precision, lambda rows: probe_step(stack, rows),
                                batch=min(4, self.max_batch), pack_rows=self.max_batch)
         self.kernels.update(prepare_decoder(model.hifigan_decoder, lambda: _probe_decoder(model)))
-        log.info("XTTS's GPT runs on %s",
+        log.info("XTTS's GPT and decoder run on %s",
                  {name: round(value, 2) if isinstance(value, float) else value for name, value in self.kernels.items()})
         self._batcher = GptBatcher(stack, self.max_batch, self._gpt_cores, observer=self._observer,
                                    runner=self._torch)

@@ -501,16 +501,19 @@ class XttsEngine(BaseEngine):
         """The batcher's slot for a GPT step or prompt: a seeded sequence's on the fixed thread count."""
         return self._cores(self._threads if repeatable else None)
 
-    def _run(self, fn: Callable[[], Any], urgent: bool = False, wide: bool = False) -> Any:
+    def _run(self, fn: Callable[[], Any], urgent: bool = False, wide: bool = False, beside: bool = False) -> Any:
         """``fn()`` on the torch thread, in inference mode, holding a slot of the core budget while it runs: on
-        the engine's fixed thread count, or ``wide`` (every free core, see `_cores`)."""
+        the engine's fixed thread count, or ``wide`` (every free core, see `_cores`); ``beside``: on the narrow
+        thread instead, on one core."""
         import torch
 
+        threads = 1 if beside else None if wide else self._threads
+
         def held() -> Any:
-            with self._cores(None if wide else self._threads, urgent=urgent), torch.inference_mode():
+            with self._cores(threads, urgent=urgent), torch.inference_mode():
                 return fn()
 
-        return self._torch.call(held, urgent=urgent)
+        return (self._narrow if beside else self._torch).call(held, urgent=urgent)
 
     def _decoder_calls(self, repeatable: bool, listener: bool) -> Callable[[Callable[[], Any], bool], Any]:
         """Where a request's decoder calls run (`decode_latents`'s ``run``). A seeded request's: on the torch
@@ -518,7 +521,6 @@ class XttsEngine(BaseEngine):
         narrow thread, one core, beside the steps (which then take the other core); a listener's first
         audio excepted (on the torch thread, ahead of the steps: it is short and someone waits). Else on
         the torch thread with every free core (a lone sentence's last chunk)."""
-        import torch
 
         def run(fn: Callable[[], Any], urgent: bool) -> Any:
             if repeatable:
@@ -527,12 +529,7 @@ class XttsEngine(BaseEngine):
             batcher = self._batcher
             if urgent or batcher is None or not batcher.stepping():
                 return self._run(fn, urgent, wide=True)
-
-            def beside() -> Any:
-                with self._cores(1), torch.inference_mode():
-                    return fn()
-
-            return self._narrow.call(beside)
+            return self._run(fn, beside=True)
 
         return run
 

@@ -138,23 +138,20 @@ def prepare_decoder(decoder: Any, probe: Callable[[], None], rounds: int = 3) ->
     measured by ``probe()`` (one decode); returns what was chosen and the milliseconds of each."""
     import torch
 
-    folded = fold_weight_norm(decoder)
-    report: dict[str, Any] = {"decoder_weight_norms_folded": folded}
+    report: dict[str, Any] = {"decoder_weight_norms_folded": fold_weight_norm(decoder)}
     if next(decoder.parameters()).device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return {**report, "decoder_layout": "plain"}
     with torch.inference_mode():
-        plain = _fastest_ms(probe, rounds)
+        measured = {"plain": _fastest_ms(probe, rounds)}
         to_channels_last(decoder)
         try:
-            nwc = _fastest_ms(probe, rounds)
+            measured["channels-last"] = _fastest_ms(probe, rounds)
         except RuntimeError as exc:  # a build without channels-last convolutions
             log.info("XTTS's decoder cannot run channels-last (%s)", exc)
-            nwc = float("inf")
-    layout = "channels-last" if nwc < plain else "plain"
+    layout = min(measured, key=measured.__getitem__)  # plain on a tie
     if layout == "plain":
         to_plain(decoder)
-    return {**report, "decoder_layout": layout, "decoder_plain_ms": plain,
-            **({"decoder_channels_last_ms": nwc} if nwc != float("inf") else {})}
+    return {**report, "decoder_layout": layout, **{f"decoder_{k}": ms for k, ms in _reported(measured).items()}}
 
 
 def to_plain(decoder: Any) -> None:

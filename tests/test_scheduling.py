@@ -247,15 +247,15 @@ def test_a_streams_first_decode_is_urgent_and_the_rest_are_not(tiny_xtts: Path) 
     assert asked == [True, True] + [False] * (len(asked) - 2)
 
 
-def _held_engine_call(run: Callable[[], Any]) -> Any:
-    """Run an engine call while the process's budget is taken by another call: it must queue for a core
-    and finish once the cores are free."""
+def _held_engine_call(run: Callable[[], Any], queued: int = 1) -> Any:
+    """Run an engine call while the process's budget is taken by another call: it must queue (``queued``
+    slots) for a core and finish once the cores are free."""
     budget = shared_budget()
     out: list[Any] = []
     with budget.slot():  # alone: the whole machine
         caller = threading.Thread(target=lambda: out.append(run()))
         caller.start()
-        wait_until(lambda: len(budget._queue) >= 1, "the engine call to queue for a core")
+        wait_until(lambda: len(budget._queue) == queued, "the engine call to queue for a core")
         assert out == []
     caller.join(HANG_GUARD_S)
     assert budget.in_use == 0
@@ -279,8 +279,9 @@ def test_xtts_waits_for_its_threads_in_the_shared_budget(tiny_xtts: Path) -> Non
     engine = XttsEngine(tiny_xtts, device="cpu")
     engine.load()
     speaker = engine.voices()[0].id
+    # Two slots queue: the GPT's prompt, and the decoder's set-up beside the GPT (its sentence has steps to come).
     audio = _held_engine_call(lambda: np.concatenate(list(engine.synthesize(
-        "Waiting for the cores.", VoiceInput(builtin=speaker), SynthesisOptions(language="en", seed=3)))))
+        "Waiting for the cores.", VoiceInput(builtin=speaker), SynthesisOptions(language="en", seed=3)))), queued=2)
     assert audio.size > 0
 
 

@@ -406,6 +406,56 @@ def test_prompts_that_arrive_together_run_as_one_pass_and_give_what_they_give_al
         assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(latents, got, strict=True))
 
 
+def test_the_stack_computes_what_transformers_gpt2_computes(engine: XttsEngine) -> None:
+    """The batcher runs XTTS's GPT-2 by hand (its own cache, slicing or masks, GELU in one kernel): a prompt and
+    the steps after it, for a lone row and for rows at different lengths stepping together, give the latents
+    transformers' own forward gives each sequence with its key/value cache."""
+    import torch
+
+    stack = batcher(engine).stack
+    gpt = stack.gpt
+
+    def reference(prompt: Any, steps: list[Any]) -> list[Any]:
+        out = gpt.gpt(inputs_embeds=prompt, use_cache=True)
+        past, latents = out.past_key_values, [gpt.final_norm(out.last_hidden_state[:, -1])]
+        for x in steps:
+            out = gpt.gpt(inputs_embeds=x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            latents.append(gpt.final_norm(out.last_hidden_state[:, -1]))
+        return latents
+
+    @torch.inference_mode()
+    def check() -> None:
+        generator = torch.Generator().manual_seed(7)
+        for block in stack.blocks:  # the tiny model's MLP inputs are small, where GELU's forms barely differ
+            block.ln_2.weight.mul_(12)
+        prompts = [torch.randn(1, length, stack.width, generator=generator) for length in (9, 5)]
+        steps = [[torch.randn(1, 1, stack.width, generator=generator) for _ in range(3)] for _ in prompts]
+        want = [reference(p, s) for p, s in zip(prompts, steps, strict=True)]
+        lone = stack.cache(1)
+        lone.add_row()
+        got = [stack.forward(prompts[0], lone, [0])] + [stack.forward(x, lone, [0]) for x in steps[0]]
+        for a, b in zip(got, want[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        shared = stack.cache(4)
+        rows = [shared.add_row() for _ in prompts]
+        first = [stack.forward(p, shared, [row]) for p, row in zip(prompts, rows, strict=True)]
+        assert shared.lengths == [9, 5]  # steps from here are masked to each row's own length
+        together = [torch.cat(first)] + [stack.forward(torch.cat([s[i] for s in steps]), shared, rows)
+                                         for i in range(3)]
+        for i, latents in enumerate(together):
+            for row in rows:
+                torch.testing.assert_close(latents[row: row + 1], want[row][i], rtol=1e-5, atol=1e-6)
+
+    saved = [block.ln_2.weight.detach().clone() for block in stack.blocks]
+    try:
+        engine._torch.call(check)
+    finally:
+        with torch.no_grad():
+            for block, weight in zip(stack.blocks, saved, strict=True):
+                block.ln_2.weight.copy_(weight)
+
+
 def test_a_prompt_that_cannot_run_with_the_others_fails_alone(engine: XttsEngine) -> None:
     """One sequence whose prompt is malformed (not the model's width) joins with two good ones: the batched
     pass fails, each then runs alone, and only the malformed one fails."""
@@ -744,6 +794,33 @@ def test_an_idle_batch_gives_back_the_cache_a_long_sentence_grew(engine: XttsEng
     say(engine, TEXTS[3][0], "en", speakers(engine)[0], seed=5, repeatable=False)
     wait_until(lambda: shared.active == 0, "the batch to empty")
     assert shared._shared.capacity == xtts_batching._INITIAL_LENGTH and shared._shared.lengths == []
+    assert shared._shared.rows == 1
+
+
+def test_the_cache_grows_rows_and_positions_as_they_are_needed_and_keeps_what_it_holds() -> None:
+    """A cache for 4 rows allocates one at first (a lone sentence copies one row's worth when it grows), then
+    doubles; what the rows hold survives every growth, and a fifth row is refused."""
+    import torch
+
+    from tts_gateway.engines.xtts_batching import _INITIAL_LENGTH, KVCache
+
+    cache = KVCache(layers=2, heads=2, head_dim=3, rows=4, like=torch.zeros(1))
+    assert (cache.rows, cache.capacity) == (1, _INITIAL_LENGTH)
+    prefixes = []
+    for row in range(4):
+        assert cache.add_row() == row
+        prefix = [(torch.randn(2, 5 + row, 3), torch.randn(2, 5 + row, 3)) for _ in range(2)]
+        cache.load_prefix(row, prefix)
+        prefixes.append(prefix)
+        assert cache.rows == {0: 1, 1: 2, 2: 4, 3: 4}[row]
+    cache.reserve(_INITIAL_LENGTH + 1)
+    assert cache.capacity == 2 * _INITIAL_LENGTH and cache.lengths == [5, 6, 7, 8]
+    for row, prefix in enumerate(prefixes):
+        for layer, (keys, values) in enumerate(prefix):
+            assert torch.equal(cache.keys[layer][row, :, : 5 + row], keys)
+            assert torch.equal(cache.values[layer][row, :, : 5 + row], values)
+    with pytest.raises(RuntimeError, match="4 rows"):
+        cache.add_row()
 
 
 @pytest.mark.parametrize("repeatable", [True, False])

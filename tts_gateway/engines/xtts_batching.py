@@ -45,6 +45,8 @@ DEFAULT_MAX_BATCH = 8
 # Voices whose conditioning keys and values are kept (~8 MB each at XTTS v2's size): presets in use.
 PREFIX_CACHE_VOICES = 16
 _INITIAL_LENGTH = 128  # cache positions first allocated; doubled when a row needs more
+# transformers' activations that are GELU's tanh approximation (``gelu_new``, GPT-2's, and its fused form)
+_TANH_GELUS = frozenset({"NewGELUActivation", "GELUTanh", "PytorchGELUTanh"})
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,18 @@ class Sampling:
 
 
 class KVCache:
-    """Keys and values of ``rows`` sequences, each at its own length, for every layer."""
+    """Keys and values of up to ``rows`` sequences, each at its own length, for every layer.
+
+    Storage grows on demand, positions and rows alike (doubling, so growth is amortised): a lone sentence
+    in a cache of 8 rows allocates and copies one row's worth, not eight."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, rows: int, like: Any) -> None:
         import torch
 
-        self.shape = (rows, heads, _INITIAL_LENGTH, head_dim)
-        self.keys = [torch.zeros(self.shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
-        self.values = [torch.zeros(self.shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.limit = rows
+        shape = (1, heads, _INITIAL_LENGTH, head_dim)
+        self.keys = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(layers)]
         self.lengths: list[int] = []  # of the rows in use, rows 0…n-1
 
     @property
@@ -74,25 +80,33 @@ class KVCache:
 
     @property
     def rows(self) -> int:
+        """Rows allocated (at most ``limit``)."""
         return int(self.keys[0].shape[0])
 
     def reserve(self, length: int) -> None:
-        """Room for ``length`` positions in every row (doubling, so growth is amortised)."""
-        import torch
-
-        if length <= self.capacity:
-            return
+        """Room for ``length`` positions in every row."""
         size = self.capacity
         while size < length:
             size *= 2
+        self._grow(self.rows, size)
+
+    def _grow(self, rows: int, size: int) -> None:
+        import torch
+
+        if rows == self.rows and size == self.capacity:
+            return
+        used = len(self.lengths)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = torch.zeros((old.shape[0], old.shape[1], size, old.shape[3]), dtype=old.dtype,
-                                    device=old.device)
-                grown[:, :, : old.shape[2]] = old
+                grown = torch.zeros((rows, old.shape[1], size, old.shape[3]), dtype=old.dtype, device=old.device)
+                grown[:used, :, : old.shape[2]] = old[:used]
                 store[i] = grown
 
     def add_row(self) -> int:
+        if len(self.lengths) == self.rows:
+            if self.rows == self.limit:
+                raise RuntimeError(f"the cache holds {self.limit} rows")
+            self._grow(min(self.limit, 2 * self.rows), self.capacity)
         self.lengths.append(0)
         return len(self.lengths) - 1
 
@@ -187,7 +201,13 @@ class GptStack:
         cache.reserve(max(starts) + steps)
         total = max(starts) + steps
         index = torch.tensor(rows, dtype=torch.long, device=x.device)
-        if steps == 1:
+        contiguous = rows == list(range(rows[0], rows[0] + n))
+        # One step of rows at one length (a lone sentence, or rows that joined together): their new keys and
+        # values go in by slicing, and every row sees every position up to there, so no mask.
+        level = steps == 1 and contiguous and len(set(starts)) == 1
+        if level:
+            mask = None
+        elif steps == 1:
             visible = torch.arange(total, device=x.device)[None, :] <= torch.tensor(starts, device=x.device)[:, None]
             mask = visible[:, None, None, :]  # [n, 1, 1, total]
         elif n > 1:  # each row's query j (at its position start + j) sees its keys up to there
@@ -195,17 +215,19 @@ class GptStack:
             mask = (torch.arange(total, device=x.device)[None, None, :] <= at[:, :, None])[:, None]
         else:
             mask = None
-        contiguous = rows == list(range(rows[0], rows[0] + n))
+        where = torch.tensor(starts, dtype=torch.long, device=x.device)
         for layer, block in enumerate(self.blocks):
             hidden = block.ln_1(x)
             qkv = block.attn.c_attn(hidden)
-            q, k, v = qkv.split(self.width, dim=2)
-            q = q.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
-            v = v.view(n, steps, self.heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.view(n, steps, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             keys, values = cache.keys[layer], cache.values[layer]
-            if steps == 1:
-                where = torch.tensor(starts, dtype=torch.long, device=x.device)
+            if level:
+                first, start = rows[0], starts[0]
+                keys[first: first + n, :, start: start + 1] = k
+                values[first: first + n, :, start: start + 1] = v
+                attended = F.scaled_dot_product_attention(q, keys[first: first + n, :, :total],
+                                                          values[first: first + n, :, :total])
+            elif steps == 1:
                 keys[index, :, where] = k[:, :, 0]
                 values[index, :, where] = v[:, :, 0]
                 if contiguous:
@@ -233,11 +255,23 @@ class GptStack:
                     attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             attended = attended.transpose(1, 2).reshape(n, steps, self.width)
             x = x + block.attn.c_proj(attended)
-            x = x + block.mlp(block.ln_2(x))
+            x = x + self._mlp(block.mlp, block.ln_2(x))
         for r, length in zip(rows, real, strict=True):
             cache.lengths[r] += length
         last = x[:, -1] if lengths is None else x[torch.arange(n, device=x.device), torch.tensor(real) - 1]
         return self.gpt.final_norm(self.ln_f(last))
+
+    @staticmethod
+    def _mlp(mlp: Any, x: Any) -> Any:
+        """GPT-2's MLP without its module calls (dropout is off at inference); its ``gelu_new`` through
+        PyTorch's own tanh GELU: the same formula in one kernel instead of seven (a step's latents move by
+        ~1e-6; test_xtts_batching checks the step against transformers' own forward)."""
+        import torch.nn.functional as F
+
+        hidden = mlp.c_fc(x)
+        act = mlp.act
+        hidden = F.gelu(hidden, approximate="tanh") if type(act).__name__ in _TANH_GELUS else act(hidden)
+        return mlp.c_proj(hidden)
 
     def logits(self, latents: Any) -> Any:
         """``mel_head`` over final-normed latents (``GPT2InferenceModel.lm_head`` is final_norm, mel_head)."""
@@ -249,8 +283,9 @@ def probe_step(stack: GptStack, rows: int, length: int = 64) -> None:
     import torch
 
     cache = stack.cache(rows)
-    for _ in range(rows):
-        cache.lengths.append(length)
+    for row in range(rows):
+        cache.add_row()
+        cache.lengths[row] = length
     device = next(stack.gpt.parameters()).device
     x = torch.zeros(rows, 1, stack.width, device=device, dtype=next(stack.gpt.parameters()).dtype)
     with torch.inference_mode():
@@ -631,7 +666,7 @@ class GptBatcher:
             self._alone.remove((sequence, cache))
             if sequence.cancelled:
                 sequence.put(_END)
-        if not self._rows and self._shared.capacity > _INITIAL_LENGTH:
+        if not self._rows and (self._shared.capacity > _INITIAL_LENGTH or self._shared.rows > 1):
             self._shared = self.stack.cache(self.max_batch)  # an idle batch gives back what a long one grew
 
     def _step(self, sequences: list[Sequence], cache: KVCache) -> None:

@@ -120,6 +120,43 @@ def test_a_failing_round_does_not_stop_the_thread() -> None:
 
 
 @pytest.mark.xtts
+def test_an_idle_thread_takes_the_calls_queued_on_a_thread_that_spills_to_it() -> None:
+    """The narrow thread's queued calls run on the torch thread when that one has nothing of its own (the
+    GPT's sentences are done): two at a time instead of one by one. While its stepper has rounds, it takes
+    none of them; urgent calls and calls already running stay where they are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    main, side = TorchThread(name="main-test"), TorchThread(name="side-test")
+    side.spill(main)
+    log: list[str] = []
+    gate = threading.Event()
+    rounds = Rounds(3, log, gate)
+    main.attach(rounds)
+    running, release = threading.Event(), threading.Event()
+
+    def first() -> str:  # holds the side thread, so the next calls wait in its queue
+        running.set()
+        assert release.wait(HANG_GUARD_S)
+        return threading.current_thread().name
+
+    def name() -> str:
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(3) as pool:
+        held = pool.submit(side.call, first)
+        assert running.wait(HANG_GUARD_S)
+        queued = [pool.submit(side.call, name) for _ in range(2)]
+        wait_until(lambda: len(side._calls) == 2, "two calls queued on the side thread")
+        gate.set()  # the main thread's rounds run; meanwhile it takes nothing
+        wait_until(lambda: not rounds.busy(), "the rounds to end")
+        # idle now: it takes the queued calls, one after the other, while the side thread is still held
+        assert [f.result(timeout=HANG_GUARD_S) for f in queued] == ["main-test", "main-test"]
+        assert log == ["round"] * 3
+        release.set()
+        assert held.result(timeout=HANG_GUARD_S) == "side-test"
+    assert side.call(name) == "side-test"  # an idle side thread still runs its own calls
+
+
 def test_every_torch_call_of_the_xtts_engine_runs_on_the_torch_thread(tiny_xtts: Any) -> None:
     """Whole, streamed and seeded sentences and a voice's conditioning, asked from several threads at once:
     every module of the model runs on the torch thread (one OpenMP pool, see `torch_thread`), but decoder

@@ -15,7 +15,9 @@ thread runs the calls that came meanwhile, the urgent ones (a listener's first a
 A second thread (`narrow_thread`) runs decoder calls beside the GPT's steps, always on one intra-op thread:
 ATen, MKL and oneDNN run a one-thread call inline, so it never forms an OpenMP pool and the reason above
 does not apply to it. One GPT step uses two cores only 1.2–1.5× better than one (measured here), so a
-decode on one core beside a step on the other gets more out of the machine than the two in turn.
+decode on one core beside a step on the other gets more out of the machine than the two in turn. When the
+first thread has nothing to do (the GPT's sentences are done), it takes the second's queued calls too
+(`TorchThread.spill`): the last chunks of several answers then decode two at a time instead of one by one.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class TorchThread:
         self._urgent: collections.deque[_Call] = collections.deque()
         self._calls: collections.deque[_Call] = collections.deque()
         self._steppers: list[Stepper] = []
+        self._spill_to: TorchThread | None = None  # an idle thread that may take the calls queued here
+        self._spilled: list[TorchThread] = []  # the threads whose queued calls this one takes when idle
+        self._running = False  # a call is running (set under the lock): queued calls wait for this thread
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -86,12 +91,30 @@ class TorchThread:
         with self._cond:
             (self._urgent if urgent else self._calls).append(call)
             self._cond.notify()
+        if self._spill_to is not None:
+            self._spill_to.wake()
         while not call.done.wait(_ALIVE_CHECK_S):
             if not self._thread.is_alive():  # never wait forever on a thread that is gone
                 raise RuntimeError("the torch thread has stopped; restart the process")
         if call.error is not None:
             raise call.error
         return call.value
+
+    def spill(self, to: TorchThread) -> None:
+        """Let ``to`` run the calls queued here when it has nothing of its own to do. A call must then not
+        depend on which of the two runs it (each call sets its own intra-op threads)."""
+        self._spill_to = to
+        with to._cond:
+            to._spilled.append(self)
+            to._cond.notify()
+
+    def _take_spilled(self) -> _Call | None:
+        """The oldest call waiting on a thread that spills here while that thread runs another, or None."""
+        for source in self._spilled:
+            with source._cond:
+                if source._calls and source._running:
+                    return source._calls.popleft()
+        return None
 
     def attach(self, stepper: Stepper) -> None:
         with self._cond:
@@ -121,15 +144,27 @@ class TorchThread:
         while True:
             with self._cond:
                 while not self._urgent and not self._calls and not any(s.busy() for s in self._steppers):
+                    if any(source._calls and source._running for source in self._spilled):  # a hint (see take)
+                        break
                     self._cond.wait()
                 # The calls queued now run before the next rounds; those that come meanwhile wait for them
                 # (so a stream of calls cannot starve the steppers), except urgent ones.
                 normal = len(self._calls)
+                idle = not self._urgent and not self._calls and not any(s.busy() for s in self._steppers)
+            if idle:
+                spilled = self._take_spilled()
+                if spilled is not None:
+                    spilled.run()
+                continue
             while True:
                 with self._cond:
                     call, was_normal = self._next(normal)
+                    self._running = call is not None
+                    waiting = bool(self._calls)
                 if call is None:
                     break
+                if waiting and self._spill_to is not None:  # they may go to the other thread now
+                    self._spill_to.wake()
                 normal -= was_normal
                 call.run()
             with self._cond:
@@ -150,8 +185,11 @@ def torch_thread() -> TorchThread:
 
 @process_once
 def narrow_thread() -> TorchThread:
-    """The process's second torch thread: calls on one intra-op thread beside the first's (see above)."""
-    return TorchThread(name="torch-narrow")
+    """The process's second torch thread: calls on one intra-op thread beside the first's (see above); the
+    first takes its queued calls when it is idle."""
+    narrow = TorchThread(name="torch-narrow")
+    narrow.spill(torch_thread())
+    return narrow
 
 
 __all__ = ["Stepper", "TorchThread", "narrow_thread", "torch_thread"]

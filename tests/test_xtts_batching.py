@@ -574,7 +574,10 @@ def _int8_error(kernel: str) -> float:
         want = model(inputs_embeds=x).last_hidden_state
         xtts_kernels.quantize_int8(gpt, kernel)
         assert torch.backends.quantized.engine == engine  # packed for its engine, the process's is back
-        assert "quantized" in type(model.h[0].mlp.c_fc).__module__
+        layer = model.h[0].mlp.c_fc
+        assert "quantized" in type(layer).__module__
+        hidden = torch.randn(5, 64)  # its overload called straight computes what the module's own forward does
+        assert torch.equal(layer(hidden), type(layer).forward(layer, hidden))
         return float((model(inputs_embeds=x).last_hidden_state - want).abs().max())
 
 

@@ -14,7 +14,7 @@ thread runs the calls that came meanwhile, the urgent ones (a listener's first a
 
 A second thread (`narrow_thread`) runs decoder calls beside the GPT's steps, always on one intra-op thread:
 ATen, MKL and oneDNN run a one-thread call inline, so it never forms an OpenMP pool and the reason above
-does not apply to it. One GPT step uses two cores only 1.2–1.5× better than one (measured here), so a
+does not apply to it. One GPT step uses two cores only 1.2–1.7× better than one (measured on two hosts), so a
 decode on one core beside a step on the other gets more out of the machine than the two in turn. When the
 first thread has nothing to do (the GPT's sentences are done), it takes the second's queued calls too
 (`TorchThread.spill`): the last chunks of several answers then decode two at a time instead of one by one.

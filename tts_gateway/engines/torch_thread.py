@@ -108,13 +108,21 @@ class TorchThread:
             to._spilled.append(self)
             to._cond.notify()
 
+    def _spillable(self) -> bool:
+        """Calls wait here while this thread runs another (another thread may take them)."""
+        return bool(self._calls) and self._running
+
     def _take_spilled(self) -> _Call | None:
         """The oldest call waiting on a thread that spills here while that thread runs another, or None."""
         for source in self._spilled:
             with source._cond:
-                if source._calls and source._running:
+                if source._spillable():
                     return source._calls.popleft()
         return None
+
+    def _own_work(self) -> bool:
+        """A call queued here, or a stepper with a round to run (under the lock)."""
+        return bool(self._urgent or self._calls) or any(s.busy() for s in self._steppers)
 
     def attach(self, stepper: Stepper) -> None:
         with self._cond:
@@ -143,14 +151,13 @@ class TorchThread:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._urgent and not self._calls and not any(s.busy() for s in self._steppers):
-                    if any(source._calls and source._running for source in self._spilled):  # a hint (see take)
-                        break
+                idle = not self._own_work()
+                while idle and not any(source._spillable() for source in self._spilled):  # a hint (see take)
                     self._cond.wait()
+                    idle = not self._own_work()
                 # The calls queued now run before the next rounds; those that come meanwhile wait for them
                 # (so a stream of calls cannot starve the steppers), except urgent ones.
                 normal = len(self._calls)
-                idle = not self._urgent and not self._calls and not any(s.busy() for s in self._steppers)
             if idle:
                 spilled = self._take_spilled()
                 if spilled is not None:

@@ -205,17 +205,18 @@ class GptStack:
         # One step of rows at one length (a lone sentence, or rows that joined together): their new keys and
         # values go in by slicing, and every row sees every position up to there, so no mask.
         level = steps == 1 and contiguous and len(set(starts)) == 1
+        where: Any = None  # each row's new position, for a step of rows at different lengths
         if level:
             mask = None
         elif steps == 1:
-            visible = torch.arange(total, device=x.device)[None, :] <= torch.tensor(starts, device=x.device)[:, None]
+            where = torch.tensor(starts, dtype=torch.long, device=x.device)
+            visible = torch.arange(total, device=x.device)[None, :] <= where[:, None]
             mask = visible[:, None, None, :]  # [n, 1, 1, total]
         elif n > 1:  # each row's query j (at its position start + j) sees its keys up to there
             at = torch.tensor(starts, device=x.device)[:, None] + torch.arange(steps, device=x.device)[None, :]
             mask = (torch.arange(total, device=x.device)[None, None, :] <= at[:, :, None])[:, None]
         else:
             mask = None
-        where = torch.tensor(starts, dtype=torch.long, device=x.device)
         for layer, block in enumerate(self.blocks):
             hidden = block.ln_1(x)
             qkv = block.attn.c_attn(hidden)

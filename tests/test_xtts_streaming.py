@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -96,3 +97,38 @@ def test_streamed_sentence_matches_unstreamed(engine: Any) -> None:
     slow = list(engine.synthesize(text, voice, SynthesisOptions(language="en", seed=11, streaming=True, speed=0.8)))
     slow_whole = list(engine.synthesize(text, voice, SynthesisOptions(language="en", seed=11, speed=0.8)))
     assert snr_db(slow_whole[0], np.concatenate(slow)) > 60
+
+
+def test_the_decoder_asks_for_the_torch_thread_only_when_it_has_audio_to_make(engine: Any) -> None:
+    """A sentence's decoder makes no torch call before its first chunk of tokens: a call at its start would
+    take a slot of the core budget just when the GPT runs the prompts (which then ran on one core for a
+    whole join). Every call it makes yields audio, and together they are the one-shot waveform."""
+    import torch
+
+    from tts_gateway.engines.xtts_streaming import decode_latents
+
+    decoder = engine._model.hifigan_decoder
+    speaker = engine._speakers.speakers(engine.checkpoint).get("ana-florence").speaker_embedding
+    latents = torch.randn(60, 64, generator=torch.Generator().manual_seed(3))
+    pushed = 0
+    calls: list[tuple[int, bool]] = []
+
+    def tokens() -> Any:
+        nonlocal pushed
+        for i in range(latents.shape[0]):
+            pushed = i + 1
+            yield latents[i: i + 1]
+
+    def run(fn: Any, urgent: bool) -> Any:
+        calls.append((pushed, urgent))
+        with torch.inference_mode():
+            return fn()
+
+    with torch.inference_mode():
+        one_shot = decoder(latents[None], g=speaker).reshape(-1).numpy()
+    chunks = list(decode_latents(SimpleNamespace(hifigan_decoder=decoder), tokens(), speaker, first_chunk=8,
+                                 chunk=20, run=run))
+    assert calls[0] == (8, True)  # the first call is the listener's first audio, urgent
+    assert [p for p, _ in calls] == [8, 28, 48, 60] and not any(u for _, u in calls[1:])
+    assert len(chunks) == len(calls)
+    assert snr_db(one_shot, torch.cat(chunks).numpy()) > 80

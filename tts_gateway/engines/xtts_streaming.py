@@ -300,10 +300,19 @@ class IncrementalDecoder:
         if decoder.output_sample_rate != decoder.input_sample_rate:
             scales.append(decoder.output_sample_rate / decoder.input_sample_rate)
         self.source = FrameSource(scales)
-        self.network = _Generator(decoder.waveform_decoder, speaker_embedding)
+        self._parts = (decoder.waveform_decoder, speaker_embedding)
+        self._network: _Generator | None = None
         self.fed = 0  # frames already given to the network
         self.done = False
         self.decoded_frames = 0  # frames run through the decoder (for the benchmark)
+
+    @property
+    def network(self) -> _Generator:
+        """The streaming generator, made at the first decode: its set-up is torch work (the speaker's
+        conditioning), which belongs on the thread that decodes, not the one that makes this object."""
+        if self._network is None:
+            self._network = _Generator(*self._parts)
+        return self._network
 
     def push(self, latent: Any) -> None:
         self.source.push(latent)
@@ -401,8 +410,7 @@ def decode_latents(model: Any, latents: Iterable[Any], speaker_embedding: Any, *
     tokens, then every ``chunk``. The decoder's torch work goes through ``run(fn, urgent)`` (the engine's:
     on its torch thread, holding a slot of the core budget only while it runs), the first audio's
     urgent: a listener is waiting for it, and it is short."""
-    decoder: IncrementalDecoder = run(
-        lambda: IncrementalDecoder(model.hifigan_decoder, speaker_embedding, 1.0 / max(speed, 0.05)), True)
+    decoder = IncrementalDecoder(model.hifigan_decoder, speaker_embedding, 1.0 / max(speed, 0.05))
     due = first_chunk
     heard = False  # no audio yielded yet: the next decode is the listener's first audio
     for latent in latents:

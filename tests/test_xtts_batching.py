@@ -913,3 +913,63 @@ def test_an_unseeded_gpt_step_takes_the_cores_that_are_free_and_a_seeded_one_its
         with budget.slot(threads=1):  # a decode beside, or another engine's call
             assert threads_for(False) == (1, 1)
     assert threads_for(False) == (full, full)
+
+
+class _Held:
+    """Holds the engine's torch thread (a call that waits) until the block ends: no batcher round runs."""
+
+    def __init__(self, engine: XttsEngine) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.running = threading.Event()
+
+    def __enter__(self) -> _Held:
+        def hold() -> None:
+            self.running.set()
+            self.gate.wait(4 * HANG_GUARD_S)
+
+        self.thread = threading.Thread(target=lambda: self.engine._torch.call(hold), daemon=True)
+        self.thread.start()
+        assert self.running.wait(HANG_GUARD_S)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.thread.join(HANG_GUARD_S)
+
+
+def test_a_sequence_has_its_seat_when_it_is_queued_if_one_is_free(tiny_xtts: Path) -> None:
+    """Seats are given at submit, before any round: its request lends its admission slot at once, and the
+    next request's prompt can join the same round. Past the batch size a sequence waits for a seat (and
+    its request keeps its slot), and gets one when a seat frees."""
+    engine = XttsEngine(tiny_xtts, max_batch=2)
+    engine.load()
+    try:
+        voice = speakers(engine)[0]
+        sequences = [_sequence_unsubmitted(engine, TEXTS[i][0], voice, seed=i) for i in range(3)]
+        with _Held(engine):
+            batcher(engine).submit(sequences[0])
+            batcher(engine).submit(*sequences[1:])
+            assert [s.seated.is_set() for s in sequences] == [True, True, False]
+            assert batcher(engine).active == 0  # no round has run: the seats were given at submit
+        for sequence in sequences:
+            assert len(list(sequence.latents())) == len(sequence.tokens) > 0
+        assert sequences[2].seated.is_set() and batcher(engine).widest == 2
+    finally:
+        engine.unload()
+
+
+def test_requests_that_come_while_a_round_runs_join_the_next_one_together(engine: XttsEngine) -> None:
+    """Each request queues its prompt on the torch thread: requests that come while it is busy (a round, a
+    decode) are all queued before the next round and run their prompts as one pass, instead of one round
+    each (three rounds of prompts before the last request's first step)."""
+    voices = speakers(engine)
+    before = batcher(engine).prompts_together
+    with ThreadPoolExecutor(3) as pool:
+        with _Held(engine):
+            futures = [pool.submit(say, engine, TEXTS[i][0], "en", voices[i % len(voices)], 40 + i,
+                                   repeatable=False) for i in range(3)]
+            wait_until(lambda: len(engine._torch._urgent) == 3, "the three prompts queued on the torch thread")
+        outs = [f.result(timeout=4 * HANG_GUARD_S) for f in futures]
+    assert all(o.size > 2400 for o in outs)
+    assert batcher(engine).prompts_together == before + 3

@@ -338,7 +338,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     _out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-    # Set when the batcher takes it from its queue (given a seat in the batch, or ended there).
+    # Set when it has a seat in the batch: at submit when one is free (it is seated at the next round), else
+    # when the batcher takes it from its queue.
     seated: threading.Event = field(default_factory=threading.Event, repr=False)
     generator: Any = field(init=False, repr=False)  # seeded from ``seed``: the draws depend on it alone
     seen: Any = None  # token ids the repetition penalty applies to
@@ -384,10 +385,10 @@ class Sequence:
 def lent_while_seated(sequence: Sequence, latents: Iterator[Any],
                       lend: Callable[[], AbstractContextManager[None]] | None,
                       cancel: threading.Event, poll_s: float = 0.05) -> Generator[Any, None, None]:
-    """``latents``, with the request's admission slot lent out from the moment the batcher seats the
-    sequence until its last latent: meanwhile the request waits on the shared steps, not on a core, so
-    more requests can join the batch than MAX_CONCURRENCY lets run. A sequence still queued for a seat
-    keeps its slot, so past the batch size the admission queue (and its 503) holds the rest."""
+    """``latents``, with the request's admission slot lent out from the moment the sequence has a seat in the
+    batch (`GptBatcher.submit`) until its last latent: meanwhile the request waits on the shared steps, not on
+    a core, so more requests can join the batch than MAX_CONCURRENCY lets run. A sequence still queued for a
+    seat keeps its slot, so past the batch size the admission queue (and its 503) holds the rest."""
     if lend is None:
         yield from latents
         return
@@ -467,6 +468,7 @@ class GptBatcher:
         self._shared = stack.cache(self.max_batch)
         self._rows: list[Sequence] = []  # the shared cache's rows, in order
         self._alone: list[tuple[Sequence, KVCache]] = []  # repeatable sequences, a cache each
+        self._seating = 0  # sequences of the running round's join (taken from the queue, not yet in a row)
         self._stopped = False
         self.steps = 0  # GPT steps run, shared or alone (for tests and benchmarks)
         self.widest = 0  # most sequences in one step
@@ -491,11 +493,17 @@ class GptBatcher:
                        for s in (*self._waiting, *self._rows))
 
     def submit(self, *sequences: Sequence) -> None:
-        """Queue ``sequences`` for seats; several given at once arrive together (seated in one round)."""
+        """Queue ``sequences`` for seats; several given at once arrive together (seated in one round). Those
+        for which a seat is free have it at once (`Sequence.seated`): their requests lend their admission
+        slots now, so the next requests' prompts can join the same round instead of one round each."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the XTTS batcher is stopped (the model was unloaded)")
             self._waiting.extend(sequences)
+            # The queue is seated in order: its first `free` entries are seated at the next round.
+            free = self.max_batch - len(self._rows) - len(self._alone) - self._seating
+            for sequence in list(self._waiting)[:max(0, free)]:
+                sequence.seated.set()
         self._runner.wake()
 
     def close(self) -> None:
@@ -528,9 +536,14 @@ class GptBatcher:
             # here without an admission slot (see `lent_while_seated`).
             while self._waiting and len(self._rows) + len(self._alone) + len(joining) < self.max_batch:
                 joining.append(self._waiting.popleft())
+            self._seating = len(joining)
         try:
             with torch.inference_mode():
-                self._join_all(joining)
+                try:
+                    self._join_all(joining)
+                finally:
+                    with self._lock:
+                        self._seating = 0
                 self._step_shared()
                 for sequence, cache in list(self._alone):
                     self._step_alone(sequence, cache)

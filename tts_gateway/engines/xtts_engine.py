@@ -369,10 +369,7 @@ class XttsEngine(BaseEngine):
         device = next(model.parameters()).device
         gpt_cond_latent, speaker_embedding = self._conditioning(voice)
         gpt_cond_latent, speaker_embedding = gpt_cond_latent.to(device), speaker_embedding.to(device)
-        prompt = self._prompt(batcher, gpt_cond_latent, text, options.language)
-        sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable,
-                            prefix=int(gpt_cond_latent.shape[1]))
-        batcher.submit(sequence)
+        sequence = self._submit(batcher, gpt_cond_latent, text, options)
         latents = lent_while_seated(sequence, sequence.latents(options.cancel), options.lend, options.cancel)
         chunks: Generator[Any, None, None]
         if options.repeatable and not options.streaming:
@@ -420,6 +417,25 @@ class XttsEngine(BaseEngine):
 
         # The cores are released before the yield: a consumer that stops must not keep them.
         yield self._run(decode)
+
+    def _submit(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, options: SynthesisOptions) -> Sequence:
+        """The sentence's sequence, queued in the batch. Its prompt is made and queued in one short call on the
+        torch thread, ahead of the queue: the prompts of requests that come together are all queued before
+        the batcher's next round, and join it together (made on the request's thread, the first would be
+        queued alone while the others' calls wait behind the round that seats it)."""
+        import torch
+
+        tokens = text_tokens(self._require_model(), text, options.language)
+
+        def submit() -> Sequence:
+            with torch.inference_mode():
+                prompt = batcher.stack.prompt(gpt_cond_latent, tokens)
+            sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable,
+                                prefix=int(gpt_cond_latent.shape[1]))
+            batcher.submit(sequence)
+            return sequence
+
+        return self._torch.call(submit, urgent=True)
 
     def _prompt(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, language: str) -> Any:
         """The prompt's embeddings (a short call on the torch thread, ahead of the queue: a request waits)."""

@@ -419,33 +419,31 @@ class XttsEngine(BaseEngine):
         yield self._run(decode)
 
     def _submit(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, options: SynthesisOptions) -> Sequence:
-        """The sentence's sequence, queued in the batch. Its prompt is made and queued in one short call on the
-        torch thread, ahead of the queue: the prompts of requests that come together are all queued before
-        the batcher's next round, and join it together (made on the request's thread, the first would be
-        queued alone while the others' calls wait behind the round that seats it)."""
-        import torch
+        """The sentence's sequence, queued in the batch by the call that makes its prompt (see `_prompt`): the
+        prompts of requests that come together are then all queued before the batcher's next round, and run
+        in it together (queued by the request's thread, the first would be queued alone while the others'
+        calls wait behind the round that seats it)."""
 
-        tokens = text_tokens(self._require_model(), text, options.language)
-
-        def submit() -> Sequence:
-            with torch.inference_mode():
-                prompt = batcher.stack.prompt(gpt_cond_latent, tokens)
+        def queued(prompt: Any) -> Sequence:
             sequence = Sequence(prompt=prompt, seed=options.seed or 0, repeatable=options.repeatable,
                                 prefix=int(gpt_cond_latent.shape[1]))
             batcher.submit(sequence)
             return sequence
 
-        return self._torch.call(submit, urgent=True)
+        return self._prompt(batcher, gpt_cond_latent, text, options.language, then=queued)
 
-    def _prompt(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, language: str) -> Any:
-        """The prompt's embeddings (a short call on the torch thread, ahead of the queue: a request waits)."""
+    def _prompt(self, batcher: GptBatcher, gpt_cond_latent: Any, text: str, language: str,
+                then: Callable[[Any], Any] = lambda prompt: prompt) -> Any:
+        """``then(prompt)``, the prompt's embeddings made in a short call on the torch thread, ahead of the
+        queue (a request waits); ``then`` runs in the same call."""
         import torch
 
         tokens = text_tokens(self._require_model(), text, language)
 
         def embed() -> Any:
             with torch.inference_mode():
-                return batcher.stack.prompt(gpt_cond_latent, tokens)
+                prompt = batcher.stack.prompt(gpt_cond_latent, tokens)
+            return then(prompt)
 
         return self._torch.call(embed, urgent=True)
 
